@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_adapter, save_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_model_dir) -> Path:
+    """An adapter store with two adapters, `alpha` and `beta`, of different ranks and targets."""
+    root = tmp_path / "adapters"
+    root.mkdir()
+    make_adapter(tiny_model_dir, root / "alpha", seed=1, rank=4, targets=("c_attn", "c_proj"))
+    make_adapter(tiny_model_dir, root / "beta", seed=2, rank=8, alpha=16, targets=("c_attn", "c_fc"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data sets not found at {SHARED_DATA} (CI places ../shared beside the clone)")
+    return SHARED_DATA

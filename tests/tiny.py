@@ -1,0 +1,98 @@
+"""Tiny GPT-2s and LoRA adapters built in code, so no test downloads anything.
+
+The tokenizer is a byte-level BPE trained on a few sentences: it round-trips any text
+(byte fallback), which is what the server's stop-string and streaming code relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "must be in want of a wife. Mr. Holmes looked at the letter and smiled.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "The quick brown fox jumps over the lazy dog. import numpy as np\nx = np.zeros(3)",
+]
+
+TINY_CONFIG = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, n_ctx=128)
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+def build_model(seed: int = 0, **overrides) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    tokenizer = build_tokenizer()
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**TINY_CONFIG, **overrides},
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    return model, tokenizer
+
+
+def save_model(path: Path, seed: int = 0, **overrides) -> Path:
+    model, tokenizer = build_model(seed, **overrides)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    seed: int,
+    rank: int = 4,
+    alpha: int = 8,
+    targets: tuple[str, ...] = ("c_attn", "c_proj"),
+    scale_b: float = 1.0,
+    use_rslora: bool = False,
+) -> Path:
+    """Save a PEFT LoRA adapter with non-zero random A and B (init_lora_weights=False)."""
+    base = GPT2LMHeadModel.from_pretrained(base_dir)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, cfg)
+    if scale_b != 1.0:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(scale_b)
+    peft_model.save_pretrained(out_dir)
+    # PEFT records the base path it saw; keep the folder portable.
+    cfg_path = out_dir / "adapter_config.json"
+    data = json.loads(cfg_path.read_text())
+    data["base_model_name_or_path"] = "tiny-gpt2"
+    cfg_path.write_text(json.dumps(data, indent=2))
+    return out_dir
