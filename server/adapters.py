@@ -1,0 +1,144 @@
+"""Adapter lifecycle for the API: validate from the store, register, replace, unload, rescan.
+
+Reading and validating happens off the event loop and before the registry is touched, so a
+refused adapter changes nothing. Every successful change is written to the store's manifest so
+a restart brings the same set back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.engine.adapter_store import BaseSpec, check_name, read_adapter, resolve_in_store
+from server.engine.errors import Conflict, InvalidAdapter, SwitchboardError
+from server.engine.registry import AdapterRegistry, AdapterVersion
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+MANIFEST = "_manifest.json"
+
+
+@dataclass
+class ReloadReport:
+    loaded: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class AdapterService:
+    def __init__(self, store: Path, spec: BaseSpec, registry: AdapterRegistry, metrics: Metrics) -> None:
+        self.store, self.spec, self.registry, self.metrics = store, spec, registry, metrics
+        self._lock = asyncio.Lock()  # one admin change at a time; requests never wait on it
+        self.on_change: list = []  # callbacks (e.g. the routing service rebuilding its centroids)
+
+    # -- load / replace ---------------------------------------------------------------------------
+    async def load(self, name: str, path: str, *, pinned: bool = False, replace: bool = True,
+                   prepare=None) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """Validate `path` (relative to the store) and register it as `name`.
+
+        `prepare(weights)` may enrich the weights (centroids from examples) before registration;
+        if it fails, nothing is registered.
+        """
+        check_name(name)
+        folder = resolve_in_store(self.store, path)
+        async with self._lock:
+            if not replace and name in self.registry:
+                raise Conflict(f"adapter {name!r} is already loaded; set load_inplace to replace it", param="lora_name")
+            start = time.perf_counter()
+            try:
+                weights = await asyncio.to_thread(read_adapter, name, folder, self.spec)
+                if prepare is not None:
+                    await prepare(weights)
+            except SwitchboardError:
+                self.metrics.adapter_events.labels("fail").inc()
+                raise
+            new, old = self.registry.register(weights, pinned=pinned)
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+            self.metrics.adapter_events.labels("replace" if old else "load").inc()
+            self._changed()
+            return new, old
+
+    async def unload(self, name: str, *, wait: bool = True, timeout: float = 30.0) -> AdapterVersion:
+        """Remove `name` for new requests; wait (bounded) for in-flight requests holding it,
+        or, with `wait=False`, refuse with 409 while it is in use."""
+        check_name(name, param="name")
+        async with self._lock:
+            version = self.registry.remove(name)
+            if version.refcount and not wait:
+                self.registry.restore(version)
+                raise Conflict(f"adapter {name!r} is in use by {version.refcount} request(s)")
+            self.metrics.adapter_events.labels("unload").inc()
+            self._changed()
+        if version.refcount:
+            await asyncio.to_thread(self.registry.wait_idle, version, timeout)
+        return version
+
+    # -- store scan ------------------------------------------------------------------------------------
+    async def reload(self) -> ReloadReport:
+        """Rescan the store: register new folders, replace changed ones, report refused ones."""
+        report = ReloadReport()
+        wanted = self._manifest_entries()
+        for entry in sorted(self.store.iterdir()) if self.store.is_dir() else []:
+            if entry.is_dir() and not entry.name.startswith((".", "_")) and (entry / "adapter_config.json").exists():
+                wanted.setdefault(entry.name, entry.name)
+        current = self.registry.snapshot()
+        for name, path in sorted(wanted.items()):
+            try:
+                folder = resolve_in_store(self.store, path)
+                if name in current and current[name].weights.path == folder and _mtime(folder) <= current[name].created:
+                    report.unchanged.append(name)
+                    continue
+                _, old = await self.load(name, path)
+                (report.replaced if old else report.loaded).append(name)
+            except SwitchboardError as e:
+                report.failed[name] = e.message
+                log.warning("store scan: %s refused: %s", name, e.message)
+        return report
+
+    # -- manifest ---------------------------------------------------------------------------------------
+    def _manifest_entries(self) -> dict[str, str]:
+        path = self.store / MANIFEST
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            return {str(a["name"]): str(a["path"]) for a in data.get("adapters", [])}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable %s: %s", path, e)
+            return {}
+
+    def _changed(self) -> None:
+        self.metrics.adapters_loaded.set(len(self.registry.names()))
+        self._write_manifest()
+        for callback in self.on_change:
+            callback()
+
+    def _write_manifest(self) -> None:
+        """Atomically record what is registered (write a temp file, then rename over)."""
+        snapshot = self.registry.snapshot()
+        entries = []
+        for name, v in sorted(snapshot.items()):
+            try:
+                rel = v.weights.path.resolve().relative_to(self.store.resolve())
+            except ValueError:
+                continue
+            entries.append({"name": name, "path": str(rel), "pinned": v.pinned})
+        if not self.store.is_dir():
+            return
+        tmp = self.store / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps({"adapters": entries}, indent=2))
+        os.replace(tmp, self.store / MANIFEST)
+
+
+def _mtime(folder: Path) -> float:
+    try:
+        return max(p.stat().st_mtime for p in folder.iterdir())
+    except ValueError:
+        raise InvalidAdapter(f"{folder.name} is empty") from None

@@ -1,0 +1,73 @@
+"""`create_app(settings)`: the FastAPI app, its state, and the engine's start and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.adapters import AdapterService
+from server.api_errors import install_error_handlers
+from server.engine.adapter_store import BaseSpec
+from server.engine.base_model import ResidentModel, load_base_model
+from server.engine.engine import Engine, EngineConfig
+from server.engine.registry import AdapterRegistry
+from server.metrics import Metrics
+from server.routes import admin, completions, health, models
+from server.routing import RoutingService
+from server.settings import Settings
+from server.state import AppState
+from server.worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+async def start(state: AppState, resident: ResidentModel | None) -> None:
+    s = state.settings
+    if resident is None:
+        resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype)
+    state.resident = resident
+    s.store.adapter_dir.mkdir(parents=True, exist_ok=True)
+    state.routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir)
+    state.engine = Engine(
+        resident, state.registry,
+        EngineConfig(max_loras=s.engine.max_loras, max_batch_size=s.engine.max_batch_size,
+                     max_queue=s.engine.max_queue, hidden_window=s.routing.hidden_window),
+        gate_source=state.routing, observer=state.metrics,
+    )
+    state.worker = EngineWorker(state.engine)
+    state.worker.start()
+    spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank)
+    state.adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics)
+    state.adapters.on_change.append(state.routing.rebuild)
+    if s.store.scan_on_start:
+        report = await state.adapters.reload()
+        failed_routers = state.routing.scan_routers()
+        log.info("store scan: loaded %s, refused %s, routers %s (refused %s)", report.loaded, report.failed,
+                 state.routing.router_names(), failed_routers)
+    state.ready = True
+
+
+def create_app(settings: Settings | None = None, resident: ResidentModel | None = None) -> FastAPI:
+    """Build the app. `resident` lets a caller (the CLI, tests) load the model up front."""
+    settings = settings or Settings()
+    state = AppState(settings=settings, metrics=Metrics(), registry=AdapterRegistry())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await start(state, resident)
+        try:
+            yield
+        finally:
+            state.ready = False
+            if state.worker is not None:
+                await state.worker.drain(settings.engine.shutdown_grace)
+
+    app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan)
+    app.state.switchboard = state
+    install_error_handlers(app)
+    for module in (health, models, completions, admin):
+        app.include_router(module.router)
+    return app

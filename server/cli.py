@@ -1,0 +1,83 @@
+"""`switchboard serve …`: every setting is a flag (and a SWITCHBOARD_<NAME> environment variable)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from server.engine.errors import ModelLoadError
+from server.settings import (
+    EngineSettings,
+    ModelSettings,
+    RoutingSettings,
+    ServerSettings,
+    Settings,
+    StoreSettings,
+)
+
+GROUPS: dict[str, type[BaseSettings]] = {"model": ModelSettings, "store": StoreSettings, "engine": EngineSettings,
+                                         "routing": RoutingSettings, "server": ServerSettings}
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    for group_name, cls in GROUPS.items():
+        group = parser.add_argument_group(group_name)
+        for name, field in cls.model_fields.items():
+            flag = "--" + name.replace("_", "-")
+            help_text = f"{field.description or ''} (env SWITCHBOARD_{name.upper()}, default {field.default!r})"
+            if field.annotation is bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+                group.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags override environment variables, which override defaults."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    parts = {}
+    for group_name, cls in GROUPS.items():
+        parts[group_name] = cls(**{k: v for k, v in given.items() if k in cls.model_fields})
+    return Settings(**parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchboard", description="Serve GPT-2 with routed LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    _add_flags(serve)
+    train = sub.add_parser("train", help="the offline training package (same as switchboard-train)", add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from training.cli import main as train_main
+
+        return train_main(args.rest)
+    del args.command
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine.base_model import load_base_model
+
+    try:
+        resident = load_base_model(settings.model.base_model, settings.model.device, settings.model.dtype)
+    except ModelLoadError as e:
+        print(f"switchboard: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, resident=resident)
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Turning a validated `CompletionRequest` into engine sequences and OpenAI-shaped responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from server.engine.errors import ContextTooLong, InvalidRequest, SwitchboardError
+from server.engine.registry import AdapterRegistry
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
+from server.schemas import CompletionRequest
+from server.state import AppState
+
+
+@dataclass
+class Choice:
+    seq: Sequence
+    queue: asyncio.Queue[TokenEvent]
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    logprobs: list[float] | None = None
+    token_texts: list[str] | None = None
+
+
+def routing_spec(req: CompletionRequest, state: AppState) -> tuple[RoutingSpec, list[str]]:
+    """Decide how the request is routed and which adapters it must hold (404 for unknown names)."""
+    opts = req.routing
+    registry: AdapterRegistry = state.registry
+    if req.model == "auto":
+        if opts is not None and opts.weights is not None:
+            return RoutingSpec("fixed", _manual_mixture(opts.weights, registry)), list(opts.weights)
+        router, adapters = state.routing.resolve(opts.router if opts else None)
+        every = opts.reroute_every if opts and opts.reroute_every is not None else state.settings.routing.reroute_every
+        return RoutingSpec("auto", router=router, reroute_every=every,
+                           top_k=opts.top_k if opts else None, temperature=opts.temperature if opts else None), adapters
+    if opts is not None and (opts.weights or opts.router):
+        raise InvalidRequest("`routing.weights` and `routing.router` need model 'auto'", param="routing")
+    if req.model in (state.resident.model_id, "base", state.settings.model.base_model):
+        return RoutingSpec("fixed", {}), []
+    registry.get(req.model)  # 404 for an unknown adapter, never a silent fall-back to the base
+    return RoutingSpec("fixed", {req.model: 1.0}), [req.model]
+
+
+def _manual_mixture(weights: dict[str, float], registry: AdapterRegistry) -> dict[str, float]:
+    if not weights:
+        raise InvalidRequest("routing.weights is empty", param="routing.weights")
+    for name, w in weights.items():
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise InvalidRequest(f"routing.weights[{name!r}] must be a finite number >= 0", param="routing.weights")
+        registry.get(name)
+    if sum(weights.values()) <= 0:
+        raise InvalidRequest("routing.weights must not all be zero", param="routing.weights")
+    return {k: float(v) for k, v in weights.items()}
+
+
+def _prompts(req: CompletionRequest, state: AppState) -> list[tuple[str, list[int]]]:
+    tok = state.resident.tokenizer
+    if isinstance(req.prompt, str):
+        texts = [req.prompt]
+    elif req.prompt and all(isinstance(p, int) for p in req.prompt):
+        vocab = len(tok)
+        if any(not 0 <= int(p) < vocab for p in req.prompt):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
+        return [(tok.decode(req.prompt), [int(p) for p in req.prompt])]
+    else:
+        texts = [str(p) for p in req.prompt] or [""]
+    out = []
+    for text in texts:
+        if len(text) > state.settings.server.max_prompt_chars:
+            raise _too_large(f"prompt has {len(text)} characters; the limit is {state.settings.server.max_prompt_chars}")
+        ids = tok.encode(text) or [tok.eos_token_id]  # an empty prompt starts from <|endoftext|>
+        out.append((text, ids))
+    return out
+
+
+def _too_large(message: str) -> SwitchboardError:
+    err = InvalidRequest(message, param="prompt", code="prompt_too_large")
+    err.status_code = 413
+    return err
+
+
+def build_choices(req: CompletionRequest, state: AppState) -> list[Choice]:
+    """Validate everything, then take adapter references and create the sequences (not yet submitted)."""
+    if req.n != 1:
+        raise InvalidRequest("only n=1 is supported; send several prompts instead", param="n")
+    if req.echo:
+        raise InvalidRequest("echo is not supported", param="echo")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if len(stop) > 4 or any(not s for s in stop):
+        raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
+    spec, adapters = routing_spec(req, state)
+    prompts = _prompts(req, state)
+    limit = state.resident.max_positions
+    for _, ids in prompts:
+        if len(ids) + req.max_tokens > limit:
+            raise ContextTooLong(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + req.max_tokens} tokens ({len(ids)} in the prompt, {req.max_tokens} in the completion).",
+                param="max_tokens")
+    sampling = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
+    loop = asyncio.get_running_loop()
+    tok = state.resident.tokenizer
+    choices = []
+    for text, ids in prompts:
+        versions = state.registry.acquire(adapters)
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        seq = Sequence(
+            prompt_ids=ids, max_tokens=req.max_tokens, sampling=sampling, routing=spec,
+            decode=lambda t: tok.decode(t, skip_special_tokens=True),
+            emit=lambda ev, q=queue: loop.call_soon_threadsafe(q.put_nowait, ev),
+            stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
+            versions={v.name: v for v in versions},
+        )
+        choices.append(Choice(seq, queue, logprobs=[] if req.logprobs is not None else None,
+                              token_texts=[] if req.logprobs is not None else None))
+    return choices
+
+
+def submit(choices: list[Choice], state: AppState) -> None:
+    submitted = []
+    try:
+        for c in choices:
+            state.worker.submit(c.seq)
+            submitted.append(c)
+    except SwitchboardError:
+        for c in submitted:
+            state.worker.cancel(c.seq)
+        for c in choices[len(submitted):]:
+            state.registry.release(list(c.seq.versions.values()))
+        raise
+
+
+def _apply(choice: Choice, ev: TokenEvent, state: AppState) -> None:
+    if ev.error is not None:
+        raise ev.error
+    choice.text += ev.text
+    if ev.token_id is not None:
+        choice.tokens += 1
+        if choice.logprobs is not None and ev.logprob is not None:
+            choice.logprobs.append(ev.logprob)
+            choice.token_texts.append(state.resident.tokenizer.decode([ev.token_id]))
+    choice.finish_reason = ev.finish_reason
+
+
+async def _next_event(choice: Choice, request: Request, deadline: float) -> TokenEvent:
+    while True:
+        try:
+            return await asyncio.wait_for(choice.queue.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone() from None
+            if time.monotonic() > deadline:
+                err = SwitchboardError("the request timed out", code="timeout")
+                err.status_code, err.error_type = 504, "timeout_error"
+                raise err from None
+
+
+class ClientGone(Exception):
+    """The client disconnected; its rows are cancelled."""
+
+
+def _logprobs_body(c: Choice) -> dict | None:
+    if c.logprobs is None:
+        return None
+    return {"tokens": c.token_texts, "token_logprobs": [round(x, 6) for x in c.logprobs], "top_logprobs": None,
+            "text_offset": None}
+
+
+def _usage(choices: list[Choice]) -> dict:
+    prompt = sum(len(c.seq.prompt_ids) for c in choices)
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def complete(req: CompletionRequest, choices: list[Choice], state: AppState, request: Request) -> dict:
+    deadline = time.monotonic() + state.settings.engine.request_timeout
+    try:
+        for c in choices:
+            while c.finish_reason is None:
+                _apply(c, await _next_event(c, request, deadline), state)
+    except BaseException:
+        for c in choices:
+            state.worker.cancel(c.seq)
+        raise
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model,
+        "choices": [{"index": i, "text": c.text, "logprobs": _logprobs_body(c), "finish_reason": c.finish_reason,
+                     "routing": c.seq.segments()} for i, c in enumerate(choices)],
+        "usage": _usage(choices),
+    }
+
+
+async def stream(req: CompletionRequest, choices: list[Choice], state: AppState, request: Request) -> AsyncIterator[str]:
+    """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`."""
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    deadline = time.monotonic() + state.settings.engine.request_timeout
+
+    def chunk(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        for i, c in enumerate(choices):
+            while c.finish_reason is None:
+                ev = await _next_event(c, request, deadline)
+                try:
+                    _apply(c, ev, state)
+                except SwitchboardError as e:
+                    yield chunk({"error": {"message": e.message, "type": e.error_type, "param": e.param, "code": e.code}})
+                    return
+                choice = {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason,
+                          "routing": {"token_index": ev.token_index, "weights": {k: round(v, 4) for k, v in ev.weights.items()}}}
+                if ev.finish_reason is not None:
+                    choice["routing"]["segments"] = c.seq.segments()
+                yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                             "choices": [choice]})
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                         "choices": [], "usage": _usage(choices)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for c in choices:
+            if c.finish_reason is None:
+                state.worker.cancel(c.seq)

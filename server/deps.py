@@ -1,0 +1,51 @@
+"""Annotated dependencies: the app state, readiness, and the admin bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.engine.errors import SwitchboardError, Unavailable
+from server.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.switchboard
+
+
+def get_ready_state(request: Request) -> AppState:
+    state = get_state(request)
+    if not state.ready:
+        raise Unavailable("the model is still loading")
+    return state
+
+
+class AuthError(SwitchboardError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(SwitchboardError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+def require_admin(request: Request) -> None:
+    token = get_state(request).settings.server.admin_token
+    if not token:
+        raise Forbidden("the admin API is disabled: start the server with --admin-token (SWITCHBOARD_ADMIN_TOKEN)")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise AuthError("admin routes need `Authorization: Bearer <admin token>`")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Forbidden("invalid admin token")
+
+
+State = Annotated[AppState, Depends(get_state)]
+ReadyState = Annotated[AppState, Depends(get_ready_state)]
+Admin = Annotated[None, Depends(require_admin)]

@@ -1,0 +1,192 @@
+"""Reading and validating PEFT LoRA folders from the adapter store.
+
+Everything is checked before anything is installed (files, JSON, target modules, shapes, rank,
+base fingerprint), so a refused adapter leaves the registry exactly as it was. Weights are read
+with safetensors only: a pickle `adapter_model.bin` is refused without being opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from server.engine.errors import InvalidAdapter, InvalidRequest
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+RESERVED_NAMES = {"auto", "base"}
+MAX_ADAPTER_BYTES = 512 * 1024 * 1024
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def check_name(name: str, param: str = "name") -> str:
+    """Names become metric labels and folder names: a small safe alphabet, no colons or slashes."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.lower() in RESERVED_NAMES:
+        raise InvalidRequest(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
+            f"letter or digit (reserved: {sorted(RESERVED_NAMES)})",
+            param=param,
+        )
+    return name
+
+
+def resolve_in_store(store: Path, relative: str, param: str = "path") -> Path:
+    """Resolve `relative` inside the store; absolute paths, `..` and symlinks out of it are refused."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise InvalidRequest("adapter path must be a non-empty string", param=param)
+    root = store.resolve()
+    candidate = Path(relative)
+    if candidate.is_absolute():
+        try:
+            candidate = candidate.resolve().relative_to(root)
+        except ValueError:
+            raise InvalidRequest(f"adapter path {relative!r} is outside the adapter store", param=param) from None
+    resolved = (root / candidate).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise InvalidRequest(f"adapter path {relative!r} is outside the adapter store", param=param)
+    if not resolved.is_dir():
+        raise InvalidRequest(f"adapter path {relative!r} is not a folder in the adapter store", param=param)
+    return resolved
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What an adapter is validated against: the resident model's LoRA-targetable modules."""
+
+    module_shapes: dict[str, tuple[int, int]]  # module path -> (in, out)
+    fingerprint: str
+    max_rank: int
+
+
+@dataclass
+class AdapterWeights:
+    name: str
+    path: Path
+    rank: int
+    alpha: float
+    scale: float
+    target_modules: list[str]
+    # module path -> (A [in, r], B·scale [r, out]) on CPU, ready to copy into a slot
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+    centroids: torch.Tensor | None = None  # [m, d]
+    centroid_embedder: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidAdapter(f"{what} {path.name} does not parse: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidAdapter(f"{what} {path.name} must hold a JSON object")
+    return data
+
+
+def _check_config(cfg: dict, spec: BaseSpec) -> tuple[int, float, float]:
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise InvalidAdapter(f"peft_type {cfg.get('peft_type')!r} is not LORA")
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidAdapter(f"adapter_config.json: r must be a positive integer, got {rank!r}")
+    if rank > spec.max_rank:
+        raise InvalidAdapter(f"adapter rank {rank} exceeds the server's max_lora_rank {spec.max_rank}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InvalidAdapter(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
+    for unsupported in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if cfg.get(unsupported):
+            raise InvalidAdapter(f"adapter_config.json: {unsupported} is not supported by the serving engine")
+    if cfg.get("use_dora"):
+        raise InvalidAdapter("DoRA adapters (use_dora) are not supported by the serving engine")
+    if cfg.get("bias", "none") != "none":
+        raise InvalidAdapter("adapters with trained biases (bias != 'none') are not supported")
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return rank, float(alpha), float(scale)
+
+
+def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if path.stat().st_size > MAX_ADAPTER_BYTES:
+        raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
+    try:
+        raw = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise InvalidAdapter(f"unexpected tensor {key!r}: only LoRA A/B weights are supported")
+        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
+    if not pairs:
+        raise InvalidAdapter(f"{path.name} holds no LoRA weights")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, ab in sorted(pairs.items()):
+        if module not in spec.module_shapes:
+            raise InvalidAdapter(f"target module {module!r} does not exist in the base model (or is not a Conv1D)")
+        if set(ab) != {"A", "B"}:
+            raise InvalidAdapter(f"module {module!r} is missing its lora_{'B' if 'A' in ab else 'A'} weight")
+        d_in, d_out = spec.module_shapes[module]
+        a, b = ab["A"], ab["B"]  # PEFT stores A [r, in] and B [out, r]
+        if tuple(a.shape) != (rank, d_in) or tuple(b.shape) != (d_out, rank):
+            raise InvalidAdapter(
+                f"module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match rank {rank} "
+                f"and the base shape (in={d_in}, out={d_out})"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise InvalidAdapter(f"module {module!r} holds NaN or infinite weights")
+        out[module] = (a.float().t().contiguous(), (b.float() * scale).t().contiguous())
+    return out
+
+
+def _read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
+    if not path.exists():
+        return None, None
+    from router_core.artifacts import ArtifactError, load_centroids
+
+    try:
+        centroids, embedder = load_centroids(path)
+    except ArtifactError as e:
+        raise InvalidAdapter(f"centroid.safetensors: {e}") from e
+    return centroids, embedder
+
+
+def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
+    """Validate and read one adapter folder; raises InvalidAdapter with the first problem found."""
+    config_path = folder / "adapter_config.json"
+    weights_path = folder / "adapter_model.safetensors"
+    if not config_path.is_file():
+        raise InvalidAdapter(f"{folder.name}: adapter_config.json is missing")
+    if not weights_path.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise InvalidAdapter(
+                f"{folder.name}: only a pickle adapter_model.bin is present; pickles are never loaded, "
+                "convert it to adapter_model.safetensors"
+            )
+        raise InvalidAdapter(f"{folder.name}: adapter_model.safetensors is missing")
+    rank, alpha, scale = _check_config(_read_json(config_path, "adapter config"), spec)
+    meta: dict = {}
+    if (folder / "switchboard.json").is_file():
+        meta = _read_json(folder / "switchboard.json", "metadata")
+        fp = meta.get("base_fingerprint")
+        if fp and fp != spec.fingerprint:
+            raise InvalidAdapter(
+                f"{folder.name} was trained on a different base model (fingerprint {str(fp)[:12]}…, "
+                f"resident {spec.fingerprint[:12]}…)"
+            )
+    tensors = _read_tensors(weights_path, rank, scale, spec)
+    centroids, embedder = _read_centroids(folder / "centroid.safetensors")
+    return AdapterWeights(
+        name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in tensors}),
+        tensors=tensors, meta=meta, centroids=centroids, centroid_embedder=embedder,
+    )

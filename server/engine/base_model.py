@@ -1,0 +1,103 @@
+"""Loading the one resident GPT-2 (hub id or local folder) and describing it for validation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+from server.engine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the architecture: config shape fields plus sorted parameter names and shapes.
+
+    Identical to `training.fingerprint.base_fingerprint` (copied, since the server must not import
+    training). Weights are not hashed: an adapter trained on `gpt2` fits any copy of `gpt2`.
+    """
+    cfg = model.config
+    fields = {k: getattr(cfg, k, None) for k in ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "n_positions")}
+    params = sorted((name, list(p.shape)) for name, p in model.named_parameters())
+    blob = json.dumps({"config": fields, "params": params}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def targetable_modules(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Module path -> (in, out) of every Conv1D an adapter may target."""
+    return {
+        path: (m.weight.shape[0], m.weight.shape[1])
+        for path, m in model.named_modules()
+        if isinstance(m, Conv1D) and path.rsplit(".", 1)[-1] in LORA_TARGETS
+    }
+
+
+@dataclass
+class ResidentModel:
+    model_id: str
+    model: GPT2LMHeadModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    module_shapes: dict[str, tuple[int, int]]
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.n_positions)
+
+
+def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto") -> ResidentModel:
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, trust_remote_code=False, dtype=dt)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"could not load base model {name_or_path!r}: {e}\n"
+            "Supply the weights one of two ways: (1) put the model in the Hugging Face cache on a machine "
+            "with network access (`huggingface-cli download gpt2`, then copy ~/.cache/huggingface or set "
+            "HF_HOME), or (2) pass --base-model /path/to/folder holding config.json, model.safetensors and "
+            "the tokenizer files (e.g. made with `save_pretrained`)."
+        ) from e
+    if model.config.model_type != "gpt2":
+        raise ModelLoadError(f"{name_or_path!r} is a {model.config.model_type!r} model; Switchboard serves GPT-2")
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s on %s as %s", name_or_path, dev, dt)
+    return ResidentModel(
+        model_id=name_or_path.rstrip("/").rsplit("/", 1)[-1] if "/" in name_or_path else name_or_path,
+        model=model,
+        tokenizer=tokenizer,
+        device=dev,
+        dtype=dt,
+        fingerprint=base_fingerprint(model),
+        module_shapes=targetable_modules(model),
+    )

@@ -1,0 +1,251 @@
+"""The engine: a step function over a batch that sequences join and leave between tokens.
+
+Each `step()` (TGI/LoRAX style) admits waiting sequences (prefill, first token), then runs one
+batched decode step for every running sequence, each row with its own gates. Re-routing happens
+at the start of a step for the rows that are due, from hidden states the previous steps already
+computed (or the text so far, for a sentence encoder), so it costs no extra forward pass.
+Only the engine thread calls `step()`; other threads talk to it through `submit()`/`cancel()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from server.engine import gpt2
+from server.engine.base_model import LORA_TARGETS, ResidentModel
+from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError
+from server.engine.kv_cache import KVCache
+from server.engine.lora_layer import LoRABatchContext, wrap_targets
+from server.engine.registry import AdapterRegistry
+from server.engine.sampling import sample_row
+from server.engine.sequence import Sequence, TokenEvent
+from server.engine.slots import SlotManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_loras: int = 16
+    max_batch_size: int = 32
+    max_queue: int = 256
+    hidden_window: int | None = 32
+
+
+class GateSource(Protocol):
+    """Computes routed gates; implemented by the server's routing service."""
+
+    def needs_hidden(self, seq: Sequence) -> bool: ...
+
+    def route(self, seqs: list[Sequence]) -> list[dict[str, float]]: ...
+
+
+class EngineObserver(Protocol):
+    def on_step(self, batch_size: int, queue_depth: int) -> None: ...
+
+    def on_token(self, seq: Sequence, now: float) -> None: ...
+
+    def on_route(self, seq: Sequence, weights: dict[str, float], switched: bool, seconds: float) -> None: ...
+
+    def on_finish(self, seq: Sequence) -> None: ...
+
+
+class Engine:
+    def __init__(self, resident: ResidentModel, registry: AdapterRegistry, config: EngineConfig,
+                 gate_source: GateSource | None = None, observer: EngineObserver | None = None) -> None:
+        self.resident, self.registry, self.config = resident, registry, config
+        self.gate_source, self.observer = gate_source, observer
+        cfg = resident.model.config
+        self.ctx = LoRABatchContext()
+        layers = wrap_targets(resident.model, set(LORA_TARGETS), config.max_loras, self.ctx)
+        self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype)
+        self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,
+                             resident.dtype, resident.device)
+        self.inbox: queue.Queue[Sequence] = queue.Queue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # running[i] owns cache row i
+        self.forward_calls = 0
+
+    # -- called from other threads ------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        if self.queue_depth() >= self.config.max_queue:
+            raise Overloaded(f"the request queue is full ({self.config.max_queue} waiting)", retry_after=1.0)
+        if len(seq.prompt_ids) >= self.resident.max_positions:
+            raise ContextTooLong(
+                f"the prompt has {len(seq.prompt_ids)} tokens; the model's context is {self.resident.max_positions}",
+                param="prompt")
+        self.inbox.put(seq)
+
+    def queue_depth(self) -> int:
+        return self.inbox.qsize() + len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or not self.inbox.empty())
+
+    # -- the step function ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get_nowait())
+        self._drop_cancelled()
+        self.slots.evict_retired()
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            seq = self.waiting.popleft()
+            try:
+                self._prefill(seq)
+            except SwitchboardError as e:
+                self._fail(seq, e)
+        if self.running:
+            self._decode()
+        if self.observer:
+            self.observer.on_step(len(self.running), self.queue_depth())
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled")
+        for seq in [s for s in self.running if s.cancelled]:
+            self._leave(seq, "cancelled")
+
+    # -- gates ----------------------------------------------------------------------------------------
+    def _route(self, seqs: list[Sequence]) -> None:
+        """Recompute gates for `seqs` (auto-routed rows that are due)."""
+        if not seqs or self.gate_source is None:
+            return
+        start = time.perf_counter()
+        proposals = self.gate_source.route(seqs)
+        elapsed = time.perf_counter() - start
+        for seq, weights in zip(seqs, proposals):
+            before = seq.top_adapter if seq.gates else None
+            seq.gates = weights
+            switched = before is not None and seq.top_adapter != before
+            seq.reroutes += 1
+            seq.switches += int(switched)
+            if self.observer:
+                self.observer.on_route(seq, weights, switched, elapsed / len(seqs))
+
+    def _set_gates(self, seqs: list[Sequence]) -> None:
+        """Point the LoRA layers at the slots these rows use, with a [B, active] gate matrix."""
+        versions, column = [], {}
+        for seq in seqs:
+            for name, w in seq.gates.items():
+                v = seq.versions[name]
+                if w != 0.0 and id(v) not in column:
+                    column[id(v)] = len(versions)
+                    versions.append(v)
+        if not versions:
+            self.ctx.clear()
+            return
+        slots = self.slots.ensure(versions)
+        gates = torch.zeros(len(seqs), len(versions), dtype=self.resident.dtype)  # [B, active]
+        for row, seq in enumerate(seqs):
+            for name, w in seq.gates.items():
+                if w != 0.0:
+                    gates[row, column[id(seq.versions[name])]] = w
+        used = gates.ne(0).any(dim=1)  # [B]
+        self.ctx.active = tuple(slots)
+        self.ctx.gates = gates.to(self.resident.device)
+        self.ctx.rows = None if bool(used.all()) else used.nonzero().flatten().to(self.resident.device)
+
+    # -- prefill and decode ---------------------------------------------------------------------------
+    def _prefill(self, seq: Sequence) -> None:
+        row = len(self.running)
+        n = len(seq.prompt_ids)
+        self.cache.reserve(row + 1, min(n + seq.max_tokens, self.resident.max_positions))
+        ids = torch.tensor([seq.prompt_ids], device=self.resident.device)  # [1, T]
+        pos = torch.arange(n, device=self.resident.device)[None]  # [1, T]
+        if seq.routing.mode == "auto":
+            if self.gate_source is not None and self.gate_source.needs_hidden(seq):
+                self.ctx.clear()  # the base model's view of the prompt is what the router embeds
+                _, hidden = self._forward(ids, pos, row)
+                seq.keep_hidden(hidden[0], self.config.hidden_window)
+            self._route([seq])
+        else:
+            seq.gates = dict(seq.routing.weights)
+        self._set_gates([seq])
+        logits, hidden = self._forward(ids, pos, row)  # [1, V], [1, T, d]
+        if seq.hidden_tail is None:
+            seq.keep_hidden(hidden[0], self.config.hidden_window)
+        self.running.append(seq)
+        self._accept(seq, logits[0].float().cpu())
+
+    def _decode(self) -> None:
+        due = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
+               and len(s.generated) % s.routing.reroute_every == 0]
+        self._route(due)
+        self._set_gates(self.running)
+        ids = torch.tensor([[s.generated[-1]] for s in self.running], device=self.resident.device)  # [B, 1]
+        pos = torch.tensor([[s.position] for s in self.running], device=self.resident.device)  # [B, 1]
+        logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
+        for row, seq in enumerate(list(self.running)):
+            seq.keep_hidden(hidden[row], self.config.hidden_window)
+            self._accept(seq, logits[row].float().cpu())
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.forward_calls += 1
+        return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row)
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token of `seq`, emit it, and retire the row if it finished."""
+        generator = seq.__dict__.setdefault("_generator", _make_generator(seq))
+        token, logprob = sample_row(logits, seq.sampling, generator)
+        index = len(seq.generated)
+        seq.trace.record(index, seq.gates)
+        delta = seq.push_token(token, self.resident.max_positions)
+        now = time.monotonic()
+        seq.first_token_at = seq.first_token_at or now
+        seq.last_token_at = now
+        if self.observer:
+            self.observer.on_token(seq, now)
+        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason))
+        if seq.finish_reason is not None:
+            self._leave(seq, seq.finish_reason)
+
+    # -- leaving the batch -------------------------------------------------------------------------------
+    def _leave(self, seq: Sequence, reason: str) -> None:
+        row = self.running.index(seq)
+        last = len(self.running) - 1
+        if row != last:  # fill the hole with the last row so rows stay contiguous
+            moved = self.running[last]
+            self.cache.move_row(last, row, moved.position)
+            self.running[row] = moved
+        self.running.pop()
+        self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = seq.finish_reason or reason
+        self.registry.release(list(seq.versions.values()))
+        if reason == "cancelled":
+            seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates), "cancelled"))
+        if self.observer:
+            self.observer.on_finish(seq)
+
+    def _fail(self, seq: Sequence, error: SwitchboardError) -> None:
+        seq.finish_reason = "error"
+        self.registry.release(list(seq.versions.values()))
+        seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, {}, "error", error=error))
+
+    def shutdown(self, reason: str = "cancelled") -> None:
+        """Cancel everything (graceful-shutdown deadline passed)."""
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get_nowait())
+        for seq in list(self.waiting):
+            self._finish(seq, reason)
+        self.waiting.clear()
+        for seq in list(self.running):
+            self._leave(seq, reason)
+
+
+def _make_generator(seq: Sequence) -> torch.Generator | None:
+    if seq.sampling.greedy:
+        return None
+    gen = torch.Generator()
+    gen.manual_seed(seq.sampling.seed if seq.sampling.seed is not None else torch.seed())
+    return gen

@@ -1,0 +1,62 @@
+"""Engine-level errors. Each carries the HTTP status and OpenAI error `type`/`code` it maps to,
+so the single handler at the API edge can answer without knowing engine internals."""
+
+from __future__ import annotations
+
+
+class SwitchboardError(Exception):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(SwitchboardError):
+    code = "invalid_request"
+
+
+class InvalidAdapter(SwitchboardError):
+    code = "invalid_adapter"
+
+
+class AdapterNotFound(SwitchboardError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "adapter_not_found"
+
+
+class Conflict(SwitchboardError):
+    status_code = 409
+    error_type = "conflict_error"
+    code = "conflict"
+
+
+class ContextTooLong(SwitchboardError):
+    code = "context_length_exceeded"
+
+
+class Overloaded(SwitchboardError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: float = 1.0, **kw) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class Unavailable(SwitchboardError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "unavailable"
+    retry_after = 5.0
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded at start-up (not a client error)."""

@@ -1,0 +1,55 @@
+"""A pre-allocated key/value cache with one row per running sequence.
+
+HF's cache concatenates on every step (10 % of a CPU decode step, measured); this one writes in
+place. Rows are batch positions: the engine keeps running sequences in rows 0..B-1 and fills a
+hole left by a finished sequence by moving the last row into it, so a decode step reads a
+contiguous slice and never gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layer: int, n_head: int, head_dim: int, max_positions: int,
+                 dtype: torch.dtype, device: torch.device, rows: int = 4, positions: int = 64) -> None:
+        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
+        self.max_positions = max_positions
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._alloc(rows, min(positions, max_positions))
+
+    def _alloc(self, rows: int, positions: int) -> None:
+        shape = (rows, self.n_head, positions, self.head_dim)
+        old_k, old_v = self.keys, self.values
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layer)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layer)]
+        for layer, (k, v) in enumerate(zip(old_k, old_v)):
+            r, t = min(rows, k.shape[0]), min(positions, k.shape[2])
+            self.keys[layer][:r, :, :t] = k[:r, :, :t]
+            self.values[layer][:r, :, :t] = v[:r, :, :t]
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.keys[0].shape[0], self.keys[0].shape[2]
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Grow (by doubling) so that `rows` rows of `positions` positions fit."""
+        if positions > self.max_positions:
+            raise ValueError(f"{positions} positions exceed the model's context of {self.max_positions}")
+        cap_rows, cap_pos = self.capacity
+        if rows <= cap_rows and positions <= cap_pos:
+            return
+        while cap_rows < rows:
+            cap_rows *= 2
+        while cap_pos < positions:
+            cap_pos = min(cap_pos * 2, self.max_positions)
+        self._alloc(cap_rows, cap_pos)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` into row `dst` (filling a hole)."""
+        for k, v in zip(self.keys, self.values):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]

@@ -1,0 +1,113 @@
+"""The gated multi-LoRA layer: GPT-2's `Conv1D` left untouched, K adapter slots beside it.
+
+Like PEFT's LoRA layer the base module is wrapped, not modified; unlike PEFT, one forward serves
+a batch whose rows each use a different weighted mixture of adapters:
+
+    y = base(x) + Σ_k G[:, k] · s_k · (x A_k) B_k
+
+The scale `s_k` is folded into `B_k` when a slot is filled, and the active slots' factors are
+concatenated along the rank axis, so a step costs two matmuls per layer whatever the number of
+adapters in the mixture (the `cat` combination of `add_weighted_adapter`, but per row and
+without materialising a merged adapter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoRABatchContext:
+    """What every wrapped layer needs for the current forward; set by the engine before each step.
+
+    One object is shared by all layers, so setting the gates once covers the whole model.
+    """
+
+    active: tuple[int, ...] = ()  # slot indices used by at least one row of the batch
+    gates: torch.Tensor | None = None  # [B, len(active)] per-row weight of each active slot
+    rows: torch.Tensor | None = None  # [b] rows with any non-zero gate; None means all rows
+    extra: dict = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.active, self.gates, self.rows = (), None, None
+
+
+class MultiLoRAConv1D(nn.Module):
+    """Wraps one `transformers.pytorch_utils.Conv1D` (weight `[in, out]`) with K LoRA slots."""
+
+    max_cached_stacks = 8
+
+    def __init__(self, base: nn.Module, num_slots: int, ctx: LoRABatchContext) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.weight.shape  # Conv1D stores [in, out]
+        self.ctx = ctx
+        # Per slot: A [in, r], B [r, out] with the adapter's scale folded in; None = slot unused here.
+        self.lora_a: list[torch.Tensor | None] = [None] * num_slots
+        self.lora_b: list[torch.Tensor | None] = [None] * num_slots
+        self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+
+    def set_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
+        self.lora_a[slot], self.lora_b[slot] = a, b_scaled
+        self._stacks.clear()
+
+    def _stack(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Concatenate the active slots' factors once per distinct active set (cached)."""
+        if active in self._stacks:
+            return self._stacks[active]
+        a_parts, b_parts, cols = [], [], []
+        for pos, slot in enumerate(active):
+            a, b = self.lora_a[slot], self.lora_b[slot]
+            if a is None or b is None:
+                continue
+            a_parts.append(a)
+            b_parts.append(b)
+            cols.append(torch.full((a.shape[1],), pos, dtype=torch.long, device=a.device))
+        stack = None
+        if a_parts:
+            stack = (
+                torch.cat(a_parts, dim=1),  # [in, R]
+                torch.cat(b_parts, dim=0),  # [R, out]
+                torch.cat(cols),  # [R] position in `active` of each rank column
+            )
+        if len(self._stacks) >= self.max_cached_stacks:
+            self._stacks.clear()
+        self._stacks[active] = stack
+        return stack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, in]
+        y = self.base(x)  # [B, T, out]
+        ctx = self.ctx
+        if not ctx.active or ctx.gates is None:
+            return y
+        stack = self._stack(ctx.active)
+        if stack is None:  # no active adapter targets this module
+            return y
+        a_cat, b_cat, cols = stack
+        gates = ctx.gates[:, cols].to(x.dtype)  # [B, R]
+        if ctx.rows is None:
+            return y + ((x @ a_cat) * gates[:, None, :]) @ b_cat
+        rows = ctx.rows
+        delta = ((x[rows] @ a_cat) * gates[rows][:, None, :]) @ b_cat  # [b, T, out]
+        return y.index_add(0, rows, delta)
+
+
+def wrap_targets(model: nn.Module, target_names: set[str], num_slots: int, ctx: LoRABatchContext) -> dict[str, MultiLoRAConv1D]:
+    """Replace every Conv1D whose attribute name is in `target_names` by a MultiLoRAConv1D.
+
+    Returns the wrappers by their full module path (e.g. `transformer.h.0.attn.c_attn`), the
+    same keys PEFT's safetensors use after `base_model.model.`.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    wrapped: dict[str, MultiLoRAConv1D] = {}
+    for path, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in target_names and isinstance(child, Conv1D):
+                wrapper = MultiLoRAConv1D(child, num_slots, ctx)
+                setattr(module, child_name, wrapper)
+                wrapped[f"{path}.{child_name}" if path else child_name] = wrapper
+    return wrapped

@@ -1,0 +1,111 @@
+"""The adapter registry: which name means which validated weights, separate from compute slots.
+
+As in vLLM, registering an adapter and making it resident are two things: the registry maps a
+name to an immutable `AdapterVersion`; the engine's `SlotManager` decides which versions occupy
+the K compute slots. A request takes references on the versions it starts with, so replacing a
+name is atomic for new requests while in-flight ones finish on their own version, and removing
+a name never frees weights under a running request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+from server.engine.adapter_store import AdapterWeights
+from server.engine.errors import AdapterNotFound
+
+_version_counter = itertools.count(1)
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    weights: AdapterWeights
+    version: int = field(default_factory=lambda: next(_version_counter))
+    pinned: bool = False
+    created: float = field(default_factory=time.time)
+    refcount: int = 0  # guarded by the registry's lock
+    retired: bool = False  # replaced or removed: free its slot once refcount drops to zero
+
+    @property
+    def name(self) -> str:
+        return self.weights.name
+
+
+class AdapterRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._current: dict[str, AdapterVersion] = {}
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self, weights: AdapterWeights, pinned: bool = False) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """Install `weights` under its name; returns (new version, the version it replaced)."""
+        new = AdapterVersion(weights=weights, pinned=pinned)
+        with self._lock:
+            old = self._current.get(weights.name)
+            self._current[weights.name] = new
+            if old is not None:
+                old.retired = True
+            self._lock.notify_all()
+        return new, old
+
+    def remove(self, name: str) -> AdapterVersion:
+        with self._lock:
+            version = self._current.pop(name, None)
+            if version is None:
+                raise AdapterNotFound(f"adapter {name!r} is not loaded", param="name")
+            version.retired = True
+            self._lock.notify_all()
+            return version
+
+    def restore(self, version: AdapterVersion) -> None:
+        """Undo a `remove` (used when an unload is refused after all)."""
+        with self._lock:
+            if version.name not in self._current:
+                version.retired = False
+                self._current[version.name] = version
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def get(self, name: str) -> AdapterVersion:
+        with self._lock:
+            version = self._current.get(name)
+        if version is None:
+            raise AdapterNotFound(f"The model `{name}` does not exist.", param="model")
+        return version
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._current
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._current)
+
+    def snapshot(self) -> dict[str, AdapterVersion]:
+        with self._lock:
+            return dict(self._current)
+
+    # -- references held by requests ---------------------------------------------------------------
+    def acquire(self, names: list[str]) -> list[AdapterVersion]:
+        """Take references on the current versions of `names`, all or none."""
+        with self._lock:
+            missing = [n for n in names if n not in self._current]
+            if missing:
+                raise AdapterNotFound(f"The model `{missing[0]}` does not exist.", param="model")
+            versions = [self._current[n] for n in names]
+            for v in versions:
+                v.refcount += 1
+            return versions
+
+    def release(self, versions: list[AdapterVersion]) -> None:
+        with self._lock:
+            for v in versions:
+                v.refcount -= 1
+            self._lock.notify_all()
+
+    def wait_idle(self, version: AdapterVersion, timeout: float) -> bool:
+        """Block until no request holds `version` (call from a worker thread, not the event loop)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: version.refcount == 0, timeout=timeout)

@@ -1,0 +1,40 @@
+"""Next-token choice per row: greedy, temperature, top-k, top-p, each row with its own generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
+    """Pick one token from `logits` [V]; returns (token id, its log-probability under the model)."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)  # [V]
+    if params.greedy:
+        token = int(torch.argmax(logits))
+        return token, float(logprobs[token])
+    scaled = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token that crosses top_p
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(logprobs[token])

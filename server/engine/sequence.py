@@ -1,0 +1,120 @@
+"""One request's state inside the engine: tokens, gates, routing trace, text and stop handling."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from router_core.policy import RoutingTrace
+from server.engine.registry import AdapterVersion
+from server.engine.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a request picks its gates. `fixed` covers one adapter, a manual mixture, and the base
+    model (empty weights); `auto` asks a router, again every `reroute_every` tokens."""
+
+    mode: str  # "fixed" | "auto"
+    weights: dict[str, float] = field(default_factory=dict)
+    router: str | None = None
+    reroute_every: int = 2
+    top_k: int | None = None
+    temperature: float | None = None
+
+
+@dataclass
+class TokenEvent:
+    seq_id: int
+    token_index: int
+    token_id: int | None
+    text: str
+    logprob: float | None
+    weights: dict[str, float]
+    finish_reason: str | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    routing: RoutingSpec
+    decode: Callable[[list[int]], str]
+    emit: Callable[[TokenEvent], None]
+    stop: tuple[str, ...] = ()
+    eos_token_id: int | None = None
+    prompt_text: str = ""
+    id: int = field(default_factory=lambda: next(_ids))
+    versions: dict[str, AdapterVersion] = field(default_factory=dict)  # held references
+    gates: dict[str, float] = field(default_factory=dict)  # weights in force
+    route_vector: torch.Tensor | None = None  # last router output, for hysteresis
+    hidden_tail: torch.Tensor | None = None  # [W, d] last hidden states, for the `base` embedder
+    generated: list[int] = field(default_factory=list)
+    trace: RoutingTrace = field(default_factory=RoutingTrace)  # weights in force per generated token
+    reroutes: int = 0
+    switches: int = 0
+    text: str = ""
+    emitted_chars: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def position(self) -> int:
+        """Tokens already in the KV cache (the last generated token is not yet fed back)."""
+        return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
+
+    @property
+    def top_adapter(self) -> str:
+        return max(self.gates, key=self.gates.__getitem__) if self.gates else "base"
+
+    def context_text(self) -> str:
+        return self.prompt_text + self.text
+
+    def keep_hidden(self, hidden: torch.Tensor, window: int | None) -> None:
+        """Append hidden states [T, d] of newly processed tokens, keeping the last `window`."""
+        tail = hidden if self.hidden_tail is None else torch.cat([self.hidden_tail, hidden])
+        self.hidden_tail = tail if window is None else tail[-window:]
+
+    def push_token(self, token: int, max_positions: int) -> str:
+        """Record a sampled token; returns the text that is now safe to emit (stop strings held back)."""
+        self.generated.append(token)
+        if token == self.eos_token_id:
+            self.finish_reason = "stop"
+            return self._flush()
+        text = self.decode(self.generated)
+        if text.endswith("\ufffd") and len(self.generated) < self.max_tokens:
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self.text = text
+        if self.stop:
+            start = max(0, self.emitted_chars - max(len(s) for s in self.stop))
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish_reason = "stop"
+                return self._flush()
+        if len(self.generated) >= self.max_tokens or len(self.prompt_ids) + len(self.generated) >= max_positions:
+            self.finish_reason = "length"
+            return self._flush()
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        safe = max(self.emitted_chars, len(self.text) - hold)
+        delta, self.emitted_chars = self.text[self.emitted_chars:safe], safe
+        return delta
+
+    def _flush(self) -> str:
+        delta, self.emitted_chars = self.text[self.emitted_chars:], len(self.text)
+        return delta
+
+    def segments(self) -> list[dict]:
+        """Routing trace as segments: consecutive tokens with the same weights merged."""
+        return self.trace.segments(end_token=len(self.generated))

@@ -1,0 +1,88 @@
+"""Compute slots: which adapter versions are resident in the multi-LoRA layers right now.
+
+Owned by the engine thread alone. At most `num_slots` versions are resident; when a step needs
+one that is not, the least recently used slot that this step does not need (and whose adapter
+is not pinned) is given to it. Retired versions (replaced or removed) leave their slot as soon
+as no request holds them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from server.engine.errors import Unavailable
+from server.engine.lora_layer import MultiLoRAConv1D
+from server.engine.registry import AdapterVersion
+
+
+class SlotManager:
+    def __init__(self, layers: dict[str, MultiLoRAConv1D], num_slots: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.layers = layers
+        self.num_slots = num_slots
+        self.device, self.dtype = device, dtype
+        self.slot_version: list[AdapterVersion | None] = [None] * num_slots
+        self.last_used: list[float] = [0.0] * num_slots
+        self.loads = 0  # installs into a slot, for tests and metrics
+
+    def slot_of(self, version: AdapterVersion) -> int | None:
+        for i, v in enumerate(self.slot_version):
+            if v is version:
+                return i
+        return None
+
+    def resident(self) -> list[AdapterVersion]:
+        return [v for v in self.slot_version if v is not None]
+
+    def ensure(self, versions: list[AdapterVersion]) -> list[int]:
+        """Make every version resident; returns their slots in the same order."""
+        needed = {id(v) for v in versions}
+        if len(needed) > self.num_slots:
+            raise Unavailable(f"a step needs {len(needed)} adapters but only {self.num_slots} slots exist (max_loras)")
+        slots = []
+        now = time.monotonic()
+        for version in versions:
+            slot = self.slot_of(version)
+            if slot is None:
+                slot = self._free_slot(needed)
+                self._install(slot, version)
+            self.last_used[slot] = now
+            slots.append(slot)
+        return slots
+
+    def _free_slot(self, needed: set[int]) -> int:
+        for i, v in enumerate(self.slot_version):
+            if v is None:
+                return i
+        candidates = [
+            i for i, v in enumerate(self.slot_version)
+            if v is not None and id(v) not in needed and not v.pinned
+        ]
+        if not candidates:
+            raise Unavailable("every adapter slot is in use by this step or pinned; raise max_loras")
+        return min(candidates, key=lambda i: self.last_used[i])
+
+    def _install(self, slot: int, version: AdapterVersion) -> None:
+        tensors = version.weights.tensors
+        for path, layer in self.layers.items():
+            pair = tensors.get(path)
+            if pair is None:
+                layer.set_slot(slot, None, None)
+            else:
+                a, b = pair
+                layer.set_slot(slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
+        self.slot_version[slot] = version
+        self.loads += 1
+
+    def evict(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.set_slot(slot, None, None)
+        self.slot_version[slot] = None
+
+    def evict_retired(self) -> None:
+        """Free slots of replaced/removed versions that no request holds any more."""
+        for i, v in enumerate(self.slot_version):
+            if v is not None and v.retired and v.refcount == 0:
+                self.evict(i)

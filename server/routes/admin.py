@@ -1,0 +1,111 @@
+"""Admin routes (bearer token): adapters, routers, store rescan, and vLLM's LoRA aliases."""
+
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter
+
+from router_core.artifacts import save_centroids
+from server.adapters import AdapterService
+from server.deps import Admin, ReadyState
+from server.engine.adapter_store import AdapterWeights
+from server.engine.errors import InvalidAdapter, InvalidRequest
+from server.engine.registry import AdapterVersion
+from server.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
+from server.state import AppState
+
+router = APIRouter(tags=["admin"])
+
+
+def describe(v: AdapterVersion, state: AppState) -> dict:
+    w = v.weights
+    slot = state.engine.slots.slot_of(v) if state.engine else None
+    return {
+        "name": v.name, "version": v.version, "path": w.path.name, "rank": w.rank, "alpha": w.alpha,
+        "scale": w.scale, "target_modules": w.target_modules, "pinned": v.pinned, "resident": slot is not None,
+        "in_flight": v.refcount, "bytes": w.nbytes, "centroids": None if w.centroids is None else list(w.centroids.shape),
+        "centroid_embedder": w.centroid_embedder, "meta": {k: w.meta[k] for k in ("description", "domain", "version") if k in w.meta},
+    }
+
+
+def _centroids_from(examples: list[str] | None, state: AppState):
+    """A `prepare` hook: embed `examples` with the active embedder and save the centroid beside the adapter."""
+    if not examples:
+        return None
+    if any(not isinstance(t, str) or not t.strip() for t in examples):
+        raise InvalidRequest("examples must be non-empty strings", param="examples")
+
+    async def prepare(weights: AdapterWeights) -> None:
+        emb = await state.routing.embed_examples(examples, state.engine_call)  # [n, d]
+        centroid = torch.nn.functional.normalize(emb.float().mean(0, keepdim=True), dim=-1)  # [1, d]
+        try:
+            save_centroids(weights.path / "centroid.safetensors", centroid.cpu(), state.routing.embedder_id)
+        except OSError as e:
+            raise InvalidAdapter(f"could not save the centroid beside the adapter: {e}") from e
+        weights.centroids, weights.centroid_embedder = centroid.cpu(), state.routing.embedder_id
+
+    return prepare
+
+
+async def _load(state: AppState, name: str, path: str, examples=None, pinned=False, replace=True) -> dict:
+    adapters: AdapterService = state.adapters
+    new, old = await adapters.load(name, path, pinned=pinned, replace=replace, prepare=_centroids_from(examples, state))
+    return {"status": "replaced" if old else "loaded", "adapter": describe(new, state),
+            "replaced_version": old.version if old else None}
+
+
+@router.get("/admin/adapters")
+async def list_adapters(_: Admin, state: ReadyState) -> dict:
+    return {"adapters": [describe(v, state) for _, v in sorted(state.registry.snapshot().items())],
+            "max_loras": state.settings.engine.max_loras}
+
+
+@router.post("/admin/adapters")
+async def load_adapter(body: LoadAdapterRequest, _: Admin, state: ReadyState) -> dict:
+    return await _load(state, body.name, body.path, body.examples, body.pinned)
+
+
+@router.delete("/admin/adapters/{name}")
+async def unload_adapter(name: str, _: Admin, state: ReadyState, wait: bool = True) -> dict:
+    version = await state.adapters.unload(name, wait=wait, timeout=state.settings.engine.request_timeout)
+    return {"status": "unloaded", "name": name, "version": version.version}
+
+
+@router.post("/admin/reload")
+async def reload_store(_: Admin, state: ReadyState) -> dict:
+    report = await state.adapters.reload()
+    failed_routers = state.routing.scan_routers()
+    return {"loaded": report.loaded, "replaced": report.replaced, "unchanged": report.unchanged,
+            "failed": report.failed, "routers": state.routing.router_names(), "failed_routers": failed_routers}
+
+
+@router.get("/admin/routers")
+async def list_routers(_: Admin, state: ReadyState) -> dict:
+    return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(state.routing._centroid.adapter_names)}]
+            + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id}
+               for n, r in sorted(state.routing.mlp.items())], "embedder": state.routing.embedder_id}
+
+
+@router.post("/admin/routers")
+async def load_router(body: RouterLoadRequest, _: Admin, state: ReadyState) -> dict:
+    r = state.routing.load_mlp(body.name, body.path)
+    return {"status": "loaded", "name": body.name, "kind": r.kind, "adapters": list(r.adapter_names)}
+
+
+@router.delete("/admin/routers/{name}")
+async def unload_router(name: str, _: Admin, state: ReadyState) -> dict:
+    state.routing.unload_mlp(name)
+    return {"status": "unloaded", "name": name}
+
+
+# -- vLLM-compatible aliases -------------------------------------------------------------------------------
+@router.post("/v1/load_lora_adapter")
+async def vllm_load(body: VLLMLoadRequest, _: Admin, state: ReadyState) -> dict:
+    result = await _load(state, body.lora_name, body.lora_path, replace=body.load_inplace)
+    return {**result, "message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def vllm_unload(body: VLLMUnloadRequest, _: Admin, state: ReadyState) -> dict:
+    await state.adapters.unload(body.lora_name, timeout=state.settings.engine.request_timeout)
+    return {"status": "unloaded", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}

