@@ -122,7 +122,7 @@ class Engine:
         start = time.perf_counter()
         proposals = self.gate_source.route(seqs)
         elapsed = time.perf_counter() - start
-        for seq, weights in zip(seqs, proposals):
+        for seq, weights in zip(seqs, proposals, strict=True):
             before = seq.top_adapter if seq.gates else None
             seq.gates = weights
             switched = before is not None and seq.top_adapter != before

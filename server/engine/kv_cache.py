@@ -26,7 +26,7 @@ class KVCache:
         old_k, old_v = self.keys, self.values
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layer)]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layer)]
-        for layer, (k, v) in enumerate(zip(old_k, old_v)):
+        for layer, (k, v) in enumerate(zip(old_k, old_v, strict=True)):
             r, t = min(rows, k.shape[0]), min(positions, k.shape[2])
             self.keys[layer][:r, :, :t] = k[:r, :, :t]
             self.values[layer][:r, :, :t] = v[:r, :, :t]
@@ -50,6 +50,6 @@ class KVCache:
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row `src` into row `dst` (filling a hole)."""
-        for k, v in zip(self.keys, self.values):
+        for k, v in zip(self.keys, self.values, strict=True):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
