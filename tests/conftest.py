@@ -29,3 +29,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data sets not found at {SHARED_DATA} (CI places ../shared beside the clone)")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def app_client(store, tiny_model_dir):
+    """A TestClient over a fresh app on the tiny model and the two-adapter store (admin token `T`)."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.tiny import app_settings
+
+    with TestClient(create_app(app_settings(tiny_model_dir, store))) as client:
+        yield client
+
+
+ADMIN = {"Authorization": "Bearer T"}

@@ -96,3 +96,31 @@ def make_adapter(
     data["base_model_name_or_path"] = "tiny-gpt2"
     cfg_path.write_text(json.dumps(data, indent=2))
     return out_dir
+
+
+def app_settings(model_dir: Path, store: Path, **overrides):
+    """Settings for a test app: tiny model on CPU fp32, admin token `T`; `overrides` per group,
+    e.g. `engine={"max_loras": 2}`."""
+    from server.settings import EngineSettings, ModelSettings, RoutingSettings, ServerSettings, Settings, StoreSettings
+
+    groups = {"model": ModelSettings, "store": StoreSettings, "engine": EngineSettings,
+              "routing": RoutingSettings, "server": ServerSettings}
+    base = {"model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32"},
+            "store": {"adapter_dir": store}, "server": {"admin_token": "T"}, "routing": {"embedder": "base"}}
+    kwargs = {}
+    for name, cls in groups.items():
+        kwargs[name] = cls(**{**base.get(name, {}), **overrides.get(name, {})})
+    return Settings(**kwargs)
+
+
+def run_engine(engine, seqs) -> dict[int, list]:
+    """Submit `seqs` (their `emit` is replaced) and step the engine until all finish; returns events by seq id."""
+    events: dict[int, list] = {s.id: [] for s in seqs}
+    for s in seqs:
+        s.emit = events[s.id].append
+        engine.submit(s)
+    for _ in range(10_000):
+        if not engine.has_work():
+            break
+        engine.step()
+    return events
