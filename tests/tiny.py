@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 CORPUS = [
@@ -101,7 +101,14 @@ def make_adapter(
 def app_settings(model_dir: Path, store: Path, **overrides):
     """Settings for a test app: tiny model on CPU fp32, admin token `T`; `overrides` per group,
     e.g. `engine={"max_loras": 2}`."""
-    from server.settings import EngineSettings, ModelSettings, RoutingSettings, ServerSettings, Settings, StoreSettings
+    from server.settings import (
+        EngineSettings,
+        ModelSettings,
+        RoutingSettings,
+        ServerSettings,
+        Settings,
+        StoreSettings,
+    )
 
     groups = {"model": ModelSettings, "store": StoreSettings, "engine": EngineSettings,
               "routing": RoutingSettings, "server": ServerSettings}
