@@ -224,7 +224,8 @@ class AdaptiveControllerCallback(TrainerCallback):
         if lr_scheduler is not None and hasattr(lr_scheduler, "get_last_lr"):
             base = list(lr_scheduler.get_last_lr())
         else:
-            base = [g.get("initial_lr", g["lr"]) for g in groups]
+            # No scheduler: remember each group's own lr once, so multipliers never compound.
+            base = [g.setdefault("controller_base_lr", g.get("initial_lr", g["lr"])) for g in groups]
         for group, lr in zip(groups, base, strict=False):
             group["lr"] = lr * multiplier
         return float(groups[0]["lr"]) if groups else None

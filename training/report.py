@@ -1,0 +1,163 @@
+"""The evaluation report: ``report.json``, ``report.md`` and PNG plots (matplotlib, Agg).
+
+Plots: one confusion matrix per router, grouped perplexity bars per domain (base, each
+adapter, each routed mixture), and φ(t) with the controller's mode for every evaluated
+adapter that was trained with the seed-003 controller (its ``controller.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from training.controller import read_controller_log  # noqa: E402
+from training.store import CONTROLLER_LOG  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+
+
+def plot_confusion(path: Path, title: str, rows: list[str], cols: list[str], matrix: list[list[int]]) -> None:
+    fig, ax = plt.subplots(figsize=(max(3.8, 1.6 + 0.9 * len(cols)), max(3.2, 1.4 + 0.7 * len(rows))))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("routed to (top-1)")
+    ax.set_ylabel("domain")
+    ax.set_title(title)
+    top = max((v for r in matrix for v in r), default=0)
+    for i, r in enumerate(matrix):
+        for j, v in enumerate(r):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_perplexity(path: Path, ppl: dict[str, Any]) -> None:
+    domains = list(ppl)
+    series: list[tuple[str, list[float]]] = [("base", [ppl[d]["base"] for d in domains])]
+    adapters = sorted({a for d in domains for a in ppl[d]["adapters"]})
+    routers = sorted({r for d in domains for r in ppl[d]["routed"]})
+    series += [(f"adapter {a}", [ppl[d]["adapters"].get(a, float("nan")) for d in domains]) for a in adapters]
+    series += [(f"routed {r}", [ppl[d]["routed"].get(r, float("nan")) for d in domains]) for r in routers]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(domains), 4))
+    for k, (label, values) in enumerate(series):
+        ax.bar([i + k * width for i in range(len(domains))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(domains))], domains)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("Per-domain perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_phi(path: Path, name: str, records: list[dict[str, Any]]) -> None:
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, [r["phi"] for r in records], label="φ(t)")
+    ax.plot(steps, [r["stress"] for r in records], alpha=0.4, label="D (stress)")
+    for y, label in ((0.3, "θ0"), (0.7, "θ1")):
+        ax.axhline(y, ls="--", lw=0.8, color="grey")
+        ax.text(steps[0] if steps else 0, y + 0.01, label, fontsize=7, color="grey")
+    for r in records:
+        if r.get("event") == "restore":
+            ax.axvline(r["step"], color="red", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_title(f"Controller φ(t): {name} (red: mirror restore)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path, folders: dict[str, Path]) -> None:
+    """Render plots and the Markdown summary; ``report`` gets a ``plots`` list."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[str] = []
+    domains = list(report["domains"])
+    for key, r in report["routing"].items():
+        fname = f"confusion_{_slug(key)}.png"
+        plot_confusion(
+            out / fname, f"{key}: accuracy {r['accuracy']:.1%}", domains, r["adapters"], r["confusion"]
+        )
+        plots.append(fname)
+    plot_perplexity(out / "perplexity.png", report["perplexity"])
+    plots.append("perplexity.png")
+    controller: dict[str, Any] = {}
+    for name, folder in folders.items():
+        log_path = folder / CONTROLLER_LOG
+        if log_path.is_file():
+            records = read_controller_log(log_path)
+            if records:
+                fname = f"phi_{_slug(name)}.png"
+                plot_phi(out / fname, name, records)
+                plots.append(fname)
+                controller[name] = {
+                    "steps": len(records),
+                    "final_phi": records[-1]["phi"],
+                    "restores": [r["step"] for r in records if r.get("event") == "restore"],
+                    "plot": fname,
+                }
+    report["controller"] = controller
+    report["plots"] = plots
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    log.info("report written to %s", out)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [
+        "# Switchboard evaluation",
+        "",
+        f"Base model `{report['base_model']}`; re-routing every {cfg['reroute_every']} tokens; "
+        f"split `{cfg['split']}`, up to {cfg['limit']} examples per domain; runtime {report['runtime_s']} s.",
+        "",
+        "## Routing accuracy",
+        "",
+        "| router | embedder | accuracy | " + " | ".join(report["domains"]) + " | complexity MSE |",
+        "|---|---|---|" + "---|" * len(report["domains"]) + "---|",
+    ]
+    for key, r in report["routing"].items():
+        per = " | ".join(f"{r['per_domain_accuracy'].get(d, 0):.1%}" for d in report["domains"])
+        mse = f"{r['complexity_mse']:.4f}" if "complexity_mse" in r else "–"
+        lines.append(f"| {key} | {r['embedder']} | {r['accuracy']:.1%} | {per} | {mse} |")
+    lines += ["", "## Perplexity (held-out, lower is better)", ""]
+    ppl = report["perplexity"]
+    adapters = sorted({a for d in ppl for a in ppl[d]["adapters"]})
+    routers = sorted({r for d in ppl for r in ppl[d]["routed"]})
+    header = ["domain", "n", "base"] + [f"adapter {a}" for a in adapters] + [f"routed {r}" for r in routers]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d, e in ppl.items():
+        cells = [d, str(report["domains"][d]["n_examples"]), f"{e['base']:.2f}"]
+        cells += [f"{e['adapters'].get(a, float('nan')):.2f}" for a in adapters]
+        cells += [f"{e['routed'].get(r, float('nan')):.2f}" for r in routers]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean top-1 switches per example while re-routing:", ""]
+    for key, r in report["routing"].items():
+        stats = ", ".join(f"{d}: {v:.2f}" for d, v in r.get("mean_top1_switches", {}).items())
+        lines.append(f"- {key}: {stats}")
+    if report.get("controller"):
+        lines += ["", "## Adaptive controller (seed 003)", ""]
+        for name, c in report["controller"].items():
+            lines.append(
+                f"- {name}: {c['steps']} steps, final φ {c['final_phi']:.3f}, mirror restores at {c['restores']}"
+            )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
+    return "\n".join(lines)
