@@ -310,12 +310,12 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
         "runtime_s": round(time.time() - t0, 2),
         **metrics,
     }
-    out = cfg.adapter_dir / ROUTERS_DIR / cfg.name
-    save_router(out, router, extra)
     if mixture is not None:
         from training.router_experts import republish_experts
 
         extra["experts_updated"] = republish_experts(cfg, mixture, folders, phase_cb.history)
+    out = cfg.adapter_dir / ROUTERS_DIR / cfg.name
+    save_router(out, router, extra)
     log.info("router %s: val accuracy %s, written to %s", cfg.name, metrics.get("val_accuracy"), out)
     return extra
 
