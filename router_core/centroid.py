@@ -1,0 +1,214 @@
+"""Gradient-free centroid routing (seed 002, arXiv 2311.10847).
+
+Each adapter is represented by one or more unit vectors (centroids) in an embedder's space.
+A context is routed by cosine similarity to them: softmax with a temperature, the most similar
+adapter's weight multiplied by `top_boost` and the row renormalised, then optionally truncated
+to the `top_k` largest weights. No training is needed, so an adapter registered with a handful
+of example texts is routable at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def _check_options(temperature: float, top_boost: float, top_k: int | None) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not top_boost > 0:
+        raise ValueError(f"top_boost must be > 0, got {top_boost}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+
+
+def boost_and_truncate(probs: Tensor, top: Tensor, top_boost: float, top_k: int | None) -> Tensor:
+    """Multiply each row's `top` entry by `top_boost`, renormalise, keep the `top_k` largest.
+
+    Shared by the routers so "top_k" means the same thing everywhere. `probs` `[B, n]`,
+    `top` `[B]` (long). Rows stay on the simplex.
+    """
+    if probs.shape[-1] == 0:
+        return probs
+    w = probs.clone()  # [B, n]
+    if top_boost != 1.0:
+        w.scatter_(1, top.unsqueeze(1), w.gather(1, top.unsqueeze(1)) * top_boost)  # [B, n]
+        w = w / w.sum(-1, keepdim=True)  # [B, n]
+    if top_k is not None and top_k < w.shape[-1]:
+        kept = w.topk(top_k, dim=-1).indices  # [B, k]
+        w = torch.zeros_like(w).scatter(1, kept, w.gather(1, kept))  # [B, n]
+        w = w / w.sum(-1, keepdim=True)  # [B, n]
+    return w
+
+
+def fit_centroids(embeddings: Tensor, k: int = 1, iters: int = 25, seed: int = 0) -> Tensor:
+    """Centroids `[k, d]` for one adapter from its example embeddings `[n, d]`.
+
+    k = 1 is the normalised mean (seed 002's dataset centroid). k > 1 runs spherical k-means
+    (k-means++ start, fixed seed so refits are reproducible), which helps adapters whose data is
+    multi-modal, e.g. "code" spanning SQL questions and Python functions.
+    """
+    if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty [n, d] matrix, got {tuple(embeddings.shape)}")
+    x = F.normalize(embeddings.float(), dim=-1)  # [n, d]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k == 1 or x.shape[0] <= k:
+        if x.shape[0] <= k and k > 1:
+            return x.clone()  # [n, d] every example is its own centroid
+        return F.normalize(x.mean(0, keepdim=True), dim=-1)  # [1, d]
+    gen = torch.Generator().manual_seed(seed)
+    chosen = [int(torch.randint(x.shape[0], (1,), generator=gen))]
+    for _ in range(1, k):
+        dist = (1 - (x @ x[chosen].T).max(1).values).clamp(min=0)  # [n] cosine distance to nearest
+        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1 / len(dist))
+        chosen.append(int(torch.multinomial(probs, 1, generator=gen)))
+    c = x[chosen].clone()  # [k, d]
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1)  # [n]
+        sums = torch.zeros_like(c).index_add_(0, assign, x)  # [k, d]
+        empty = sums.norm(dim=1) == 0  # [k]
+        c = torch.where(empty.unsqueeze(1), c, F.normalize(sums, dim=-1))  # [k, d]
+    return c
+
+
+class CentroidRouter:
+    """Routes embeddings to adapters by cosine similarity to their centroids (seed 002).
+
+    `temperature` defaults to 1.0 because seed 002 applies a plain softmax to the cosine
+    similarities and gets its sharpness from the ×4 boost of the most similar adapter. With
+    cosines in [-1, 1] a unit temperature keeps a genuine mixture (e.g. similarities 0.5/0.2
+    give 0.57/0.43, then 0.84/0.16 after the boost), which is the paper's point: blend experts,
+    let the best one dominate. Lower it for near one-hot routing.
+
+    Immutable: `with_adapters` returns a new router, so the server swaps a reference atomically
+    while in-flight requests keep the one they started with.
+    """
+
+    kind = "centroid"
+
+    def __init__(
+        self,
+        adapter_names: list[str],
+        centroids: list[Tensor],  # each [m_i, d]
+        temperature: float = 1.0,
+        top_boost: float = 4.0,
+        top_k: int | None = None,
+        min_similarity: float | None = None,
+    ) -> None:
+        _check_options(temperature, top_boost, top_k)
+        if len(adapter_names) != len(centroids):
+            raise ValueError(f"{len(adapter_names)} adapter names but {len(centroids)} centroid sets")
+        if len(set(adapter_names)) != len(adapter_names):
+            raise ValueError(f"duplicate adapter names: {adapter_names}")
+        rows: list[Tensor] = []
+        owner: list[int] = []
+        dim: int | None = None
+        for i, (name, c) in enumerate(zip(adapter_names, centroids, strict=True)):
+            c = c.detach().float().cpu()
+            if c.dim() == 1:
+                c = c.unsqueeze(0)  # [1, d]
+            if c.dim() != 2 or c.shape[0] == 0:
+                raise ValueError(f"centroids of {name!r} must be [m, d] with m >= 1, got {tuple(c.shape)}")
+            if not torch.isfinite(c).all() or (c.norm(dim=1) == 0).any():
+                raise ValueError(f"centroids of {name!r} contain non-finite or zero rows")
+            if dim is not None and c.shape[1] != dim:
+                raise ValueError(f"centroids of {name!r} have dim {c.shape[1]}, others {dim}")
+            dim = int(c.shape[1])
+            rows.append(F.normalize(c, dim=-1))
+            owner += [i] * c.shape[0]
+        self.adapter_names: tuple[str, ...] = tuple(adapter_names)
+        self.embed_dim: int | None = dim
+        self.temperature = float(temperature)
+        self.top_boost = float(top_boost)
+        self.top_k = top_k
+        self.min_similarity = min_similarity
+        self._centroids = torch.cat(rows) if rows else torch.zeros(0, 0)  # [M, d]
+        self._owner = torch.tensor(owner, dtype=torch.long)  # [M]
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def centroids(self) -> list[Tensor]:
+        """Per-adapter unit centroids, each `[m_i, d]`, in `adapter_names` order."""
+        return [self._centroids[self._owner == i] for i in range(len(self.adapter_names))]
+
+    def _tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self._centroids.to(device), self._owner.to(device))
+        return self._on_device[device]
+
+    def similarities(self, embeddings: Tensor) -> Tensor:
+        """Cosine similarity `[B, n]` of each embedding to each adapter (max over its centroids)."""
+        if embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be [B, d], got {tuple(embeddings.shape)}")
+        b, n = embeddings.shape[0], len(self.adapter_names)
+        if n == 0:
+            return embeddings.new_zeros(b, 0, dtype=torch.float32)
+        if embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"embedding dim {embeddings.shape[1]} != centroid dim {self.embed_dim}")
+        cents, owner = self._tensors(embeddings.device)
+        e = F.normalize(embeddings.float(), dim=-1)  # [B, d]
+        sims = e @ cents.T  # [B, M]
+        out = torch.full((b, n), float("-inf"), device=e.device)  # [B, n]
+        return out.scatter_reduce(1, owner.expand(b, -1), sims, reduce="amax")  # [B, n]
+
+    def route(
+        self,
+        embeddings: Tensor,
+        complexity: Tensor | None = None,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+    ) -> Tensor:
+        """Mixture weights `[B, n]`: rows sum to 1, or are all zero (= base model) when the best
+        similarity is below `min_similarity`.
+
+        `complexity` is accepted (and ignored) so both router kinds share a call signature;
+        `temperature` / `top_k` override the router's own for one request.
+        """
+        temp = self.temperature if temperature is None else temperature
+        k = self.top_k if top_k is None else top_k
+        _check_options(temp, self.top_boost, k)
+        sims = self.similarities(embeddings)  # [B, n]
+        if sims.shape[1] == 0:
+            return sims
+        probs = torch.softmax(sims / temp, dim=-1)  # [B, n]
+        best, top = sims.max(dim=-1)  # [B], [B]
+        weights = boost_and_truncate(probs, top, self.top_boost, k)  # [B, n]
+        if self.min_similarity is not None:
+            weights = torch.where((best < self.min_similarity).unsqueeze(1), 0.0, weights)  # [B, n]
+        return weights
+
+    def with_adapters(self, names: list[str], centroids: list[Tensor]) -> CentroidRouter:
+        """A new router over exactly `names`/`centroids`, with this router's options."""
+        return CentroidRouter(
+            list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity
+        )
+
+    def with_adapter(self, name: str, centroids: Tensor) -> CentroidRouter:
+        """A new router with `name` added, or its centroids replaced if already present."""
+        names, cents = list(self.adapter_names), self.centroids
+        if name in names:
+            cents[names.index(name)] = centroids
+        else:
+            names.append(name)
+            cents.append(centroids)
+        return self.with_adapters(names, cents)
+
+    def without_adapters(self, names: Sequence[str]) -> CentroidRouter:
+        """A new router without `names` (unknown names are ignored: removal is idempotent)."""
+        drop = set(names)
+        kept = [(n, c) for n, c in zip(self.adapter_names, self.centroids, strict=True) if n not in drop]
+        return self.with_adapters([n for n, _ in kept], [c for _, c in kept])
+
+    def __repr__(self) -> str:
+        return (
+            f"CentroidRouter(adapters={list(self.adapter_names)}, temperature={self.temperature}, "
+            f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity})"
+        )

@@ -1,0 +1,144 @@
+"""When to re-route during generation, how to avoid flapping, and how decisions are reported.
+
+Seed 002 found re-routing every 2 generated tokens best; 0 means "route once on the prompt".
+A hysteresis margin stops the top adapter from alternating between two near-equal choices,
+which would otherwise produce noisy traces and metrics for no gain in output quality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class ReroutePolicy:
+    """Re-routing cadence plus a hysteresis rule against flapping top adapters."""
+
+    def __init__(self, every: int = 2, hysteresis: float = 0.05) -> None:
+        if every < 0:
+            raise ValueError(f"every must be >= 0, got {every}")
+        if hysteresis < 0:
+            raise ValueError(f"hysteresis must be >= 0, got {hysteresis}")
+        self.every = int(every)
+        self.hysteresis = float(hysteresis)
+
+    def due(self, n_generated: int) -> bool:
+        """Whether to route before generating the token at index `n_generated`.
+
+        Always at 0 (the prompt); afterwards every `every` tokens, never when `every == 0`.
+        Decisions at 0, N, 2N, ... make trace segments `[0, N)`, `[N, 2N)`, ...
+        """
+        if n_generated < 0:
+            raise ValueError(f"n_generated must be >= 0, got {n_generated}")
+        if n_generated == 0:
+            return True
+        return self.every > 0 and n_generated % self.every == 0
+
+    def stabilise(self, previous: Tensor | None, proposed: Tensor) -> Tensor:
+        """Keep `previous` when the proposal only switches the top adapter by a hair.
+
+        Switch when the proposed top beats the proposed weight of the previous top by at least
+        `hysteresis`; otherwise return `previous` unchanged. Works on `[n]` or per row on
+        `[B, n]`. All-zero rows (the base model, no adapter) never count as a top adapter, and a
+        changed adapter count means the proposal wins.
+        """
+        if previous is None or previous.shape != proposed.shape or proposed.shape[-1] == 0:
+            return proposed
+        prev = previous.to(proposed.device, proposed.dtype)
+        p2, q2 = prev.reshape(-1, proposed.shape[-1]), proposed.reshape(-1, proposed.shape[-1])  # [B, n]
+        prev_top = p2.argmax(-1)  # [B]
+        new_top = q2.argmax(-1)  # [B]
+        margin = q2.gather(1, new_top[:, None]) - q2.gather(1, prev_top[:, None])  # [B, 1]
+        real = (p2.abs().sum(-1) > 0) & (q2.abs().sum(-1) > 0)  # [B] both rows pick an adapter
+        keep = real & (new_top != prev_top) & (margin.squeeze(1) < self.hysteresis)  # [B]
+        return torch.where(keep[:, None], p2, q2).reshape(proposed.shape)
+
+
+def weights_dict(adapter_names: Sequence[str], weights: Tensor, min_weight: float = 0.0) -> dict[str, float]:
+    """`{adapter: weight}` for one row `[n]`, dropping weights <= `min_weight` (zeros by default)."""
+    if weights.dim() != 1 or weights.shape[0] != len(adapter_names):
+        raise ValueError(f"weights must be [{len(adapter_names)}], got {tuple(weights.shape)}")
+    return {n: float(w) for n, w in zip(adapter_names, weights.tolist(), strict=True) if w > min_weight}
+
+
+@dataclass(frozen=True)
+class _Step:
+    token_index: int
+    weights: dict[str, float]
+
+
+def _top(weights: Mapping[str, float]) -> str | None:
+    best = max(weights.items(), key=lambda kv: kv[1], default=None)
+    return best[0] if best is not None and best[1] > 0 else None
+
+
+def _max_diff(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    return max((abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b)), default=0.0)
+
+
+class RoutingTrace:
+    """Per-step routing weights of one generated sequence, summarised as token-range segments.
+
+    The server records the weights in force for each generated token (or at each decision);
+    `segments()` merges consecutive steps with the same top adapter whose weights stay within
+    `tolerance` of the segment's first step, so a response lists decisions, not tokens. A
+    segment reports the weights of its first step (those in force at `start_token`).
+    """
+
+    def __init__(self, tolerance: float = 0.02) -> None:
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.tolerance = float(tolerance)
+        self._steps: list[_Step] = []
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def record(self, token_index: int, weights: Mapping[str, float]) -> None:
+        """Record the weights in force from generated token `token_index` on."""
+        if self._steps and token_index < self._steps[-1].token_index:
+            raise ValueError(f"token_index {token_index} < last recorded {self._steps[-1].token_index}")
+        step = _Step(int(token_index), {k: float(v) for k, v in weights.items()})
+        if self._steps and self._steps[-1].token_index == step.token_index:
+            self._steps[-1] = step  # re-decided for the same token: the later decision wins
+        else:
+            self._steps.append(step)
+
+    @property
+    def last_weights(self) -> dict[str, float] | None:
+        """The weights currently in force, or None before the first record."""
+        return dict(self._steps[-1].weights) if self._steps else None
+
+    def segments(self, end_token: int | None = None) -> list[dict]:
+        """`[{"start_token", "end_token", "weights"}]`, end exclusive, weights rounded to 4 places.
+
+        The last segment ends at `end_token` when given (the number of tokens generated; pass it
+        when recording only at decisions), else one past the last recorded step.
+        """
+        if not self._steps:
+            return []
+        groups: list[tuple[_Step, int]] = []  # (first step of the segment, its end)
+        for step in self._steps:
+            if groups:
+                first, _ = groups[-1]
+                if _top(first.weights) == _top(step.weights) and _max_diff(first.weights, step.weights) <= (
+                    self.tolerance
+                ):
+                    groups[-1] = (first, step.token_index + 1)
+                    continue
+                groups[-1] = (first, step.token_index)
+            groups.append((step, step.token_index + 1))
+        if end_token is not None:
+            first, end = groups[-1]
+            groups[-1] = (first, max(end, int(end_token)))
+        return [
+            {
+                "start_token": first.token_index,
+                "end_token": end,
+                "weights": {k: round(v, 4) for k, v in first.weights.items()},
+            }
+            for first, end in groups
+        ]

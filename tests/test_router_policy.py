@@ -1,0 +1,124 @@
+"""Re-routing cadence, hysteresis against flapping, and routing-trace segments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from router_core import ReroutePolicy, RoutingTrace, weights_dict
+
+
+@pytest.mark.parametrize(
+    ("every", "expected"),
+    [
+        (2, [True, False, True, False, True, False, True]),
+        (1, [True] * 7),
+        (3, [True, False, False, True, False, False, True]),
+        (0, [True, False, False, False, False, False, False]),  # once, on the prompt
+    ],
+)
+def test_due_cadence(every: int, expected: list[bool]) -> None:
+    policy = ReroutePolicy(every=every)
+    assert [policy.due(n) for n in range(7)] == expected
+
+
+def test_invalid_policy() -> None:
+    with pytest.raises(ValueError):
+        ReroutePolicy(every=-1)
+    with pytest.raises(ValueError):
+        ReroutePolicy(hysteresis=-0.1)
+    with pytest.raises(ValueError):
+        ReroutePolicy().due(-1)
+
+
+def test_hysteresis_keeps_previous_on_a_narrow_switch() -> None:
+    policy = ReroutePolicy(hysteresis=0.05)
+    prev = torch.tensor([0.6, 0.4])
+    narrow = torch.tensor([0.48, 0.52])  # b leads by 0.04 < 0.05
+    assert torch.equal(policy.stabilise(prev, narrow), prev)
+    clear = torch.tensor([0.4, 0.6])  # b leads by 0.2
+    assert torch.equal(policy.stabilise(prev, clear), clear)
+    same_top = torch.tensor([0.55, 0.45])  # no switch: weights update freely
+    assert torch.equal(policy.stabilise(prev, same_top), same_top)
+    assert torch.equal(policy.stabilise(None, narrow), narrow)
+    assert torch.equal(ReroutePolicy(hysteresis=0.0).stabilise(prev, narrow), narrow)
+
+
+def test_hysteresis_edge_cases() -> None:
+    policy = ReroutePolicy(hysteresis=0.05)
+    prev = torch.tensor([0.6, 0.4])
+    base = torch.zeros(2)  # the router chose the base model
+    assert torch.equal(policy.stabilise(prev, base), base)
+    assert torch.equal(policy.stabilise(base, torch.tensor([0.48, 0.52])), torch.tensor([0.48, 0.52]))
+    resized = torch.tensor([0.3, 0.3, 0.4])  # an adapter was added: proposal wins
+    assert torch.equal(policy.stabilise(prev, resized), resized)
+
+
+def test_hysteresis_per_row() -> None:
+    policy = ReroutePolicy(hysteresis=0.05)
+    prev = torch.tensor([[0.6, 0.4], [0.6, 0.4]])  # [2, 2]
+    proposed = torch.tensor([[0.48, 0.52], [0.3, 0.7]])  # row 0 narrow, row 1 clear
+    out = policy.stabilise(prev, proposed)
+    assert torch.equal(out, torch.tensor([[0.6, 0.4], [0.3, 0.7]]))
+
+
+def test_no_flapping_over_a_noisy_sequence() -> None:
+    policy = ReroutePolicy(hysteresis=0.05)
+    current = None
+    tops = []
+    for p in [0.51, 0.49, 0.52, 0.48, 0.51, 0.30, 0.70]:
+        current = policy.stabilise(current, torch.tensor([p, 1 - p]))
+        tops.append(int(current.argmax()))
+    assert tops == [0, 0, 0, 0, 0, 1, 0]
+
+
+def test_trace_merges_consecutive_equal_steps() -> None:
+    trace = RoutingTrace()
+    for t in range(4):
+        trace.record(t, {"prose": 0.9, "code": 0.1})
+    trace.record(4, {"prose": 0.89, "code": 0.11})  # within tolerance: same segment
+    trace.record(5, {"prose": 0.2, "code": 0.8})
+    trace.record(6, {"prose": 0.21, "code": 0.79})
+    assert trace.segments() == [
+        {"start_token": 0, "end_token": 5, "weights": {"prose": 0.9, "code": 0.1}},
+        {"start_token": 5, "end_token": 7, "weights": {"prose": 0.2, "code": 0.8}},
+    ]
+    assert trace.last_weights == {"prose": 0.21, "code": 0.79}
+
+
+def test_trace_splits_on_weight_change_with_same_top() -> None:
+    trace = RoutingTrace(tolerance=0.02)
+    trace.record(0, {"a": 0.9, "b": 0.1})
+    trace.record(2, {"a": 0.7, "b": 0.3})  # same top, weights moved by 0.2
+    segs = trace.segments(end_token=4)
+    assert [(s["start_token"], s["end_token"]) for s in segs] == [(0, 2), (2, 4)]
+
+
+def test_trace_rounding_and_end_token() -> None:
+    trace = RoutingTrace()
+    trace.record(0, {"a": 0.123456789, "b": 0.876543211})
+    trace.record(2, {"a": 0.123456789, "b": 0.876543211})  # decisions only every 2 tokens
+    assert trace.segments() == [{"start_token": 0, "end_token": 3, "weights": {"a": 0.1235, "b": 0.8765}}]
+    assert trace.segments(end_token=10)[0]["end_token"] == 10
+
+
+def test_trace_base_model_and_errors() -> None:
+    trace = RoutingTrace()
+    assert trace.segments() == []
+    trace.record(0, {})  # no adapter (below min_similarity)
+    trace.record(1, {"a": 1.0})
+    trace.record(1, {"a": 0.5, "b": 0.5})  # re-decided for the same token: later wins
+    assert len(trace) == 2
+    segs = trace.segments()
+    assert [(s["start_token"], s["end_token"], s["weights"]) for s in segs] == [
+        (0, 1, {}),
+        (1, 2, {"a": 0.5, "b": 0.5}),
+    ]
+    with pytest.raises(ValueError):
+        trace.record(0, {"a": 1.0})
+
+
+def test_weights_dict() -> None:
+    assert weights_dict(["a", "b", "c"], torch.tensor([0.75, 0.0, 0.25])) == {"a": 0.75, "c": 0.25}
+    with pytest.raises(ValueError):
+        weights_dict(["a"], torch.tensor([0.5, 0.5]))
