@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import GPT2LMHeadModel
 
-from training.evaluate import context_length
+from training.eval_perplexity import context_length
 from training.mixture import LoraMixture
 
 

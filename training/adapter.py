@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from training import data as data_mod
 from training.controller import AdaptiveControllerCallback, ControllerConfig
@@ -183,6 +183,8 @@ def train_adapter(
         data_collator=PadCollator(pad_id),
         callbacks=callbacks,
     )
+    if not cfg.progress:
+        trainer.remove_callback(PrinterCallback)  # --quiet: no per-step dicts on stdout either
     resume = bool(cfg.resume and _has_checkpoint(output_dir))
     if cfg.resume and not resume:
         log.info("--resume: no checkpoint in %s, starting from scratch", output_dir)

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-centroid", action="store_true", help="skip the centroid router")
     p.add_argument("--embedder", default=None, help="sentence-encoder folder when centroids/routers use one")
     p.add_argument("--reroute-every", type=int, default=2)
+    p.add_argument("--hysteresis", type=float, default=0.05, help="top-1 switch margin, as the server's")
     p.add_argument("--limit", type=int, default=32, help="examples per domain")
     p.add_argument("--split", choices=["validation", "all"], default="validation")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -244,7 +245,8 @@ def run(a: argparse.Namespace) -> int:
 
         cfg = EvalConfig(
             adapter_dir=a.adapter_dir, base_model=a.base_model, data=_pairs(a.data), out=a.out, routers=a.router,
-            centroid=not a.no_centroid, embedder=a.embedder, reroute_every=a.reroute_every, limit=a.limit,
+            centroid=not a.no_centroid, embedder=a.embedder, reroute_every=a.reroute_every,
+            hysteresis=a.hysteresis, limit=a.limit,
             split=a.split, val_fraction=a.val_fraction, seed=a.seed, max_length=a.max_length,
             context_tokens=a.context_tokens, temperature=a.temperature, top_boost=a.top_boost,
             batch_size=a.batch_size, device=a.device,

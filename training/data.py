@@ -10,8 +10,8 @@ corpus data ship as:
 * plain text (``.txt``): a Project Gutenberg header and footer are stripped, the UTF-8
   BOM and CRLF line ends are normalised, and the text is cut into passages.
 
-Every record becomes an :class:`Example` with a ``prompt`` (what a router sees) and a
-``completion``; the language model is trained on ``prompt + completion``. The template
+Every record becomes an :class:`Example`: the language model is trained on ``prompt +
+completion``, routers and centroids embed ``routing_text`` (the user's own words). The template
 that builds the prompt is recorded in the adapter's ``switchboard.json`` so the server
 (or a user) can format requests the way the adapter was trained.
 
@@ -25,10 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from training.text import chunk_passages, read_text, strip_gutenberg
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ ALPACA_TEMPLATE = {
 PLAIN_TEMPLATE = {"name": "plain", "prompt": "{text}"}
 TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
 
-_PG_START = re.compile(r"^\s*\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
-_PG_END = re.compile(r"^\s*\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
 DATA_SUFFIXES = (".json", ".jsonl", ".txt")
 
 
@@ -106,76 +105,6 @@ class Dataset:
                 h.update(ex.text.encode("utf-8"))
                 h.update(b"\0")
         return h.hexdigest()
-
-
-# ---------------------------------------------------------------- text handling
-
-
-def read_text(path: Path) -> str:
-    """Read UTF-8 text, dropping a BOM and normalising CRLF / CR to LF."""
-    raw = path.read_bytes().decode("utf-8-sig", errors="replace")
-    return raw.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def strip_gutenberg(text: str) -> tuple[str, bool]:
-    """Keep only what lies between the ``*** START OF`` and ``*** END OF`` markers.
-
-    Returns the body and whether markers were found; text without them is returned as is.
-    """
-    start = _PG_START.search(text)
-    end = _PG_END.search(text)
-    if not start and not end:
-        return text, False
-    lo = start.end() if start else 0
-    hi = end.start() if end and (not start or end.start() > lo) else len(text)
-    return text[lo:hi].strip("\n"), True
-
-
-def chunk_passages(text: str, chunk_chars: int = 1000, unwrap: bool = False) -> list[str]:
-    """Pack blank-line separated paragraphs into passages of about ``chunk_chars`` characters.
-
-    ``unwrap`` joins hard-wrapped lines inside a paragraph (Gutenberg prose is wrapped at
-    ~70 columns, which a model would otherwise learn as a style); verse and dialogue such
-    as Tiny Shakespeare keep their line breaks. A paragraph longer than ``chunk_chars`` is
-    split at line (or word) boundaries so no passage grows without bound.
-    """
-    paragraphs = []
-    for para in re.split(r"\n\s*\n", text):
-        para = para.strip()
-        if not para:
-            continue
-        if unwrap:
-            para = re.sub(r"\s*\n\s*", " ", para)
-        paragraphs.extend(_split_long(para, chunk_chars))
-    passages: list[str] = []
-    current: list[str] = []
-    size = 0
-    for para in paragraphs:
-        if current and size + len(para) > chunk_chars:
-            passages.append("\n\n".join(current))
-            current, size = [], 0
-        current.append(para)
-        size += len(para) + 2
-    if current:
-        passages.append("\n\n".join(current))
-    return passages
-
-
-def _split_long(para: str, limit: int) -> list[str]:
-    if len(para) <= limit:
-        return [para]
-    sep = "\n" if "\n" in para else " "
-    out: list[str] = []
-    buf = ""
-    for piece in para.split(sep):
-        if buf and len(buf) + len(piece) + 1 > limit:
-            out.append(buf)
-            buf = piece
-        else:
-            buf = f"{buf}{sep}{piece}" if buf else piece
-    if buf:
-        out.append(buf)
-    return out
 
 
 # ---------------------------------------------------------------- record formats

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from training import data as data_mod
 from training.embedding import embed, make_embedder
-from training.lm import LMDataset, default_max_length, mean_token_nll, perplexity
+from training.eval_perplexity import perplexities
+from training.lm import LMDataset, default_max_length
 from training.store import (
     CENTROID_FILE,
     ROUTERS_DIR,
@@ -56,6 +57,7 @@ class EvalConfig:
     centroid: bool = True
     embedder: str | None = None
     reroute_every: int = 2
+    hysteresis: float = 0.05
     limit: int | None = 32
     split: str = "validation"
     val_fraction: float = 0.1
@@ -210,98 +212,6 @@ class Evaluator:
             out["complexity_mse"] = mse_sum / mse_n
         return out
 
-    def position_gates(self, rut: RouterUnderTest, domain: str) -> tuple[list[Tensor], float]:
-        """Per-example ``[T, K_r]`` gates re-routed every N tokens, and mean top-1 switches."""
-        from router_core.embedders import BaseEmbedder, pool_hidden
-
-        n_every = self.cfg.reroute_every
-        gates, switches = [], 0
-        for item, ex in zip(self.datasets[domain].items, self.datasets[domain].examples, strict=True):
-            ids = item["input_ids"]
-            t = len(ids)
-            p = item["prompt_len"] if ex.completion else min(self.cfg.context_tokens, t)
-            p = max(1, min(p, t))
-            ctx = [context_length(pos, p, n_every, t) for pos in range(t)]
-            lengths = sorted(set(ctx))
-            if isinstance(rut.embedder, BaseEmbedder) and not rut.needs_complexity:
-                with torch.no_grad():
-                    body = self.model.transformer
-                    hidden = body(torch.tensor([ids], device=self.device)).last_hidden_state  # [1, T, d]
-                lens = torch.tensor(lengths)
-                emb = pool_hidden(
-                    hidden.expand(len(lengths), -1, -1), lens.to(hidden.device), rut.embedder.window
-                )
-                w = rut.router.route(emb.cpu())
-            else:
-                w = self.route(rut, [self.tokenizer.decode(ids[:n]) for n in lengths])
-            row = {n: i for i, n in enumerate(lengths)}
-            g = w[[row[c] for c in ctx]]  # [T, K_r]
-            top = w.argmax(-1)
-            switches += int((top[1:] != top[:-1]).sum())
-            gates.append(g)
-        return gates, switches / max(len(gates), 1)
-
-    def perplexities(self, routers: list[RouterUnderTest]) -> tuple[dict[str, Any], dict[str, Any]]:
-        from training.mixture import LoraMixture
-
-        gates = {r.key: {d: self.position_gates(r, d) for d in self.domains} for r in routers}
-        mixture = LoraMixture(self.model, dict(self.folders))
-        mixture.model.eval()
-        names = mixture.names
-        result: dict[str, Any] = {}
-        switch_stats: dict[str, Any] = {r.key: {} for r in routers}
-        for d in self.domains:
-            ds = self.datasets[d]
-
-            def fixed(name: str | None):
-                return lambda idx: mixture.set_gates(mixture.one_hot(name, len(idx)))
-
-            entry = {"base": self._ppl(mixture, ds, fixed(None)), "adapters": {}, "routed": {}}
-            for a in names:
-                entry["adapters"][a] = self._ppl(mixture, ds, fixed(a))
-            for r in routers:
-                per_ex, mean_switches = gates[r.key][d]
-                cols = [names.index(a) for a in r.adapters]
-                width = max(len(it["input_ids"]) for it in ds.items)
-
-                def routed(idx, per_ex=per_ex, cols=cols, width=width):
-                    g = torch.zeros(len(idx), width, len(names))  # [B, T, K] per-position gates
-                    for j, i in enumerate(idx):
-                        g[j, : per_ex[i].shape[0], cols] = per_ex[i]
-                    mixture.set_gates(g)
-
-                entry["routed"][r.key] = self._ppl(mixture, ds, routed)
-                switch_stats[r.key][d] = mean_switches
-            result[d] = entry
-            log.info(
-                "perplexity %s: base %.2f, adapters %s, routed %s",
-                d,
-                entry["base"],
-                entry["adapters"],
-                entry["routed"],
-            )
-        mixture.set_gates(None)
-        return result, switch_stats
-
-    def _ppl(self, mixture: Any, ds: LMDataset, set_gates: Any) -> float:
-        pad = self.tokenizer.pad_token_id
-        return perplexity(mean_token_nll(mixture.model, ds, pad, self.cfg.batch_size, set_gates))
-
-
-def context_length(pos: int, prompt_len: int, every: int, total: int) -> int:
-    """How many tokens the router had seen when the gates for position ``pos`` were set.
-
-    Prefill (positions ``< prompt_len - 1``, and the last prompt position, which predicts
-    generated token 0) uses the prompt's routing. The forward at position ``pos`` produces
-    generated token ``n = pos - prompt_len + 1``; the server last routed before token
-    ``n' = (n // every) * every``, on the prompt plus ``n'`` generated tokens. ``every == 0``
-    routes once on the prompt.
-    """
-    if pos < prompt_len - 1 or every <= 0:
-        return prompt_len
-    n = pos - prompt_len + 1
-    return min(prompt_len + (n // every) * every, total)
-
 
 def make_embedder_id_hint(spec: str) -> str | None:
     """The id a ``base`` spec will have (sentence encoders only know theirs once loaded)."""
@@ -316,7 +226,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ev = Evaluator(cfg)
     routers = ev.load_routers()
     routing = {r.key: ev.routing_metrics(r) for r in routers}
-    ppl, switches = ev.perplexities(routers)
+    ppl, switches = perplexities(ev, routers)
     for key, stats in switches.items():
         routing[key]["mean_top1_switches"] = stats
     report = {

@@ -1,0 +1,134 @@
+"""Per-domain perplexity of base, each adapter, and routed mixtures re-routed every N tokens.
+
+The routed mixture is what the server computes during generation: the prompt is routed
+once (prefill), then before generated token ``n`` with ``n % N == 0`` the router sees the
+context so far (:func:`context_length`), with the server's hysteresis against flapping. Here the whole text is scored in one
+teacher-forced forward with per-position gates; as attention is causal and a position's
+gates only change its own computation, that equals KV-cached decoding where earlier
+positions keep the gates they were computed with. For the ``base`` embedder the context
+embeddings of every prefix come from one forward of the base model (mean of the first L
+hidden states, ``router_core.embedders.pool_hidden``), as the server reuses its hidden
+states; other embedders embed the decoded prefix text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from training.lm import LMDataset, mean_token_nll, perplexity
+
+log = logging.getLogger(__name__)
+
+
+def context_length(pos: int, prompt_len: int, every: int, total: int) -> int:
+    """How many tokens the router had seen when the gates for position ``pos`` were set.
+
+    Prefill (positions ``< prompt_len - 1``, and the last prompt position, which predicts
+    generated token 0) uses the prompt's routing. The forward at position ``pos`` produces
+    generated token ``n = pos - prompt_len + 1``; the server last routed before token
+    ``n' = (n // every) * every``, on the prompt plus ``n'`` generated tokens. ``every == 0``
+    routes once on the prompt.
+    """
+    if pos < prompt_len - 1 or every <= 0:
+        return prompt_len
+    n = pos - prompt_len + 1
+    return min(prompt_len + (n // every) * every, total)
+
+
+def position_gates(ev: Any, rut: Any, domain: str) -> tuple[list[Tensor], float]:
+    """Per-example ``[T, K_r]`` gates re-routed every N tokens, and mean top-1 switches."""
+    from router_core.embedders import BaseEmbedder, pool_hidden
+
+    n_every = ev.cfg.reroute_every
+    gates, switches = [], 0
+    for item, ex in zip(ev.datasets[domain].items, ev.datasets[domain].examples, strict=True):
+        ids = item["input_ids"]
+        t = len(ids)
+        p = item["prompt_len"] if ex.completion else min(ev.cfg.context_tokens, t)
+        p = max(1, min(p, t))
+        ctx = [context_length(pos, p, n_every, t) for pos in range(t)]
+        lengths = sorted(set(ctx))
+        if isinstance(rut.embedder, BaseEmbedder) and not rut.needs_complexity:
+            with torch.no_grad():
+                body = ev.model.transformer
+                x = torch.tensor([ids], device=ev.device)  # [1, T]
+                hidden = body(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state  # [1, T, d]
+            lens = torch.tensor(lengths)
+            emb = pool_hidden(
+                hidden.expand(len(lengths), -1, -1), lens.to(hidden.device), rut.embedder.window
+            )
+            w = rut.router.route(emb.cpu())
+        else:
+            w = ev.route(rut, [ev.tokenizer.decode(ids[:n]) for n in lengths])
+        w = stabilise(w, ev.cfg.hysteresis)
+        row = {n: i for i, n in enumerate(lengths)}
+        g = w[[row[c] for c in ctx]]  # [T, K_r]
+        top = w.argmax(-1)
+        switches += int((top[1:] != top[:-1]).sum())
+        gates.append(g)
+    return gates, switches / max(len(gates), 1)
+
+
+def stabilise(weights: Tensor, hysteresis: float) -> Tensor:
+    """Apply the server's anti-flapping rule (``ReroutePolicy.stabilise``) along the re-routes."""
+    from router_core.policy import ReroutePolicy
+
+    policy = ReroutePolicy(every=1, hysteresis=hysteresis)
+    rows = [weights[0]]
+    for proposed in weights[1:]:
+        rows.append(policy.stabilise(rows[-1], proposed))
+    return torch.stack(rows)
+
+
+def perplexities(ev: Any, routers: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Base, per-adapter and routed perplexity of every domain (one model, same tokens),
+    plus the mean number of top-1 switches per example for each router."""
+    from training.mixture import LoraMixture
+
+    gates = {r.key: {d: position_gates(ev, r, d) for d in ev.domains} for r in routers}
+    mixture = LoraMixture(ev.model, dict(ev.folders))
+    mixture.model.eval()
+    names = mixture.names
+    result: dict[str, Any] = {}
+    switch_stats: dict[str, Any] = {r.key: {} for r in routers}
+    for d in ev.domains:
+        ds = ev.datasets[d]
+
+        def fixed(name: str | None):
+            return lambda idx: mixture.set_gates(mixture.one_hot(name, len(idx)))
+
+        entry = {"base": _ppl(ev, mixture, ds, fixed(None)), "adapters": {}, "routed": {}}
+        for a in names:
+            entry["adapters"][a] = _ppl(ev, mixture, ds, fixed(a))
+        for r in routers:
+            per_ex, mean_switches = gates[r.key][d]
+            cols = [names.index(a) for a in r.adapters]
+            width = max(len(it["input_ids"]) for it in ds.items)
+
+            def routed(idx, per_ex=per_ex, cols=cols, width=width):
+                g = torch.zeros(len(idx), width, len(names))  # [B, T, K] per-position gates
+                for j, i in enumerate(idx):
+                    g[j, : per_ex[i].shape[0], cols] = per_ex[i]
+                mixture.set_gates(g)
+
+            entry["routed"][r.key] = _ppl(ev, mixture, ds, routed)
+            switch_stats[r.key][d] = mean_switches
+        result[d] = entry
+        log.info(
+            "perplexity %s: base %.2f, adapters %s, routed %s",
+            d,
+            entry["base"],
+            entry["adapters"],
+            entry["routed"],
+        )
+    mixture.set_gates(None)
+    return result, switch_stats
+
+
+def _ppl(ev: Any, mixture: Any, ds: LMDataset, set_gates: Any) -> float:
+    pad = ev.tokenizer.pad_token_id
+    return perplexity(mean_token_nll(mixture.model, ds, pad, ev.cfg.batch_size, set_gates))
