@@ -9,14 +9,11 @@ of example texts is routable at once.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 
 def _check_options(temperature: float, top_boost: float, top_k: int | None) -> None:

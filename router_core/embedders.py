@@ -7,7 +7,6 @@ Nothing here reads files: models arrive already loaded (see `router_core.artifac
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -15,8 +14,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 HiddenFn = Callable[[Tensor, Tensor], Any]
 
