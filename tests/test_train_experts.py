@@ -70,3 +70,20 @@ def test_experts_train_one_adapter_per_tier(
         assert (store / f"tier{tier}" / "adapter_model.safetensors").is_file()
     assert sum(sizes.values()) == 45 and min(sizes.values()) >= 10
     assert out.count("adapter tier") == 3
+
+    # A complexity router over the experts, labelled by tier, from the prompts each expert kept.
+    router = [
+        "router",
+        "--base-model",
+        str(tiny_model_dir),
+        "--adapter-dir",
+        str(store),
+        "--name",
+        "complexity",
+    ]
+    router += ["--adapters", "tier0,tier1,tier2", "--labels", "tier", "--thresholds", f"{lo},{hi}"]
+    router += ["--max-steps", "30", "-q"]
+    assert main(router) == 0
+    cfg = json.loads((store / "_routers" / "complexity" / "router.json").read_text())
+    assert cfg["adapters"] == ["tier0", "tier1", "tier2"] and cfg["extra"]["labels"] == "tier"
+    assert cfg["extra"]["n_examples"] > 30

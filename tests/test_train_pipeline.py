@@ -105,6 +105,25 @@ def test_adapter_folder_is_plain_peft_with_safetensors_only(trained: Path, tiny_
     assert 0 < len(lines) <= 256 and "query" in json.loads(lines[0])
 
 
+def test_server_store_reader_accepts_the_adapters(trained: Path, tiny_model_dir: Path) -> None:
+    """Contract with the server: its own validator reads what training wrote (fingerprint included)."""
+    try:
+        from server.engine.adapter_store import BaseSpec, read_adapter
+        from server.engine.base_model import base_fingerprint, targetable_modules
+    except ImportError:
+        pytest.skip("server package not importable here")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    spec = BaseSpec(module_shapes=targetable_modules(base), fingerprint=base_fingerprint(base), max_rank=64)
+    for name in ("code", "lit"):
+        weights = read_adapter(name, trained / name, spec)
+        assert (
+            weights.rank == 8 and weights.centroid_embedder == "base" and weights.centroids.shape == (1, 64)
+        )
+        assert weights.meta["base_fingerprint"] == spec.fingerprint
+
+
 def test_centroids_refit_with_k(trained: Path, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     from router_core.artifacts import load_centroids
 

@@ -190,6 +190,8 @@ def train_adapter(
         log.info("--resume: no checkpoint in %s, starting from scratch", output_dir)
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if not trainer.is_world_process_zero():
+        return {"name": cfg.name, "rank": "non-zero"}  # under torchrun only rank 0 evaluates and publishes
     val_loss = mean_token_nll(peft_model, val_set, pad_id) if len(val_set) else None
 
     with peft_model.disable_adapter():

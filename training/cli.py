@@ -181,6 +181,8 @@ def _adapter_config(a: argparse.Namespace, name: str) -> Any:
 
 
 def _print_adapter(meta: dict[str, Any], store: Path) -> None:
+    if "eval" not in meta:  # a non-zero rank under torchrun: rank 0 reports
+        return
     ev, tr = meta["eval"], meta["training"]
     print(
         f"adapter {meta['name']} v{meta['version']} -> {store / meta['name']}\n"
