@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from training import data as data_mod
 from training.controller import AdaptiveControllerCallback, ControllerConfig
@@ -167,7 +167,7 @@ def train_adapter(
     output_dir = scratch / "checkpoints"
     if not cfg.resume and output_dir.exists():
         shutil.rmtree(output_dir)
-    callbacks = []
+    callbacks: list[TrainerCallback] = []
     controller_cb = None
     if cfg.controller:
         ctl_log = scratch / CONTROLLER_LOG
@@ -199,7 +199,7 @@ def train_adapter(
         prompts = [ex.routing_text for ex in ds.train[:2048]]
         centroids = _fit(embed(embedder, prompts), cfg.centroid_k, cfg.seed)
 
-    meta = {
+    meta: dict[str, Any] = {
         "name": cfg.name,
         "version": next_version(cfg.adapter_dir, cfg.name),
         "description": cfg.description or f"LoRA r={cfg.rank} trained on {Path(cfg.data).name}",

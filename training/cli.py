@@ -225,7 +225,7 @@ def run(a: argparse.Namespace) -> int:
     elif a.command == "router":
         from training.router import RouterConfig, train_router
 
-        cfg = RouterConfig(
+        rcfg = RouterConfig(
             adapter_dir=a.adapter_dir, name=a.name, adapters=a.adapters, base_model=a.base_model,
             data=_pairs(a.data), embedder=a.embedder, phases=tuple(a.phases), phase_split=a.phase_split,
             labels=a.labels, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
@@ -234,7 +234,7 @@ def run(a: argparse.Namespace) -> int:
             thresholds=tuple(a.thresholds), pipeline=a.pipeline, limit=a.limit, max_length=a.max_length,
             seed=a.seed, device=a.device, progress=not a.quiet,
         )  # fmt: skip
-        extra = train_router(cfg)
+        extra = train_router(rcfg)
         print(
             f"router {a.name} -> {a.adapter_dir / '_routers' / a.name}: {extra['steps']} steps, "
             f"train accuracy {extra['train_accuracy']:.1%}, validation accuracy "
@@ -245,7 +245,7 @@ def run(a: argparse.Namespace) -> int:
     elif a.command == "eval":
         from training.evaluate import EvalConfig, run_eval
 
-        cfg = EvalConfig(
+        ecfg = EvalConfig(
             adapter_dir=a.adapter_dir, base_model=a.base_model, data=_pairs(a.data), out=a.out, routers=a.router,
             centroid=not a.no_centroid, embedder=a.embedder, reroute_every=a.reroute_every,
             hysteresis=a.hysteresis, limit=a.limit,
@@ -253,7 +253,7 @@ def run(a: argparse.Namespace) -> int:
             context_tokens=a.context_tokens, temperature=a.temperature, top_boost=a.top_boost,
             batch_size=a.batch_size, device=a.device,
         )  # fmt: skip
-        report = run_eval(cfg)
+        report = run_eval(ecfg)
         for key, r in report["routing"].items():
             print(f"{key}: routing accuracy {r['accuracy']:.1%}")
         print(json.dumps(report["perplexity"], indent=2))

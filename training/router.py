@@ -156,12 +156,13 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
     scores = torch.tensor([r.score for r in reports], dtype=torch.float32)
     items = []
     for i, ex in enumerate(examples):
-        item = {
+        item: dict[str, Any] = {
             "features": features[i],
             "route_labels": torch.tensor(labels[i]),
             "complexity_target": scores[i],
         }
         if needs_lm:
+            assert model is not None
             item.update(encode_example(ex, tokenizer, min(cfg.max_length, model.config.n_positions)))
             item.pop("prompt_len")
         items.append(item)
@@ -173,6 +174,7 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
     if needs_lm:
         from training.mixture import LoraMixture
 
+        assert model is not None
         mixture = LoraMixture(model, folders, trainable=True)
     objective = RouterObjective(net, cfg, mixture)
     args = TrainingArguments(

@@ -88,7 +88,7 @@ def load_base(model_id: str, device: torch.device | None = None) -> tuple[Any, A
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     return model.eval(), tokenizer
 
 
