@@ -34,7 +34,7 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     state.engine = Engine(
         resident, state.registry,
         EngineConfig(max_loras=s.engine.max_loras, max_batch_size=s.engine.max_batch_size,
-                     max_queue=s.engine.max_queue, hidden_window=s.routing.hidden_window),
+                     max_queue=s.engine.max_queue, hidden_window=s.routing.route_window),
         gate_source=state.routing, observer=state.metrics,
     )
     state.worker = EngineWorker(state.engine)

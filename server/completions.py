@@ -82,6 +82,20 @@ def _prompts(req: CompletionRequest, state: AppState) -> list[tuple[str, list[in
     return out
 
 
+def _logit_bias(req: CompletionRequest, state: AppState) -> tuple[tuple[int, float], ...]:
+    if not req.logit_bias:
+        return ()
+    vocab = len(state.resident.tokenizer)
+    out = []
+    for key, bias in req.logit_bias.items():
+        if not key.isdigit() or int(key) >= vocab:
+            raise InvalidRequest(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+        if not -100 <= bias <= 100:
+            raise InvalidRequest(f"logit_bias[{key}] must be in [-100, 100]", param="logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
 def _too_large(message: str) -> SwitchboardError:
     err = InvalidRequest(message, param="prompt", code="prompt_too_large")
     err.status_code = 413
@@ -106,7 +120,7 @@ def build_choices(req: CompletionRequest, state: AppState) -> list[Choice]:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(ids) + req.max_tokens} tokens ({len(ids)} in the prompt, {req.max_tokens} in the completion).",
                 param="max_tokens")
-    sampling = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed)
+    sampling = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed, _logit_bias(req, state))
     loop = asyncio.get_running_loop()
     tok = state.resident.tokenizer
     choices = []

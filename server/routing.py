@@ -45,7 +45,7 @@ class RoutingService:
                  store: Path) -> None:
         self.settings, self.resident, self.registry, self.store = settings, resident, registry, store
         self.encoder: SentenceEncoder | None = self._load_encoder(settings.embedder)
-        self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.hidden_window}"
+        self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.route_window}"
         self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
         self.mlp: dict[str, MLPRouter] = {}
         self._lock = threading.Lock()
@@ -152,7 +152,8 @@ class RoutingService:
 
     def embed(self, seqs: list[Sequence]) -> torch.Tensor:
         if self.encoder is not None:
-            return self.encoder.embed_texts([s.context_text() for s in seqs])  # [B, d]
+            window = self.settings.route_window
+            return self.encoder.embed_texts([s.context_text(window) for s in seqs])  # [B, d]
         return torch.cat([pool_hidden(s.hidden_tail[None].float()) for s in seqs])  # [B, d]
 
     def route(self, seqs: list[Sequence]) -> list[dict[str, float]]:
@@ -166,7 +167,7 @@ class RoutingService:
                 continue
             complexity = None
             if isinstance(router, MLPRouter) and router.needs_complexity:
-                complexity = self.analyzer().vectors([seq.context_text()])
+                complexity = self.analyzer().vectors([seq.context_text(self.settings.route_window)])
             proposed = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
                                     top_k=spec.top_k)[0]  # [n]
             names = list(router.adapter_names)
@@ -181,7 +182,7 @@ class RoutingService:
 
     # -- centroids from examples ----------------------------------------------------------------------------
     def base_embedder(self) -> BaseEmbedder:
-        return BaseEmbedder(self.resident.model, self.resident.tokenizer, window=self.settings.hidden_window)
+        return BaseEmbedder(self.resident.model, self.resident.tokenizer, window=self.settings.route_window)
 
     def embed_examples_now(self, texts: list[str]) -> torch.Tensor:
         """Embed on the calling thread (the engine thread for the base embedder)."""

@@ -32,6 +32,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
     echo: bool = False
     user: str | None = None
     routing: RoutingOptions | None = None
@@ -42,6 +43,7 @@ class LoadAdapterRequest(BaseModel):
     name: str
     path: str
     examples: list[str] | None = Field(None, max_length=4096, description="texts the adapter's centroid is computed from")
+    centroids: int = Field(1, ge=1, le=64, description="centroids fitted to the examples (k-means when > 1)")
     pinned: bool = False
 
 

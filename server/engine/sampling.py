@@ -13,6 +13,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's logit_bias: added to the logits before choosing
 
     @property
     def greedy(self) -> bool:
@@ -22,6 +23,9 @@ class SamplingParams:
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
     """Pick one token from `logits` [V]; returns (token id, its log-probability under the model)."""
     logits = logits.float()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias, strict=True)
+        logits = logits.index_add(0, torch.tensor(ids), torch.tensor(bias, dtype=logits.dtype))  # [V]
     logprobs = torch.log_softmax(logits, dim=-1)  # [V]
     if params.greedy:
         token = int(torch.argmax(logits))

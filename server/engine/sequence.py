@@ -78,8 +78,12 @@ class Sequence:
     def top_adapter(self) -> str:
         return max(self.gates, key=self.gates.__getitem__) if self.gates else "base"
 
-    def context_text(self) -> str:
-        return self.prompt_text + self.text
+    def context_text(self, window: int | None = None) -> str:
+        """The text a router sees: prompt + generated so far, or only its last `window` tokens
+        (the same window the `base` embedder pools over, so both embedders follow a topic change)."""
+        if window is None:
+            return self.prompt_text + self.text
+        return self.decode((self.prompt_ids + self.generated)[-window:])
 
     def keep_hidden(self, hidden: torch.Tensor, window: int | None) -> None:
         """Append hidden states [T, d] of newly processed tokens, keeping the last `window`."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter
 
 from router_core.artifacts import save_centroids
+from router_core.centroid import fit_centroids
 from server.adapters import AdapterService
 from server.deps import Admin, ReadyState
 from server.engine.adapter_store import AdapterWeights
@@ -28,16 +28,18 @@ def describe(v: AdapterVersion, state: AppState) -> dict:
     }
 
 
-def _centroids_from(examples: list[str] | None, state: AppState):
+def _centroids_from(examples: list[str] | None, k: int, state: AppState):
     """A `prepare` hook: embed `examples` with the active embedder and save the centroid beside the adapter."""
     if not examples:
         return None
     if any(not isinstance(t, str) or not t.strip() for t in examples):
         raise InvalidRequest("examples must be non-empty strings", param="examples")
+    if k > len(examples):
+        raise InvalidRequest(f"{k} centroids need at least {k} examples", param="centroids")
 
     async def prepare(weights: AdapterWeights) -> None:
         emb = await state.routing.embed_examples(examples, state.engine_call)  # [n, d]
-        centroid = torch.nn.functional.normalize(emb.float().mean(0, keepdim=True), dim=-1)  # [1, d]
+        centroid = fit_centroids(emb.float().cpu(), k=k)  # [k, d] unit rows (the mean when k == 1)
         try:
             save_centroids(weights.path / "centroid.safetensors", centroid.cpu(), state.routing.embedder_id)
         except OSError as e:
@@ -47,9 +49,11 @@ def _centroids_from(examples: list[str] | None, state: AppState):
     return prepare
 
 
-async def _load(state: AppState, name: str, path: str, examples=None, pinned=False, replace=True) -> dict:
+async def _load(state: AppState, name: str, path: str, examples=None, k: int = 1, pinned=False,
+                replace=True) -> dict:
     adapters: AdapterService = state.adapters
-    new, old = await adapters.load(name, path, pinned=pinned, replace=replace, prepare=_centroids_from(examples, state))
+    new, old = await adapters.load(name, path, pinned=pinned, replace=replace,
+                                   prepare=_centroids_from(examples, k, state))
     return {"status": "replaced" if old else "loaded", "adapter": describe(new, state),
             "replaced_version": old.version if old else None}
 
@@ -62,7 +66,7 @@ async def list_adapters(_: Admin, state: ReadyState) -> dict:
 
 @router.post("/admin/adapters")
 async def load_adapter(body: LoadAdapterRequest, _: Admin, state: ReadyState) -> dict:
-    return await _load(state, body.name, body.path, body.examples, body.pinned)
+    return await _load(state, body.name, body.path, body.examples, body.centroids, body.pinned)
 
 
 @router.delete("/admin/adapters/{name}")
