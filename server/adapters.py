@@ -8,9 +8,7 @@ a restart brings the same set back.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +16,10 @@ from pathlib import Path
 from server.engine.adapter_store import BaseSpec, check_name, read_adapter, resolve_in_store
 from server.engine.errors import Conflict, InvalidAdapter, SwitchboardError
 from server.engine.registry import AdapterRegistry, AdapterVersion
+from server.manifest import Manifest
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-MANIFEST = "_manifest.json"
 
 
 @dataclass
@@ -33,8 +31,10 @@ class ReloadReport:
 
 
 class AdapterService:
-    def __init__(self, store: Path, spec: BaseSpec, registry: AdapterRegistry, metrics: Metrics) -> None:
+    def __init__(self, store: Path, spec: BaseSpec, registry: AdapterRegistry, metrics: Metrics,
+                 manifest: Manifest) -> None:
         self.store, self.spec, self.registry, self.metrics = store, spec, registry, metrics
+        self.manifest = manifest
         self._lock = asyncio.Lock()  # one admin change at a time; requests never wait on it
         self.on_change: list = []  # callbacks (e.g. the routing service rebuilding its centroids)
 
@@ -62,6 +62,7 @@ class AdapterService:
             new, old = self.registry.register(weights, pinned=pinned)
             self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
             self.metrics.adapter_events.labels("replace" if old else "load").inc()
+            self.manifest.set_adapter(name, str(folder.relative_to(self.store.resolve())), pinned)
             self._changed()
             return new, old
 
@@ -75,19 +76,27 @@ class AdapterService:
                 self.registry.restore(version)
                 raise Conflict(f"adapter {name!r} is in use by {version.refcount} request(s)")
             self.metrics.adapter_events.labels("unload").inc()
+            self.manifest.drop_adapter(name)
             self._changed()
         if version.refcount:
             await asyncio.to_thread(self.registry.wait_idle, version, timeout)
         return version
 
     # -- store scan ------------------------------------------------------------------------------------
-    async def reload(self) -> ReloadReport:
-        """Rescan the store: register new folders, replace changed ones, report refused ones."""
+    async def reload(self, scan_folders: bool = True) -> ReloadReport:
+        """Register the manifest's adapters and (with `scan_folders`) every adapter folder at the
+        top of the store; replace changed ones; report refused ones without raising.
+
+        At start-up a store with a manifest restores exactly the manifest (an adapter unloaded
+        through the API stays unloaded); `POST /admin/reload` also picks up new folders.
+        """
         report = ReloadReport()
-        wanted = self._manifest_entries()
-        for entry in sorted(self.store.iterdir()) if self.store.is_dir() else []:
-            if entry.is_dir() and not entry.name.startswith((".", "_")) and (entry / "adapter_config.json").exists():
-                wanted.setdefault(entry.name, entry.name)
+        wanted = {name: entry["path"] for name, entry in self.manifest.adapters.items()}
+        pinned = {name: entry["pinned"] for name, entry in self.manifest.adapters.items()}
+        if scan_folders:
+            for entry in sorted(self.store.iterdir()) if self.store.is_dir() else []:
+                if entry.is_dir() and not entry.name.startswith((".", "_")) and (entry / "adapter_config.json").exists():
+                    wanted.setdefault(entry.name, entry.name)
         current = self.registry.snapshot()
         for name, path in sorted(wanted.items()):
             try:
@@ -95,46 +104,17 @@ class AdapterService:
                 if name in current and current[name].weights.path == folder and _mtime(folder) <= current[name].created:
                     report.unchanged.append(name)
                     continue
-                _, old = await self.load(name, path)
+                _, old = await self.load(name, path, pinned=pinned.get(name, False))
                 (report.replaced if old else report.loaded).append(name)
             except SwitchboardError as e:
                 report.failed[name] = e.message
                 log.warning("store scan: %s refused: %s", name, e.message)
         return report
 
-    # -- manifest ---------------------------------------------------------------------------------------
-    def _manifest_entries(self) -> dict[str, str]:
-        path = self.store / MANIFEST
-        if not path.exists():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-            return {str(a["name"]): str(a["path"]) for a in data.get("adapters", [])}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable %s: %s", path, e)
-            return {}
-
     def _changed(self) -> None:
         self.metrics.adapters_loaded.set(len(self.registry.names()))
-        self._write_manifest()
         for callback in self.on_change:
             callback()
-
-    def _write_manifest(self) -> None:
-        """Atomically record what is registered (write a temp file, then rename over)."""
-        snapshot = self.registry.snapshot()
-        entries = []
-        for name, v in sorted(snapshot.items()):
-            try:
-                rel = v.weights.path.resolve().relative_to(self.store.resolve())
-            except ValueError:
-                continue
-            entries.append({"name": name, "path": str(rel), "pinned": v.pinned})
-        if not self.store.is_dir():
-            return
-        tmp = self.store / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"adapters": entries}, indent=2))
-        os.replace(tmp, self.store / MANIFEST)
 
 
 def _mtime(folder: Path) -> float:

@@ -14,6 +14,7 @@ from server.engine.adapter_store import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
+from server.manifest import Manifest
 from server.metrics import Metrics
 from server.routes import admin, completions, health, models
 from server.routing import RoutingService
@@ -30,7 +31,8 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
         resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype)
     state.resident = resident
     s.store.adapter_dir.mkdir(parents=True, exist_ok=True)
-    state.routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir)
+    manifest = Manifest(s.store.adapter_dir)
+    state.routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
     state.engine = Engine(
         resident, state.registry,
         EngineConfig(max_loras=s.engine.max_loras, max_batch_size=s.engine.max_batch_size,
@@ -40,11 +42,13 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     state.worker = EngineWorker(state.engine)
     state.worker.start()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank)
-    state.adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics)
+    state.adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics, manifest)
     state.adapters.on_change.append(state.routing.rebuild)
-    if s.store.scan_on_start:
-        report = await state.adapters.reload()
-        failed_routers = state.routing.scan_routers()
+    if s.store.scan_on_start or manifest.exists:
+        # a manifest is restored exactly; without one, every folder in the store is registered
+        scan = s.store.scan_on_start and not manifest.exists
+        report = await state.adapters.reload(scan_folders=scan)
+        failed_routers = state.routing.scan_routers(scan_folders=scan)
         log.info("store scan: loaded %s, refused %s, routers %s (refused %s)", report.loaded, report.failed,
                  state.routing.router_names(), failed_routers)
     state.ready = True

@@ -29,6 +29,7 @@ from server.engine.base_model import ResidentModel
 from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import Sequence
+from server.manifest import Manifest
 from server.settings import RoutingSettings
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ def _family(embedder_id: str | None) -> str:
 
 class RoutingService:
     def __init__(self, settings: RoutingSettings, resident: ResidentModel, registry: AdapterRegistry,
-                 store: Path) -> None:
+                 store: Path, manifest: Manifest) -> None:
         self.settings, self.resident, self.registry, self.store = settings, resident, registry, store
+        self.manifest = manifest
         self.encoder: SentenceEncoder | None = self._load_encoder(settings.embedder)
         self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.route_window}"
         self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
@@ -107,7 +109,8 @@ class RoutingService:
     # -- MLP routers ------------------------------------------------------------------------------------
     def load_mlp(self, name: str, path: str | None = None) -> MLPRouter:
         check_name(name)
-        folder = resolve_in_store(self.store, path or f"{ROUTERS_DIR}/{name}")
+        path = path or f"{ROUTERS_DIR}/{name}"
+        folder = resolve_in_store(self.store, path)
         try:
             router = load_router(folder, available_adapters=set(self.registry.names()), embed_dim=self.dim)
         except ArtifactError as e:
@@ -119,6 +122,7 @@ class RoutingService:
             self.analyzer()
         with self._lock:
             self.mlp = {**self.mlp, name: router}
+        self.manifest.set_router(name, path)
         return router
 
     def unload_mlp(self, name: str) -> None:
@@ -126,17 +130,23 @@ class RoutingService:
             if name not in self.mlp:
                 raise AdapterNotFound(f"router {name!r} is not loaded", param="name", code="router_not_found")
             self.mlp = {k: v for k, v in self.mlp.items() if k != name}
+        self.manifest.drop_router(name)
 
-    def scan_routers(self) -> dict[str, str]:
-        """Load every router folder in the store; returns {name: error} for the refused ones."""
-        failed = {}
+    def scan_routers(self, scan_folders: bool = True) -> dict[str, str]:
+        """Load the manifest's routers and (with `scan_folders`) every folder in `_routers/`;
+        returns {name: error} for the refused ones."""
+        wanted = dict(self.manifest.routers)
         root = self.store / ROUTERS_DIR
-        for folder in sorted(root.iterdir()) if root.is_dir() else []:
-            if folder.is_dir():
-                try:
-                    self.load_mlp(folder.name)
-                except (InvalidAdapter, InvalidRequest) as e:
-                    failed[folder.name] = e.message
+        if scan_folders and root.is_dir():
+            for folder in sorted(root.iterdir()):
+                if folder.is_dir() and not folder.name.startswith("."):
+                    wanted.setdefault(folder.name, f"{ROUTERS_DIR}/{folder.name}")
+        failed = {}
+        for name, path in sorted(wanted.items()):
+            try:
+                self.load_mlp(name, path)
+            except (InvalidAdapter, InvalidRequest) as e:
+                failed[name] = e.message
         return failed
 
     def analyzer(self):

@@ -23,7 +23,7 @@ class StoreSettings(BaseSettings):
     model_config = _ENV
     adapter_dir: Path = Field(Path("adapters"), description="the adapter store (PEFT folders, routers, manifest)")
     max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
-    scan_on_start: bool = Field(True, description="register every valid adapter folder in the store at start")
+    scan_on_start: bool = Field(True, description="with no manifest in the store, register every adapter folder at start (a manifest is always restored)")
 
 
 class EngineSettings(BaseSettings):
@@ -52,9 +52,9 @@ class RoutingSettings(BaseSettings):
 class ServerSettings(BaseSettings):
     model_config = _ENV
     host: str = Field("127.0.0.1", description="bind address (loopback unless told otherwise)")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
     admin_token: str | None = Field(None, description="bearer token of the admin routes; unset = admin disabled")
-    log_level: str = Field("info")
+    log_level: str = Field("info", description="debug, info, warning or error")
     max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts get 413")
 
 

@@ -174,7 +174,8 @@ class Engine:
         if seq.hidden_tail is None:
             seq.keep_hidden(hidden[0], self.config.hidden_window)
         self.running.append(seq)
-        self._accept(seq, logits[0].float().cpu())
+        if self._accept(seq, logits[0].float().cpu()):
+            self._leave(seq, seq.finish_reason or "stop")
 
     def _decode(self) -> None:
         due = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
@@ -184,16 +185,22 @@ class Engine:
         ids = torch.tensor([[s.generated[-1]] for s in self.running], device=self.resident.device)  # [B, 1]
         pos = torch.tensor([[s.position] for s in self.running], device=self.resident.device)  # [B, 1]
         logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
-        for row, seq in enumerate(list(self.running)):
+        finished = []
+        for row, seq in enumerate(self.running):
             seq.keep_hidden(hidden[row], self.config.hidden_window)
-            self._accept(seq, logits[row].float().cpu())
+            if self._accept(seq, logits[row].float().cpu()):
+                finished.append(seq)
+        # Leave only after every row took its token: moving a row into a hole copies its cache up
+        # to its position, which must already count the key/value this step just wrote.
+        for seq in finished:
+            self._leave(seq, seq.finish_reason or "stop")
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.forward_calls += 1
         return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row)
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token of `seq`, emit it, and retire the row if it finished."""
+    def _accept(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the next token of `seq` and emit it; returns whether the sequence finished."""
         generator = seq.__dict__.setdefault("_generator", _make_generator(seq))
         token, logprob = sample_row(logits, seq.sampling, generator)
         index = len(seq.generated)
@@ -205,8 +212,7 @@ class Engine:
         if self.observer:
             self.observer.on_token(seq, now)
         seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason))
-        if seq.finish_reason is not None:
-            self._leave(seq, seq.finish_reason)
+        return seq.finish_reason is not None
 
     # -- leaving the batch -------------------------------------------------------------------------------
     def _leave(self, seq: Sequence, reason: str) -> None:
