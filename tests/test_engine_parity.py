@@ -92,22 +92,24 @@ def _tokens(events) -> list[int]:
 
 
 def test_mixed_batch_rows_equal_rows_run_alone(engine):
+    # Rows of different lengths that finish at different steps, so rows leave the batch (and the
+    # last row is moved into the hole) while others are still decoding.
     specs = [
-        (PROMPT, {"alpha": 1.0}),
-        (PROMPT[:4], {"beta": 1.0}),
-        ([7, 7, 7, 7, 7, 7, 7], {}),  # base row: zero gates
-        (PROMPT[2:], {"alpha": 0.3, "gamma": 0.7}),
-        ([1, 2, 3], {"alpha": 0.5, "beta": 0.5}),
+        (PROMPT, {"alpha": 1.0}, 12),
+        (PROMPT[:4], {"beta": 1.0}, 3),
+        ([7, 7, 7, 7, 7, 7, 7], {}, 9),  # base row: zero gates
+        (PROMPT[2:], {"alpha": 0.3, "gamma": 0.7}, 5),
+        ([1, 2, 3], {"alpha": 0.5, "beta": 0.5}, 14),
     ]
     alone = []
-    for prompt, weights in specs:
-        seq = _hold(engine, _seq(prompt, weights))
+    for prompt, weights, n in specs:
+        seq = _hold(engine, _seq(prompt, weights, max_tokens=n))
         alone.append(_tokens(run_engine(engine, [seq])[seq.id]))
-    batch = [_hold(engine, _seq(p, w)) for p, w in specs]
+    batch = [_hold(engine, _seq(p, w, max_tokens=n)) for p, w, n in specs]
     events = run_engine(engine, batch)
     together = [_tokens(events[s.id]) for s in batch]
     assert together == alone
-    assert all(len(t) == 12 for t in alone)
+    assert [len(t) for t in alone] == [n for _, _, n in specs]
     assert len({tuple(t) for t in alone}) > 1  # different adapters really generate differently
 
 
