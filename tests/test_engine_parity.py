@@ -101,15 +101,20 @@ def test_mixed_batch_rows_equal_rows_run_alone(engine):
         (PROMPT[2:], {"alpha": 0.3, "gamma": 0.7}, 5),
         ([1, 2, 3], {"alpha": 0.5, "beta": 0.5}, 14),
     ]
-    alone = []
+    alone, alone_lp = [], []
     for prompt, weights, n in specs:
         seq = _hold(engine, _seq(prompt, weights, max_tokens=n))
-        alone.append(_tokens(run_engine(engine, [seq])[seq.id]))
+        events = run_engine(engine, [seq])[seq.id]
+        alone.append(_tokens(events))
+        alone_lp.append(torch.tensor([e.logprob for e in events]))
     batch = [_hold(engine, _seq(p, w, max_tokens=n)) for p, w, n in specs]
     events = run_engine(engine, batch)
     together = [_tokens(events[s.id]) for s in batch]
     assert together == alone
     assert [len(t) for t in alone] == [n for _, _, n in specs]
+    for seq, ref in zip(batch, alone_lp, strict=True):  # the chosen tokens' log-probs, not just the argmax
+        got = torch.tensor([e.logprob for e in events[seq.id]])
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert len({tuple(t) for t in alone}) > 1  # different adapters really generate differently
 
 
