@@ -38,7 +38,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path == "/v1/completions":  # refused before the route ran: count it here
+            request.app.state.switchboard.metrics.requests.labels("invalid", "400").inc()
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ())]
         if loc and loc[0] in ("body", "query", "path", "header"):

@@ -19,7 +19,7 @@ from server.metrics import Metrics
 from server.routes import admin, completions, health, models
 from server.routing import RoutingService
 from server.settings import Settings
-from server.state import AppState
+from server.state import AppState, Services
 from server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -29,28 +29,28 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     s = state.settings
     if resident is None:
         resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype)
-    state.resident = resident
     s.store.adapter_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(s.store.adapter_dir)
-    state.routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
-    state.engine = Engine(
+    routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
+    engine = Engine(
         resident, state.registry,
         EngineConfig(max_loras=s.engine.max_loras, max_batch_size=s.engine.max_batch_size,
                      max_queue=s.engine.max_queue, hidden_window=s.routing.route_window),
-        gate_source=state.routing, observer=state.metrics,
+        gate_source=routing, observer=state.metrics,
     )
-    state.worker = EngineWorker(state.engine)
-    state.worker.start()
+    worker = EngineWorker(engine)
+    worker.start()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank)
-    state.adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics, manifest)
-    state.adapters.on_change.append(state.routing.rebuild)
+    adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics, manifest)
+    adapters.on_change.append(routing.rebuild)
+    state.services = Services(s, state.metrics, state.registry, resident, engine, worker, adapters, routing)
     if s.store.scan_on_start or manifest.exists:
         # a manifest is restored exactly; without one, every folder in the store is registered
         scan = s.store.scan_on_start and not manifest.exists
-        report = await state.adapters.reload(scan_folders=scan)
-        failed_routers = state.routing.scan_routers(scan_folders=scan)
+        report = await adapters.reload(scan_folders=scan)
+        failed_routers = routing.scan_routers(scan_folders=scan)
         log.info("store scan: loaded %s, refused %s, routers %s (refused %s)", report.loaded, report.failed,
-                 state.routing.router_names(), failed_routers)
+                 routing.router_names(), failed_routers)
     state.ready = True
 
 
@@ -66,8 +66,8 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
             yield
         finally:
             state.ready = False
-            if state.worker is not None:
-                await state.worker.drain(settings.engine.shutdown_grace)
+            if state.services is not None:
+                await state.services.worker.drain(settings.engine.shutdown_grace)
 
     app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan)
     app.state.switchboard = state

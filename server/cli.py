@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import typing
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
@@ -40,10 +41,11 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Flags override environment variables, which override defaults."""
     given = {k: v for k, v in vars(args).items() if v is not None}
-    parts = {}
-    for group_name, cls in GROUPS.items():
-        parts[group_name] = cls(**{k: v for k, v in given.items() if k in cls.model_fields})
-    return Settings(**parts)
+    def build(cls: type[BaseSettings]) -> Any:
+        return cls(**{k: v for k, v in given.items() if k in cls.model_fields})
+
+    return Settings(model=build(ModelSettings), store=build(StoreSettings), engine=build(EngineSettings),
+                    routing=build(RoutingSettings), server=build(ServerSettings))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,9 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -17,7 +18,7 @@ from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
 from server.schemas import CompletionRequest
-from server.state import AppState
+from server.state import Services
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Choice:
     token_texts: list[str] | None = None
 
 
-def routing_spec(req: CompletionRequest, state: AppState) -> tuple[RoutingSpec, list[str]]:
+def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, list[str]]:
     """Decide how the request is routed and which adapters it must hold (404 for unknown names)."""
     opts = req.routing
     registry: AdapterRegistry = state.registry
@@ -62,7 +63,7 @@ def _manual_mixture(weights: dict[str, float], registry: AdapterRegistry) -> dic
     return {k: float(v) for k, v in weights.items()}
 
 
-def _prompts(req: CompletionRequest, state: AppState) -> list[tuple[str, list[int]]]:
+def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[int]]]:
     tok = state.resident.tokenizer
     if isinstance(req.prompt, str):
         texts = [req.prompt]
@@ -70,7 +71,8 @@ def _prompts(req: CompletionRequest, state: AppState) -> list[tuple[str, list[in
         vocab = len(tok)
         if any(not 0 <= int(p) < vocab for p in req.prompt):
             raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
-        return [(tok.decode(req.prompt), [int(p) for p in req.prompt])]
+        ids = [int(p) for p in req.prompt]
+        return [(str(tok.decode(ids)), ids)]
     else:
         texts = [str(p) for p in req.prompt] or [""]
     out = []
@@ -82,7 +84,7 @@ def _prompts(req: CompletionRequest, state: AppState) -> list[tuple[str, list[in
     return out
 
 
-def _logit_bias(req: CompletionRequest, state: AppState) -> tuple[tuple[int, float], ...]:
+def _logit_bias(req: CompletionRequest, state: Services) -> tuple[tuple[int, float], ...]:
     if not req.logit_bias:
         return ()
     vocab = len(state.resident.tokenizer)
@@ -102,7 +104,7 @@ def _too_large(message: str) -> SwitchboardError:
     return err
 
 
-def build_choices(req: CompletionRequest, state: AppState) -> list[Choice]:
+def build_choices(req: CompletionRequest, state: Services) -> list[Choice]:
     """Validate everything, then take adapter references and create the sequences (not yet submitted)."""
     if req.n != 1:
         raise InvalidRequest("only n=1 is supported; send several prompts instead", param="n")
@@ -129,8 +131,8 @@ def build_choices(req: CompletionRequest, state: AppState) -> list[Choice]:
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         seq = Sequence(
             prompt_ids=ids, max_tokens=req.max_tokens, sampling=sampling, routing=spec,
-            decode=lambda t: tok.decode(t, skip_special_tokens=True),
-            emit=lambda ev, q=queue: loop.call_soon_threadsafe(q.put_nowait, ev),
+            decode=lambda t: str(tok.decode(t, skip_special_tokens=True)),
+            emit=_emitter(loop, queue),
             stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
             versions={v.name: v for v in versions},
         )
@@ -139,7 +141,16 @@ def build_choices(req: CompletionRequest, state: AppState) -> list[Choice]:
     return choices
 
 
-def submit(choices: list[Choice], state: AppState) -> None:
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent]) -> Callable[[TokenEvent], None]:
+    """Token events are produced on the engine thread and consumed on the event loop."""
+
+    def emit(event: TokenEvent) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    return emit
+
+
+def submit(choices: list[Choice], state: Services) -> None:
     submitted = []
     try:
         for c in choices:
@@ -153,15 +164,15 @@ def submit(choices: list[Choice], state: AppState) -> None:
         raise
 
 
-def _apply(choice: Choice, ev: TokenEvent, state: AppState) -> None:
+def _apply(choice: Choice, ev: TokenEvent, state: Services) -> None:
     if ev.error is not None:
         raise ev.error
     choice.text += ev.text
     if ev.token_id is not None:
         choice.tokens += 1
-        if choice.logprobs is not None and ev.logprob is not None:
+        if choice.logprobs is not None and choice.token_texts is not None and ev.logprob is not None:
             choice.logprobs.append(ev.logprob)
-            choice.token_texts.append(state.resident.tokenizer.decode([ev.token_id]))
+            choice.token_texts.append(str(state.resident.tokenizer.decode([ev.token_id])))
     choice.finish_reason = ev.finish_reason
 
 
@@ -195,7 +206,7 @@ def _usage(choices: list[Choice]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def complete(req: CompletionRequest, choices: list[Choice], state: AppState, request: Request) -> dict:
+async def complete(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> dict:
     deadline = time.monotonic() + state.settings.engine.request_timeout
     try:
         for c in choices:
@@ -213,7 +224,7 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: AppStat
     }
 
 
-async def stream(req: CompletionRequest, choices: list[Choice], state: AppState, request: Request) -> AsyncIterator[str]:
+async def stream(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> AsyncIterator[str]:
     """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`."""
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     deadline = time.monotonic() + state.settings.engine.request_timeout
@@ -230,7 +241,7 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: AppState,
                 except SwitchboardError as e:
                     yield chunk({"error": {"message": e.message, "type": e.error_type, "param": e.param, "code": e.code}})
                     return
-                choice = {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason,
+                choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason,
                           "routing": {"token_index": ev.token_index, "weights": {k: round(v, 4) for k, v in ev.weights.items()}}}
                 if ev.finish_reason is not None:
                     choice["routing"]["segments"] = c.seq.segments()

@@ -8,18 +8,18 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.engine.errors import SwitchboardError, Unavailable
-from server.state import AppState
+from server.state import AppState, Services
 
 
 def get_state(request: Request) -> AppState:
     return request.app.state.switchboard
 
 
-def get_ready_state(request: Request) -> AppState:
+def get_services(request: Request) -> Services:
     state = get_state(request)
-    if not state.ready:
+    if not state.ready or state.services is None:
         raise Unavailable("the model is still loading")
-    return state
+    return state.services
 
 
 class AuthError(SwitchboardError):
@@ -47,5 +47,5 @@ def require_admin(request: Request) -> None:
 
 
 State = Annotated[AppState, Depends(get_state)]
-ReadyState = Annotated[AppState, Depends(get_ready_state)]
+ReadyState = Annotated[Services, Depends(get_services)]
 Admin = Annotated[None, Depends(require_admin)]

@@ -164,7 +164,8 @@ class RoutingService:
         if self.encoder is not None:
             window = self.settings.route_window
             return self.encoder.embed_texts([s.context_text(window) for s in seqs])  # [B, d]
-        return torch.cat([pool_hidden(s.hidden_tail[None].float()) for s in seqs])  # [B, d]
+        tails = [s.hidden_tail for s in seqs if s.hidden_tail is not None]
+        return torch.cat([pool_hidden(t[None].float()) for t in tails])  # [B, d]
 
     def route(self, seqs: list[Sequence]) -> list[dict[str, float]]:
         embeddings = self.embed(seqs)  # [B, d]

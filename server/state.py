@@ -1,8 +1,10 @@
-"""Everything a route needs, built once per app by `create_app` and reached through `deps`."""
+"""What routes reach through `deps`: the app's state, and its services once the model is loaded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from server.adapters import AdapterService
 from server.engine.base_model import ResidentModel
@@ -15,23 +17,33 @@ from server.worker import EngineWorker
 
 
 @dataclass
-class AppState:
+class Services:
+    """Everything that exists once the base model is loaded (so none of it is Optional)."""
+
     settings: Settings
     metrics: Metrics
     registry: AdapterRegistry
-    resident: ResidentModel | None = None
-    engine: Engine | None = None
-    worker: EngineWorker | None = None
-    adapters: AdapterService | None = None
-    routing: RoutingService | None = None
-    ready: bool = False
+    resident: ResidentModel
+    engine: Engine
+    worker: EngineWorker
+    adapters: AdapterService
+    routing: RoutingService
 
-    async def engine_call(self, fn):
+    async def engine_call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread with no adapter gates set (a plain base-model forward)."""
         engine = self.engine
 
-        def job():
+        def job() -> Any:
             engine.ctx.clear()
             return fn()
 
         return await self.worker.call(job)
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    registry: AdapterRegistry
+    services: Services | None = None
+    ready: bool = False

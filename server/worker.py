@@ -42,12 +42,16 @@ class EngineWorker:
         seq.cancelled = True
         self._wake.set()
 
-    async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps and await its result."""
+    def run_soon(self, fn: Callable[[], Any]) -> Future:
+        """Queue `fn` to run on the engine thread between steps; returns its future."""
         fut: Future = Future()
         self._jobs.put((fn, fut))
         self._wake.set()
-        return await asyncio.wrap_future(fut)
+        return fut
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between steps and await its result."""
+        return await asyncio.wrap_future(self.run_soon(fn))
 
     def _run(self) -> None:
         while not self._stop.is_set():

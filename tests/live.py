@@ -26,6 +26,7 @@ def live_server(settings, timeout: float = 60.0):
     port = free_port()
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    app.state.uvicorn_server = server  # lets a test begin the shutdown itself
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -45,3 +46,32 @@ def live_server(settings, timeout: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def engine_paused(app, timeout: float = 30.0):
+    """Hold the engine thread between steps (nothing is admitted or decoded) until the block exits,
+    so a test can line requests up without racing the engine."""
+    worker = app.state.switchboard.services.worker
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(timeout)
+
+    done = worker.run_soon(hold)
+    if not entered.wait(timeout):
+        raise RuntimeError("the engine thread did not pause")
+    try:
+        yield release
+    finally:
+        release.set()
+        done.result(timeout)
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)

@@ -118,7 +118,10 @@ def test_health_ready_and_metrics(app_client):
     assert app_client.get("/ready").status_code == 200
     _complete(app_client, model="alpha")
     _complete(app_client, model="nope")
+    _complete(app_client, model="alpha", temperature=-1)
     text = app_client.get("/metrics").text
+    assert 'switchboard_requests_total{model="invalid",status="400"} 1.0' in text
+    assert "_created" not in text
     assert 'switchboard_requests_total{model="alpha",status="200"} 1.0' in text
     assert 'switchboard_requests_total{model="unknown",status="404"} 1.0' in text
     assert 'switchboard_generated_tokens_total{adapter="alpha"} 8.0' in text

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from tests.conftest import ADMIN
-from tests.live import live_server
+from tests.live import engine_paused, live_server, wait_until
 from tests.tiny import app_settings, make_adapter
 
 PROMPTS = ["def add(a, b):", "It is a truth universally", "Natalia sold clips", "for i in range(10):",
@@ -37,7 +37,7 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[int, str]:
 
 def test_concurrent_mixed_requests_equal_sequential(tiny_model_dir, store):
     with live_server(app_settings(tiny_model_dir, store)) as (base, app):
-        base_id = app.state.switchboard.resident.model_id
+        base_id = app.state.switchboard.services.resident.model_id
         bodies = [_body(i) for i in range(16)]
         for b in bodies:
             if b["model"] == "tiny-gpt2":
@@ -63,7 +63,7 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, store):
     make_adapter(tiny_model_dir, store / "alpha_v2", seed=77)
     settings = app_settings(tiny_model_dir, store)
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.engine
+        engine = app.state.switchboard.services.engine
         body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
         v1 = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         httpx.post(f"{base}/admin/adapters", json={"name": "alpha", "path": "alpha_v2"}, headers=ADMIN, timeout=60)
@@ -118,32 +118,26 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, store):
 def test_full_queue_answers_429(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store, engine={"max_batch_size": 1, "max_queue": 1})
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.engine
-
-        async def scenario():
-            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-                long = asyncio.create_task(_stream(client, {"model": "alpha", "prompt": "x", "max_tokens": 100}))
-                while not engine.running:
-                    await asyncio.sleep(0.01)
-                queued = asyncio.create_task(client.post("/v1/completions", json={"model": "beta", "prompt": "y",
-                                                                                   "max_tokens": 2}))
-                while engine.queue_depth() < 1:
-                    await asyncio.sleep(0.01)
-                refused = await client.post("/v1/completions", json={"model": "beta", "prompt": "z", "max_tokens": 2})
-                return refused, await queued, await long
-
-        refused, queued, long = asyncio.run(scenario())
+        engine = app.state.switchboard.services.engine
+        results: dict = {}
+        with engine_paused(app):
+            queued = threading.Thread(target=lambda: results.setdefault("queued", httpx.post(
+                f"{base}/v1/completions", json={"model": "beta", "prompt": "y", "max_tokens": 2}, timeout=60)))
+            queued.start()
+            wait_until(lambda: engine.queue_depth() == 1, what="the first request to queue")
+            refused = httpx.post(f"{base}/v1/completions", json={"model": "beta", "prompt": "z", "max_tokens": 2})
+        queued.join(timeout=60)
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"
-        assert queued.status_code == 200 and long[0] == 200
+        assert results["queued"].status_code == 200
         assert 'switchboard_requests_total{model="beta",status="429"} 1.0' in httpx.get(f"{base}/metrics").text
 
 
 def test_disconnect_frees_the_row(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store)
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.engine
+        engine = app.state.switchboard.services.engine
         with httpx.stream("POST", f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 110,
                                                                  "stream": True}, timeout=60) as r:
             lines = r.iter_lines()
@@ -159,26 +153,37 @@ def test_disconnect_frees_the_row(tiny_model_dir, store):
         assert all(a["in_flight"] == 0 for a in adapters)
 
 
+def _stream_lines(base: str, body: dict, out: dict) -> None:
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        out["status"] = r.status_code
+        out["lines"] = [line for line in r.iter_lines() if line.startswith("data:")]
+
+
+def _completed(result: dict) -> bool:
+    """The stream ended normally: a final chunk with a finish reason, then [DONE]."""
+    lines = result.get("lines", [])
+    if result.get("status") != 200 or len(lines) < 2 or lines[-1] != "data: [DONE]":
+        return False
+    return json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
+
+
 def test_unload_in_use_waits_or_conflicts(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store)
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.engine
-
-        async def scenario():
-            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-                stream = asyncio.create_task(_stream(client, {"model": "alpha", "prompt": "x", "max_tokens": 100}))
-                while not engine.running:
-                    await asyncio.sleep(0.01)
-                conflict = await client.delete("/admin/adapters/alpha?wait=false", headers=ADMIN)
-                still_there = (await client.post("/v1/completions", json={"model": "alpha", "prompt": "y",
-                                                                          "max_tokens": 1})).status_code
-                unload = await client.delete("/admin/adapters/alpha", headers=ADMIN)
-                return conflict, still_there, unload, await stream
-
-        conflict, still_there, unload, (status, text) = asyncio.run(scenario())
-        assert conflict.status_code == 409 and still_there == 200
+        registry = app.state.switchboard.registry
+        result: dict = {}
+        with engine_paused(app) as release:
+            thread = threading.Thread(target=_stream_lines, args=(base, {"model": "alpha", "prompt": "x",
+                                                                        "max_tokens": 30}, result))
+            thread.start()
+            wait_until(lambda: registry.get("alpha").refcount == 1, what="the stream to hold alpha")
+            conflict = httpx.delete(f"{base}/admin/adapters/alpha?wait=false", headers=ADMIN)
+            assert conflict.status_code == 409 and "alpha" in registry
+            release.set()  # let the stream run; the waiting unload returns once it has finished
+            unload = httpx.delete(f"{base}/admin/adapters/alpha", headers=ADMIN, timeout=60)
+        thread.join(timeout=60)
         assert unload.status_code == 200
-        assert status == 200 and len(text) > 0
+        assert _completed(result)
         assert httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "y"}).status_code == 404
 
 
@@ -205,20 +210,17 @@ def test_restart_restores_registry_and_routers(tiny_model_dir, store):
 
 
 def test_graceful_shutdown_finishes_in_flight(tiny_model_dir, store):
+    """Shutdown begins while a request is in flight; the request still completes in full."""
     settings = app_settings(tiny_model_dir, store, engine={"shutdown_grace": 30})
-    results = {}
+    result: dict = {}
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.engine
-
-        def client():
-            with httpx.stream("POST", f"{base}/v1/completions", json={"model": "alpha", "prompt": "x",
-                                                                      "max_tokens": 60, "stream": True}, timeout=60) as r:
-                results["lines"] = [line for line in r.iter_lines() if line.startswith("data:")]
-
-        thread = threading.Thread(target=client)
-        thread.start()
-        while not engine.running:
-            time.sleep(0.01)
+        engine = app.state.switchboard.services.engine
+        with engine_paused(app):
+            thread = threading.Thread(target=_stream_lines, args=(base, {"model": "alpha", "prompt": "x",
+                                                                        "max_tokens": 60}, result))
+            thread.start()
+            wait_until(lambda: engine.queue_depth() == 1, what="the stream to queue")
+            app.state.uvicorn_server.should_exit = True  # stop accepting; in-flight work continues
+            time.sleep(0.2)
     thread.join(timeout=60)
-    assert results["lines"][-1] == "data: [DONE]"
-    assert len(results["lines"]) == 61
+    assert _completed(result)

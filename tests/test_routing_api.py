@@ -144,7 +144,7 @@ def test_stream_switches_adapter_when_context_changes_domain(domain_store, long_
 
 def _count_forwards(client) -> list[int]:
     calls = [0]
-    model = client.app.state.switchboard.resident.model
+    model = client.app.state.switchboard.services.resident.model
     model.transformer.wte.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     return calls
 

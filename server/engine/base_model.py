@@ -89,7 +89,7 @@ def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto"
         ) from e
     if model.config.model_type != "gpt2":
         raise ModelLoadError(f"{name_or_path!r} is a {model.config.model_type!r} model; Switchboard serves GPT-2")
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # (transformers' stub for .to is too narrow)
     model.requires_grad_(False)
     log.info("loaded %s on %s as %s", name_or_path, dev, dt)
     return ResidentModel(

@@ -23,7 +23,7 @@ from server.engine.base_model import LORA_TARGETS, ResidentModel
 from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
-from server.engine.registry import AdapterRegistry
+from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.engine.sampling import sample_row
 from server.engine.sequence import Sequence, TokenEvent
 from server.engine.slots import SlotManager
@@ -133,7 +133,8 @@ class Engine:
 
     def _set_gates(self, seqs: list[Sequence]) -> None:
         """Point the LoRA layers at the slots these rows use, with a [B, active] gate matrix."""
-        versions, column = [], {}
+        versions: list[AdapterVersion] = []
+        column: dict[int, int] = {}
         for seq in seqs:
             for name, w in seq.gates.items():
                 v = seq.versions[name]

@@ -8,6 +8,8 @@ each, every row at its own position).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
@@ -25,7 +27,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (logits, hidden): logits [B, T, V] if `all_logits` else [B, V] of the last token;
     hidden [B, T, d] is the final layer-normed hidden state (the `base` embedder's input)."""
-    tr = model.transformer
+    tr: Any = model.transformer  # HF's module attributes are untyped
     cfg = model.config
     B, T = input_ids.shape
     H, hd = cfg.n_head, cfg.n_embd // cfg.n_head

@@ -43,7 +43,8 @@ class MultiLoRAConv1D(nn.Module):
     def __init__(self, base: nn.Module, num_slots: int, ctx: LoRABatchContext) -> None:
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = base.weight.shape  # Conv1D stores [in, out]
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])  # Conv1D stores [in, out]
         self.ctx = ctx
         # Per slot: A [in, r], B [r, out] with the adapter's scale folded in; None = slot unused here.
         self.lora_a: list[torch.Tensor | None] = [None] * num_slots

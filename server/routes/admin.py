@@ -12,12 +12,12 @@ from server.engine.adapter_store import AdapterWeights
 from server.engine.errors import InvalidAdapter, InvalidRequest
 from server.engine.registry import AdapterVersion
 from server.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
-from server.state import AppState
+from server.state import Services
 
 router = APIRouter(tags=["admin"])
 
 
-def describe(v: AdapterVersion, state: AppState) -> dict:
+def describe(v: AdapterVersion, state: Services) -> dict:
     w = v.weights
     slot = state.engine.slots.slot_of(v) if state.engine else None
     return {
@@ -28,7 +28,7 @@ def describe(v: AdapterVersion, state: AppState) -> dict:
     }
 
 
-def _centroids_from(examples: list[str] | None, k: int, state: AppState):
+def _centroids_from(examples: list[str] | None, k: int, state: Services):
     """A `prepare` hook: embed `examples` with the active embedder and save the centroid beside the adapter."""
     if not examples:
         return None
@@ -49,7 +49,7 @@ def _centroids_from(examples: list[str] | None, k: int, state: AppState):
     return prepare
 
 
-async def _load(state: AppState, name: str, path: str, examples=None, k: int = 1, pinned=False,
+async def _load(state: Services, name: str, path: str, examples=None, k: int = 1, pinned=False,
                 replace=True) -> dict:
     adapters: AdapterService = state.adapters
     new, old = await adapters.load(name, path, pinned=pinned, replace=replace,

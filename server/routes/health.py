@@ -15,9 +15,10 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(state: State) -> JSONResponse:
-    if not state.ready:
+    if not state.ready or state.services is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
-    return JSONResponse({"status": "ready", "model": state.resident.model_id, "adapters": len(state.registry.names())})
+    return JSONResponse({"status": "ready", "model": state.services.resident.model_id,
+                         "adapters": len(state.registry.names())})
 
 
 @router.get("/metrics")
