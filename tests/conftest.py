@@ -9,6 +9,18 @@ from tests.tiny import make_adapter, save_model
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """Training tests: with two cores shared by other jobs, OpenMP spin-waiting made 2 threads
+    ~50x slower than 1 here."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("tiny-gpt2"))

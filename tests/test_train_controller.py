@@ -12,14 +12,7 @@ from torch import nn
 
 from training.controller import AdaptiveControllerCallback, ControllerConfig, StressController
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared with other jobs: OpenMP spin-waiting makes 2 threads ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class LoraLike(nn.Module):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from training.cli import main
 from training.data import load_examples
@@ -14,13 +13,7 @@ from training.data import load_examples
 DATA = "alpaca_gpt4_en_demo/alpaca_en_demo.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared with other jobs: OpenMP spin-waiting makes 2 threads ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_experts_train_one_adapter_per_tier(

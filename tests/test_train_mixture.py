@@ -12,14 +12,7 @@ from transformers import GPT2LMHeadModel
 from training.eval_perplexity import context_length
 from training.mixture import LoraMixture
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared with other jobs: OpenMP spin-waiting makes 2 threads ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mixture(tiny_model_dir: Path, store: Path, trainable: bool = False) -> LoraMixture:

@@ -17,13 +17,7 @@ LIT = "gutenberg"
 TRAIN = ["--rank", "8", "--alpha", "16", "--lr", "3e-3", "--batch-size", "8", "--max-length", "96", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared with other jobs: OpenMP spin-waiting makes 2 threads ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -101,21 +101,13 @@ def make_adapter(
 def app_settings(model_dir: Path, store: Path, **overrides):
     """Settings for a test app: tiny model on CPU fp32, admin token `T`; `overrides` per group,
     e.g. `engine={"max_loras": 2}`."""
-    from server.settings import (
-        EngineSettings,
-        ModelSettings,
-        RoutingSettings,
-        ServerSettings,
-        Settings,
-        StoreSettings,
-    )
+    from server.cli import GROUPS
+    from server.settings import Settings
 
-    groups = {"model": ModelSettings, "store": StoreSettings, "engine": EngineSettings,
-              "routing": RoutingSettings, "server": ServerSettings}
     base = {"model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32"},
             "store": {"adapter_dir": store}, "server": {"admin_token": "T"}, "routing": {"embedder": "base"}}
     kwargs = {}
-    for name, cls in groups.items():
+    for name, cls in GROUPS.items():
         kwargs[name] = cls(**{**base.get(name, {}), **overrides.get(name, {})})
     return Settings(**kwargs)
 
