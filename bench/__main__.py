@@ -1,0 +1,148 @@
+"""`python -m bench [--quick] [--out DIR]`: run the benchmarks, print the ratios, write
+DIR/results.json, DIR/results.md and PNG plots.
+
+Sections: decode (HF generate, PEFT, the engine), serving (HTTP, concurrent streaming clients),
+lifecycle (register/unload, memory, resident adapters), router (latency per call). Every figure
+is compared with a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+SECTIONS = ("decode", "serving", "lifecycle", "router")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="shorter runs (32 new tokens, fewer repeats); < 3 min on 2 CPU cores")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2: checks the benchmark code in seconds (numbers meaningless)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    p.add_argument("--server", choices=("subprocess", "thread"), default=None,
+                   help="how the HTTP benchmark runs the server (default: subprocess; thread with --tiny)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from bench import common
+
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections: {sorted(unknown)}")
+    cfg = common.BenchConfig.make(quick=args.quick, tiny=args.tiny, device=args.device, threads=args.threads,
+                                  sections=sections)
+    common.setup_torch(cfg.threads)
+    started = time.time()
+    results: dict = {"environment": common.environment(cfg), "errors": {}, "timings_s": {}}
+    with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as tmp:
+        t = time.perf_counter()
+        assets = common.Assets(cfg, Path(tmp))
+        results["timings_s"]["setup"] = round(time.perf_counter() - t, 1)
+        common.log(f"setup done in {results['timings_s']['setup']} s (device {cfg.device}, {cfg.threads} threads)")
+        for name in SECTIONS:
+            if name not in sections:
+                continue
+            t = time.perf_counter()
+            try:
+                if name == "decode":
+                    from bench import decode
+
+                    results["decode"] = decode.run(cfg, assets)
+                elif name == "serving":
+                    from bench import serving
+
+                    mixed8 = results.get("decode", {}).get("b8", {}).get("peft_mixed4", {}).get("tok_s")
+                    mode = args.server or ("thread" if cfg.tiny else "subprocess")
+                    results["serving"] = serving.run(cfg, assets, mode=mode, peft_mixed8_tok_s=mixed8)
+                elif name == "lifecycle":
+                    from bench import lifecycle
+
+                    results["lifecycle"] = lifecycle.run(cfg, assets)
+                elif name == "router":
+                    from bench import router
+
+                    step = results.get("decode", {}).get("b1", {}).get("engine_routed", {}).get("ms_per_step")
+                    results["router"] = router.run(cfg, assets, step_ms=step)
+            except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
+                traceback.print_exc()
+                results["errors"][name] = f"{type(e).__name__}: {e}"
+            results["timings_s"][name] = round(time.perf_counter() - t, 1)
+            common.log(f"{name} done in {results['timings_s'][name]} s")
+    return finish(results, cfg, started)
+
+
+def finish(results: dict, cfg, started: float) -> dict:
+    from bench import report
+
+    env = results["environment"]
+    try:
+        env["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    notes = list(cfg.notes)
+    load = max(env.get("load_average_at_start", [0])[0], env.get("load_average_at_end", [0])[0])
+    if env.get("cpu_count") and load > env["cpu_count"]:
+        notes.append(f"the machine was shared (load average {load} on {env['cpu_count']} CPUs): absolute numbers are "
+                     "noisy; ratios come from interleaved repeats (fastest of each) in the same run")
+    lc = results.get("lifecycle", {}).get("engine", {})
+    results["meta"] = {
+        "quick": cfg.quick, "tiny": cfg.tiny, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
+        "adapter_rank": results.get("decode", {}).get("adapter_rank"), "sections": list(cfg.sections),
+        "notes": notes, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": round(time.time() - started, 1),
+    }
+    results["register_ms"] = {k: v["register_ms"] for k, v in lc.items()}
+    results["unload_ms"] = {k: v["unload_ms"] for k, v in lc.items()}
+    results["ratios"] = report.compute_ratios(results)
+    results["targets"] = report.targets(results)
+    return results
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    from bench import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    written = [out / "results.json", out / "results.md"]
+    try:
+        written += [out / name for name in report.plots(results, out)]
+    except Exception as e:  # noqa: BLE001 - plots are a bonus: keep the numbers
+        results["errors"]["plots"] = f"{type(e).__name__}: {e}"
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    written = write(results, args.out)
+    from bench.report import ratios_table
+
+    print()
+    print(ratios_table(results))
+    for t in results["targets"]:
+        print(f"- {t['target']}: {t['value']} ({'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}"
+              f"{', ' + t['gap'] if t['gap'] else ''})")
+    for n in results["meta"]["notes"]:
+        print(f"note: {n}")
+    print(f"wrote {', '.join(str(p) for p in written)} in {results['meta']['elapsed_s']:.0f} s")
+    if results["errors"]:
+        print(f"errors: {results['errors']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

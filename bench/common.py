@@ -1,0 +1,431 @@
+"""Shared pieces of the benchmarks: the model, tokenizer and adapters built in code, the engine
+set up in-process, timing helpers and the environment record.
+
+Nothing is downloaded: the base model is `GPT2Config()` (the real 124M shape) with random weights,
+since decode speed depends on the shape only; the tokenizer is a small byte-level BPE trained on a
+few sentences (token ids it produces are far below GPT-2's vocabulary of 50257, so it can encode
+prompts for the HTTP benchmark and decode whatever the model generates; ids it does not know
+decode to nothing, which is fine for timing).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PROMPT_TOKENS = 64
+REROUTE_EVERY = 2
+N_ROUTED = 4
+ADAPTER_RANK = 16
+ADAPTER_TARGETS = ("c_attn", "c_proj")
+HIDDEN_WINDOW = 32
+
+_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "must be in want of a wife. Mr. Holmes looked at the letter and smiled.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "The quick brown fox jumps over the lazy dog. import numpy as np\nx = np.zeros(3)",
+]
+
+
+# -- configuration ---------------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    """What one run measures. `quick` and `tiny` only shrink it; the code paths are the same."""
+
+    quick: bool = False
+    tiny: bool = False  # a tiny GPT-2 (tests): seconds, numbers meaningless
+    new_tokens: int = 128
+    prompt_tokens: int = PROMPT_TOKENS
+    batches: tuple[int, ...] = (1, 8)
+    repeats: int = 3
+    remerge_tokens: int = 128  # tokens actually decoded by the PEFT re-merge loop (extrapolated beyond)
+    concurrency: tuple[int, ...] = (1, 4, 8, 16)
+    serving_tokens: int = 128
+    serving_rounds: int = 2
+    ranks: tuple[int, ...] = (8, 16, 64)
+    register_repeats: int = 10
+    resident_counts: tuple[int, ...] = (1, 4, 16, 64)
+    resident_tokens: int = 16
+    router_calls: int = 50
+    threads: int = 2
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    sections: tuple[str, ...] = ("decode", "serving", "lifecycle", "router")
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, quick: bool = False, tiny: bool = False, device: str = "auto", threads: int = 2,
+             sections: Iterable[str] | None = None) -> BenchConfig:
+        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        cfg = cls(quick=quick, tiny=tiny, threads=threads, device=dev,
+                  dtype=torch.float16 if dev.startswith("cuda") else torch.float32)
+        if sections is not None:
+            cfg.sections = tuple(sections)
+        if quick:
+            cfg.new_tokens = 32
+            cfg.repeats = 2
+            cfg.remerge_tokens = 8
+            cfg.serving_tokens = 32
+            cfg.serving_rounds = 1
+            cfg.register_repeats = 5
+            cfg.resident_tokens = 8
+            cfg.router_calls = 20
+            cfg.notes.append("quick mode: 32 new tokens per sequence instead of 128 (the prompt stays 64 tokens)")
+            cfg.notes.append("quick mode: the PEFT re-merge loop decodes 8 tokens; its tok/s for 32 tokens is "
+                             "extrapolated from the measured prefill and per-token cost")
+        if tiny:
+            cfg.new_tokens = 6
+            cfg.prompt_tokens = 8
+            cfg.repeats = 1
+            cfg.remerge_tokens = 4
+            cfg.concurrency = (1, 2)
+            cfg.serving_tokens = 4
+            cfg.serving_rounds = 1
+            cfg.register_repeats = 2
+            cfg.resident_counts = (1, 4)
+            cfg.resident_tokens = 4
+            cfg.router_calls = 2
+            cfg.notes.append("tiny mode: a 2-layer GPT-2 for testing the benchmark code; the numbers mean nothing")
+        return cfg
+
+    @property
+    def rank_key(self) -> Callable[[int], str]:
+        return lambda r: f"r{r}"
+
+
+def setup_torch(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+    torch.set_grad_enabled(False)
+
+
+def environment(cfg: BenchConfig) -> dict:
+    import peft
+    import transformers
+
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {
+        "device": cfg.device,
+        "device_name": torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else cpu_model,
+        "dtype": str(cfg.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        env["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return env
+
+
+# -- model, tokenizer, adapters -------------------------------------------------------------------------
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def gpt2_config(tiny: bool):
+    from transformers import GPT2Config
+
+    if tiny:
+        return GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=1000)
+    return GPT2Config()  # the 124M shape, vocabulary 50257
+
+
+def build_base(cfg: BenchConfig, seed: int = 0):
+    """The base model (random weights) on the bench device; generation never stops on EOS."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(gpt2_config(cfg.tiny)).eval()
+    model.requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():  # token 0 is the tokenizer's <|endoftext|>: a zero row keeps greedy decoding
+        model.transformer.wte.weight[0].zero_()  # from ever picking it, so the server never stops early
+    return model.to(cfg.device, cfg.dtype)
+
+
+def clone(model):
+    """An independent copy (PEFT and the engine both wrap modules in place)."""
+    return copy.deepcopy(model)
+
+
+def random_prompts(cfg: BenchConfig, batch: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, cfg.prompt_tokens), generator=g)  # [B, T]
+
+
+def lora_config(rank: int, targets: Iterable[str] = ADAPTER_TARGETS, alpha: int | None = None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(targets), fan_in_fan_out=True,
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+
+
+def write_adapters(base, out: Path, specs: list[tuple[str, int]], seed: int = 100,
+                   centroid_dim: int | None = None) -> dict[str, Path]:
+    """Save one PEFT LoRA folder per (name, rank) in `out`, with random non-zero A and B
+    (`init_lora_weights=False`, B scaled down so activations stay finite), and, when
+    `centroid_dim` is given, a random unit centroid for the `base:32` embedder."""
+    from peft import get_peft_model
+
+    from router_core.artifacts import save_centroids
+
+    work = clone(base).float().cpu()
+    peft_model = None
+    folders = {}
+    for i, (name, rank) in enumerate(specs):
+        torch.manual_seed(seed + i)
+        if peft_model is None:
+            peft_model = get_peft_model(work, lora_config(rank), adapter_name=name)
+        else:
+            peft_model.add_adapter(name, lora_config(rank))
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if f"lora_B.{name}." in pname:
+                    p.mul_(0.01)
+        peft_model.save_pretrained(str(out), selected_adapters=[name])  # writes out/<name>/
+        folder = out / name
+        cfg_path = folder / "adapter_config.json"
+        data = json.loads(cfg_path.read_text())
+        data["base_model_name_or_path"] = "gpt2-random"
+        cfg_path.write_text(json.dumps(data, indent=2))
+        if centroid_dim is not None:
+            g = torch.Generator().manual_seed(seed + 1000 + i)
+            save_centroids(folder / "centroid.safetensors", torch.randn(1, centroid_dim, generator=g),
+                           f"base:{route_window()}")
+        folders[name] = folder
+    del peft_model, work
+    gc.collect()
+    return folders
+
+
+# -- the engine in-process ---------------------------------------------------------------------------------
+def resident_from(model, tokenizer, cfg: BenchConfig, model_id: str = "gpt2-random"):
+    from server.engine.base_model import ResidentModel, base_fingerprint, targetable_modules
+
+    return ResidentModel(model_id=model_id, model=model, tokenizer=tokenizer, device=torch.device(cfg.device),
+                         dtype=cfg.dtype, fingerprint=base_fingerprint(model), module_shapes=targetable_modules(model))
+
+
+def base_spec(resident, max_rank: int = 64):
+    from server.engine.adapter_store import BaseSpec
+
+    return BaseSpec(resident.module_shapes, resident.fingerprint, max_rank)
+
+
+def routing_settings(**overrides):
+    """The server's routing defaults, with the `base` embedder and the centroid router."""
+    from server.settings import RoutingSettings
+
+    return RoutingSettings(embedder="base", router="centroid", reroute_every=REROUTE_EVERY, **overrides)
+
+
+def route_window(settings=None) -> int:
+    """Tokens the `base` embedder pools (the setting was renamed once; accept both names)."""
+    settings = settings or routing_settings()
+    return int(getattr(settings, "route_window", getattr(settings, "hidden_window", HIDDEN_WINDOW)))
+
+
+def routing_service(settings, resident, registry, store: Path):
+    """`RoutingService` built as `server.app` builds it (its signature has grown a manifest)."""
+    import inspect
+
+    from server.routing import RoutingService
+
+    params = inspect.signature(RoutingService.__init__).parameters
+    if "manifest" in params:
+        from server.manifest import Manifest
+
+        return RoutingService(settings, resident, registry, store, Manifest(store))
+    return RoutingService(settings, resident, registry, store)
+
+
+@dataclass
+class EngineRig:
+    engine: object
+    registry: object
+    routing: object | None
+    resident: object
+
+
+def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras: int = 16,
+                max_batch_size: int = 32, routed: bool = True, store: Path | None = None) -> EngineRig:
+    from server.engine.adapter_store import read_adapter
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.registry import AdapterRegistry
+
+    registry = AdapterRegistry()
+    spec = base_spec(resident)
+    for name, folder in folders.items():
+        registry.register(read_adapter(name, folder, spec))
+    routing = None
+    settings = routing_settings()
+    if routed:
+        routing = routing_service(settings, resident, registry, store or next(iter(folders.values())).parent)
+    engine = Engine(resident, registry, EngineConfig(max_loras=max_loras, max_batch_size=max_batch_size,
+                                                     max_queue=1024, hidden_window=route_window(settings)),
+                    gate_source=routing)
+    return EngineRig(engine, registry, routing, resident)
+
+
+def engine_generate(rig: EngineRig, prompts: torch.Tensor, new_tokens: int, specs: list) -> dict:
+    """Submit one sequence per prompt row (greedy, no EOS) and step the engine until all finish.
+
+    Returns wall time, time to each row's first token, and when the last row got its first token
+    (the decode phase is timed from there)."""
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    tok = rig.resident.tokenizer
+    engine, registry = rig.engine, rig.registry
+    first: dict[int, float] = {}
+    count = {"tokens": 0}
+
+    def emit(ev, _first=first):
+        if ev.token_id is not None:
+            count["tokens"] += 1
+            _first.setdefault(ev.seq_id, time.perf_counter())
+
+    seqs = []
+    for row, spec in zip(prompts.tolist(), specs, strict=True):
+        names = sorted(set(spec.weights)) if spec.mode == "fixed" else list(rig.routing.resolve(spec.router)[1])
+        versions = registry.acquire(names)
+        seqs.append(Sequence(prompt_ids=row, max_tokens=new_tokens, sampling=SamplingParams(temperature=0.0),
+                             routing=spec, decode=lambda t: tok.decode(t, skip_special_tokens=True), emit=emit,
+                             eos_token_id=None, versions={v.name: v for v in versions}))
+    start = time.perf_counter()
+    for s in seqs:
+        engine.submit(s)
+    while engine.has_work():
+        engine.step()
+    end = time.perf_counter()
+    ttfts = [first[s.id] - start for s in seqs]
+    return {"seconds": end - start, "ttft": statistics.mean(ttfts), "all_first": max(first.values()) - start,
+            "tokens": count["tokens"], "reroutes": sum(s.reroutes for s in seqs),
+            "generated": [list(s.generated) for s in seqs]}
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+def sync(cfg: BenchConfig) -> None:
+    if cfg.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_stats(batch: int, new_tokens: int, seconds: float, ttft: float, all_first: float) -> dict:
+    """tok/s over the whole call (prefill included), ms per decode step after the first token."""
+    steps = max(new_tokens - 1, 1)
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 4),
+        "tok_s": round(batch * new_tokens / seconds, 2),
+        "ms_per_step": round(1000 * max(seconds - all_first, 0.0) / steps, 3),
+        "ttft_ms": round(1000 * ttft, 2),
+    }
+
+
+def best(runs: list[dict], key: str = "seconds") -> dict:
+    """The fastest repeat: on a shared machine the minimum is the least disturbed estimate."""
+    return min(runs, key=lambda r: r[key])
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return round(a / b, 3)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- what the sections share ------------------------------------------------------------------------------------
+class Assets:
+    """Built once per run: the base model, tokenizer, an adapter store on disk, and (lazily) the PEFT
+    model and the engine over their own copies of the base."""
+
+    def __init__(self, cfg: BenchConfig, root: Path) -> None:
+        self.cfg, self.root = cfg, root
+        self.base = build_base(cfg)
+        self.tokenizer = build_tokenizer()
+        self.store = root / "adapters"
+        self.store.mkdir(parents=True, exist_ok=True)
+        n_embd = self.base.config.n_embd
+        rank = 4 if cfg.tiny else ADAPTER_RANK
+        self.folders = write_adapters(self.base, self.store, [(f"a{i}", rank) for i in range(N_ROUTED)],
+                                      centroid_dim=n_embd)
+        self.rank_folders = write_adapters(self.base, self.store, [(f"r{r}", r) for r in cfg.ranks], seed=200)
+        self._peft = None
+        self._rig: EngineRig | None = None
+        self._model_dir: Path | None = None
+
+    def peft(self):
+        if self._peft is None:
+            from bench.decode import make_peft
+
+            self._peft = make_peft(self.base, self.folders, self.cfg)
+        return self._peft
+
+    def engine_rig(self) -> EngineRig:
+        if self._rig is None:
+            resident = resident_from(clone(self.base), self.tokenizer, self.cfg)
+            self._rig = make_engine(resident, self.folders, self.cfg, store=self.store)
+        return self._rig
+
+    def model_dir(self) -> Path:
+        """The base model and tokenizer saved for a server process (`--base-model DIR`)."""
+        if self._model_dir is None:
+            path = self.root / "base-model"
+            self.base.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            self._model_dir = path
+        return self._model_dir

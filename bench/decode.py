@@ -1,0 +1,221 @@
+"""Decode speed: plain HF `generate`, PEFT (one adapter, a mixed batch, a mixture re-merged every
+2 tokens) and the Switchboard engine (fixed adapter, routed over 4 adapters re-routing every 2).
+
+All methods decode the same random prompts greedily, prompt 64 + N new tokens, at batch 1 and 8.
+The methods run round-robin, `repeats` times, and the fastest repeat of each counts: on a shared
+machine interleaving spreads any slowdown over all methods, and the minimum is the least disturbed
+estimate.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from bench.common import (
+    N_ROUTED,
+    REROUTE_EVERY,
+    BenchConfig,
+    EngineRig,
+    best,
+    decode_stats,
+    engine_generate,
+    log,
+    random_prompts,
+    route_window,
+    sync,
+)
+
+METHODS = ("hf_generate", "peft_single", "peft_mixed4", "peft_remerge", "engine_fixed", "engine_routed")
+LABELS = {
+    "hf_generate": "HF generate (no adapter)",
+    "peft_single": "PEFT, 1 adapter unmerged",
+    "peft_mixed4": "PEFT, 4 adapters mixed batch (adapter_names)",
+    "peft_remerge": "PEFT, mixture re-merged every 2 tokens (add_weighted_adapter cat)",
+    "engine_fixed": "Switchboard engine, fixed adapter",
+    "engine_routed": "Switchboard engine, routed over 4, re-route every 2",
+}
+
+
+def adapter_names() -> list[str]:
+    return [f"a{i}" for i in range(N_ROUTED)]
+
+
+# -- HF / PEFT generate --------------------------------------------------------------------------------
+def _generate(model, prompts: torch.Tensor, new_tokens: int, cfg: BenchConfig, **kwargs) -> float:
+    ids = prompts.to(cfg.device)
+    sync(cfg)
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, **kwargs)
+    sync(cfg)
+    return time.perf_counter() - start
+
+
+def run_generate(model, prompts, cfg: BenchConfig, **kwargs) -> dict:
+    """One timed `generate` of N tokens, and one of 1 token (its time is the TTFT)."""
+    n = cfg.new_tokens
+    first = _generate(model, prompts, 1, cfg, **kwargs)
+    seconds = _generate(model, prompts, n, cfg, **kwargs)
+    return decode_stats(prompts.shape[0], n, seconds, first, first)
+
+
+# -- PEFT re-merge loop ------------------------------------------------------------------------------
+class RemergeLoop:
+    """What a user would write to get a per-token routed mixture on PEFT (seed 002 on PEFT).
+
+    Every 2 tokens: route each row from its last hidden states (mean-pooled, the same centroid
+    router the engine uses), merge a new adapter per row with `add_weighted_adapter(cat)`, make
+    it active (batch 1) or pass the per-row names (`adapter_names`), delete the previous ones,
+    and decode the next 2 tokens with HF's KV cache.
+    """
+
+    def __init__(self, peft_model, router, window: int) -> None:
+        self.model, self.router, self.window = peft_model, router, window
+        self.counter = 0
+        self.merges = 0
+        self.merge_seconds = 0.0
+
+    def _merge(self, weights: torch.Tensor, previous: list[str]) -> list[str]:
+        start = time.perf_counter()
+        names = []
+        for row in weights.tolist():  # one merged adapter per row
+            self.counter += 1
+            name = f"mix{self.counter}"
+            self.model.add_weighted_adapter(adapter_names(), row, name, combination_type="cat")
+            names.append(name)
+        self.model.set_adapter(names[0])
+        for old in previous:
+            self.model.delete_adapter(old)
+        self.merges += len(names)
+        self.merge_seconds += time.perf_counter() - start
+        return names
+
+    def _route(self, tail: torch.Tensor) -> torch.Tensor:
+        from router_core.embedders import pool_hidden
+
+        return self.router.route(pool_hidden(tail.float()))  # [B, n]
+
+    def run(self, prompts: torch.Tensor, new_tokens: int, measure: int, cfg: BenchConfig) -> dict:
+        """Decode `measure` tokens (≤ `new_tokens`); beyond that, extrapolate the per-token cost."""
+        from transformers import DynamicCache
+
+        model = self.model
+        ids = prompts.to(cfg.device)
+        batch = ids.shape[0]
+        measure = max(2, min(measure, new_tokens))
+        sync(cfg)
+        start = time.perf_counter()
+        # Route on the prompt with the base model (adapters off), as the engine does.
+        with model.disable_adapter():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # [B, T, d]
+        names = self._merge(self._route(hidden[:, -self.window:]), [])
+        cache = DynamicCache()
+        extra = {"adapter_names": names} if batch > 1 else {}
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True, **extra)
+        tail = out.hidden_states[-1][:, -self.window:]  # [B, W, d]
+        token = out.logits[:, -1:].argmax(-1)  # [B, 1]
+        sync(cfg)
+        first = time.perf_counter() - start
+        for i in range(1, measure):
+            if i % REROUTE_EVERY == 0:
+                names = self._merge(self._route(tail), names)
+                extra = {"adapter_names": names} if batch > 1 else {}
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, output_hidden_states=True, **extra)
+            tail = torch.cat([tail, out.hidden_states[-1]], dim=1)[:, -self.window:]
+            token = out.logits[:, -1:].argmax(-1)
+        sync(cfg)
+        measured = time.perf_counter() - start
+        model.set_adapter(adapter_names()[0])
+        for name in names:
+            model.delete_adapter(name)
+        per_step = (measured - first) / (measure - 1)
+        seconds = first + per_step * (new_tokens - 1)
+        stats = decode_stats(batch, new_tokens, seconds, first, first)
+        stats.update(measured_tokens=measure, extrapolated=measure < new_tokens, merges=self.merges,
+                     merge_ms_per_call=round(1000 * self.merge_seconds / max(self.merges, 1), 2))
+        self.merges, self.merge_seconds = 0, 0.0
+        return stats
+
+
+# -- the engine ---------------------------------------------------------------------------------------------
+def run_engine(rig: EngineRig, prompts, cfg: BenchConfig, routed: bool) -> dict:
+    from server.engine.sequence import RoutingSpec
+
+    if routed:
+        spec = RoutingSpec("auto", router="centroid", reroute_every=REROUTE_EVERY)
+    else:
+        spec = RoutingSpec("fixed", {adapter_names()[0]: 1.0})
+    sync(cfg)
+    r = engine_generate(rig, prompts, cfg.new_tokens, [spec] * prompts.shape[0])
+    stats = decode_stats(prompts.shape[0], cfg.new_tokens, r["seconds"], r["ttft"], r["all_first"])
+    stats["reroutes"] = r["reroutes"]
+    return stats
+
+
+# -- the section ----------------------------------------------------------------------------------------------
+def make_peft(base, folders, cfg: BenchConfig):
+    """A PEFT model over its own copy of the base, with the 4 adapters loaded from disk."""
+    from peft import PeftModel
+
+    from bench.common import clone
+
+    names = adapter_names()
+    model = PeftModel.from_pretrained(clone(base), str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    model.set_adapter(names[0])
+    return model.to(cfg.device).eval()
+
+
+def run(cfg: BenchConfig, assets) -> dict:
+    from router_core.centroid import CentroidRouter
+
+    hf = assets.base
+    peft_model = assets.peft()
+    rig = assets.engine_rig()
+    names = adapter_names()
+    vocab = hf.config.vocab_size
+    router = CentroidRouter(names, [rig.registry.get(n).weights.centroids for n in names],
+                            temperature=rig.routing.settings.route_temperature,
+                            top_boost=rig.routing.settings.top_boost)
+    remerge = RemergeLoop(peft_model, router, route_window(rig.routing.settings))
+
+    def methods(prompts):
+        batch = prompts.shape[0]
+        mixed = [names[i % len(names)] for i in range(batch)]
+        return {
+            "hf_generate": lambda: run_generate(hf, prompts, cfg),
+            "peft_single": lambda: run_generate(peft_model, prompts, cfg),
+            "peft_mixed4": lambda: run_generate(peft_model, prompts, cfg, adapter_names=mixed),
+            "peft_remerge": lambda: remerge.run(prompts, cfg.new_tokens, cfg.remerge_tokens, cfg),
+            "engine_fixed": lambda: run_engine(rig, prompts, cfg, routed=False),
+            "engine_routed": lambda: run_engine(rig, prompts, cfg, routed=True),
+        }
+
+    # Warm up every path once (lazy initialisation, allocator, stacked LoRA factors).
+    prompts = random_prompts(cfg, 2, vocab, seed=99)
+    saved = cfg.new_tokens, cfg.remerge_tokens
+    cfg.new_tokens, cfg.remerge_tokens = 3, 3
+    for fn in methods(prompts).values():
+        fn()
+    cfg.new_tokens, cfg.remerge_tokens = saved
+
+    rank = rig.registry.get(names[0]).weights.rank
+    out: dict = {"methods": dict(LABELS), "adapter_rank": rank, "adapters": N_ROUTED,
+                 "reroute_every": REROUTE_EVERY, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
+                 "repeats": cfg.repeats}
+    for batch in cfg.batches:
+        prompts = random_prompts(cfg, batch, vocab, seed=batch)
+        fns = methods(prompts)
+        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        for rep in range(cfg.repeats):
+            for m in METHODS:
+                if m == "peft_remerge" and rep > 0 and not cfg.tiny:
+                    continue  # slow, and only a contrast: one run
+                runs[m].append(fns[m]())
+            log(f"decode b{batch} repeat {rep + 1}/{cfg.repeats}: " + ", ".join(
+                f"{m} {runs[m][-1]['tok_s']:.1f} tok/s" for m in METHODS if runs[m]))
+        out[f"b{batch}"] = {m: {**best(runs[m]), "all_tok_s": [r["tok_s"] for r in runs[m]]} for m in METHODS}
+    return out

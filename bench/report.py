@@ -1,0 +1,281 @@
+"""Ratios, the Markdown report and the PNG plots from one run's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.common import ratio
+from bench.decode import LABELS, METHODS
+
+RATIO_DOC = {
+    "routed_vs_hf_b1": "engine routed (4 adapters, re-route every 2) tok/s ÷ HF generate tok/s, batch 1",
+    "routed_vs_hf_b8": "the same at batch 8",
+    "http8_mixed_vs_peft_mixed8": "8 concurrent HTTP streaming clients on mixed adapters, aggregate tok/s ÷ PEFT mixed batch of 8 (adapter_names) tok/s",
+    "peft_remerge_vs_hf_b1": "PEFT mixture re-merged every 2 tokens (add_weighted_adapter cat) tok/s ÷ HF generate tok/s, batch 1",
+    "peft_remerge_vs_hf_b8": "the same at batch 8 (one merged adapter per row, adapter_names)",
+    "routed_vs_peft_remerge_b1": "engine routed ÷ PEFT re-merge, batch 1 (the same routed mixture both ways)",
+    "routed_vs_peft_remerge_b8": "the same at batch 8",
+    "fixed_vs_hf_b1": "engine with one fixed adapter ÷ HF generate (no adapter), batch 1",
+    "fixed_vs_hf_b8": "the same at batch 8",
+    "fixed_vs_peft_single_b1": "engine fixed adapter ÷ PEFT one adapter unmerged, batch 1",
+    "routed_step_vs_hf_step_b1": "HF ms per decode step ÷ engine routed ms per decode step, batch 1 (prefill excluded)",
+    "routed_step_vs_hf_step_b8": "the same at batch 8",
+    "peft_load_vs_register_r16": "PEFT load_adapter ms ÷ engine register ms, r=16",
+}
+
+
+def _tok(decode: dict, batch: int, method: str) -> float | None:
+    return decode.get(f"b{batch}", {}).get(method, {}).get("tok_s")
+
+
+def _step(decode: dict, batch: int, method: str) -> float | None:
+    return decode.get(f"b{batch}", {}).get(method, {}).get("ms_per_step")
+
+
+def compute_ratios(results: dict) -> dict:
+    d = results.get("decode", {})
+    s = results.get("serving", {})
+    lc = results.get("lifecycle", {})
+    eight = s.get("levels", {}).get("8", {})
+    r16 = lc.get("engine", {}).get("r16", {})
+    p16 = lc.get("peft", {}).get("r16", {})
+    return {
+        "routed_vs_hf_b1": ratio(_tok(d, 1, "engine_routed"), _tok(d, 1, "hf_generate")),
+        "routed_vs_hf_b8": ratio(_tok(d, 8, "engine_routed"), _tok(d, 8, "hf_generate")),
+        "http8_mixed_vs_peft_mixed8": ratio(eight.get("agg_tok_s"), _tok(d, 8, "peft_mixed4")),
+        "peft_remerge_vs_hf_b1": ratio(_tok(d, 1, "peft_remerge"), _tok(d, 1, "hf_generate")),
+        "peft_remerge_vs_hf_b8": ratio(_tok(d, 8, "peft_remerge"), _tok(d, 8, "hf_generate")),
+        "routed_vs_peft_remerge_b1": ratio(_tok(d, 1, "engine_routed"), _tok(d, 1, "peft_remerge")),
+        "routed_vs_peft_remerge_b8": ratio(_tok(d, 8, "engine_routed"), _tok(d, 8, "peft_remerge")),
+        "fixed_vs_hf_b1": ratio(_tok(d, 1, "engine_fixed"), _tok(d, 1, "hf_generate")),
+        "fixed_vs_hf_b8": ratio(_tok(d, 8, "engine_fixed"), _tok(d, 8, "hf_generate")),
+        "fixed_vs_peft_single_b1": ratio(_tok(d, 1, "engine_fixed"), _tok(d, 1, "peft_single")),
+        "routed_step_vs_hf_step_b1": ratio(_step(d, 1, "hf_generate"), _step(d, 1, "engine_routed")),
+        "routed_step_vs_hf_step_b8": ratio(_step(d, 8, "hf_generate"), _step(d, 8, "engine_routed")),
+        "peft_load_vs_register_r16": ratio(p16.get("load_adapter_ms"), r16.get("register_ms")),
+    }
+
+
+def targets(results: dict) -> list[dict]:
+    r = results["ratios"]
+    reg = results.get("register_ms", {}).get("r16")
+    out = []
+    for b in (1, 8):
+        v = r.get(f"routed_vs_hf_b{b}")
+        out.append({"target": f"engine routed ≥ 1.0× HF generate, batch {b}", "value": v,
+                    "met": None if v is None else v >= 1.0,
+                    "gap": None if v is None or v >= 1.0 else f"{(1 - v) * 100:.0f} % slower"})
+    out.append({"target": "register latency r=16 ≤ 20 ms", "value": reg, "met": None if reg is None else reg <= 20.0,
+                "gap": None if reg is None or reg <= 20 else f"{reg - 20:.1f} ms over"})
+    return out
+
+
+# -- Markdown ------------------------------------------------------------------------------------------------
+def _f(x, nd: int = 2, suffix: str = "") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}{suffix}"
+    return f"{x}{suffix}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def ratios_table(results: dict) -> str:
+    rows = [[f"`{k}`", f"**{_f(v, 2)}×**" if v is not None else "–", RATIO_DOC.get(k, "")]
+            for k, v in results["ratios"].items()]
+    return "\n".join(_table(["ratio", "value", "what"], rows))
+
+
+def markdown(results: dict) -> str:
+    env, meta = results["environment"], results["meta"]
+    lines = ["# Switchboard benchmark", ""]
+    lines.append(f"`python -m bench{' --quick' if meta['quick'] else ''}{' --tiny' if meta['tiny'] else ''}` · "
+                 f"{meta['finished']} · {meta['elapsed_s']:.0f} s")
+    lines.append("")
+    lines.append(f"Device **{env['device']}** ({env.get('device_name', '')}), dtype {env['dtype']}, "
+                 f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+                 f"Python {env['python']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads; "
+                 f"load average at start/end {env.get('load_average_at_start')} / {env.get('load_average_at_end')}.")
+    lines.append("")
+    lines.append(f"Model: GPT-2 124M shape (`GPT2Config()`, random weights); prompt {meta['prompt_tokens']} tokens, "
+                 f"{meta['new_tokens']} new tokens, greedy; adapters LoRA r={meta.get('adapter_rank')} on "
+                 f"c_attn, c_proj. Every ratio divides two figures measured in this run.")
+    lines.append("")
+    for n in meta.get("notes", []):
+        lines.append(f"- {n}")
+    lines.append("")
+    lines += ["## Ratios", "", ratios_table(results)]
+    lines += ["## Targets (issue 6)", ""]
+    lines += _table(["target", "value", "met", "gap"],
+                    [[t["target"], _f(t["value"]), {True: "yes", False: "**no**", None: "–"}[t["met"]], t["gap"] or ""]
+                     for t in results.get("targets", [])])
+    d = results.get("decode")
+    if d:
+        lines += ["## Decode", ""]
+        for b in (1, 8):
+            blk = d.get(f"b{b}")
+            if not blk:
+                continue
+            hf = blk["hf_generate"]
+            rows = []
+            for m in METHODS:
+                x = blk[m]
+                note = " (extrapolated)" if x.get("extrapolated") else ""
+                rows.append([LABELS[m] + note, _f(x["tok_s"], 1), f"{_f(ratio(x['tok_s'], hf['tok_s']))}×",
+                             _f(x["ms_per_step"], 1), _f(x["ttft_ms"], 1)])
+            lines += [f"Batch {b} (best of {d.get('repeats')} interleaved repeats):", ""]
+            lines += _table(["method", "tok/s", "× HF", "ms/step", "TTFT ms"], rows)
+        rm = d.get("b1", {}).get("peft_remerge", {})
+        if rm.get("merge_ms_per_call") is not None:
+            lines += [f"PEFT `add_weighted_adapter(cat)`: {rm['merge_ms_per_call']} ms per call (batch 1).", ""]
+    s = results.get("serving")
+    if s:
+        lines += ["## Serving (HTTP, streaming, loopback)", ""]
+        base = s.get("peft_mixed8_tok_s")
+        rows = []
+        for c, x in s.get("levels", {}).items():
+            if not x.get("tokens"):
+                rows.append([c, "–", "–", "–", "–", f"errors: {x.get('errors')}"])
+                continue
+            rows.append([c, _f(x["agg_tok_s"], 1), f"{_f(ratio(x['agg_tok_s'], base))}×",
+                         f"{_f(x['ttft_ms']['p50'], 0)} / {_f(x['ttft_ms']['p99'], 0)}",
+                         f"{_f(x['itl_ms']['p50'], 1)} / {_f(x['itl_ms']['p99'], 1)}",
+                         ", ".join(x.get("errors", [])[:1])])
+        lines += [f"Clients on adapters a0–a3 (client i → a(i mod 4)), {s['new_tokens']} new tokens each; "
+                  f"server `{s['server']}`, started in {s['startup_s']} s. Baseline: PEFT mixed batch of 8, "
+                  f"{_f(base, 1)} tok/s.", ""]
+        lines += _table(["clients", "agg tok/s", "× PEFT mixed 8", "TTFT p50 / p99 ms", "inter-token p50 / p99 ms",
+                         "errors"], rows)
+        if s.get("routed", {}).get("tokens"):
+            x = s["routed"]
+            lines += [f"Routed (`model: auto`, re-route every 2), {x['clients']} clients: {x['agg_tok_s']} tok/s, "
+                      f"TTFT p50 {x['ttft_ms']['p50']} ms, inter-token p50/p99 {x['itl_ms']['p50']}/{x['itl_ms']['p99']} ms.", ""]
+        if s.get("admin_register"):
+            a = s["admin_register"]
+            lines += [f"`POST /admin/adapters` ({a['path']}): {a['register_ms_p50']} ms p50; "
+                      f"`DELETE`: {a['unload_ms_p50']} ms p50.", ""]
+    lc = results.get("lifecycle")
+    if lc:
+        lines += ["## Adapter lifecycle", ""]
+        rows = []
+        for k, e in lc.get("engine", {}).items():
+            p = lc.get("peft", {}).get(k, {})
+            rows.append([k, _f(e["register_ms"]), f"{_f(e['read_validate_ms'])} / {_f(e['registry_ms'], 3)} / "
+                         f"{_f(e['slot_install_ms'], 3)}", _f(e["unload_ms"], 3), _f(p.get("load_adapter_ms")),
+                         _f(p.get("delete_adapter_ms")), f"{_f(e.get('vs_peft_load_adapter'))}×",
+                         f"{e['param_bytes'] / 2**20:.2f}"])
+        lines += _table(["rank", "register ms", "read+validate / registry / slot ms", "unload ms",
+                         "PEFT load_adapter ms", "PEFT delete ms", "PEFT ÷ engine", "param MiB"], rows)
+        m = lc.get("memory")
+        if m:
+            e, p, st = m["engine"], m["peft"], m.get("stacked_factor_cache", {})
+            lines += [f"Memory per resident adapter ({m['adapter']}, {e['adapters']} copies): the engine holds "
+                      f"{e['held_bytes_per_adapter'] / 2**20:.2f} MiB of tensors per adapter = {_f(e['held_vs_param'])}× "
+                      f"its {e['param_bytes'] / 2**20:.2f} MiB of parameters ({e.get('note', '')}); PEFT holds "
+                      f"{_f(p.get('held_vs_param'))}×. Stacked-factor cache after the decode runs: "
+                      f"{st.get('bytes', 0) / 2**20:.2f} MiB = {_f(st.get('vs_routed_adapters'))}× the 4 routed "
+                      f"adapters' parameters (up to {st.get('max_cached_sets_per_layer')} active sets cached per layer).", ""]
+        r = lc.get("resident")
+        if r:
+            rows = [[n, _f(r["fixed"][n]["ms_per_step"], 1), f"{_f(r['fixed'][n]['vs_1'])}×",
+                     _f(r["routed_top2"][n]["ms_per_step"], 1), f"{_f(r['routed_top2'][n]['vs_1'])}×"]
+                    for n in r["fixed"]]
+            lines += [f"Decode step with N adapters resident (batch {r['batch']}, {r['new_tokens']} new tokens; "
+                      "speed × the 1-resident step, > 1 = faster):", ""]
+            lines += _table(["resident", "fixed ms/step", "speed × 1 resident", "routed top-2 ms/step",
+                             "speed × 1 resident"], rows)
+    ro = results.get("router")
+    if ro:
+        lines += ["## Router latency per call", ""]
+        rows = []
+        for k in ("centroid_base", "centroid_base_service", "centroid_minilm", "mlp", "mlp_with_complexity",
+                  "complexity"):
+            x = ro.get(k)
+            if not x:
+                continue
+            if "skipped" in x:
+                rows.append([k, "skipped", x["skipped"][:80], ""])
+                continue
+            extra = x.get("embedder") or (x.get("note") or ("parser" if x.get("parser") else ""))
+            rows.append([k, _f(x["ms_p50"], 3), f"{_f(x.get('vs_decode_step'), 3)}", extra])
+        lines += _table(["router", "ms p50", "÷ engine decode step (b1)", "note"], rows)
+    if results.get("errors"):
+        lines += ["## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
+    lines += ["## Plots", "", "![throughput](throughput_vs_concurrency.png) ![latency](latency_cdf.png) "
+              "![decode](decode_vs_hf.png)", ""]
+    return "\n".join(lines)
+
+
+# -- plots --------------------------------------------------------------------------------------------------
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    s, d = results.get("serving"), results.get("decode")
+    if s and s.get("levels"):
+        levels = [(int(c), x) for c, x in s["levels"].items() if x.get("tokens")]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c for c, _ in levels], [x["agg_tok_s"] for _, x in levels], "o-", label="Switchboard HTTP (mixed adapters)")
+        if s.get("peft_mixed8_tok_s"):
+            ax.axhline(s["peft_mixed8_tok_s"], color="C1", ls="--", label="PEFT mixed batch of 8 (in-process)")
+        if d and d.get("b8"):
+            ax.axhline(d["b8"]["hf_generate"]["tok_s"], color="C2", ls=":", label="HF generate batch 8 (no adapter)")
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel("aggregate tokens / s")
+        ax.set_xticks([c for c, _ in levels])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title("Throughput vs concurrency")
+        fig.tight_layout()
+        fig.savefig(out / "throughput_vs_concurrency.png", dpi=120)
+        plt.close(fig)
+        written.append("throughput_vs_concurrency.png")
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for c, x in levels:
+            for ax, key in zip(axes, ("itl_ms", "ttft_ms"), strict=True):
+                xs = [max(v, 1e-3) for v in sorted(x["samples"][key])]
+                if xs:
+                    ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], drawstyle="steps-post",
+                            marker="o" if len(xs) < 20 else None, ms=3, label=f"{c} client{'s' if c > 1 else ''}")
+        for ax, title in zip(axes, ("inter-token latency", "time to first token"), strict=True):
+            ax.set_xscale("log")
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("ms (log scale)")
+            ax.set_ylabel("fraction ≤ x")
+            ax.set_title(f"CDF: {title}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "latency_cdf.png", dpi=120)
+        plt.close(fig)
+        written.append("latency_cdf.png")
+    if d:
+        batches = [b for b in (1, 8) if d.get(f"b{b}")]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / max(len(batches), 1)
+        for j, b in enumerate(batches):
+            hf = d[f"b{b}"]["hf_generate"]["tok_s"]
+            vals = [d[f"b{b}"][m]["tok_s"] / hf for m in METHODS]
+            ax.bar([i + j * width for i in range(len(METHODS))], vals, width, label=f"batch {b}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(METHODS))])
+        ax.set_xticklabels([m.replace("_", "\n") for m in METHODS], fontsize=8)
+        ax.set_ylabel("tok/s ÷ HF generate (same batch)")
+        ax.set_title("Decode speed relative to HF generate")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "decode_vs_hf.png", dpi=120)
+        plt.close(fig)
+        written.append("decode_vs_hf.png")
+    return written
