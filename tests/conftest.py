@@ -21,6 +21,18 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def torch_state_restored():
+    """The bench sets process-wide torch state (grad off, thread counts); give it back afterwards
+    so later tests (training) are not affected."""
+    import torch
+
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    yield
+    torch.set_grad_enabled(grad)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("tiny-gpt2"))

@@ -12,7 +12,7 @@ from bench.common import Assets, BenchConfig, engine_generate, random_prompts, s
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, torch_state_restored):
     cfg = BenchConfig.make(tiny=True, device="cpu", threads=1)
     setup_torch(1)
     return Assets(cfg, tmp_path_factory.mktemp("bench-patches"))

@@ -13,7 +13,7 @@ pytest.importorskip("httpx")
 
 
 @pytest.fixture(scope="module")
-def bench_out(tmp_path_factory):
+def bench_out(tmp_path_factory, torch_state_restored):
     from bench.__main__ import main
 
     out = tmp_path_factory.mktemp("bench")
