@@ -125,8 +125,15 @@ def write(results: dict, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = parse_args(argv)
-    results = run(args)
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
+    try:
+        results = run(args)
+    finally:  # give back the process-wide torch state (main() is also called from tests)
+        torch.set_grad_enabled(grad)
+        torch.set_num_threads(threads)
     written = write(results, args.out)
     from bench.report import ratios_table
 

@@ -60,6 +60,7 @@ class BenchConfig:
     register_repeats: int = 10
     resident_counts: tuple[int, ...] = (1, 4, 16, 64)
     resident_tokens: int = 16
+    resident_repeats: int = 3
     router_calls: int = 50
     threads: int = 2
     device: str = "cpu"
@@ -83,6 +84,7 @@ class BenchConfig:
             cfg.serving_rounds = 1
             cfg.register_repeats = 5
             cfg.resident_tokens = 8
+            cfg.resident_repeats = 1
             cfg.router_calls = 20
             cfg.notes.append("quick mode: 32 new tokens per sequence instead of 128 (the prompt stays 64 tokens)")
             cfg.notes.append("quick mode: the PEFT re-merge loop decodes 8 tokens; its tok/s for 32 tokens is "
@@ -98,6 +100,7 @@ class BenchConfig:
             cfg.register_repeats = 2
             cfg.resident_counts = (1, 4)
             cfg.resident_tokens = 4
+            cfg.resident_repeats = 1
             cfg.router_calls = 2
             cfg.notes.append("tiny mode: a 2-layer GPT-2 for testing the benchmark code; the numbers mean nothing")
         return cfg

@@ -74,6 +74,13 @@ def fused_lora_forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, in]
 _FLAGS = {"fast_attention": False, "head_t": False}
 
 
+def _fresh_prefill_in_engine() -> bool:
+    """Whether the engine's own forward already uses `is_causal` for multi-row prefills."""
+    import inspect
+
+    return "fresh_prefill" in inspect.getsource(_ORIGINAL["gpt2.forward"])
+
+
 def _head(model, h: torch.Tensor) -> torch.Tensor:
     if _FLAGS["head_t"] and h.shape[0] <= 2 and h.device.type == "cpu":
         w = model.lm_head.weight
@@ -86,12 +93,14 @@ def _head(model, h: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model, input_ids, positions, cache, row_start: int = 0, all_logits: bool = False,
-            logits: bool = True):
+            last: torch.Tensor | None = None, logits: bool = True):
     """`server.engine.gpt2.forward` with the `fast_attention` / `head_t` switches, and
-    `logits=False` for a hidden-states-only pass (the router's base-model prefill)."""
+    `logits=False` for a hidden-states-only pass (the router's base-model prefill). `last` [B]:
+    each row's last real token in a right-padded prefill (newer engines pass it)."""
     if not (_FLAGS["fast_attention"] or _FLAGS["head_t"] or not logits):
+        extra = {"last": last} if last is not None else {}
         return _ORIGINAL["gpt2.forward"](model, input_ids, positions, cache, row_start=row_start,
-                                         all_logits=all_logits)
+                                         all_logits=all_logits, **extra)
     tr = model.transformer
     cfg = model.config
     B, T = input_ids.shape
@@ -104,7 +113,8 @@ def forward(model, input_ids, positions, cache, row_start: int = 0, all_logits: 
     L = int(positions.max()) + 1
     x = tr.wte(input_ids) + tr.wpe(positions)  # [B, T, d]
     fast = _FLAGS["fast_attention"]
-    causal = (same and start == 0 and T > 1) if fast else (B == 1 and T > 1 and start == 0)
+    # a prefill whose rows all start at 0 (right padding allowed) needs no mask and no cache read
+    causal = T > 1 and same and start == 0 if fast or _fresh_prefill_in_engine() else (B == 1 and T > 1 and start == 0)
     mask = None
     if not causal and not (fast and same and T == 1):
         key_pos = torch.arange(L, device=dev)
@@ -140,6 +150,8 @@ def forward(model, input_ids, positions, cache, row_start: int = 0, all_logits: 
         return None, hidden
     if all_logits:
         return model.lm_head(hidden), hidden
+    if last is not None:
+        return _head(model, hidden[torch.arange(B, device=dev), last]), hidden
     return _head(model, hidden[:, -1]), hidden
 
 
@@ -259,6 +271,14 @@ def _prefill_group(self, group: list) -> None:
         self._leave(s, s.finish_reason or "stop")
 
 
+def engine_batches_prefill() -> bool:
+    """Newer engines admit waiting sequences as one padded prefill (`Engine._admit`); then the
+    `batched_prefill` patch has nothing left to do and is not applied."""
+    from server.engine.engine import Engine
+
+    return hasattr(Engine, "_admit")
+
+
 # -- applying them ------------------------------------------------------------------------------------------
 _ORIGINAL: dict[str, object] = {}
 
@@ -293,7 +313,7 @@ def patched(names: tuple[str, ...] | list[str]) -> Iterator[None]:
             MultiLoRAConv1D.forward = fused_lora_forward
         if "batched_sampling" in names:
             Engine._decode = _decode
-        if "batched_prefill" in names:
+        if "batched_prefill" in names and not engine_batches_prefill():
             Engine.step = step
         yield
     finally:

@@ -149,13 +149,18 @@ def memory(cfg: BenchConfig, assets, rig) -> dict:
     for name in names:
         peft_model.delete_adapter(name)
     peft = {"adapters": count, "held_bytes_per_adapter": int(held / count), "held_vs_param": ratio(held / count, param)}
+    return {"adapter": rank_name, "engine": engine, "peft": peft}
+
+
+def stack_cache(assets, rig) -> dict:
+    """The engine's stacked-factor cache as the decode section left it (filling a slot clears it,
+    so this is read before anything else here touches the slots)."""
     stacks = [t for layer in rig.engine.slots.layers.values() for st in layer._stacks.values() if st for t in st]
-    active = sum(rig.registry.get(n).weights.nbytes for n in assets.folders if n in rig.registry)
-    stack = {"bytes": tensor_bytes(stacks), "routed_adapters_param_bytes": active,
-             "vs_routed_adapters": ratio(tensor_bytes(stacks), active),
-             "max_cached_sets_per_layer": getattr(type(next(iter(rig.engine.slots.layers.values()))),
-                                                  "max_cached_stacks", None)}
-    return {"adapter": rank_name, "engine": engine, "peft": peft, "stacked_factor_cache": stack}
+    routed = sum(rig.registry.get(n).weights.nbytes for n in assets.folders if n in rig.registry)
+    return {"bytes": tensor_bytes(stacks), "routed_adapters_param_bytes": routed,
+            "vs_routed_adapters": ratio(tensor_bytes(stacks), routed),
+            "max_cached_sets_per_layer": getattr(type(next(iter(rig.engine.slots.layers.values()))),
+                                                 "max_cached_stacks", None)}
 
 
 def resident_sweep(cfg: BenchConfig, assets) -> dict:
@@ -183,9 +188,9 @@ def resident_sweep(cfg: BenchConfig, assets) -> dict:
     batch = 8
     prompts = random_prompts(cfg, batch, resident.model.config.vocab_size, seed=11)[:, :16]
     out: dict = {"batch": batch, "prompt_tokens": prompts.shape[1], "new_tokens": cfg.resident_tokens,
-                 "adapter": rank_name, "repeats": max(1, cfg.repeats), "fixed": {}, "routed_top2": {}}
+                 "adapter": rank_name, "repeats": cfg.resident_repeats, "fixed": {}, "routed_top2": {}}
     runs: dict[tuple[str, int], list[dict]] = {}
-    for _ in range(max(1, cfg.repeats)):
+    for _ in range(max(1, cfg.resident_repeats)):
         for n in counts:
             for name in rig.registry.names():
                 rig.registry.remove(name)
@@ -218,6 +223,7 @@ def resident_sweep(cfg: BenchConfig, assets) -> dict:
 def run(cfg: BenchConfig, assets) -> dict:
     rig = assets.engine_rig()
     out: dict = {"targets": ["c_attn", "c_proj"]}
+    stacks = stack_cache(assets, rig)
     out["engine"] = register_latency(cfg, assets, rig)
     log("register " + ", ".join(f"{k} {v['register_ms']} ms" for k, v in out["engine"].items()))
     out["peft"] = peft_latency(cfg, assets)
@@ -225,5 +231,6 @@ def run(cfg: BenchConfig, assets) -> dict:
     for k, v in out["engine"].items():
         v["vs_peft_load_adapter"] = ratio(out["peft"][k]["load_adapter_ms"], v["register_ms"])
     out["memory"] = memory(cfg, assets, rig)
+    out["memory"]["stacked_factor_cache"] = stacks
     out["resident"] = resident_sweep(cfg, assets)
     return out
