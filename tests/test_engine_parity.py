@@ -42,8 +42,7 @@ def peft_model(store, tiny_model_dir):
 
 def engine_logits(engine: Engine, weights: dict[str, float]) -> torch.Tensor:
     versions = [engine.registry.get(n) for n in weights]
-    engine.ctx.active = tuple(engine.slots.ensure(versions))
-    engine.ctx.gates = torch.tensor([list(weights.values())])
+    engine.ctx.set(tuple(engine.slots.ensure(versions)), torch.tensor([list(weights.values())]), None)
     ids = torch.tensor([PROMPT])
     with torch.inference_mode():
         logits, _ = gpt2.forward(engine.resident.model, ids, torch.arange(len(PROMPT))[None], engine.cache, all_logits=True)

@@ -24,7 +24,7 @@ from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.registry import AdapterRegistry, AdapterVersion
-from server.engine.sampling import sample_row
+from server.engine.sampling import sample_batch
 from server.engine.sequence import Sequence, TokenEvent
 from server.engine.slots import SlotManager
 
@@ -96,12 +96,7 @@ class Engine:
             self.waiting.append(self.inbox.get_nowait())
         self._drop_cancelled()
         self.slots.evict_retired()
-        while self.waiting and len(self.running) < self.config.max_batch_size:
-            seq = self.waiting.popleft()
-            try:
-                self._prefill(seq)
-            except SwitchboardError as e:
-                self._fail(seq, e)
+        self._admit()
         if self.running:
             self._decode()
         if self.observer:
@@ -151,31 +146,74 @@ class Engine:
                 if w != 0.0:
                     gates[row, column[id(seq.versions[name])]] = w
         used = gates.ne(0).any(dim=1)  # [B]
-        self.ctx.active = tuple(slots)
-        self.ctx.gates = gates.to(self.resident.device)
-        self.ctx.rows = None if bool(used.all()) else used.nonzero().flatten().to(self.resident.device)
+        rows = None if bool(used.all()) else used.nonzero().flatten().to(self.resident.device)
+        self.ctx.set(tuple(slots), gates.to(self.resident.device), rows)
 
     # -- prefill and decode ---------------------------------------------------------------------------
-    def _prefill(self, seq: Sequence) -> None:
+    def _admit(self) -> None:
+        """Prefill the waiting sequences that fit, as one batch; a batch that fails (e.g. more
+        adapters than slots) is retried one sequence at a time so one bad row fails alone."""
+        batch: list[Sequence] = []
+        while self.waiting and len(self.running) + len(batch) < self.config.max_batch_size:
+            batch.append(self.waiting.popleft())
+        if not batch:
+            return
+        try:
+            self._prefill(batch)
+        except SwitchboardError as e:
+            if len(batch) == 1:
+                self._fail(batch[0], e)
+                return
+            for seq in batch:
+                try:
+                    self._prefill([seq])
+                except SwitchboardError as one:
+                    self._fail(seq, one)
+
+    def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids [B, T], positions [B, T] and each row's last real index [B]. Pad tokens
+        write keys/values past a row's end, which its later tokens overwrite before reading."""
+        dev = self.resident.device
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, T]
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)] = torch.tensor(p)
+        pos = torch.arange(width).expand(len(prompts), width)  # [B, T]
+        last = torch.tensor([len(p) - 1 for p in prompts])  # [B]
+        return ids.to(dev), pos.to(dev), last.to(dev)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
         row = len(self.running)
-        n = len(seq.prompt_ids)
-        self.cache.reserve(row + 1, min(n + seq.max_tokens, self.resident.max_positions))
-        ids = torch.tensor([seq.prompt_ids], device=self.resident.device)  # [1, T]
-        pos = torch.arange(n, device=self.resident.device)[None]  # [1, T]
-        if seq.routing.mode == "auto":
-            if self.gate_source is not None and self.gate_source.needs_hidden(seq):
-                self.ctx.clear()  # the base model's view of the prompt is what the router embeds
-                _, hidden = self._forward(ids, pos, row)
-                seq.keep_hidden(hidden[0], self.config.hidden_window)
-            self._route([seq])
-        else:
-            seq.gates = dict(seq.routing.weights)
-        self._set_gates([seq])
-        logits, hidden = self._forward(ids, pos, row)  # [1, V], [1, T, d]
-        if seq.hidden_tail is None:
-            seq.keep_hidden(hidden[0], self.config.hidden_window)
-        self.running.append(seq)
-        if self._accept(seq, logits[0].float().cpu()):
+        need = max(min(len(s.prompt_ids) + s.max_tokens, self.resident.max_positions) for s in seqs)
+        self.cache.reserve(row + len(seqs), need)
+        window = self.config.hidden_window
+        embed = [s for s in seqs if s.routing.mode == "auto" and self.gate_source is not None
+                 and self.gate_source.needs_hidden(s)]
+        if embed:
+            # The router embeds the base model's view of the prompt's last `window` tokens: one
+            # ungated pass over just those (into rows the real prefill overwrites below).
+            self.ctx.clear()
+            tails = [s.prompt_ids[-window:] if window else s.prompt_ids for s in embed]
+            ids, pos, _ = self._padded(tails)
+            hidden = self._hidden(ids, pos, row)  # [b, Tw, d]
+            for i, seq in enumerate(embed):
+                seq.keep_hidden(hidden[i, : len(tails[i])], window)
+        for seq in seqs:
+            if seq.routing.mode != "auto":
+                seq.gates = dict(seq.routing.weights)
+        self._route([s for s in seqs if s.routing.mode == "auto"])
+        self._set_gates(seqs)
+        ids, pos, last = self._padded([s.prompt_ids for s in seqs])
+        logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
+        choices = self._sample(seqs, logits)
+        finished = []
+        for i, seq in enumerate(seqs):
+            if seq.hidden_tail is None:
+                seq.keep_hidden(hidden[i, : len(seq.prompt_ids)], window)
+            self.running.append(seq)
+            if self._accept(seq, *choices[i]):
+                finished.append(seq)
+        for seq in finished:
             self._leave(seq, seq.finish_reason or "stop")
 
     def _decode(self) -> None:
@@ -186,24 +224,37 @@ class Engine:
         ids = torch.tensor([[s.generated[-1]] for s in self.running], device=self.resident.device)  # [B, 1]
         pos = torch.tensor([[s.position] for s in self.running], device=self.resident.device)  # [B, 1]
         logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
+        choices = self._sample(self.running, logits)
         finished = []
         for row, seq in enumerate(self.running):
             seq.keep_hidden(hidden[row], self.config.hidden_window)
-            if self._accept(seq, logits[row].float().cpu()):
+            if self._accept(seq, *choices[row]):
                 finished.append(seq)
         # Leave only after every row took its token: moving a row into a hole copies its cache up
         # to its position, which must already count the key/value this step just wrote.
         for seq in finished:
             self._leave(seq, seq.finish_reason or "stop")
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
+                 last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
         self.forward_calls += 1
-        return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row)
+        logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last)
+        assert logits is not None
+        return logits, hidden
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample the next token of `seq` and emit it; returns whether the sequence finished."""
-        generator = seq.__dict__.setdefault("_generator", _make_generator(seq))
-        token, logprob = sample_row(logits, seq.sampling, generator)
+    def _hidden(self, ids: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor:
+        """Hidden states only (no LM head): the router's pass over the prompt."""
+        self.forward_calls += 1
+        return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False)[1]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
+        """Next token and its log-probability per row of `logits` [B, V]."""
+        generators = [seq.__dict__.setdefault("_generator", _make_generator(seq)) for seq in seqs]
+        return sample_batch(logits, [s.sampling for s in seqs], generators)
+
+    def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
+        """Record and emit the chosen token; returns whether the sequence finished."""
         index = len(seq.generated)
         seq.trace.record(index, seq.gates)
         delta = seq.push_token(token, self.resident.max_positions)

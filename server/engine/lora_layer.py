@@ -14,6 +14,7 @@ without materialising a merged adapter).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -29,10 +30,25 @@ class LoRABatchContext:
     active: tuple[int, ...] = ()  # slot indices used by at least one row of the batch
     gates: torch.Tensor | None = None  # [B, len(active)] per-row weight of each active slot
     rows: torch.Tensor | None = None  # [b] rows with any non-zero gate; None means all rows
-    extra: dict = field(default_factory=dict)
+    _expanded: dict = field(default_factory=dict)
+
+    def set(self, active: tuple[int, ...], gates: torch.Tensor, rows: torch.Tensor | None) -> None:
+        self.active, self.gates, self.rows = active, gates, rows
+        self._expanded = {}
 
     def clear(self) -> None:
         self.active, self.gates, self.rows = (), None, None
+        self._expanded = {}
+
+    def gates_for(self, cols: torch.Tensor) -> torch.Tensor:
+        """Gates expanded to rank columns, [B, R]: computed once per step for all the layers
+        that share a stack layout, not once per module call."""
+        key = id(cols)
+        hit = self._expanded.get(key)
+        if hit is None:
+            assert self.gates is not None
+            hit = self._expanded[key] = (self.gates[:, cols], cols)  # keep cols alive: its id stays unique
+        return hit[0]
 
 
 class MultiLoRAConv1D(nn.Module):
@@ -80,20 +96,23 @@ class MultiLoRAConv1D(nn.Module):
         return stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, in]
-        y = self.base(x)  # [B, T, out]
         ctx = self.ctx
-        if not ctx.active or ctx.gates is None:
-            return y
-        stack = self._stack(ctx.active)
-        if stack is None:  # no active adapter targets this module
-            return y
+        stack = self._stack(ctx.active) if ctx.active and ctx.gates is not None else None
+        if stack is None:  # no adapter in this batch targets this module
+            return self.base(x)
         a_cat, b_cat, cols = stack
-        gates = ctx.gates[:, cols].to(x.dtype)  # [B, R]
+        B, T = x.shape[0], x.shape[1]
+        x2 = x.reshape(B * T, self.in_features)  # [B*T, in]
+        base_w, base_b = cast(torch.Tensor, self.base.weight), cast(torch.Tensor, self.base.bias)
+        y = torch.addmm(base_b, x2, base_w)  # [B*T, out]  (what Conv1D computes)
+        gates = ctx.gates_for(cols).to(x.dtype)  # [B, R]
         if ctx.rows is None:
-            return y + ((x @ a_cat) * gates[:, None, :]) @ b_cat
+            h = x2 @ a_cat  # [B*T, R]
+            h = h * gates if T == 1 else (h.view(B, T, -1) * gates[:, None, :]).view(B * T, -1)
+            return y.addmm_(h, b_cat).view(B, T, self.out_features)  # y += h B, in place
         rows = ctx.rows
         delta = ((x[rows] @ a_cat) * gates[rows][:, None, :]) @ b_cat  # [b, T, out]
-        return y.index_add(0, rows, delta)
+        return y.view(B, T, self.out_features).index_add(0, rows, delta)
 
 
 def wrap_targets(model: nn.Module, target_names: set[str], num_slots: int, ctx: LoRABatchContext) -> dict[str, MultiLoRAConv1D]:

@@ -42,3 +42,22 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     probs = torch.softmax(scaled, dim=-1)
     token = int(torch.multinomial(probs, 1, generator=generator))
     return token, float(logprobs[token])
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[tuple[int, float]]:
+    """`sample_row` for every row of `logits` [B, V]; plain greedy rows (no logit_bias) are
+    decided together in one argmax / log-softmax over the batch, on the logits' device."""
+    plain = [i for i, p in enumerate(params) if p.greedy and not p.logit_bias]
+    out: list[tuple[int, float] | None] = [None] * len(params)
+    if plain:
+        idx = torch.tensor(plain, device=logits.device)
+        rows = logits.index_select(0, idx).float()  # [b, V]
+        tokens = rows.argmax(dim=-1)  # [b]
+        chosen = rows.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)  # [b] log-probs
+        for i, t, lp in zip(plain, tokens.tolist(), chosen.tolist(), strict=True):
+            out[i] = (int(t), float(lp))
+    for i, p in enumerate(params):
+        if out[i] is None:
+            out[i] = sample_row(logits[i].float().cpu(), p, generators[i])
+    return [o for o in out if o is not None]
