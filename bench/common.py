@@ -147,7 +147,24 @@ def environment(cfg: BenchConfig) -> dict:
         env["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
+    env.update(git_state())
     return env
+
+
+def git_state() -> dict:
+    """The commit measured, and whether the working tree differs from it (numbers of a dirty
+    tree describe code that is not in any commit)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "router_core"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty_engine": bool(dirty)} if commit else {}
 
 
 # -- model, tokenizer, adapters -------------------------------------------------------------------------

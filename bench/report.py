@@ -100,7 +100,8 @@ def markdown(results: dict) -> str:
     lines.append(f"Device **{env['device']}** ({env.get('device_name', '')}), dtype {env['dtype']}, "
                  f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
                  f"Python {env['python']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads; "
-                 f"load average at start/end {env.get('load_average_at_start')} / {env.get('load_average_at_end')}.")
+                 f"load average at start/end {env.get('load_average_at_start')} / {env.get('load_average_at_end')}; "
+                 f"commit {env.get('git_commit', '?')}{' with uncommitted server/router_core changes' if env.get('git_dirty_engine') else ''}.")
     lines.append("")
     lines.append(f"Model: GPT-2 124M shape (`GPT2Config()`, random weights); prompt {meta['prompt_tokens']} tokens, "
                  f"{meta['new_tokens']} new tokens, greedy; adapters LoRA r={meta.get('adapter_rank')} on "
