@@ -27,13 +27,15 @@ from bench.common import (
     sync,
 )
 
-METHODS = ("hf_generate", "peft_single", "peft_mixed4", "peft_remerge", "engine_fixed", "engine_routed")
+METHODS = ("hf_generate", "peft_single", "peft_mixed4", "peft_remerge", "engine_fixed", "engine_routed_once",
+           "engine_routed")
 LABELS = {
     "hf_generate": "HF generate (no adapter)",
     "peft_single": "PEFT, 1 adapter unmerged",
     "peft_mixed4": "PEFT, 4 adapters mixed batch (adapter_names)",
     "peft_remerge": "PEFT, mixture re-merged every 2 tokens (add_weighted_adapter cat)",
     "engine_fixed": "Switchboard engine, fixed adapter",
+    "engine_routed_once": "Switchboard engine, routed over 4, routed once on the prompt",
     "engine_routed": "Switchboard engine, routed over 4, re-route every 2",
 }
 
@@ -140,11 +142,11 @@ class RemergeLoop:
 
 
 # -- the engine ---------------------------------------------------------------------------------------------
-def run_engine(rig: EngineRig, prompts, cfg: BenchConfig, routed: bool) -> dict:
+def run_engine(rig: EngineRig, prompts, cfg: BenchConfig, routed: bool, reroute_every: int = REROUTE_EVERY) -> dict:
     from server.engine.sequence import RoutingSpec
 
     if routed:
-        spec = RoutingSpec("auto", router="centroid", reroute_every=REROUTE_EVERY)
+        spec = RoutingSpec("auto", router="centroid", reroute_every=reroute_every)
     else:
         spec = RoutingSpec("fixed", {adapter_names()[0]: 1.0})
     sync(cfg)
@@ -191,6 +193,7 @@ def run(cfg: BenchConfig, assets) -> dict:
             "peft_mixed4": lambda: run_generate(peft_model, prompts, cfg, adapter_names=mixed),
             "peft_remerge": lambda: remerge.run(prompts, cfg.new_tokens, cfg.remerge_tokens, cfg),
             "engine_fixed": lambda: run_engine(rig, prompts, cfg, routed=False),
+            "engine_routed_once": lambda: run_engine(rig, prompts, cfg, routed=True, reroute_every=0),
             "engine_routed": lambda: run_engine(rig, prompts, cfg, routed=True),
         }
 

@@ -1,12 +1,11 @@
-"""Where a decode step goes, and what the candidate engine changes buy: `python -m bench.profile_engine`.
+"""Where a decode step goes: `python -m bench.profile_engine`.
 
-1. A torch.profiler breakdown of the engine's routed decode step (4 adapters, re-route every 2)
-   and of HF's cached decode step, by category (Conv1D base matmuls, LoRA matmuls, LM head,
-   attention, KV-cache writes or concatenation, element-wise, the rest; Python = wall − ops).
-2. An ablation: end-to-end routed decode (prompt 64 + N tokens, batch 1 and 8) with each patch of
-   `bench.engine_patches` alone and all together, against the engine as shipped and HF generate,
-   interleaved and repeated (fastest repeat counts), plus a check that every variant produces
-   the same greedy tokens as the shipped engine.
+A torch.profiler breakdown of the engine's routed decode step (4 adapters, re-route every 2)
+and of HF's cached decode step, by category (Conv1D base matmuls, LoRA matmuls, LM head,
+attention, KV-cache writes or concatenation, element-wise, the rest; Python = wall − ops).
+The candidate changes it was used to measure (fused LoRA addmm, mask-free aligned decode,
+transposed LM head at small batch, batched prefill, a routing pass without the LM head) are now
+part of the engine.
 
 Run it with `--threads 1` on a shared machine: two OpenMP threads on two busy cores turn every
 small op into a wait for the other thread, and the figures become noise.
@@ -22,15 +21,11 @@ from pathlib import Path
 
 import torch
 
-from bench import engine_patches
 from bench.common import (
     Assets,
     BenchConfig,
-    decode_stats,
-    engine_generate,
     log,
     random_prompts,
-    ratio,
     setup_torch,
 )
 
@@ -121,65 +116,13 @@ def _hf_stepper(model, batch: int, vocab: int, cfg: BenchConfig):
     return step
 
 
-VARIANTS = {
-    "shipped": (),
-    "fused_lora": ("fused_lora",),
-    "fast_attention": ("fast_attention",),
-    "head_t": ("head_t",),
-    "batched_sampling": ("batched_sampling",),
-    "batched_prefill": ("batched_prefill",),
-    "all": engine_patches.PATCHES,
-}
-
-
-def ablation(cfg: BenchConfig, assets, repeats: int) -> dict:
-    from bench.decode import run_generate
-    from server.engine.sequence import RoutingSpec
-
-    rig = assets.engine_rig()
-    vocab = assets.base.config.vocab_size
-    spec = RoutingSpec("auto", router="centroid", reroute_every=2)
-    out: dict = {}
-    for batch in cfg.batches:
-        prompts = random_prompts(cfg, batch, vocab, seed=batch)
-        runs: dict[str, list[dict]] = {k: [] for k in ("hf_generate", *VARIANTS)}
-        tokens: dict[str, list] = {}
-        for name, patches in VARIANTS.items():  # warm-up + parity
-            with engine_patches.patched(patches):
-                r = engine_generate(rig, prompts, cfg.new_tokens, [spec] * batch)
-            tokens[name] = r["generated"]
-        for rep in range(repeats):
-            runs["hf_generate"].append(run_generate(assets.base, prompts, cfg))
-            for name, patches in VARIANTS.items():
-                with engine_patches.patched(patches):
-                    c = time.process_time()
-                    r = engine_generate(rig, prompts, cfg.new_tokens, [spec] * batch)
-                    cpu = time.process_time() - c
-                stats = decode_stats(batch, cfg.new_tokens, r["seconds"], r["ttft"], r["all_first"])
-                stats["cpu_s"] = round(cpu, 3)
-                runs[name].append(stats)
-            log(f"ablation b{batch} repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]['tok_s']}" for k, v in runs.items()))
-        best = {k: min(v, key=lambda s: s["seconds"]) for k, v in runs.items()}
-        hf, shipped = best["hf_generate"], best["shipped"]
-        out[f"b{batch}"] = {
-            k: {**v, "vs_hf": ratio(v["tok_s"], hf["tok_s"]), "vs_shipped": ratio(v["tok_s"], shipped["tok_s"]),
-                "step_vs_shipped": ratio(shipped["ms_per_step"], v["ms_per_step"]),
-                "same_tokens_as_shipped": tokens.get(k) == tokens["shipped"] if k in tokens else None,
-                "spread": round(max(s["seconds"] for s in runs[k]) / min(s["seconds"] for s in runs[k]), 2)}
-            for k, v in best.items()}
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="decode steps per profiler breakdown")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    p.add_argument("--skip-ablation", action="store_true")
-    p.add_argument("--skip-profile", action="store_true")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     args = p.parse_args(argv)
     cfg = BenchConfig.make(tiny=args.tiny, device="cpu", threads=args.threads)
@@ -194,25 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         ranks = {v.weights.rank for v in rig.registry.snapshot().values()}
         rank_cols = {r * k for r in ranks for k in range(1, 5)}
         result["profile"] = {}
-        for batch in () if args.skip_profile else cfg.batches:
+        for batch in cfg.batches:
             with torch.inference_mode():
                 hf = breakdown(_hf_stepper(assets.base, batch, vocab, cfg), args.steps, vocab, rank_cols)
             eng = breakdown(_engine_stepper(rig, batch, vocab, cfg), args.steps, vocab, rank_cols)
             _shutdown(rig.engine)
-            with engine_patches.patched(engine_patches.PATCHES):
-                allp = breakdown(_engine_stepper(rig, batch, vocab, cfg), args.steps, vocab, rank_cols)
-            _shutdown(rig.engine)
-            result["profile"][f"b{batch}"] = {"hf_step": hf, "engine_routed_step": eng, "engine_all_patches_step": allp}
+            result["profile"][f"b{batch}"] = {"hf_step": hf, "engine_routed_step": eng}
             log(f"profile b{batch}: HF {hf['ms_per_step']} ms/step {hf['share']}")
             log(f"profile b{batch}: engine {eng['ms_per_step']} ms/step {eng['share']}")
-            log(f"profile b{batch}: engine+patches {allp['ms_per_step']} ms/step {allp['share']}")
-        if not args.skip_ablation:
-            result["ablation"] = ablation(cfg, assets, args.repeats)
-    for b, rows in result.get("ablation", {}).items():
-        print(f"\n{b}: variant | tok/s | x HF | x shipped | step x shipped | same tokens | spread")
-        for k, v in rows.items():
-            print(f"  {k:17s} {v['tok_s']:8.1f} {v['vs_hf']!s:>6} {v['vs_shipped']!s:>6} {v['step_vs_shipped']!s:>6} "
-                  f"{v['same_tokens_as_shipped']!s:>6} {v['spread']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,6 +10,8 @@ from bench.decode import LABELS, METHODS
 RATIO_DOC = {
     "routed_vs_hf_b1": "engine routed (4 adapters, re-route every 2) tok/s ÷ HF generate tok/s, batch 1",
     "routed_vs_hf_b8": "the same at batch 8",
+    "reroute2_vs_once_b1": "engine routed, re-route every 2 tok/s ÷ the same routed once on the prompt, batch 1 (base embedder)",
+    "reroute2_vs_once_b8": "the same at batch 8",
     "http8_mixed_vs_peft_mixed8": "8 concurrent HTTP streaming clients on mixed adapters, aggregate tok/s ÷ PEFT mixed batch of 8 (adapter_names) tok/s",
     "peft_remerge_vs_hf_b1": "PEFT mixture re-merged every 2 tokens (add_weighted_adapter cat) tok/s ÷ HF generate tok/s, batch 1",
     "peft_remerge_vs_hf_b8": "the same at batch 8 (one merged adapter per row, adapter_names)",
@@ -41,6 +43,8 @@ def compute_ratios(results: dict) -> dict:
     p16 = lc.get("peft", {}).get("r16", {})
     return {
         "routed_vs_hf_b1": ratio(_tok(d, 1, "engine_routed"), _tok(d, 1, "hf_generate")),
+        "reroute2_vs_once_b1": ratio(_tok(d, 1, "engine_routed"), _tok(d, 1, "engine_routed_once")),
+        "reroute2_vs_once_b8": ratio(_tok(d, 8, "engine_routed"), _tok(d, 8, "engine_routed_once")),
         "routed_vs_hf_b8": ratio(_tok(d, 8, "engine_routed"), _tok(d, 8, "hf_generate")),
         "http8_mixed_vs_peft_mixed8": ratio(eight.get("agg_tok_s"), _tok(d, 8, "peft_mixed4")),
         "peft_remerge_vs_hf_b1": ratio(_tok(d, 1, "peft_remerge"), _tok(d, 1, "hf_generate")),

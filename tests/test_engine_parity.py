@@ -152,3 +152,19 @@ def test_slots_evict_lru_and_release_references(store, tiny_model_dir):
     assert small.slots.loads == 4  # alpha was evicted by gamma and re-installed
     assert outputs["alpha"][0] == outputs["alpha"][1]  # re-installed weights are the same weights
     assert all(v.refcount == 0 for v in registry.snapshot().values())
+
+
+def test_shutdown_outside_inference_mode_cancels_rows(engine):
+    """The graceful-shutdown deadline cancels rows from outside `step()`: compacting rows must not
+    trip over cache tensors made in inference mode (they grow inside `step()`)."""
+    seqs = [_hold(engine, _seq(PROMPT[: 3 + i], {"alpha": 1.0}, max_tokens=100)) for i in range(3)]  # cache grows
+    events: dict[int, list] = {s.id: [] for s in seqs}
+    for s in seqs:
+        s.emit = events[s.id].append
+        engine.submit(s)
+    engine.step()
+    assert len(engine.running) == 3
+    engine.shutdown()
+    assert engine.running == [] and not engine.has_work()
+    assert all(events[s.id][-1].finish_reason == "cancelled" for s in seqs)
+    assert all(v.refcount == 0 for v in engine.registry.snapshot().values())

@@ -290,6 +290,7 @@ class Engine:
         self.registry.release(list(seq.versions.values()))
         seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, {}, "error", error=error))
 
+    @torch.inference_mode()  # compacting rows writes to cache tensors made in inference mode
     def shutdown(self, reason: str = "cancelled") -> None:
         """Cancel everything (graceful-shutdown deadline passed)."""
         while not self.inbox.empty():
