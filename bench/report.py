@@ -12,6 +12,7 @@ RATIO_DOC = {
     "routed_vs_hf_b8": "the same at batch 8",
     "reroute2_vs_once_b1": "engine routed, re-route every 2 tok/s ÷ the same routed once on the prompt, batch 1 (base embedder)",
     "reroute2_vs_once_b8": "the same at batch 8",
+    "http8_vs_http1_sequential": "8 concurrent HTTP streaming clients, aggregate tok/s ÷ one client sending its requests one after another",
     "http8_mixed_vs_peft_mixed8": "8 concurrent HTTP streaming clients on mixed adapters, aggregate tok/s ÷ PEFT mixed batch of 8 (adapter_names) tok/s",
     "peft_remerge_vs_hf_b1": "PEFT mixture re-merged every 2 tokens (add_weighted_adapter cat) tok/s ÷ HF generate tok/s, batch 1",
     "peft_remerge_vs_hf_b8": "the same at batch 8 (one merged adapter per row, adapter_names)",
@@ -47,6 +48,7 @@ def compute_ratios(results: dict) -> dict:
         "reroute2_vs_once_b8": ratio(_tok(d, 8, "engine_routed"), _tok(d, 8, "engine_routed_once")),
         "routed_vs_hf_b8": ratio(_tok(d, 8, "engine_routed"), _tok(d, 8, "hf_generate")),
         "http8_mixed_vs_peft_mixed8": ratio(eight.get("agg_tok_s"), _tok(d, 8, "peft_mixed4")),
+        "http8_vs_http1_sequential": ratio(eight.get("agg_tok_s"), s.get("levels", {}).get("1", {}).get("agg_tok_s")),
         "peft_remerge_vs_hf_b1": ratio(_tok(d, 1, "peft_remerge"), _tok(d, 1, "hf_generate")),
         "peft_remerge_vs_hf_b8": ratio(_tok(d, 8, "peft_remerge"), _tok(d, 8, "hf_generate")),
         "routed_vs_peft_remerge_b1": ratio(_tok(d, 1, "engine_routed"), _tok(d, 1, "peft_remerge")),
@@ -160,6 +162,11 @@ def markdown(results: dict) -> str:
             x = s["routed"]
             lines += [f"Routed (`model: auto`, re-route every 2), {x['clients']} clients: {x['agg_tok_s']} tok/s, "
                       f"TTFT p50 {x['ttft_ms']['p50']} ms, inter-token p50/p99 {x['itl_ms']['p50']}/{x['itl_ms']['p99']} ms.", ""]
+        if s.get("replace_under_load"):
+            u = s["replace_under_load"]
+            lines += [f"Replacing `a0` (a new version under the same name) {u['replacements']} times while "
+                      f"{u['clients']} clients stream: p50 {u['replace_ms']['p50']} ms, p99 {u['replace_ms']['p99']} ms; "
+                      f"{len(u['errors'])} failed requests of {u['requests']}.", ""]
         if s.get("admin_register"):
             a = s["admin_register"]
             lines += [f"`POST /admin/adapters` ({a['path']}): {a['register_ms_p50']} ms p50; "

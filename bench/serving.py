@@ -203,6 +203,29 @@ async def admin_register(url: str, path: str, repeats: int) -> dict:
             "unload_ms_p50": round(percentile(unload, 0.5), 2), "register_ms": [round(x, 2) for x in load]}
 
 
+async def replace_under_load(url: str, clients: int, prompts: list[list[int]], models: list[str], max_tokens: int,
+                             replacements: int) -> dict:
+    """Issue 5: replace adapter `a0` (same name, new version) `replacements` times while `clients`
+    streaming clients run; latency of each replacement and whether any request failed."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    latencies: list[float] = []
+    load = asyncio.create_task(run_level(url, clients, max(2, replacements // clients + 1), prompts, models, max_tokens))
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60.0) as client:
+        await asyncio.sleep(0.5)  # let the clients get going
+        for _ in range(replacements):
+            t = time.perf_counter()
+            r = await client.post("/admin/adapters", json={"name": "a0", "path": "a0"})
+            latencies.append(1000 * (time.perf_counter() - t))
+            r.raise_for_status()
+            await asyncio.sleep(0.05)
+    results = await load
+    return {"clients": clients, "replacements": replacements,
+            "replace_ms": {"p50": round(percentile(latencies, 0.5), 2), "p99": round(percentile(latencies, 0.99), 2)},
+            "requests": len(results), "errors": [r["error"] for r in results if r["error"]]}
+
+
 def run(cfg: BenchConfig, assets, mode: str = "subprocess", peft_mixed8_tok_s: float | None = None) -> dict:
     import random
 
@@ -229,6 +252,12 @@ def run(cfg: BenchConfig, assets, mode: str = "subprocess", peft_mixed8_tok_s: f
                                             {"reroute_every": 2}))
             out["routed"] = summarize(results, c)
             log(f"serving {c} clients routed (auto, re-route every 2): {out['routed'].get('agg_tok_s')} tok/s")
+        c = 8 if 8 in cfg.concurrency else cfg.concurrency[-1]
+        out["replace_under_load"] = asyncio.run(replace_under_load(server.url, c, prompts, models, cfg.serving_tokens,
+                                                                   4 if cfg.tiny else 10))
+        rl = out["replace_under_load"]
+        log(f"replacing a0 under {c} streaming clients: p50 {rl['replace_ms']['p50']} ms, "
+            f"p99 {rl['replace_ms']['p99']} ms, {len(rl['errors'])} failed requests of {rl['requests']}")
         rank = "r16" if "r16" in assets.rank_folders else next(iter(assets.rank_folders))
         out["admin_register"] = asyncio.run(admin_register(server.url, rank, 2 if cfg.tiny else 5))
     finally:
