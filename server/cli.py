@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resident = load_base_model(settings.model.base_model, settings.model.device, settings.model.dtype)
     except ModelLoadError as e:
-        print(f"switchboard: {e}", file=sys.stderr)
+        sys.stderr.write(f"switchboard: {e}\n")  # one clear line for the operator, no traceback
         return 2
     app = create_app(settings, resident=resident)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level.lower())

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.engine.errors import SwitchboardError, Unavailable
+from server.engine.errors import AuthError, Forbidden, Unavailable
 from server.state import AppState, Services
 
 
@@ -20,18 +20,6 @@ def get_services(request: Request) -> Services:
     if not state.ready or state.services is None:
         raise Unavailable("the model is still loading")
     return state.services
-
-
-class AuthError(SwitchboardError):
-    status_code = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-
-
-class Forbidden(SwitchboardError):
-    status_code = 403
-    error_type = "permission_error"
-    code = "forbidden"
 
 
 def require_admin(request: Request) -> None:

@@ -31,6 +31,18 @@ class AdapterNotFound(SwitchboardError):
     code = "adapter_not_found"
 
 
+class AuthError(SwitchboardError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(SwitchboardError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class Conflict(SwitchboardError):
     status_code = 409
     error_type = "conflict_error"
