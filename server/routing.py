@@ -160,15 +160,21 @@ class RoutingService:
     def needs_hidden(self, seq: Sequence) -> bool:
         return self.encoder is None
 
-    def embed(self, seqs: list[Sequence]) -> torch.Tensor:
+    def contexts(self, seqs: list[Sequence]) -> list[str]:
+        """The text each sequence is routed on: its last `route_window` tokens."""
+        return [s.context_text(self.settings.route_window) for s in seqs]
+
+    def embed(self, seqs: list[Sequence], contexts: list[str] | None = None) -> torch.Tensor:
         if self.encoder is not None:
-            window = self.settings.route_window
-            return self.encoder.embed_texts([s.context_text(window) for s in seqs])  # [B, d]
+            return self.encoder.embed_texts(contexts if contexts is not None else self.contexts(seqs))  # [B, d]
         tails = [s.hidden_tail for s in seqs if s.hidden_tail is not None]
         return torch.cat([pool_hidden(t[None].float()) for t in tails])  # [B, d]
 
-    def route(self, seqs: list[Sequence]) -> list[dict[str, float]]:
-        embeddings = self.embed(seqs)  # [B, d]
+    def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
+        """Weights per sequence. `contexts` (from `contexts()`) lets the engine route on a
+        snapshot taken on its thread while this runs on another."""
+        contexts = contexts if contexts is not None else (self.contexts(seqs) if self.encoder else None)
+        embeddings = self.embed(seqs, contexts)  # [B, d]
         out: list[dict[str, float]] = []
         for i, seq in enumerate(seqs):
             spec = seq.routing
@@ -178,7 +184,8 @@ class RoutingService:
                 continue
             complexity = None
             if isinstance(router, MLPRouter) and router.needs_complexity:
-                complexity = self.analyzer().vectors([seq.context_text(self.settings.route_window)])
+                text = contexts[i] if contexts is not None else seq.context_text(self.settings.route_window)
+                complexity = self.analyzer().vectors([text])
             proposed = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
                                     top_k=spec.top_k)[0]  # [n]
             names = list(router.adapter_names)

@@ -13,6 +13,7 @@ import logging
 import queue
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,7 +45,9 @@ class GateSource(Protocol):
 
     def needs_hidden(self, seq: Sequence) -> bool: ...
 
-    def route(self, seqs: list[Sequence]) -> list[dict[str, float]]: ...
+    def contexts(self, seqs: list[Sequence]) -> list[str]: ...
+
+    def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]: ...
 
 
 class EngineObserver(Protocol):
@@ -72,6 +75,10 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.forward_calls = 0
+        # Text-encoder re-routes are started one step early on a side thread, overlapping the
+        # decode forward (their context lacks the newest token): seq id -> (future, row in it).
+        self._router_pool = ThreadPoolExecutor(1, thread_name_prefix="switchboard-router")
+        self._prefetched: dict[int, tuple[Future, int]] = {}
 
     # -- called from other threads ------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -111,20 +118,43 @@ class Engine:
 
     # -- gates ----------------------------------------------------------------------------------------
     def _route(self, seqs: list[Sequence]) -> None:
-        """Recompute gates for `seqs` (auto-routed rows that are due)."""
+        """Recompute gates for `seqs` (auto-routed rows that are due), taking the results of
+        re-routes started a step early where there are some."""
         if not seqs or self.gate_source is None:
             return
-        start = time.perf_counter()
-        proposals = self.gate_source.route(seqs)
-        elapsed = time.perf_counter() - start
-        for seq, weights in zip(seqs, proposals, strict=True):
-            before = seq.top_adapter if seq.gates else None
-            seq.gates = weights
-            switched = before is not None and seq.top_adapter != before
-            seq.reroutes += 1
-            seq.switches += int(switched)
-            if self.observer:
-                self.observer.on_route(seq, weights, switched, elapsed / len(seqs))
+        now = [s for s in seqs if s.id not in self._prefetched]
+        for seq in seqs:
+            if seq.id in self._prefetched:
+                future, i = self._prefetched.pop(seq.id)
+                proposals, elapsed = future.result()
+                self._apply_route(seq, proposals[i], elapsed)
+        if now:
+            proposals, elapsed = _timed_route(self.gate_source, now, None)
+            for seq, weights in zip(now, proposals, strict=True):
+                self._apply_route(seq, weights, elapsed)
+
+    def _apply_route(self, seq: Sequence, weights: dict[str, float], elapsed: float) -> None:
+        before = seq.top_adapter if seq.gates else None
+        seq.gates = weights
+        switched = before is not None and seq.top_adapter != before
+        seq.reroutes += 1
+        seq.switches += int(switched)
+        if self.observer:
+            self.observer.on_route(seq, weights, switched, elapsed)
+
+    def _prefetch_routes(self) -> None:
+        """Start, on the side thread, the text-encoder re-routes that fall due at the next step."""
+        source = self.gate_source
+        if source is None:
+            return
+        upcoming = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
+                    and (len(s.generated) + 1) % s.routing.reroute_every == 0
+                    and s.id not in self._prefetched and not source.needs_hidden(s)]
+        if upcoming:
+            contexts = source.contexts(upcoming)  # snapshot now: the engine thread appends tokens
+            future = self._router_pool.submit(_timed_route, source, upcoming, contexts)
+            for i, seq in enumerate(upcoming):
+                self._prefetched[seq.id] = (future, i)
 
     def _set_gates(self, seqs: list[Sequence]) -> None:
         """Point the LoRA layers at the slots these rows use, with a [B, active] gate matrix."""
@@ -221,6 +251,7 @@ class Engine:
                and len(s.generated) % s.routing.reroute_every == 0]
         self._route(due)
         self._set_gates(self.running)
+        self._prefetch_routes()
         ids = torch.tensor([[s.generated[-1]] for s in self.running], device=self.resident.device)  # [B, 1]
         pos = torch.tensor([[s.position] for s in self.running], device=self.resident.device)  # [B, 1]
         logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
@@ -279,6 +310,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = seq.finish_reason or reason
+        self._prefetched.pop(seq.id, None)
         self.registry.release(list(seq.versions.values()))
         if reason == "cancelled":
             seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates), "cancelled"))
@@ -300,6 +332,14 @@ class Engine:
         self.waiting.clear()
         for seq in list(self.running):
             self._leave(seq, reason)
+
+
+def _timed_route(source: GateSource, seqs: list[Sequence],
+                 contexts: list[str] | None) -> tuple[list[dict[str, float]], float]:
+    """Route `seqs`; returns the weights and the seconds per decision (for the latency metric)."""
+    start = time.perf_counter()
+    proposals = source.route(seqs, contexts)
+    return proposals, (time.perf_counter() - start) / len(seqs)
 
 
 def _make_generator(seq: Sequence) -> torch.Generator | None:
