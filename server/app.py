@@ -6,6 +6,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 
 from server.adapters import AdapterService
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 async def start(state: AppState, resident: ResidentModel | None) -> None:
     s = state.settings
+    if s.engine.torch_threads:
+        torch.set_num_threads(s.engine.torch_threads)
     if resident is None:
         resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype)
     s.store.adapter_dir.mkdir(parents=True, exist_ok=True)

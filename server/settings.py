@@ -33,6 +33,7 @@ class EngineSettings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="requests waiting beyond the batch; more get 429")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request is cancelled")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
+    torch_threads: int = Field(0, ge=0, description="CPU threads per torch op; 0 = torch's default (one per core)")
 
 
 class RoutingSettings(BaseSettings):
