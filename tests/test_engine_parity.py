@@ -168,3 +168,23 @@ def test_shutdown_outside_inference_mode_cancels_rows(engine):
     assert engine.running == [] and not engine.has_work()
     assert all(events[s.id][-1].finish_reason == "cancelled" for s in seqs)
     assert all(v.refcount == 0 for v in engine.registry.snapshot().values())
+
+
+def test_engine_failure_reports_an_error_to_every_request(engine):
+    """If a step fails (a bug), the worker cancels the batch with reason "error": every waiting
+    client gets a terminal event carrying an error instead of waiting for its timeout."""
+    seqs = [_hold(engine, _seq(PROMPT, {"beta": 1.0}, max_tokens=20)) for _ in range(2)]
+    events: dict[int, list] = {s.id: [] for s in seqs}
+    for s in seqs:
+        s.emit = events[s.id].append
+        engine.submit(s)
+    engine.step()
+    late = _hold(engine, _seq(PROMPT, {"alpha": 1.0}))
+    events[late.id] = []
+    late.emit = events[late.id].append
+    engine.submit(late)
+    engine.shutdown("error")
+    for s in [*seqs, late]:
+        last = events[s.id][-1]
+        assert last.finish_reason == "error" and last.error is not None and last.error.status_code == 503
+    assert all(v.refcount == 0 for v in engine.registry.snapshot().values())

@@ -21,7 +21,7 @@ import torch
 
 from server.engine import gpt2
 from server.engine.base_model import LORA_TARGETS, ResidentModel
-from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError
+from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError, Unavailable
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.registry import AdapterRegistry, AdapterVersion
@@ -220,6 +220,8 @@ class Engine:
         embed = [s for s in seqs if s.routing.mode == "auto" and self.gate_source is not None
                  and self.gate_source.needs_hidden(s)]
         if embed:
+            for seq in embed:
+                seq.hidden_tail = None  # a retried admission starts its window afresh
             # The router embeds the base model's view of the prompt's last `window` tokens: one
             # ungated pass over just those (into rows the real prefill overwrites below).
             self.ctx.clear()
@@ -309,11 +311,13 @@ class Engine:
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        unreported = seq.finish_reason is None  # ended here, not by its own last token
         seq.finish_reason = seq.finish_reason or reason
         self._prefetched.pop(seq.id, None)
         self.registry.release(list(seq.versions.values()))
-        if reason == "cancelled":
-            seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates), "cancelled"))
+        if unreported:  # tell the waiting client, or it would wait for its timeout
+            error = Unavailable("the engine failed while running this request; retry it") if reason == "error" else None
+            seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates), reason, error=error))
         if self.observer:
             self.observer.on_finish(seq)
 
