@@ -251,3 +251,26 @@ def test_user_errors_are_one_line(tiny_model_dir: Path, shared_data: Path, tmp_p
     assert main(["adapter", *ok_base, "--name", "x", "--target-modules", "nonexistent", *data]) == 2
     assert main(["adapter", *ok_base, "--name", "bad:name", *data]) == 2
     assert main(["centroids", *ok_base, "--adapters", "missing"]) == 2
+
+
+def test_running_server_picks_up_trained_outputs_on_reload(trained: Path, tiny_model_dir: Path) -> None:
+    """Training → store → live server: a server started before anything was registered serves the
+    trained adapters and router after `POST /admin/reload`, without a restart."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.conftest import ADMIN
+    from tests.tiny import app_settings
+
+    settings = app_settings(tiny_model_dir, trained, store={"scan_on_start": False})
+    with TestClient(create_app(settings)) as client:
+        before = {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert not {"code", "lit"} & before
+        report = client.post("/admin/reload", headers=ADMIN).json()
+        assert {"code", "lit"} <= set(report["loaded"]) and not report["failed"]
+        assert "mlp" in report["routers"] and not report["failed_routers"]
+        for body in ({"model": "code"}, {"model": "auto", "routing": {"router": "mlp"}}, {"model": "auto"}):
+            r = client.post("/v1/completions", json={**body, "prompt": "Write a Python function", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            weights = r.json()["choices"][0]["routing"][0]["weights"]
+            assert set(weights) <= {"code", "lit"} and weights

@@ -98,14 +98,14 @@ def make_adapter(
     return out_dir
 
 
-def app_settings(model_dir: Path, store: Path, **overrides):
+def app_settings(model_dir: Path, store_dir: Path, **overrides):
     """Settings for a test app: tiny model on CPU fp32, admin token `T`; `overrides` per group,
     e.g. `engine={"max_loras": 2}`."""
     from server.cli import GROUPS
     from server.settings import Settings
 
     base = {"model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32"},
-            "store": {"adapter_dir": store}, "server": {"admin_token": "T"}, "routing": {"embedder": "base"}}
+            "store": {"adapter_dir": store_dir}, "server": {"admin_token": "T"}, "routing": {"embedder": "base"}}
     kwargs = {}
     for name, cls in GROUPS.items():
         kwargs[name] = cls(**{**base.get(name, {}), **overrides.get(name, {})})
