@@ -13,7 +13,13 @@ from typing import Any
 
 from fastapi import Request
 
-from server.engine.errors import ContextTooLong, InvalidRequest, SwitchboardError
+from server.engine.errors import (
+    ContextTooLong,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    SwitchboardError,
+)
 from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
@@ -78,7 +84,8 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
     out = []
     for text in texts:
         if len(text) > state.settings.server.max_prompt_chars:
-            raise _too_large(f"prompt has {len(text)} characters; the limit is {state.settings.server.max_prompt_chars}")
+            raise PayloadTooLarge(f"prompt has {len(text)} characters; the limit is "
+                                  f"{state.settings.server.max_prompt_chars}", param="prompt")
         ids = tok.encode(text) or [tok.eos_token_id]  # an empty prompt starts from <|endoftext|>
         out.append((text, ids))
     return out
@@ -96,12 +103,6 @@ def _logit_bias(req: CompletionRequest, state: Services) -> tuple[tuple[int, flo
             raise InvalidRequest(f"logit_bias[{key}] must be in [-100, 100]", param="logit_bias")
         out.append((int(key), float(bias)))
     return tuple(out)
-
-
-def _too_large(message: str) -> SwitchboardError:
-    err = InvalidRequest(message, param="prompt", code="prompt_too_large")
-    err.status_code = 413
-    return err
 
 
 def build_choices(req: CompletionRequest, state: Services) -> list[Choice]:
@@ -184,9 +185,7 @@ async def _next_event(choice: Choice, request: Request, deadline: float) -> Toke
             if await request.is_disconnected():
                 raise ClientGone() from None
             if time.monotonic() > deadline:
-                err = SwitchboardError("the request timed out", code="timeout")
-                err.status_code, err.error_type = 504, "timeout_error"
-                raise err from None
+                raise RequestTimeout("the request timed out") from None
 
 
 class ClientGone(Exception):

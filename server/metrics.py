@@ -53,12 +53,10 @@ class Metrics:
 
     def on_token(self, seq: Sequence, now: float) -> None:
         self.generated_tokens.labels(seq.top_adapter).inc()
-        previous = seq.__dict__.get("_metrics_last")
-        if previous is None:
+        if seq.last_token_at is None:
             self.ttft.observe(now - seq.created)
         else:
-            self.itl.observe(now - previous)
-        seq.__dict__["_metrics_last"] = now
+            self.itl.observe(now - seq.last_token_at)
 
     def on_route(self, seq: Sequence, weights: dict[str, float], switched: bool, seconds: float) -> None:
         router = seq.routing.router or "auto"

@@ -188,11 +188,10 @@ class RoutingService:
                 complexity = self.analyzer().vectors([text])
             proposed = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
                                     top_k=spec.top_k)[0]  # [n]
-            names = list(router.adapter_names)
-            if seq.route_vector is not None and seq.__dict__.get("_route_names") == names:
+            names = tuple(router.adapter_names)
+            if seq.route_vector is not None and seq.route_names == names:
                 proposed = self.policy.stabilise(seq.route_vector, proposed)
-            seq.route_vector = proposed
-            seq.__dict__["_route_names"] = names
+            seq.route_vector, seq.route_names = proposed, names
             weights = {n: w for n, w in weights_dict(names, proposed).items() if n in seq.versions}
             total = sum(weights.values())
             out.append({n: w / total for n, w in weights.items()} if total > 0 else {})

@@ -11,34 +11,16 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-CORPUS = [
-    "def add(a, b):\n    return a + b\n",
-    "for i in range(10):\n    print(i)\n",
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
-    "must be in want of a wife. Mr. Holmes looked at the letter and smiled.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "The quick brown fox jumps over the lazy dog. import numpy as np\nx = np.zeros(3)",
-]
 
 TINY_CONFIG = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, n_ctx=128)
 
 
-def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
-    )
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The benchmarks' tiny byte-level BPE (vocabulary 400), so tests and bench agree on ids."""
+    from bench.common import build_tokenizer as bench_tokenizer
+
+    return bench_tokenizer()
 
 
 def build_model(seed: int = 0, **overrides) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:

@@ -283,8 +283,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
         """Next token and its log-probability per row of `logits` [B, V]."""
-        generators = [seq.__dict__.setdefault("_generator", _make_generator(seq)) for seq in seqs]
-        return sample_batch(logits, [s.sampling for s in seqs], generators)
+        return sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
 
     def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
         """Record and emit the chosen token; returns whether the sequence finished."""
@@ -292,10 +291,10 @@ class Engine:
         seq.trace.record(index, seq.gates)
         delta = seq.push_token(token, self.resident.max_positions)
         now = time.monotonic()
+        if self.observer:  # before the timestamps move: it measures from the previous token
+            self.observer.on_token(seq, now)
         seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
-        if self.observer:
-            self.observer.on_token(seq, now)
         seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason))
         return seq.finish_reason is not None
 
@@ -345,10 +344,3 @@ def _timed_route(source: GateSource, seqs: list[Sequence],
     proposals = source.route(seqs, contexts)
     return proposals, (time.perf_counter() - start) / len(seqs)
 
-
-def _make_generator(seq: Sequence) -> torch.Generator | None:
-    if seq.sampling.greedy:
-        return None
-    gen = torch.Generator()
-    gen.manual_seed(seq.sampling.seed if seq.sampling.seed is not None else torch.seed())
-    return gen

@@ -53,6 +53,17 @@ class ContextTooLong(SwitchboardError):
     code = "context_length_exceeded"
 
 
+class PayloadTooLarge(SwitchboardError):
+    status_code = 413
+    code = "prompt_too_large"
+
+
+class RequestTimeout(SwitchboardError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "timeout"
+
+
 class Overloaded(SwitchboardError):
     status_code = 429
     error_type = "rate_limit_error"

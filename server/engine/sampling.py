@@ -19,6 +19,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def make_generator(self) -> torch.Generator | None:
+        """A per-request generator (seeded when `seed` is given); greedy needs none."""
+        if self.greedy:
+            return None
+        gen = torch.Generator()
+        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return gen
+
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
     """Pick one token from `logits` [V]; returns (token id, its log-probability under the model)."""

@@ -56,6 +56,7 @@ class Sequence:
     versions: dict[str, AdapterVersion] = field(default_factory=dict)  # held references
     gates: dict[str, float] = field(default_factory=dict)  # weights in force
     route_vector: torch.Tensor | None = None  # last router output, for hysteresis
+    route_names: tuple[str, ...] | None = None  # the adapters `route_vector` is over
     hidden_tail: torch.Tensor | None = None  # [W, d] last hidden states, for the `base` embedder
     generated: list[int] = field(default_factory=list)
     trace: RoutingTrace = field(default_factory=RoutingTrace)  # weights in force per generated token
@@ -68,6 +69,10 @@ class Sequence:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    generator: torch.Generator | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.generator = self.sampling.make_generator()
 
     @property
     def position(self) -> int:
