@@ -4,8 +4,8 @@ A torch.profiler breakdown of the engine's routed decode step (4 adapters, re-ro
 and of HF's cached decode step, by category (Conv1D base matmuls, LoRA matmuls, LM head,
 attention, KV-cache writes or concatenation, element-wise, the rest; Python = wall − ops).
 The candidate changes it was used to measure (fused LoRA addmm, mask-free aligned decode,
-transposed LM head at small batch, batched prefill, a routing pass without the LM head) are now
-part of the engine.
+batched prefill, a routing pass without the LM head, oneDNN instead of MKL for the base and
+LM-head matmuls on CPU) are now part of the engine.
 
 Run it with `--threads 1` on a shared machine: two OpenMP threads on two busy cores turn every
 small op into a wait for the other thread, and the figures become noise.
@@ -35,12 +35,13 @@ CATEGORIES = ("conv1d_base", "lora", "lm_head", "attention", "kv_write", "kv_con
 
 def _classify(name: str, shapes: list, vocab: int, rank_cols: set[int]) -> str:
     flat = [d for s in shapes if isinstance(s, list | tuple) for d in s]
-    if name in ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"):
+    if name in ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul",
+                "mkldnn::_linear_pointwise"):
         if vocab in flat:
             return "lm_head"
         if any(d in rank_cols for d in flat):
             return "lora"
-        if name == "aten::addmm":
+        if name in ("aten::addmm", "mkldnn::_linear_pointwise"):
             return "conv1d_base"
         return "other_ops"
     if "scaled_dot_product" in name or name.startswith("aten::_flash") or "attention" in name:

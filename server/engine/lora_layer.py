@@ -19,6 +19,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from server.engine import cpu_linear
+
 
 @dataclass
 class LoRABatchContext:
@@ -66,6 +68,17 @@ class MultiLoRAConv1D(nn.Module):
         self.lora_a: list[torch.Tensor | None] = [None] * num_slots
         self.lora_b: list[torch.Tensor | None] = [None] * num_slots
         self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+        # [out, in] storage of the base weight when oneDNN computes the base matmul (CPU), else None.
+        self.weight_t: torch.Tensor | None = None
+        if cpu_linear.onednn_available(weight.device, weight.dtype):
+            self.weight_t = cpu_linear.transpose_storage(base)
+
+    def _base(self, x2: torch.Tensor) -> torch.Tensor:  # x2 [N, in] -> [N, out]
+        """What the wrapped Conv1D computes, `x2 @ W + b`, on the fastest kernel for the device."""
+        bias = cast(torch.Tensor, self.base.bias)
+        if self.weight_t is not None:
+            return cpu_linear.linear(x2, self.weight_t, bias)
+        return torch.addmm(bias, x2, cast(torch.Tensor, self.base.weight))
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
         self.lora_a[slot], self.lora_b[slot] = a, b_scaled
@@ -98,13 +111,12 @@ class MultiLoRAConv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, in]
         ctx = self.ctx
         stack = self._stack(ctx.active) if ctx.active and ctx.gates is not None else None
-        if stack is None:  # no adapter in this batch targets this module
-            return self.base(x)
-        a_cat, b_cat, cols = stack
         B, T = x.shape[0], x.shape[1]
         x2 = x.reshape(B * T, self.in_features)  # [B*T, in]
-        base_w, base_b = cast(torch.Tensor, self.base.weight), cast(torch.Tensor, self.base.bias)
-        y = torch.addmm(base_b, x2, base_w)  # [B*T, out]  (what Conv1D computes)
+        y = self._base(x2)  # [B*T, out]  (what Conv1D computes)
+        if stack is None:  # no adapter in this batch targets this module
+            return y.view(B, T, self.out_features)
+        a_cat, b_cat, cols = stack
         gates = ctx.gates_for(cols).to(x.dtype)  # [B, R]
         if ctx.rows is None:
             h = x2 @ a_cat  # [B*T, R]

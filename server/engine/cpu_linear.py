@@ -1,0 +1,40 @@
+"""The CPU matmul the engine's projections use: oneDNN's linear on an `[out, in]` weight.
+
+Why: on CPU, torch's `addmm` goes to MKL, whose sgemm repacks the whole weight on every call.
+At decode shapes (a handful of rows against a 768 x 2304 weight) that packing is most of the
+work; oneDNN's linear (the op `torch.compile` emits on CPU) does not pay it. Measured on this
+project's 2-core AMD EPYC with GPT-2 124M's twelve blocks: 45 -> 22 ms at 8 rows, 20 -> 14 ms
+at one row, and the tied LM head 26 -> 10 ms at 8 rows (`python -m bench.profile_engine`).
+
+oneDNN wants the weight as a contiguous `[out, in]` matrix; GPT-2's `Conv1D` stores `[in, out]`.
+Rather than keep two copies, `transpose_storage` moves the values into `[out, in]` storage and
+leaves the Conv1D holding an `[in, out]` view of it: same shape, same values, same state_dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype in _DTYPES and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] @ weight_t[out, in].T + bias -> [N, out], through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight_t, bias, "none", [], "")
+
+
+def transpose_storage(conv: nn.Module) -> torch.Tensor:
+    """Store a Conv1D's weight as contiguous [out, in]; returns that tensor. Idempotent."""
+    weight = conv.weight  # [in, out]
+    assert isinstance(weight, torch.Tensor)
+    weight_t = weight.detach().t()  # [out, in]
+    if not weight_t.is_contiguous():
+        weight_t = weight_t.contiguous()
+        conv.weight = nn.Parameter(weight_t.t(), requires_grad=weight.requires_grad)  # [in, out] view
+    return weight_t
