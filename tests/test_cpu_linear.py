@@ -61,3 +61,21 @@ def test_only_cpu_float32_and_bfloat16():
     assert cpu_linear.onednn_available(cpu, torch.bfloat16)
     assert not cpu_linear.onednn_available(cpu, torch.float16)
     assert not cpu_linear.onednn_available(torch.device("cuda"), torch.float32)
+
+
+def test_a_build_whose_op_fails_falls_back_to_addmm(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(cpu_linear, "linear", broken)
+    cpu_linear._works.cache_clear()
+    try:
+        assert not cpu_linear.onednn_available(torch.device("cpu"), torch.float32)
+        reference = _conv()
+        wrapper = MultiLoRAConv1D(copy.deepcopy(reference), num_slots=2, ctx=LoRABatchContext())
+        assert wrapper.weight_t is None and wrapper.base.weight.is_contiguous()  # storage left as it was
+        x = torch.randn(2, 4, 48)
+        with torch.inference_mode():
+            torch.testing.assert_close(wrapper(x), reference(x))
+    finally:
+        cpu_linear._works.cache_clear()

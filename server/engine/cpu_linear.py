@@ -13,15 +13,33 @@ leaves the Conv1D holding an `[in, out]` view of it: same shape, same values, sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype in _DTYPES and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return device.type == "cpu" and dtype in _DTYPES and _works(dtype)
+
+
+@functools.cache
+def _works(dtype: torch.dtype) -> bool:
+    """The op is private to torch (inductor emits it), so check once per dtype that this build
+    has it, with this signature, and that it agrees with F.linear; otherwise fall back."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(shape, generator=gen).to(dtype) for shape in ((3, 16), (5, 16), (5,)))
+    try:
+        with torch.inference_mode():
+            out = linear(x, w, b)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return torch.allclose(out.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)
 
 
 def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
