@@ -16,13 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _check_options(temperature: float, top_boost: float, top_k: int | None) -> None:
+def check_route_options(temperature: float, top_k: int | None) -> None:
+    """The options every router takes, checked the same way at construction and per request."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not top_boost > 0:
-        raise ValueError(f"top_boost must be > 0, got {top_boost}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+
+
+def _check_options(temperature: float, top_boost: float, top_k: int | None) -> None:
+    check_route_options(temperature, top_k)
+    if not top_boost > 0:
+        raise ValueError(f"top_boost must be > 0, got {top_boost}")
 
 
 def boost_and_truncate(probs: Tensor, top: Tensor, top_boost: float, top_k: int | None) -> Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from router_core.centroid import boost_and_truncate
+from router_core.centroid import boost_and_truncate, check_route_options
 from router_core.complexity import FEATURE_NAMES
 
 
@@ -102,10 +102,7 @@ class MLPRouter:
             raise ValueError(f"{len(names)} adapter names for a net with {net.n_adapters} outputs")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate adapter names: {names}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        check_route_options(temperature, top_k)
         feats = tuple(complexity_features) if complexity_features is not None else None
         if feats is None:
             feats = FEATURE_NAMES if net.complexity_dim == len(FEATURE_NAMES) else ()
@@ -163,10 +160,7 @@ class MLPRouter:
         """
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k
-        if not temp > 0:
-            raise ValueError(f"temperature must be > 0, got {temp}")
-        if k is not None and k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {k}")
+        check_route_options(temp, k)
         x = self.features(embeddings, complexity)  # [B, d + c]
         device = next(self.net.parameters()).device
         with torch.no_grad():
