@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from bench import common
+    from bench import common, rig
 
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"environment": common.environment(cfg), "errors": {}, "timings_s": {}}
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as tmp:
         t = time.perf_counter()
-        assets = common.Assets(cfg, Path(tmp))
+        assets = rig.Assets(cfg, Path(tmp))
         results["timings_s"]["setup"] = round(time.perf_counter() - t, 1)
         common.log(f"setup done in {results['timings_s']['setup']} s (device {cfg.device}, {cfg.threads} threads)")
         for name in SECTIONS:

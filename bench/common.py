@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: the model, tokenizer and adapters built in code, the engine
-set up in-process, timing helpers and the environment record.
+"""Shared pieces of the benchmarks: the run's configuration and environment record, the model,
+tokenizer and adapters built in code, and timing helpers (`bench.rig` sets up the engine).
 
 Nothing is downloaded: the base model is `GPT2Config()` (the real 124M shape) with random weights,
 since decode speed depends on the shape only; the tokenizer is a small byte-level BPE trained on a
@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ REROUTE_EVERY = 2
 N_ROUTED = 4
 ADAPTER_RANK = 16
 ADAPTER_TARGETS = ("c_attn", "c_proj")
-HIDDEN_WINDOW = 32
 
 _CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -167,6 +165,19 @@ def git_state() -> dict:
     return {"git_commit": commit, "git_dirty_engine": bool(dirty)} if commit else {}
 
 
+def routing_settings(**overrides):
+    """The server's routing defaults, with the `base` embedder and the centroid router."""
+    from server.settings import RoutingSettings
+
+    return RoutingSettings(embedder="base", router="centroid", reroute_every=REROUTE_EVERY, **overrides)
+
+
+def route_window(settings=None) -> int:
+    """Tokens the `base` embedder pools."""
+    return (settings or routing_settings()).route_window
+
+
+
 # -- model, tokenizer, adapters -------------------------------------------------------------------------
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -259,112 +270,6 @@ def write_adapters(base, out: Path, specs: list[tuple[str, int]], seed: int = 10
     return folders
 
 
-# -- the engine in-process ---------------------------------------------------------------------------------
-def resident_from(model, tokenizer, cfg: BenchConfig, model_id: str = "gpt2-random"):
-    from server.engine.base_model import ResidentModel, base_fingerprint, targetable_modules
-
-    return ResidentModel(model_id=model_id, model=model, tokenizer=tokenizer, device=torch.device(cfg.device),
-                         dtype=cfg.dtype, fingerprint=base_fingerprint(model), module_shapes=targetable_modules(model))
-
-
-def base_spec(resident, max_rank: int = 64):
-    from server.engine.adapter_store import BaseSpec
-
-    return BaseSpec(resident.module_shapes, resident.fingerprint, max_rank)
-
-
-def routing_settings(**overrides):
-    """The server's routing defaults, with the `base` embedder and the centroid router."""
-    from server.settings import RoutingSettings
-
-    return RoutingSettings(embedder="base", router="centroid", reroute_every=REROUTE_EVERY, **overrides)
-
-
-def route_window(settings=None) -> int:
-    """Tokens the `base` embedder pools (the setting was renamed once; accept both names)."""
-    settings = settings or routing_settings()
-    return int(getattr(settings, "route_window", getattr(settings, "hidden_window", HIDDEN_WINDOW)))
-
-
-def routing_service(settings, resident, registry, store: Path):
-    """`RoutingService` built as `server.app` builds it (its signature has grown a manifest)."""
-    import inspect
-
-    from server.routing import RoutingService
-
-    params = inspect.signature(RoutingService.__init__).parameters
-    if "manifest" in params:
-        from server.manifest import Manifest
-
-        return RoutingService(settings, resident, registry, store, Manifest(store))
-    return RoutingService(settings, resident, registry, store)
-
-
-@dataclass
-class EngineRig:
-    engine: object
-    registry: object
-    routing: object | None
-    resident: object
-
-
-def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras: int = 16,
-                max_batch_size: int = 32, routed: bool = True, store: Path | None = None) -> EngineRig:
-    from server.engine.adapter_store import read_adapter
-    from server.engine.engine import Engine, EngineConfig
-    from server.engine.registry import AdapterRegistry
-
-    registry = AdapterRegistry()
-    spec = base_spec(resident)
-    for name, folder in folders.items():
-        registry.register(read_adapter(name, folder, spec))
-    routing = None
-    settings = routing_settings()
-    if routed:
-        routing = routing_service(settings, resident, registry, store or next(iter(folders.values())).parent)
-    engine = Engine(resident, registry, EngineConfig(max_loras=max_loras, max_batch_size=max_batch_size,
-                                                     max_queue=1024, hidden_window=route_window(settings)),
-                    gate_source=routing)
-    return EngineRig(engine, registry, routing, resident)
-
-
-def engine_generate(rig: EngineRig, prompts: torch.Tensor, new_tokens: int, specs: list) -> dict:
-    """Submit one sequence per prompt row (greedy, no EOS) and step the engine until all finish.
-
-    Returns wall time, time to each row's first token, and when the last row got its first token
-    (the decode phase is timed from there)."""
-    from server.engine.sampling import SamplingParams
-    from server.engine.sequence import Sequence
-
-    tok = rig.resident.tokenizer
-    engine, registry = rig.engine, rig.registry
-    first: dict[int, float] = {}
-    count = {"tokens": 0}
-
-    def emit(ev, _first=first):
-        if ev.token_id is not None:
-            count["tokens"] += 1
-            _first.setdefault(ev.seq_id, time.perf_counter())
-
-    seqs = []
-    for row, spec in zip(prompts.tolist(), specs, strict=True):
-        names = sorted(set(spec.weights)) if spec.mode == "fixed" else list(rig.routing.resolve(spec.router)[1])
-        versions = registry.acquire(names)
-        seqs.append(Sequence(prompt_ids=row, max_tokens=new_tokens, sampling=SamplingParams(temperature=0.0),
-                             routing=spec, decode=lambda t: tok.decode(t, skip_special_tokens=True), emit=emit,
-                             eos_token_id=None, versions={v.name: v for v in versions}))
-    start = time.perf_counter()
-    for s in seqs:
-        engine.submit(s)
-    while engine.has_work():
-        engine.step()
-    end = time.perf_counter()
-    ttfts = [first[s.id] - start for s in seqs]
-    return {"seconds": end - start, "ttft": statistics.mean(ttfts), "all_first": max(first.values()) - start,
-            "tokens": count["tokens"], "reroutes": sum(s.reroutes for s in seqs),
-            "generated": [list(s.generated) for s in seqs]}
-
-
 # -- timing ---------------------------------------------------------------------------------------------------
 def sync(cfg: BenchConfig) -> None:
     if cfg.device.startswith("cuda"):
@@ -406,46 +311,3 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# -- what the sections share ------------------------------------------------------------------------------------
-class Assets:
-    """Built once per run: the base model, tokenizer, an adapter store on disk, and (lazily) the PEFT
-    model and the engine over their own copies of the base."""
-
-    def __init__(self, cfg: BenchConfig, root: Path) -> None:
-        self.cfg, self.root = cfg, root
-        self.base = build_base(cfg)
-        self.tokenizer = build_tokenizer()
-        self.store = root / "adapters"
-        self.store.mkdir(parents=True, exist_ok=True)
-        n_embd = self.base.config.n_embd
-        rank = 4 if cfg.tiny else ADAPTER_RANK
-        self.folders = write_adapters(self.base, self.store, [(f"a{i}", rank) for i in range(N_ROUTED)],
-                                      centroid_dim=n_embd)
-        self.rank_folders = write_adapters(self.base, self.store, [(f"r{r}", r) for r in cfg.ranks], seed=200)
-        self._peft = None
-        self._rig: EngineRig | None = None
-        self._model_dir: Path | None = None
-
-    def peft(self):
-        if self._peft is None:
-            from bench.decode import make_peft
-
-            self._peft = make_peft(self.base, self.folders, self.cfg)
-        return self._peft
-
-    def engine_rig(self) -> EngineRig:
-        if self._rig is None:
-            resident = resident_from(clone(self.base), self.tokenizer, self.cfg)
-            self._rig = make_engine(resident, self.folders, self.cfg, store=self.store)
-        return self._rig
-
-    def model_dir(self) -> Path:
-        """The base model and tokenizer saved for a server process (`--base-model DIR`)."""
-        if self._model_dir is None:
-            path = self.root / "base-model"
-            self.base.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-            self._model_dir = path
-        return self._model_dir

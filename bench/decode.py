@@ -17,15 +17,14 @@ from bench.common import (
     N_ROUTED,
     REROUTE_EVERY,
     BenchConfig,
-    EngineRig,
     best,
     decode_stats,
-    engine_generate,
     log,
     random_prompts,
     route_window,
     sync,
 )
+from bench.rig import EngineRig, engine_generate
 
 METHODS = ("hf_generate", "peft_single", "peft_mixed4", "peft_remerge", "engine_fixed", "engine_routed_once",
            "engine_routed")

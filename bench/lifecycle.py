@@ -16,19 +16,8 @@ import time
 
 import torch
 
-from bench.common import (
-    BenchConfig,
-    base_spec,
-    clone,
-    decode_stats,
-    engine_generate,
-    log,
-    make_engine,
-    random_prompts,
-    ratio,
-    resident_from,
-    route_window,
-)
+from bench.common import BenchConfig, clone, decode_stats, log, random_prompts, ratio, route_window
+from bench.rig import base_spec, engine_generate, make_engine, resident_from
 
 
 def tensor_bytes(tensors) -> int:

@@ -21,13 +21,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (
-    Assets,
-    BenchConfig,
-    log,
-    random_prompts,
-    setup_torch,
-)
+from bench.common import BenchConfig, log, random_prompts, setup_torch
+from bench.rig import Assets
 
 CATEGORIES = ("conv1d_base", "lora", "lm_head", "attention", "kv_write", "kv_concat", "elementwise", "other_ops",
               "python")

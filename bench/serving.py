@@ -64,7 +64,8 @@ class Server:
 
         import uvicorn
 
-        from bench.common import clone, resident_from
+        from bench.common import clone
+        from bench.rig import resident_from
         from server.app import create_app
         from server.cli import _add_flags, settings_from_args
 

@@ -1,0 +1,153 @@
+"""The engine set up in-process, as `server.app` sets it up, and the assets every section shares
+(base model, tokenizer, adapter store, and lazily the PEFT model and the engine rig)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import (
+    ADAPTER_RANK,
+    N_ROUTED,
+    BenchConfig,
+    build_base,
+    build_tokenizer,
+    clone,
+    route_window,
+    routing_settings,
+    write_adapters,
+)
+
+
+# -- the engine in-process ---------------------------------------------------------------------------------
+def resident_from(model, tokenizer, cfg: BenchConfig, model_id: str = "gpt2-random"):
+    from server.engine.base_model import ResidentModel, base_fingerprint, targetable_modules
+
+    return ResidentModel(model_id=model_id, model=model, tokenizer=tokenizer, device=torch.device(cfg.device),
+                         dtype=cfg.dtype, fingerprint=base_fingerprint(model), module_shapes=targetable_modules(model))
+
+
+def base_spec(resident, max_rank: int = 64):
+    from server.engine.adapter_store import BaseSpec
+
+    return BaseSpec(resident.module_shapes, resident.fingerprint, max_rank)
+
+
+def routing_service(settings, resident, registry, store: Path):
+    """`RoutingService` built as `server.app` builds it."""
+    from server.manifest import Manifest
+    from server.routing import RoutingService
+
+    return RoutingService(settings, resident, registry, store, Manifest(store))
+
+
+@dataclass
+class EngineRig:
+    engine: object
+    registry: object
+    routing: object | None
+    resident: object
+
+
+def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras: int = 16,
+                max_batch_size: int = 32, routed: bool = True, store: Path | None = None) -> EngineRig:
+    from server.engine.adapter_store import read_adapter
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.registry import AdapterRegistry
+
+    registry = AdapterRegistry()
+    spec = base_spec(resident)
+    for name, folder in folders.items():
+        registry.register(read_adapter(name, folder, spec))
+    routing = None
+    settings = routing_settings()
+    if routed:
+        routing = routing_service(settings, resident, registry, store or next(iter(folders.values())).parent)
+    engine = Engine(resident, registry, EngineConfig(max_loras=max_loras, max_batch_size=max_batch_size,
+                                                     max_queue=1024, hidden_window=route_window(settings)),
+                    gate_source=routing)
+    return EngineRig(engine, registry, routing, resident)
+
+
+def engine_generate(rig: EngineRig, prompts: torch.Tensor, new_tokens: int, specs: list) -> dict:
+    """Submit one sequence per prompt row (greedy, no EOS) and step the engine until all finish.
+
+    Returns wall time, time to each row's first token, and when the last row got its first token
+    (the decode phase is timed from there)."""
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import Sequence
+
+    tok = rig.resident.tokenizer
+    engine, registry = rig.engine, rig.registry
+    first: dict[int, float] = {}
+    count = {"tokens": 0}
+
+    def emit(ev, _first=first):
+        if ev.token_id is not None:
+            count["tokens"] += 1
+            _first.setdefault(ev.seq_id, time.perf_counter())
+
+    seqs = []
+    for row, spec in zip(prompts.tolist(), specs, strict=True):
+        names = sorted(set(spec.weights)) if spec.mode == "fixed" else list(rig.routing.resolve(spec.router)[1])
+        versions = registry.acquire(names)
+        seqs.append(Sequence(prompt_ids=row, max_tokens=new_tokens, sampling=SamplingParams(temperature=0.0),
+                             routing=spec, decode=lambda t: tok.decode(t, skip_special_tokens=True), emit=emit,
+                             eos_token_id=None, versions={v.name: v for v in versions}))
+    start = time.perf_counter()
+    for s in seqs:
+        engine.submit(s)
+    while engine.has_work():
+        engine.step()
+    end = time.perf_counter()
+    ttfts = [first[s.id] - start for s in seqs]
+    return {"seconds": end - start, "ttft": statistics.mean(ttfts), "all_first": max(first.values()) - start,
+            "tokens": count["tokens"], "reroutes": sum(s.reroutes for s in seqs),
+            "generated": [list(s.generated) for s in seqs]}
+
+
+# -- what the sections share ------------------------------------------------------------------------------------
+class Assets:
+    """Built once per run: the base model, tokenizer, an adapter store on disk, and (lazily) the PEFT
+    model and the engine over their own copies of the base."""
+
+    def __init__(self, cfg: BenchConfig, root: Path) -> None:
+        self.cfg, self.root = cfg, root
+        self.base = build_base(cfg)
+        self.tokenizer = build_tokenizer()
+        self.store = root / "adapters"
+        self.store.mkdir(parents=True, exist_ok=True)
+        n_embd = self.base.config.n_embd
+        rank = 4 if cfg.tiny else ADAPTER_RANK
+        self.folders = write_adapters(self.base, self.store, [(f"a{i}", rank) for i in range(N_ROUTED)],
+                                      centroid_dim=n_embd)
+        self.rank_folders = write_adapters(self.base, self.store, [(f"r{r}", r) for r in cfg.ranks], seed=200)
+        self._peft = None
+        self._rig: EngineRig | None = None
+        self._model_dir: Path | None = None
+
+    def peft(self):
+        if self._peft is None:
+            from bench.decode import make_peft
+
+            self._peft = make_peft(self.base, self.folders, self.cfg)
+        return self._peft
+
+    def engine_rig(self) -> EngineRig:
+        if self._rig is None:
+            resident = resident_from(clone(self.base), self.tokenizer, self.cfg)
+            self._rig = make_engine(resident, self.folders, self.cfg, store=self.store)
+        return self._rig
+
+    def model_dir(self) -> Path:
+        """The base model and tokenizer saved for a server process (`--base-model DIR`)."""
+        if self._model_dir is None:
+            path = self.root / "base-model"
+            self.base.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+            self._model_dir = path
+        return self._model_dir
