@@ -23,26 +23,23 @@ import torch.nn.functional as F
 def measure(embedder: str, batch: int, new_tokens: int, repeats: int, every: int = 2) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bench.common import build_tokenizer
+    from bench.common import BenchConfig, build_tokenizer
+    from bench.rig import resident_from, routing_service
     from server.engine.adapter_store import AdapterWeights
-    from server.engine.base_model import ResidentModel, base_fingerprint, targetable_modules
     from server.engine.engine import Engine, EngineConfig
     from server.engine.registry import AdapterRegistry
     from server.engine.sampling import SamplingParams
     from server.engine.sequence import RoutingSpec, Sequence
-    from server.manifest import Manifest
-    from server.routing import RoutingService
     from server.settings import RoutingSettings
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).eval()
     tok = build_tokenizer()
     vocab = len(tok)
-    resident = ResidentModel("gpt2-random", model, tok, torch.device("cpu"), torch.float32,
-                             base_fingerprint(model), targetable_modules(model))
+    resident = resident_from(model, tok, BenchConfig.make(device="cpu", threads=torch.get_num_threads()))
     registry = AdapterRegistry()
     store = Path(tempfile.mkdtemp(prefix="switchboard-reroute-"))
-    routing = RoutingService(RoutingSettings(embedder=embedder), resident, registry, store, Manifest(store))
+    routing = routing_service(RoutingSettings(embedder=embedder), resident, registry, store)
     rank = 16
     for i in range(4):
         tensors = {p: (torch.randn(d_in, rank) * 0.01, torch.randn(rank, d_out) * 0.01)
