@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from server import ui
 from server.adapters import AdapterService
 from server.api_errors import install_error_handlers
 from server.engine.adapter_store import BaseSpec
@@ -72,9 +73,10 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
             if state.services is not None:
                 await state.services.worker.drain(settings.engine.shutdown_grace)
 
-    app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.switchboard = state
     install_error_handlers(app)
     for module in (health, models, completions, admin):
         app.include_router(module.router)
+    ui.install(app)  # /, /playground, and /docs + /redoc without a CDN
     return app
