@@ -19,6 +19,7 @@ import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from tests.conftest import ADMIN
 from tests.live import live_server
 from tests.tiny import app_settings
 
+STATIC = Path(__file__).resolve().parents[1] / "server" / "static"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
 CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -59,26 +61,27 @@ def _refs(html: str) -> list[str]:
 
 
 def test_pages_and_assets_are_served_from_the_package(app_client):
-    index = app_client.get("/")
-    assert index.status_code == 200 and "text/html" in index.headers["content-type"]
-    assert "/playground" in _refs(index.text)
-    page = app_client.get("/playground")
-    assert page.status_code == 200
-    refs = _refs(page.text)
-    assert {"/static/playground.js", "/static/playground.css"} <= set(refs)
-    docs = app_client.get("/docs")
-    assert docs.status_code == 200
-    assert "SwaggerUIBundle" in docs.text
-    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", docs.text)
-    redoc = app_client.get("/redoc")
-    urls += re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", redoc.text)
-    for ref in refs + _refs(index.text) + urls:
-        assert ref.startswith("/") and not ref.startswith("//"), f"{ref!r} is not served by the server itself"
-        if ref.startswith(("/static", "/static-docs", "/openapi.json")):
-            r = app_client.get(ref)
-            assert r.status_code == 200, ref
-            assert len(r.content) > 100, ref
-    assert "https://" not in docs.text and "http://" not in docs.text
+    """Every page, and everything a page links or loads, is served by the server itself."""
+    pages = {"/": app_client.get("/"), "/playground": app_client.get("/playground"),
+             "/docs": app_client.get("/docs"), "/redoc": app_client.get("/redoc")}
+    for path, r in pages.items():
+        assert r.status_code == 200 and "text/html" in r.headers["content-type"], path
+    assert "playground" in _refs(pages["/"].text)
+    assert {"static/playground.js", "static/playground.css"} <= set(_refs(pages["/playground"].text))
+    assert "SwaggerUIBundle" in pages["/docs"].text and "redoc.standalone.js" in pages["/redoc"].text
+    for path, r in pages.items():
+        refs = _refs(r.text) + re.findall(r"""(?:url)\s*:\s*['"]([^'"]+)['"]""", r.text)
+        assert refs, path
+        for ref in refs:
+            url = urlsplit(urljoin(f"http://testserver{path}", ref))
+            assert url.netloc == "testserver", f"{path} refers to {ref!r}, outside the server"
+            assert app_client.get(url.path).status_code == 200, f"{path}: {ref} -> {url.path}"
+        assert "https://" not in r.text and "http://" not in r.text, path
+    for asset in ("/static/playground.js", "/static/playground.css", "/static-docs/swagger-ui-bundle.js",
+                  "/static-docs/swagger-ui.css", "/static-docs/redoc.standalone.js"):
+        assert len(app_client.get(asset).content) > 1000, asset
+    for f in STATIC.iterdir():  # no absolute URL anywhere in the playground's own files (an XML namespace is a name)
+        assert "://" not in f.read_text().replace('xmlns="http://www.w3.org/2000/svg"', ""), f.name
     # the pages are not API operations
     assert not {"/", "/playground", "/docs"} & set(app_client.get("/openapi.json").json()["paths"])
 
@@ -88,9 +91,8 @@ def test_pages_are_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     patterns = project["tool"]["setuptools"]["package-data"]["server"]
-    static = Path(__file__).resolve().parents[1] / "server" / "static"
-    shipped = {p.relative_to(static.parent).as_posix() for pattern in patterns for p in static.parent.glob(pattern)}
-    assert {f"static/{f.name}" for f in static.iterdir()} <= shipped
+    shipped = {p.relative_to(STATIC.parent).as_posix() for pattern in patterns for p in STATIC.parent.glob(pattern)}
+    assert {f"static/{f.name}" for f in STATIC.iterdir()} <= shipped
 
 
 # -- in Chromium ----------------------------------------------------------------------------------
@@ -114,7 +116,12 @@ class Offline:
         self.base, self.refused, self.errors = base, [], []
         page.route("**/*", self._route)
         page.on("pageerror", lambda e: self.errors.append(str(e)))
-        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("console", self._console)
+
+    def _console(self, message) -> None:
+        # the browser logs every 4xx response; the test provokes exactly one (a 400), which the page must show
+        if message.type == "error" and "status of 400" not in message.text:
+            self.errors.append(message.text)
 
     def _route(self, route) -> None:
         if route.request.url.startswith(self.base + "/"):
@@ -235,11 +242,17 @@ def test_playground_in_chromium(browser, store, tiny_model_dir, tmp_path):
         assert [(a["name"], a["centroids"]) for a in listed] == [("alpha", [1, 64]), ("beta", [1, 64])]
         page.wait_for_function("document.querySelectorAll('#routers li')[0]?.textContent.includes('alpha, beta')")
 
-        # a manual mixture: every token carries it, the strip is flat at 3:1
+        # a manual mixture: first an all-zero one, which the server refuses and the page reports
         page.select_option("#model", "auto")
         page.fill("#prompt", PROMPT)
         page.fill("#max-tokens", "12")
         page.check("#manual-mix")
+        for name in ("alpha", "beta"):
+            page.eval_on_selector(f"#mix-{name}", "s => { s.value = '0'; s.dispatchEvent(new Event('input')); }")
+        page.click("#generate")
+        page.wait_for_selector("#output[data-state=done]")
+        assert "routing.weights is empty" in page.inner_text("#run-error")
+        # then 3:1: every token carries it, the strip is flat
         for name, value in (("alpha", "0.75"), ("beta", "0.25")):
             page.eval_on_selector(f"#mix-{name}", f"s => {{ s.value = '{value}'; s.dispatchEvent(new Event('input')); }}")
         _generate(page)
@@ -267,8 +280,9 @@ def test_playground_in_chromium(browser, store, tiny_model_dir, tmp_path):
         # live counters agree with /metrics once the page has polled again
         scrape = httpx.get(f"{base}/metrics").text
         requests = _metric(scrape, "switchboard_requests_total")
-        assert requests == 4  # two streamed by the page, two sent by this test
+        assert requests == 5  # three streamed by the page (one refused), two sent by this test
         page.wait_for_function(f"document.getElementById('m-requests').dataset.value === '{requests:g}'", timeout=10_000)
+        assert page.inner_text("#m-errors") == "1"
         decisions = page.eval_on_selector_all("#m-decisions .bar-row", "ns => ns.map(n => [n.dataset.adapter, Number(n.dataset.value)])")
         assert dict(decisions) == {a: _metric(scrape, "switchboard_route_decisions_total", adapter=a) for a, _ in decisions}
         assert {a for a, _ in decisions} >= {"alpha"}

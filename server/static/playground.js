@@ -95,7 +95,7 @@ async function api(path, {method = "GET", body, admin = false} = {}) {
 // -- models, adapters, routers ---------------------------------------------------------------------
 async function loadModels() {
   try {
-    const data = await api("/v1/models");
+    const data = await api("v1/models");
     state.models = data.data;
     $("server-status").textContent = "ready";
     $("server-status").className = "pill ok";
@@ -161,8 +161,8 @@ async function renderSidePanel(auto) {
   let adapters = null, routerList = null;
   if (state.token) {
     try {
-      adapters = (await api("/admin/adapters", {admin: true})).adapters;
-      routerList = (await api("/admin/routers", {admin: true})).routers;
+      adapters = (await api("admin/adapters", {admin: true})).adapters;
+      routerList = (await api("admin/routers", {admin: true})).routers;
       setAdminState(true, "Admin token accepted: the lists come from /admin/adapters and /admin/routers.");
     } catch (e) {
       setAdminState(false, `Admin token refused: ${e.message}`);
@@ -244,16 +244,16 @@ function adminRegister(event) {
   const body = {name: $("reg-name").value.trim(), path: $("reg-path").value.trim(), centroids: Number($("reg-k").value || 1),
                 pinned: $("reg-pinned").checked};
   if (examples.length) body.examples = examples;
-  return adminAction(`POST /admin/adapters (${body.name})`, () => api("/admin/adapters", {method: "POST", body, admin: true}));
+  return adminAction(`POST /admin/adapters (${body.name})`, () => api("admin/adapters", {method: "POST", body, admin: true}));
 }
 
 function adminUnload(name) {
   return adminAction(`DELETE /admin/adapters/${name}`,
-                     () => api(`/admin/adapters/${encodeURIComponent(name)}`, {method: "DELETE", admin: true}));
+                     () => api(`admin/adapters/${encodeURIComponent(name)}`, {method: "DELETE", admin: true}));
 }
 
 function adminReload() {
-  return adminAction("POST /admin/reload", () => api("/admin/reload", {method: "POST", admin: true}));
+  return adminAction("POST /admin/reload", () => api("admin/reload", {method: "POST", admin: true}));
 }
 
 // -- the completion --------------------------------------------------------------------------------
@@ -430,7 +430,7 @@ async function generate() {
   $("generate").disabled = true;
   $("stop").disabled = false;
   try {
-    const response = await fetch("/v1/completions", {method: "POST", headers: {"content-type": "application/json"},
+    const response = await fetch("v1/completions", {method: "POST", headers: {"content-type": "application/json"},
                                                      body: JSON.stringify(body), signal: state.controller.signal});
     if (!response.ok) {
       const data = await response.json().catch(() => null);
@@ -477,7 +477,7 @@ function parseMetrics(text) {
 async function pollMetrics() {
   let samples;
   try {
-    const r = await fetch("/metrics");
+    const r = await fetch("metrics");
     if (!r.ok) return;
     samples = parseMetrics(await r.text());
   } catch { return; }
