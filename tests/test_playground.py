@@ -299,6 +299,15 @@ def test_playground_in_chromium(browser, store, tiny_model_dir, tmp_path):
         assert '"status": "unloaded"' in page.inner_text("#admin-log")
         assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]][1:] == ["auto", "alpha"]
 
+        # admin: reload the store, which registers beta's folder again (with the centroid saved beside it)
+        page.click("#reload")
+        page.wait_for_function("document.getElementById('admin-log').textContent.includes('POST /admin/reload')")
+        assert page.get_attribute("#admin-log", "data-status") == "ok", page.inner_text("#admin-log")
+        assert json.loads(page.inner_text("#admin-log").split("\n", 1)[1])["loaded"] == ["beta"]
+        page.wait_for_selector("#adapters li[data-adapter='beta']")
+        listed = httpx.get(f"{base}/admin/adapters", headers=ADMIN).json()["adapters"]
+        assert [(a["name"], a["centroids"]) for a in listed] == [("alpha", [1, 64]), ("beta", [1, 64])]
+
         # /docs renders from local assets
         page.goto(f"{base}/docs")
         page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)

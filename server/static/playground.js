@@ -367,22 +367,37 @@ class Run {
   applySegments(segments) {
     this.segments = segments;
     const end = segments.length ? segments[segments.length - 1].end_token : 0;
-    for (const node of document.querySelectorAll("#output .tok, #strip .col, #strip-marks .mark, #strip-axis .tick")) {
-      const i = Number(node.dataset.index ?? -1);
-      if (i >= end) node.remove();  // an event after the last generated token (a cancel) is not a token
-    }
-    const starts = new Map(segments.map((s, k) => [s.start_token, k]));
+    const byIndex = (selector) => {
+      const out = new Map();
+      for (const node of document.querySelectorAll(selector)) {
+        const i = Number(node.dataset.index);
+        if (i >= end) node.remove();  // an event after the last generated token (a cancel) is not a token
+        else out.set(i, node);
+      }
+      return out;
+    };
+    const toks = byIndex("#output .tok"), cols = byIndex("#strip .col"), marks = byIndex("#strip-marks .mark");
+    byIndex("#strip-axis .tick");
     segments.forEach((s, k) => {
       for (let i = s.start_token; i < s.end_token; i++) {
-        for (const node of document.querySelectorAll(`#output .tok[data-index="${i}"], #strip .col[data-index="${i}"]`)) {
+        const start = i === s.start_token;
+        for (const node of [toks.get(i), cols.get(i)]) {
+          if (!node) continue;
           node.dataset.segment = String(k);
-          node.classList.toggle("seg-start", i === s.start_token);
-          if (node.classList.contains("col")) node.classList.toggle("reroute", starts.has(i));
+          node.classList.toggle(node === cols.get(i) ? "reroute" : "seg-start", start);
         }
-        const mark = document.querySelector(`#strip-marks .mark[data-index="${i}"]`);
-        if (mark && i === s.start_token) { mark.classList.add("reroute"); mark.classList.remove("decision"); mark.textContent = "▼";
-                                           mark.title = `segment ${k} from token ${i}: ${describeWeights(s.weights)}`; }
-        else if (mark && mark.classList.contains("reroute")) { mark.classList.remove("reroute"); mark.textContent = ""; }
+        const mark = marks.get(i);
+        if (!mark) continue;
+        if (start) {
+          mark.classList.add("reroute");
+          mark.classList.remove("decision");
+          mark.textContent = "▼";
+          mark.title = `segment ${k} from token ${i}: ${describeWeights(s.weights)}`;
+        } else if (mark.classList.contains("reroute")) {
+          mark.classList.remove("reroute");
+          mark.textContent = "";
+          mark.title = "";
+        }
       }
     });
     const body = $("trace").querySelector("tbody");
