@@ -64,7 +64,7 @@ def run_generate(model, prompts, cfg: BenchConfig, **kwargs) -> dict:
 
 # -- PEFT re-merge loop ------------------------------------------------------------------------------
 class RemergeLoop:
-    """What a user would write to get a per-token routed mixture on PEFT (seed 002 on PEFT).
+    """What a user would write to get a per-token routed mixture on PEFT (the arXiv 2311.10847 method).
 
     Every 2 tokens: route each row from its last hidden states (mean-pooled, the same centroid
     router the engine uses), merge a new adapter per row with `add_weighted_adapter(cat)`, make

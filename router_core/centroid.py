@@ -1,4 +1,4 @@
-"""Gradient-free centroid routing (seed 002, arXiv 2311.10847).
+"""Gradient-free centroid routing (arXiv 2311.10847).
 
 Each adapter is represented by one or more unit vectors (centroids) in an embedder's space.
 A context is routed by cosine similarity to them: softmax with a temperature, the most similar
@@ -52,7 +52,7 @@ def boost_and_truncate(probs: Tensor, top: Tensor, top_boost: float, top_k: int 
 def fit_centroids(embeddings: Tensor, k: int = 1, iters: int = 25, seed: int = 0) -> Tensor:
     """Centroids `[k, d]` for one adapter from its example embeddings `[n, d]`.
 
-    k = 1 is the normalised mean (seed 002's dataset centroid). k > 1 runs spherical k-means
+    k = 1 is the normalised mean (arXiv 2311.10847's dataset centroid). k > 1 runs spherical k-means
     (k-means++ start, fixed seed so refits are reproducible), which helps adapters whose data is
     multi-modal, e.g. "code" spanning SQL questions and Python functions.
     """
@@ -81,9 +81,9 @@ def fit_centroids(embeddings: Tensor, k: int = 1, iters: int = 25, seed: int = 0
 
 
 class CentroidRouter:
-    """Routes embeddings to adapters by cosine similarity to their centroids (seed 002).
+    """Routes embeddings to adapters by cosine similarity to their centroids (arXiv 2311.10847).
 
-    `temperature` defaults to 1.0 because seed 002 applies a plain softmax to the cosine
+    `temperature` defaults to 1.0 because arXiv 2311.10847 applies a plain softmax to the cosine
     similarities and gets its sharpness from the ×4 boost of the most similar adapter. With
     cosines in [-1, 1] a unit temperature keeps a genuine mixture (e.g. similarities 0.5/0.2
     give 0.57/0.43, then 0.84/0.16 after the boost), which is the paper's point: blend experts,

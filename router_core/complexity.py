@@ -1,4 +1,4 @@
-"""Linguistic complexity of instructions (seed 001): spaCy features -> score in [0, 1] -> tier.
+"""Linguistic complexity of instructions (complexity-aware MoLoRA): spaCy features -> score in [0, 1] -> tier.
 
 Six features, each squashed to [0, 1] by a fixed, documented range so scores are comparable
 across runs and data sets (a per-data-set min/max would move tier boundaries every time the
@@ -31,7 +31,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 # Raw-value ranges mapped linearly to [0, 1] (clipped). Calibrated on the 999 Alpaca-format
-# instructions in ../shared/data/alpaca_gpt4_en_demo with en_core_web_sm: the default
+# instructions of an Alpaca-format demo set (LLaMA-Factory's alpaca_en_demo) with en_core_web_sm: the default
 # thresholds (0.3, 0.7) then give tiers of about 27 % / 65 % / 8 %, while a one-line imperative
 # scores ~0.1 and a long multi-clause academic sentence ~0.9+.
 _RANGES: dict[str, tuple[float, float]] = {

@@ -1,6 +1,6 @@
-"""Learned MLP router (seed 001): embedding ⊕ complexity features -> 256 hidden -> adapter softmax.
+"""Learned MLP router (complexity-aware MoLoRA): embedding ⊕ complexity features -> 256 hidden -> adapter softmax.
 
-A second head regresses the complexity score, which seed 001 trains jointly so the hidden layer
+A second head regresses the complexity score, which complexity-aware MoLoRA trains jointly so the hidden layer
 keeps the complexity signal the tiers were built from. Training lives in `training/`; this
 module holds the network, inference, and the auxiliary load-balance loss both sides agree on.
 """
@@ -67,7 +67,7 @@ def load_balance_loss(probs: Tensor) -> Tensor:
     `f_i` is the fraction of rows whose top choice is adapter i (no gradient), `P_i` the mean
     probability of adapter i (gradient flows here). It is 1.0 at a perfectly balanced batch and
     n when every row picks one adapter, so it penalises the router collapsing to one expert.
-    Seed 001 weights it 0.1; the caller applies the weight. `probs` `[B, n]` -> scalar.
+    Complexity-aware MoLoRA weights it 0.1; the caller applies the weight. `probs` `[B, n]` -> scalar.
     """
     if probs.dim() != 2 or probs.shape[0] == 0:
         raise ValueError(f"probs must be a non-empty [B, n] matrix, got {tuple(probs.shape)}")

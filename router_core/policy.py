@@ -1,6 +1,6 @@
 """When to re-route during generation, how to avoid flapping, and how decisions are reported.
 
-Seed 002 found re-routing every 2 generated tokens best; 0 means "route once on the prompt".
+arXiv 2311.10847 found re-routing every 2 generated tokens best; 0 means "route once on the prompt".
 A hysteresis margin stops the top adapter from alternating between two near-equal choices,
 which would otherwise produce noisy traces and metrics for no gain in output quality.
 """

@@ -42,7 +42,7 @@ class RoutingSettings(BaseSettings):
     router: str = Field("centroid", description="default router: centroid, mlp (first MLP router) or a router name")
     reroute_every: int = Field(2, ge=0, description="re-route every N generated tokens; 0 = route once on the prompt")
     route_window: int = Field(32, ge=1, description="last N tokens of context (prompt + generated) the router embeds")
-    route_temperature: float = Field(1.0, gt=0, description="softmax temperature of the centroid router (seed 002: 1, sharpened by top_boost)")
+    route_temperature: float = Field(1.0, gt=0, description="softmax temperature of the centroid router (arXiv 2311.10847: 1, sharpened by top_boost)")
     top_boost: float = Field(4.0, gt=0, description="multiplier of the most similar adapter's weight")
     route_top_k: int = Field(0, ge=0, description="keep the k best adapters per decision; 0 = all")
     min_similarity: float | None = Field(None, description="below this best cosine similarity the base model is used")

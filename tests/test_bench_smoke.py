@@ -1,6 +1,6 @@
 """The benchmark suite end to end on a tiny GPT-2 (`python -m bench --tiny`): every section runs
-and the results have the documented shape. No timing is asserted (DESIGN: benchmarks are never
-part of the suite's pass/fail on timings)."""
+and the results have the documented shape. No timing is asserted (a project rule: timings
+never decide the suite's pass/fail)."""
 
 from __future__ import annotations
 

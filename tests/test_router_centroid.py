@@ -1,4 +1,4 @@
-"""Centroid router math against hand-computed cases (seed 002: softmax, top ×4, renormalise)."""
+"""Centroid router math against hand-computed cases (arXiv 2311.10847: softmax, top ×4, renormalise)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def inputs(b: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_net_shapes() -> None:
-    net = MLPRouterNet(D, N, C)  # default hidden 256 (seed 001)
+    net = MLPRouterNet(D, N, C)  # default hidden 256 (complexity-aware MoLoRA)
     logits, score = net(torch.randn(7, D + C))
     assert logits.shape == (7, N) and score.shape == (7,)
     assert ((score > 0) & (score < 1)).all()

@@ -1,4 +1,4 @@
-"""Centroid routing of real text with the all-MiniLM-L6-v2 sentence encoder (seed 002 setup).
+"""Centroid routing of real text with the all-MiniLM-L6-v2 sentence encoder (the arXiv 2311.10847 setup).
 
 Centroids come from 40 examples per domain (what `POST /admin/adapters` with `examples` does);
 accuracy is measured on 150 *other* records per domain. Product target: >= 99 % code vs
@@ -137,7 +137,7 @@ def test_centroid_routing_real_text(encoder, embedded) -> None:
         assert min(two.values()) >= 0.95, (k, two)
         assert three["literature"] >= 0.95 and three["math"] >= 0.95, (k, three)
         assert three["code"] >= 0.8, (k, three)  # some CodeAlpaca tasks are arithmetic word problems
-    # The boosted top weight dominates a confident decision, as seed 002 intends.
+    # The boosted top weight dominates a confident decision, as arXiv 2311.10847 intends.
     router = CentroidRouter(names, [fit_centroids(embedded[n][0]) for n in names])
     w = router.route(embedded["code"][1][:8])  # [8, 3]
     assert torch.allclose(w.sum(-1), torch.ones(8))

@@ -1,4 +1,4 @@
-"""Seed 003's adaptive controller: φ(t), modes, lr by mode, mirror restore after a loss shock."""
+"""Unified LoRA's adaptive controller: φ(t), modes, lr by mode, mirror restore after a loss shock."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class LoraLike(nn.Module):
 
 
 def test_seed_formula_operating_point() -> None:
-    """With the auto scale a steady loss sits at ℓ̃ = 0.5 → φ = 1/3: seed 003's 'multi, stable'."""
+    """With the auto scale a steady loss sits at ℓ̃ = 0.5 → φ = 1/3: Unified LoRA's 'multi, stable'."""
     ctl = StressController()
     for _ in range(50):
         rec = ctl.update(3.0)
@@ -96,7 +96,7 @@ def test_shock_triggers_mirror_restore_and_phi_recovers(tmp_path: Path) -> None:
 
 def test_controller_inside_trainer_restores_after_shock(tmp_path: Path, tiny_model_dir: Path) -> None:
     """End to end with transformers.Trainer. A random tiny GPT-2's loss stays near ln(V) whatever
-    its LoRA weights, so the shock is injected as seed 003 describes it: at step 27 the LoRA
+    its LoRA weights, so the shock is injected as Unified LoRA describes it: at step 27 the LoRA
     weights are corrupted and, until the controller reacts, the logged loss is a 20x spike.
     The controller must enter mirror mode, put back a pre-shock snapshot (not the corrupted
     weights), lower the lr, and φ must come back below θ1 once the loss is normal again."""

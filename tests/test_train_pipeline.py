@@ -1,5 +1,5 @@
 """`switchboard-train` end to end on a tiny GPT-2: adapters on CodeAlpaca and Gutenberg slices,
-centroids, the MLP router (router-only and the three seed-001 phases), and the eval report."""
+centroids, the MLP router (router-only and the three complexity-aware MoLoRA phases), and the eval report."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir: Path, shared_data: Path) -> Path:
-    """A store with `code` (trained with the seed-003 controller), `lit`, and an MLP router `mlp`."""
+    """A store with `code` (trained with the Unified LoRA controller), `lit`, and an MLP router `mlp`."""
     torch.set_num_threads(1)
     store = tmp_path_factory.mktemp("store")
     base = ["--base-model", str(tiny_model_dir), "--adapter-dir", str(store)]

@@ -2,7 +2,7 @@
 
 The Trainer (not a hand-written loop) is what lets the same command run under
 ``torchrun`` / ``accelerate launch`` on several GPUs, resume from its checkpoints, and
-take callbacks such as the seed-003 controller. Checkpoints live in the store's
+take callbacks such as the Unified LoRA controller. Checkpoints live in the store's
 ``.work/<name>/checkpoints`` scratch folder; the adapter folder itself only ever holds
 the final PEFT files (safetensors), metadata, a prompt sample and centroids.
 """
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AdapterConfig:
-    """Everything ``switchboard-train adapter`` takes; defaults are seed 001's where it has one."""
+    """Everything ``switchboard-train adapter`` takes; defaults are complexity-aware MoLoRA's where it has one."""
 
     base_model: str
     adapter_dir: Path

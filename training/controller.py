@@ -1,6 +1,6 @@
-"""Seed 003's adaptive training controller, as a ``transformers.TrainerCallback``.
+"""Unified LoRA's adaptive training controller, as a ``transformers.TrainerCallback``.
 
-Seed 003 ("Unified LoRA") drives training from a stress signal φ(t)::
+Unified LoRA (S. Vargiu, 2025) drives training from a stress signal φ(t)::
 
     E_s = β·E_s + (1 − β)·ℓ̃        (EMA of the normalised loss)
     D   = E_s / (1 + E_s)           (squashed into [0, 1))
@@ -51,7 +51,7 @@ MODES = ("single", "multi", "mirror")
 
 @dataclass
 class ControllerConfig:
-    """Seed 003's constants (α, β, θ0, θ1) plus the knobs its README leaves implicit."""
+    """Unified LoRA's constants (α, β, θ0, θ1) plus the knobs its README leaves implicit."""
 
     alpha: float = 0.1
     beta: float = 0.9

@@ -1,4 +1,4 @@
-"""``switchboard-train experts``: complexity-stratified LoRA experts (seed 001).
+"""``switchboard-train experts``: complexity-stratified LoRA experts (complexity-aware MoLoRA).
 
 The data set is scored by ``router_core.complexity.ComplexityAnalyzer`` (spaCy features of
 the instruction, not the template) and split into tiers by the thresholds (default

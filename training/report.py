@@ -2,7 +2,7 @@
 
 Plots: one confusion matrix per router, grouped perplexity bars per domain (base, each
 adapter, each routed mixture), and φ(t) with the controller's mode for every evaluated
-adapter that was trained with the seed-003 controller (its ``controller.jsonl``).
+adapter that was trained with the Unified LoRA controller (its ``controller.jsonl``).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         stats = ", ".join(f"{d}: {v:.2f}" for d, v in r.get("mean_top1_switches", {}).items())
         lines.append(f"- {key}: {stats}")
     if report.get("controller"):
-        lines += ["", "## Adaptive controller (seed 003)", ""]
+        lines += ["", "## Adaptive controller (Unified LoRA)", ""]
         for name, c in report["controller"].items():
             lines.append(
                 f"- {name}: {c['steps']} steps, final φ {c['final_phi']:.3f}, mirror restores at {c['restores']}"

@@ -1,11 +1,11 @@
-"""``switchboard-train router``: the seed-001 MLP router, trained with ``transformers.Trainer``.
+"""``switchboard-train router``: the complexity-aware MoLoRA MLP router, trained with ``transformers.Trainer``.
 
 Features are the prompt embedding ⊕ its complexity vector; the label is the adapter whose
 data the prompt came from (``--labels source``) or its complexity tier (``--labels tier``,
-for ``tier0..2`` experts). The loss is seed 001's: cross-entropy + 0.1 × load-balance loss
+for ``tier0..2`` experts). The loss is complexity-aware MoLoRA's: cross-entropy + 0.1 × load-balance loss
 + MSE of the complexity head against the analyzer's score.
 
-Phases (seed 001: router-only, expert-only, joint) are switched by :class:`PhaseCallback`
+Phases (complexity-aware MoLoRA: router-only, expert-only, joint) are switched by :class:`PhaseCallback`
 within one Trainer run, splitting the steps by ``phase_split``:
 
 * ``router``: only the MLP learns, on pre-computed features (no LM forward at all);
@@ -15,7 +15,7 @@ within one Trainer run, splitting the steps by ``phase_split``:
 
 Expert/joint phases rewrite the experts, so they are opt-in (the default is ``router``);
 the updated experts are published back into the store with a new version. A small
-``Trainer`` subclass gives the router and the experts their own learning rates (seed 001:
+``Trainer`` subclass gives the router and the experts their own learning rates (complexity-aware MoLoRA:
 1e-3 and 5e-5).
 """
 

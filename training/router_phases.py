@@ -1,4 +1,4 @@
-"""Seed 001's three training phases for the MLP router, as Trainer pieces.
+"""Complexity-aware MoLoRA's three training phases for the MLP router, as Trainer pieces.
 
 :class:`RouterObjective` is the module the Trainer optimises: the router net, optionally
 the experts' LoRA mixture, and the loss of the current phase. :class:`PhaseCallback`
@@ -85,7 +85,7 @@ class PhaseCallback(TrainerCallback):
 
 
 class RouterTrainer(Trainer):
-    """Trainer with two optimizer groups: router (seed 001: 1e-3) and experts (5e-5)."""
+    """Trainer with two optimizer groups: router (complexity-aware MoLoRA: 1e-3) and experts (5e-5)."""
 
     def __init__(self, *args, router_lr: float, expert_lr: float, **kwargs) -> None:
         self.router_lr, self.expert_lr = router_lr, expert_lr

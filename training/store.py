@@ -1,9 +1,9 @@
 """The adapter store on disk, as training writes it, and base-model loading.
 
-Layout (DESIGN.md, "Adapter store format"): ``<store>/<name>/`` is a PEFT LoRA folder
+Layout (docs/architecture.md, "The adapter store"): ``<store>/<name>/`` is a PEFT LoRA folder
 plus ``switchboard.json``, ``centroid.safetensors`` and, from this package,
 ``examples.jsonl`` (a sample of training prompts, so centroids can be refitted with
-another embedder later) and ``controller.jsonl`` (the seed-003 controller log, when
+another embedder later) and ``controller.jsonl`` (the Unified LoRA controller log, when
 used). Routers live in ``<store>/_routers/<name>/``. Scratch space (Trainer checkpoints)
 goes to ``<store>/.work/<name>/``: a dot-folder is not a valid adapter name, so the
 server's rescan never mistakes it for an adapter.
