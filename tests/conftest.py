@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.tiny import make_adapter, save_model
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SAMPLE_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture()
@@ -49,10 +50,13 @@ def store(tmp_path, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data sets not found at {SHARED_DATA} (CI places ../shared beside the clone)")
-    return SHARED_DATA
+def sample_data() -> Path:
+    """The real-text samples in tests/data (see its README), or a folder with the full data sets in
+    the same layout when `SWITCHBOARD_TEST_DATA` names one (a larger, optional run)."""
+    root = Path(os.environ.get("SWITCHBOARD_TEST_DATA") or SAMPLE_DATA)
+    if not root.is_dir():
+        raise FileNotFoundError(f"SWITCHBOARD_TEST_DATA={root} is not a folder")
+    return root
 
 
 @pytest.fixture()

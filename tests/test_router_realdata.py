@@ -3,7 +3,8 @@
 Centroids come from 40 examples per domain (what `POST /admin/adapters` with `examples` does);
 accuracy is measured on 150 *other* records per domain. Product target: >= 99 % code vs
 literature; the test asserts >= 95 % so that a slightly different encoder build does not fail CI,
-and prints what it measured (run with `-s`). Resampling 20 random splits from pools of 800 code
+and prints what it measured (run with `-s`). The samples in tests/data hold just enough records;
+on the full data sets (`SWITCHBOARD_TEST_DATA`), resampling 20 random splits from pools of 800 code
 instructions, 800 passages and 300/500 GSM8K train/test questions: code vs literature, code
 prompts averaged 99.0 % (worst split 96.7 %) with one mean centroid and 99.6 % (worst 98.0 %)
 with 8 k-means centroids per adapter; literature prompts 100 %. Three-way, code prompts lose a
@@ -73,15 +74,15 @@ def encoder():
 
 
 @pytest.fixture(scope="module")
-def domains(shared_data: Path) -> dict[str, tuple[list[str], list[str]]]:
+def domains(sample_data: Path) -> dict[str, tuple[list[str], list[str]]]:
     """domain -> (centroid examples, held-out prompts), disjoint records, fixed shuffle."""
     rng = random.Random(1234)
-    code = code_prompts(shared_data)
-    lit = literature_prompts(shared_data)
+    code = code_prompts(sample_data)
+    lit = literature_prompts(sample_data)
     rng.shuffle(code)
     rng.shuffle(lit)
-    math_train = math_prompts(shared_data / "gsm8k" / "train.jsonl")
-    math_test = math_prompts(shared_data / "gsm8k" / "test.jsonl")
+    math_train = math_prompts(sample_data / "gsm8k" / "train.jsonl")
+    math_test = math_prompts(sample_data / "gsm8k" / "test.jsonl")
     rng.shuffle(math_train)
     rng.shuffle(math_test)
     out = {
@@ -95,9 +96,9 @@ def domains(shared_data: Path) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
-def test_gutenberg_paragraphs_strip_boilerplate(shared_data: Path) -> None:
-    paras = gutenberg_paragraphs(shared_data / "gutenberg" / "pg1342.txt")
-    assert len(paras) > 100
+def test_gutenberg_paragraphs_strip_boilerplate(sample_data: Path) -> None:
+    paras = gutenberg_paragraphs(sample_data / "gutenberg" / "pg1342.txt")
+    assert len(paras) >= 25  # the sample keeps 25 long paragraphs per book
     joined = " ".join(paras)
     assert "\ufeff" not in joined and "\r" not in joined
     assert "Project Gutenberg" not in joined and "*** START" not in joined

@@ -53,10 +53,10 @@ def domain_store(tmp_path, long_model_dir):
 
 
 @pytest.fixture()
-def domains(shared_data):
+def domains(sample_data):
     rng = random.Random(0)
-    sets = {"code": code_prompts(shared_data), "literature": literature_prompts(shared_data),
-            "math": math_prompts(shared_data / "gsm8k" / "test.jsonl")}
+    sets = {"code": code_prompts(sample_data), "literature": literature_prompts(sample_data),
+            "math": math_prompts(sample_data / "gsm8k" / "test.jsonl")}
     out = {}
     for name, texts in sets.items():
         rng.shuffle(texts)

@@ -17,11 +17,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_experts_train_one_adapter_per_tier(
-    tiny_model_dir: Path, shared_data: Path, tmp_path: Path, capsys
+    tiny_model_dir: Path, sample_data: Path, tmp_path: Path, capsys
 ) -> None:
     from router_core.complexity import ComplexityAnalyzer
 
-    examples, _ = load_examples(shared_data / DATA, limit=45)
+    examples, _ = load_examples(sample_data / DATA, limit=45)
     scores = sorted(r.score for r in ComplexityAnalyzer().analyze([ex.routing_text for ex in examples]))
     # Tertile thresholds, so every tier has enough examples whatever the analyzer's calibration.
     lo, hi = scores[len(scores) // 3], scores[2 * len(scores) // 3]
@@ -33,7 +33,7 @@ def test_experts_train_one_adapter_per_tier(
         "--adapter-dir",
         str(store),
         "--data",
-        str(shared_data / DATA),
+        str(sample_data / DATA),
     ]
     args += [
         "--limit",

@@ -21,14 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir: Path, shared_data: Path) -> Path:
+def trained(tmp_path_factory, tiny_model_dir: Path, sample_data: Path) -> Path:
     """A store with `code` (trained with the Unified LoRA controller), `lit`, and an MLP router `mlp`."""
     torch.set_num_threads(1)
     store = tmp_path_factory.mktemp("store")
     base = ["--base-model", str(tiny_model_dir), "--adapter-dir", str(store)]
     code = [
         "--data",
-        str(shared_data / CODE),
+        str(sample_data / CODE),
         "--name",
         "code",
         "--limit",
@@ -38,7 +38,7 @@ def trained(tmp_path_factory, tiny_model_dir: Path, shared_data: Path) -> Path:
         "--controller",
     ]
     assert main(["adapter", *base, *code, *TRAIN]) == 0
-    lit = ["--data", str(shared_data / LIT), "--name", "lit", "--limit", "64", "--max-steps", "40"]
+    lit = ["--data", str(sample_data / LIT), "--name", "lit", "--limit", "64", "--max-steps", "40"]
     assert main(["adapter", *base, *lit, *TRAIN]) == 0
     router = ["--adapters", "code,lit", "--name", "mlp", "--max-steps", "60", "-q"]
     assert main(["router", *base, *router]) == 0
@@ -195,11 +195,11 @@ def test_router_three_phases_update_experts(trained: Path, tiny_model_dir: Path,
 
 
 def test_eval_writes_report_with_plots(
-    trained: Path, tiny_model_dir: Path, shared_data: Path, tmp_path: Path
+    trained: Path, tiny_model_dir: Path, sample_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
     args = ["eval", "--base-model", str(tiny_model_dir), "--adapter-dir", str(trained), "--router", "mlp"]
-    args += ["--data", f"code={shared_data / CODE}", f"lit={shared_data / LIT}", "--limit", "6"]
+    args += ["--data", f"code={sample_data / CODE}", f"lit={sample_data / LIT}", "--limit", "6"]
     args += ["--max-length", "64", "--reroute-every", "4", "--out", str(out), "-q"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
@@ -217,10 +217,10 @@ def test_eval_writes_report_with_plots(
     assert "Routing accuracy" in md and "![perplexity.png](perplexity.png)" in md and "φ" in md
 
 
-def test_resume_from_checkpoint(tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_resume_from_checkpoint(tiny_model_dir: Path, sample_data: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     args = ["adapter", "--base-model", str(tiny_model_dir), "--adapter-dir", str(store), "--name", "gsm"]
-    args += ["--data", str(shared_data / "gsm8k" / "test.jsonl"), "--limit", "24", "--rank", "4"]
+    args += ["--data", str(sample_data / "gsm8k" / "test.jsonl"), "--limit", "24", "--rank", "4"]
     args += ["--max-length", "48", "--save-steps", "2", "--batch-size", "4", "-q"]
     assert main([*args, "--max-steps", "4"]) == 0
     assert (store / ".work" / "gsm" / "checkpoints" / "checkpoint-4").is_dir()
@@ -229,8 +229,8 @@ def test_resume_from_checkpoint(tiny_model_dir: Path, shared_data: Path, tmp_pat
     assert tr["resumed"] is True and tr["steps"] == 6 and meta(store, "gsm")["version"] == 2
 
 
-def test_user_errors_are_one_line(tiny_model_dir: Path, shared_data: Path, tmp_path: Path, capsys) -> None:
-    data = ["--data", str(shared_data / "gsm8k" / "test.jsonl"), "--limit", "8", "--max-steps", "1", "-q"]
+def test_user_errors_are_one_line(tiny_model_dir: Path, sample_data: Path, tmp_path: Path, capsys) -> None:
+    data = ["--data", str(sample_data / "gsm8k" / "test.jsonl"), "--limit", "8", "--max-steps", "1", "-q"]
     rc = main(
         [
             "adapter",
