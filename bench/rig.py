@@ -25,7 +25,8 @@ from bench.common import (
 
 # -- the engine in-process ---------------------------------------------------------------------------------
 def resident_from(model, tokenizer, cfg: BenchConfig, model_id: str = "gpt2-random"):
-    from server.engine.base_model import ResidentModel, base_fingerprint, targetable_modules
+    from router_core.store_rules import base_fingerprint
+    from server.engine.base_model import ResidentModel, targetable_modules
 
     return ResidentModel(model_id=model_id, model=model, tokenizer=tokenizer, device=torch.device(cfg.device),
                          dtype=cfg.dtype, fingerprint=base_fingerprint(model), module_shapes=targetable_modules(model))

@@ -12,8 +12,9 @@ import os
 import threading
 from pathlib import Path
 
+from router_core.store_rules import MANIFEST_FILE as MANIFEST
+
 log = logging.getLogger(__name__)
-MANIFEST = "_manifest.json"
 
 
 class Manifest:

@@ -24,6 +24,7 @@ from router_core.centroid import CentroidRouter
 from router_core.embedders import BaseEmbedder, SentenceEncoder, pool_hidden
 from router_core.mlp import MLPRouter
 from router_core.policy import ReroutePolicy, weights_dict
+from router_core.store_rules import ROUTERS_DIR
 from server.engine.adapter_store import check_name, resolve_in_store
 from server.engine.base_model import ResidentModel
 from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
@@ -33,7 +34,6 @@ from server.manifest import Manifest
 from server.settings import RoutingSettings
 
 log = logging.getLogger(__name__)
-ROUTERS_DIR = "_routers"
 
 
 def _family(embedder_id: str | None) -> str:

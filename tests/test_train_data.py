@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from training import data as D
-from training.fingerprint import base_fingerprint
 
 
 def test_gutenberg_header_footer_bom_crlf(sample_data: Path) -> None:
@@ -103,19 +102,6 @@ def test_examples_roundtrip(tmp_path: Path, sample_data: Path) -> None:
     n = D.write_examples(tmp_path / "examples.jsonl", examples, max_lines=16)
     back = D.read_examples(tmp_path / "examples.jsonl")
     assert n == len(back) == 16 and back[0] == examples[0]
-
-
-def test_fingerprint_matches_the_server_copy(tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    fp = base_fingerprint(model)
-    assert len(fp) == 64 and fp == base_fingerprint(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir).half()
-    )
-    from server.engine.base_model import base_fingerprint as server_fp
-
-    assert server_fp(model) == fp
 
 
 def test_training_never_imports_server() -> None:

@@ -61,7 +61,7 @@ def test_adapter_folder_is_plain_peft_with_safetensors_only(trained: Path, tiny_
     from transformers import AutoModelForCausalLM
 
     from router_core.artifacts import load_centroids
-    from training.fingerprint import base_fingerprint
+    from router_core.store_rules import base_fingerprint
 
     folder = trained / "code"
     files = {p.name for p in folder.iterdir()}
@@ -103,8 +103,9 @@ def test_server_store_reader_accepts_the_adapters(trained: Path, tiny_model_dir:
     """Contract with the server: its own validator reads what training wrote (fingerprint included)."""
     from transformers import AutoModelForCausalLM
 
+    from router_core.store_rules import base_fingerprint
     from server.engine.adapter_store import BaseSpec, read_adapter
-    from server.engine.base_model import base_fingerprint, targetable_modules
+    from server.engine.base_model import targetable_modules
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     spec = BaseSpec(module_shapes=targetable_modules(base), fingerprint=base_fingerprint(base), max_rank=64)

@@ -2,7 +2,8 @@
 
 Everything here runs offline and writes into the adapter store that the server reads
 (``adapters/<name>/`` PEFT folders, ``adapters/_routers/<name>/``). It depends on
-``router_core`` for embedders, routers and complexity features, and never on ``server``:
+``router_core`` for embedders, routers, complexity features and the store's rules
+(``router_core.store_rules``), and never on ``server``:
 the store on disk is the only interface between training and serving.
 """
 

@@ -20,10 +20,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from router_core.store_rules import base_fingerprint
 from training import data as data_mod
 from training.controller import AdaptiveControllerCallback, ControllerConfig
 from training.embedding import embed, make_embedder
-from training.fingerprint import base_fingerprint
 from training.lm import LMDataset, PadCollator, default_max_length, mean_token_nll, perplexity
 from training.store import (
     CENTROID_FILE,

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from router_core.store_rules import base_fingerprint
 from training.data import read_examples
 from training.embedding import embed, make_embedder
-from training.fingerprint import base_fingerprint
 from training.store import (
     CENTROID_FILE,
     EXAMPLES_FILE,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data import DataError
-from training.store import TrainingError
+from training.store import ROUTERS_DIR, TrainingError
 
 log = logging.getLogger("training")
 
@@ -236,7 +236,7 @@ def run(a: argparse.Namespace) -> int:
         )  # fmt: skip
         extra = train_router(rcfg)
         print(
-            f"router {a.name} -> {a.adapter_dir / '_routers' / a.name}: {extra['steps']} steps, "
+            f"router {a.name} -> {a.adapter_dir / ROUTERS_DIR / a.name}: {extra['steps']} steps, "
             f"train accuracy {extra['train_accuracy']:.1%}, validation accuracy "
             f"{extra.get('val_accuracy', float('nan')):.1%}, complexity MSE {extra.get('val_complexity_mse', float('nan')):.4f}"
         )

@@ -12,9 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from training.store import META_FILE, now_iso, read_meta, staged_folder, write_json
+from training.store import (
+    CENTROID_FILE,
+    CONTROLLER_LOG,
+    EXAMPLES_FILE,
+    META_FILE,
+    now_iso,
+    read_meta,
+    staged_folder,
+    write_json,
+)
 
-CARRIED_FILES = ("examples.jsonl", "centroid.safetensors", "controller.jsonl", "README.md")
+CARRIED_FILES = (EXAMPLES_FILE, CENTROID_FILE, CONTROLLER_LOG, "README.md")
 
 
 def republish_experts(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -27,16 +26,23 @@ from typing import Any
 
 import torch
 
+from router_core import store_rules
+from router_core.store_rules import (
+    ADAPTER_CONFIG,
+    CENTROID_FILE,
+    CONTROLLER_LOG,
+    EXAMPLES_FILE,
+    META_FILE,
+    ROUTERS_DIR,
+    WORK_DIR,
+    StoreRuleError,
+)
+
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-RESERVED_NAMES = {"auto", "base"}
-ROUTERS_DIR = "_routers"
-WORK_DIR = ".work"
-META_FILE = "switchboard.json"
-EXAMPLES_FILE = "examples.jsonl"
-CENTROID_FILE = "centroid.safetensors"
-CONTROLLER_LOG = "controller.jsonl"
+__all__ = [  # the store's rules, re-exported for this package's modules
+    "ADAPTER_CONFIG", "CENTROID_FILE", "CONTROLLER_LOG", "EXAMPLES_FILE", "META_FILE", "ROUTERS_DIR", "WORK_DIR",
+]
 
 
 class TrainingError(RuntimeError):
@@ -44,13 +50,11 @@ class TrainingError(RuntimeError):
 
 
 def check_name(name: str) -> str:
-    """Adapter names become folder names and metric labels: the server's alphabet, no colons."""
-    if not NAME_PATTERN.match(name) or name.lower() in RESERVED_NAMES:
-        raise TrainingError(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
-            f"letter or digit (reserved: {sorted(RESERVED_NAMES)})"
-        )
-    return name
+    """The store's name rule (`router_core.store_rules`), failing as a one-line CLI error."""
+    try:
+        return store_rules.check_name(name)
+    except StoreRuleError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def now_iso() -> str:
@@ -58,12 +62,11 @@ def now_iso() -> str:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` means CUDA when there is one; an explicit ``cuda`` without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {device} requested but CUDA is not available")
-    return torch.device(device)
+    """``--device``, resolved by the store's rule (``auto`` is CUDA when there is one)."""
+    try:
+        return store_rules.resolve_device(device)
+    except StoreRuleError as exc:
+        raise TrainingError(f"--device: {exc}") from None
 
 
 def load_base(model_id: str, device: torch.device | None = None) -> tuple[Any, Any]:
@@ -126,13 +129,13 @@ def list_adapters(store: Path) -> list[str]:
     return sorted(
         p.name
         for p in store.iterdir()
-        if p.is_dir() and NAME_PATTERN.match(p.name) and (p / "adapter_config.json").is_file()
+        if p.is_dir() and store_rules.name_is_valid(p.name) and (p / ADAPTER_CONFIG).is_file()
     )
 
 
 def adapter_folder(store: Path, name: str) -> Path:
     folder = store / check_name(name)
-    if not (folder / "adapter_config.json").is_file():
+    if not (folder / ADAPTER_CONFIG).is_file():
         known = ", ".join(list_adapters(store)) or "none"
         raise TrainingError(f"no adapter {name!r} in {store} (adapters there: {known})")
     return folder

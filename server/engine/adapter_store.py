@@ -17,23 +17,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from router_core import store_rules
+from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FILE, META_FILE, StoreRuleError
 from server.engine.errors import InvalidAdapter, InvalidRequest
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-RESERVED_NAMES = {"auto", "base"}
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 
 def check_name(name: str, param: str = "name") -> str:
-    """Names become metric labels and folder names: a small safe alphabet, no colons or slashes."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.lower() in RESERVED_NAMES:
-        raise InvalidRequest(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a "
-            f"letter or digit (reserved: {sorted(RESERVED_NAMES)})",
-            param=param,
-        )
-    return name
+    """The store's name rule (`router_core.store_rules`) as a 400 naming the offending field."""
+    try:
+        return store_rules.check_name(name)
+    except StoreRuleError as e:
+        raise InvalidRequest(str(e), param=param) from None
 
 
 def resolve_in_store(store: Path, relative: str, param: str = "path") -> Path:
@@ -162,8 +159,8 @@ def _read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
 
 def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
     """Validate and read one adapter folder; raises InvalidAdapter with the first problem found."""
-    config_path = folder / "adapter_config.json"
-    weights_path = folder / "adapter_model.safetensors"
+    config_path = folder / ADAPTER_CONFIG
+    weights_path = folder / ADAPTER_WEIGHTS
     if not config_path.is_file():
         raise InvalidAdapter(f"{folder.name}: adapter_config.json is missing")
     if not weights_path.is_file():
@@ -175,8 +172,8 @@ def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
         raise InvalidAdapter(f"{folder.name}: adapter_model.safetensors is missing")
     rank, alpha, scale = _check_config(_read_json(config_path, "adapter config"), spec)
     meta: dict = {}
-    if (folder / "switchboard.json").is_file():
-        meta = _read_json(folder / "switchboard.json", "metadata")
+    if (folder / META_FILE).is_file():
+        meta = _read_json(folder / META_FILE, "metadata")
         fp = meta.get("base_fingerprint")
         if fp and fp != spec.fingerprint:
             raise InvalidAdapter(
@@ -184,7 +181,7 @@ def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
                 f"resident {spec.fingerprint[:12]}…)"
             )
     tensors = _read_tensors(weights_path, rank, scale, spec)
-    centroids, embedder = _read_centroids(folder / "centroid.safetensors")
+    centroids, embedder = _read_centroids(folder / CENTROID_FILE)
     return AdapterWeights(
         name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in tensors}),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
@@ -11,6 +9,8 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from router_core import store_rules
+from router_core.store_rules import StoreRuleError, base_fingerprint
 from server.engine.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -20,11 +20,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return store_rules.resolve_device(name)
+    except StoreRuleError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -34,19 +33,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
-
-
-def base_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the architecture: config shape fields plus sorted parameter names and shapes.
-
-    Identical to `training.fingerprint.base_fingerprint` (copied, since the server must not import
-    training). Weights are not hashed: an adapter trained on `gpt2` fits any copy of `gpt2`.
-    """
-    cfg = model.config
-    fields = {k: getattr(cfg, k, None) for k in ("model_type", "n_layer", "n_embd", "n_head", "vocab_size", "n_positions")}
-    params = sorted((name, list(p.shape)) for name, p in model.named_parameters())
-    blob = json.dumps({"config": fields, "params": params}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def targetable_modules(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
