@@ -156,20 +156,6 @@ def run_engine(rig: EngineRig, prompts, cfg: BenchConfig, routed: bool, reroute_
 
 
 # -- the section ----------------------------------------------------------------------------------------------
-def make_peft(base, folders, cfg: BenchConfig):
-    """A PEFT model over its own copy of the base, with the 4 adapters loaded from disk."""
-    from peft import PeftModel
-
-    from bench.common import clone
-
-    names = adapter_names()
-    model = PeftModel.from_pretrained(clone(base), str(folders[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(folders[name]), adapter_name=name)
-    model.set_adapter(names[0])
-    return model.to(cfg.device).eval()
-
-
 def run(cfg: BenchConfig, assets) -> dict:
     from router_core.centroid import CentroidRouter
 

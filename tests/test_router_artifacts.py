@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from router_core import ArtifactError, load_centroids, load_sentence_encoder, save_centroids
-from router_core.artifacts import default_sentence_encoder_path, load_spacy_pipeline
+from router_core.artifacts import default_sentence_encoder_path
+from router_core.complexity import load_spacy_pipeline
 
 
 def test_centroids_round_trip(tmp_path: Path) -> None:
