@@ -17,7 +17,6 @@ from bench.common import (
     build_base,
     build_tokenizer,
     clone,
-    route_window,
     routing_settings,
     write_adapters,
 )
@@ -25,11 +24,9 @@ from bench.common import (
 
 # -- the engine in-process ---------------------------------------------------------------------------------
 def resident_from(model, tokenizer, cfg: BenchConfig, model_id: str = "gpt2-random"):
-    from router_core.store_rules import base_fingerprint
-    from server.engine.base_model import ResidentModel, targetable_modules
+    from server.engine.base_model import resident_model
 
-    return ResidentModel(model_id=model_id, model=model, tokenizer=tokenizer, device=torch.device(cfg.device),
-                         dtype=cfg.dtype, fingerprint=base_fingerprint(model), module_shapes=targetable_modules(model))
+    return resident_model(model_id, model, tokenizer, torch.device(cfg.device), cfg.dtype)
 
 
 def base_spec(resident, max_rank: int = 64):
@@ -56,9 +53,10 @@ class EngineRig:
 
 def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras: int = 16,
                 max_batch_size: int = 32, routed: bool = True, store: Path | None = None) -> EngineRig:
+    from server.build import build_engine
     from server.engine.adapter_store import read_adapter
-    from server.engine.engine import Engine, EngineConfig
     from server.engine.registry import AdapterRegistry
+    from server.settings import EngineSettings
 
     registry = AdapterRegistry()
     spec = base_spec(resident)
@@ -68,9 +66,8 @@ def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras:
     settings = routing_settings()
     if routed:
         routing = routing_service(settings, resident, registry, store or next(iter(folders.values())).parent)
-    engine = Engine(resident, registry, EngineConfig(max_loras=max_loras, max_batch_size=max_batch_size,
-                                                     max_queue=1024, hidden_window=route_window(settings)),
-                    gate_source=routing)
+    limits = EngineSettings(max_loras=max_loras, max_batch_size=max_batch_size, max_queue=1024)
+    engine = build_engine(limits, settings, resident, registry, gate_source=routing)
     return EngineRig(engine, registry, routing, resident)
 
 

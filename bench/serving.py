@@ -13,21 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 from bench.common import BenchConfig, log, percentile, ratio
+from server.local import NotReady, free_port, wait_ready
 
 ADMIN_TOKEN = "bench-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -79,19 +73,15 @@ class Server:
         self.thread.start()
 
     def _wait_ready(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def dead() -> str | None:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server was not ready after {timeout:.0f} s: {self.log_tail()}")
+                return f"exit code {self.proc.returncode}"
+            return None
+
+        try:
+            wait_ready(f"{self.url}/ready", timeout, dead=dead)
+        except NotReady as e:
+            raise RuntimeError(f"{e}: {self.log_tail()}") from None
 
     def log_tail(self) -> str:
         try:

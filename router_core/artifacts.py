@@ -1,8 +1,9 @@
 """Routing artifacts on disk: centroids, MLP routers, sentence encoders.
 
 The only module of `router_core` that reads or writes files (besides `spacy.load` in
-`complexity`). Everything is validated before an object is returned, and every refusal is an `ArtifactError` chained to its cause, so the server can
-map it to a 4xx and leave its registry as it was. Weights are read with safetensors only: a
+`complexity`). Everything is validated before an object is returned, and every refusal is an
+`ArtifactError` chained to its cause, so the server can map it to a 4xx and leave its registry
+as it was. Weights are read with safetensors only: a
 pickle (`.bin`, `.pt`) can run code when loaded, so it is refused without being opened.
 """
 

@@ -9,8 +9,6 @@ of example texts is routable at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -89,8 +87,9 @@ class CentroidRouter:
     give 0.57/0.43, then 0.84/0.16 after the boost), which is the paper's point: blend experts,
     let the best one dominate. Lower it for near one-hot routing.
 
-    Immutable: `with_adapters` returns a new router, so the server swaps a reference atomically
-    while in-flight requests keep the one they started with.
+    Immutable: a changed adapter set means a new router (`with_adapters`, or the server's
+    rebuild), so the server swaps a reference atomically while in-flight requests keep the one
+    they started with.
     """
 
     kind = "centroid"
@@ -192,22 +191,6 @@ class CentroidRouter:
         return CentroidRouter(
             list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity
         )
-
-    def with_adapter(self, name: str, centroids: Tensor) -> CentroidRouter:
-        """A new router with `name` added, or its centroids replaced if already present."""
-        names, cents = list(self.adapter_names), self.centroids
-        if name in names:
-            cents[names.index(name)] = centroids
-        else:
-            names.append(name)
-            cents.append(centroids)
-        return self.with_adapters(names, cents)
-
-    def without_adapters(self, names: Sequence[str]) -> CentroidRouter:
-        """A new router without `names` (unknown names are ignored: removal is idempotent)."""
-        drop = set(names)
-        kept = [(n, c) for n, c in zip(self.adapter_names, self.centroids, strict=True) if n not in drop]
-        return self.with_adapters([n for n, _ in kept], [c for _, c in kept])
 
     def __repr__(self) -> str:
         return (

@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from server import ui
 from server.adapters import AdapterService
 from server.api_errors import install_error_handlers
+from server.build import build_engine
 from server.engine.adapter_store import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
-from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.manifest import Manifest
 from server.metrics import Metrics
@@ -36,12 +36,7 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     s.store.adapter_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(s.store.adapter_dir)
     routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
-    engine = Engine(
-        resident, state.registry,
-        EngineConfig(max_loras=s.engine.max_loras, max_batch_size=s.engine.max_batch_size,
-                     max_queue=s.engine.max_queue, hidden_window=s.routing.route_window),
-        gate_source=routing, observer=state.metrics,
-    )
+    engine = build_engine(s.engine, s.routing, resident, state.registry, gate_source=routing, observer=state.metrics)
     worker = EngineWorker(engine)
     worker.start()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank)

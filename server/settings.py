@@ -70,5 +70,3 @@ class Settings:
         self.engine = engine or EngineSettings()
         self.routing = routing or RoutingSettings()
         self.server = server or ServerSettings()
-
-    GROUPS = ("model", "store", "engine", "routing", "server")

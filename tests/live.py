@@ -3,21 +3,14 @@ disconnects or shutdown (TestClient serialises requests and cannot drop a connec
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
 
-import httpx
 import uvicorn
 
 from server.app import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.local import NotReady, free_port, wait_ready
 
 
 @contextmanager
@@ -30,17 +23,12 @@ def live_server(settings, timeout: float = 60.0):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("live server did not become ready")
-        time.sleep(0.1)
+    try:
+        wait_ready(f"{base}/ready", timeout, dead=lambda: None if thread.is_alive() else "its thread ended",
+                   interval=0.1)
+    except NotReady:
+        server.should_exit = True
+        raise
     try:
         yield base, app
     finally:

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.local import free_port, wait_ready
 
 
 def _env() -> dict:
@@ -23,23 +17,13 @@ def _env() -> dict:
 
 
 def test_serve_subprocess_end_to_end(tiny_model_dir, store):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model_dir), "--adapter-dir", str(store),
            "--admin-token", "T", "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        else:
-            raise AssertionError("server did not become ready in 60 s")
+        wait_ready(f"{base}/ready", 60, dead=lambda: None if proc.poll() is None else proc.stdout.read())
         models = {m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]}
         assert {"alpha", "beta"} <= models
         r = httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 4,

@@ -11,11 +11,9 @@ time and both processes are always stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.local import NotReady, free_port, wait_ready
 from tests.tiny import make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +52,6 @@ def prometheus_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -78,15 +71,11 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode} before it was ready:\n{tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.25)
-    pytest.fail(f"{what} was not ready at {url} within {timeout:.0f} s:\n{tail(log)}")
+    try:
+        wait_ready(url, timeout, dead=lambda: None if proc.poll() is None else f"exit code {proc.returncode}",
+                   interval=0.25)
+    except NotReady as e:
+        pytest.fail(f"{what}: {e}\n{tail(log)}")
 
 
 def scrape_config(server_port: int, prometheus_dir: Path) -> Path:

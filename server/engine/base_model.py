@@ -78,12 +78,13 @@ def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto"
     model.to(dev).eval()  # type: ignore[arg-type]  # (transformers' stub for .to is too narrow)
     model.requires_grad_(False)
     log.info("loaded %s on %s as %s", name_or_path, dev, dt)
-    return ResidentModel(
-        model_id=name_or_path.rstrip("/").rsplit("/", 1)[-1] if "/" in name_or_path else name_or_path,
-        model=model,
-        tokenizer=tokenizer,
-        device=dev,
-        dtype=dt,
-        fingerprint=base_fingerprint(model),
-        module_shapes=targetable_modules(model),
-    )
+    model_id = name_or_path.rstrip("/").rsplit("/", 1)[-1] if "/" in name_or_path else name_or_path
+    return resident_model(model_id, model, tokenizer, dev, dt)
+
+
+def resident_model(model_id: str, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase,
+                   device: torch.device, dtype: torch.dtype) -> ResidentModel:
+    """Describe a loaded model for serving (its fingerprint and LoRA-targetable modules); the
+    benchmarks use it for models they build in memory."""
+    return ResidentModel(model_id=model_id, model=model, tokenizer=tokenizer, device=device, dtype=dtype,
+                         fingerprint=base_fingerprint(model), module_shapes=targetable_modules(model))

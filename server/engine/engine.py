@@ -74,7 +74,6 @@ class Engine:
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns cache row i
-        self.forward_calls = 0
         # Text-encoder re-routes are started one step early on a side thread, overlapping the
         # decode forward (their context lacks the newest token): seq id -> (future, row in it).
         self._router_pool = ThreadPoolExecutor(1, thread_name_prefix="switchboard-router")
@@ -138,7 +137,6 @@ class Engine:
         seq.gates = weights
         switched = before is not None and seq.top_adapter != before
         seq.reroutes += 1
-        seq.switches += int(switched)
         if self.observer:
             self.observer.on_route(seq, weights, switched, elapsed)
 
@@ -271,14 +269,12 @@ class Engine:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
-        self.forward_calls += 1
         logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last)
         assert logits is not None
         return logits, hidden
 
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor:
         """Hidden states only (no LM head): the router's pass over the prompt."""
-        self.forward_calls += 1
         return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False)[1]
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
@@ -293,7 +289,6 @@ class Engine:
         now = time.monotonic()
         if self.observer:  # before the timestamps move: it measures from the previous token
             self.observer.on_token(seq, now)
-        seq.first_token_at = seq.first_token_at or now
         seq.last_token_at = now
         seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason))
         return seq.finish_reason is not None

@@ -61,13 +61,11 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     trace: RoutingTrace = field(default_factory=RoutingTrace)  # weights in force per generated token
     reroutes: int = 0
-    switches: int = 0
     text: str = ""
     emitted_chars: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
     last_token_at: float | None = None
     generator: torch.Generator | None = field(init=False, default=None)
 
