@@ -6,7 +6,7 @@
     python docker/gen_config_table.py --check docs/deploy.md   # exit 1 if the doc is stale
 
 The configuration table comes from the pydantic-settings classes that `switchboard serve` turns
-into flags (`server.cli.GROUPS`); the metrics table from `server.metrics.Metrics`. In the doc each
+into flags (`server.settings.Settings.groups()`); the metrics table from `server.metrics.Metrics`. In the doc each
 table sits between `<!-- BEGIN <NAME> -->` and `<!-- END <NAME> -->` markers (CONFIG, METRICS).
 """
 
@@ -48,10 +48,10 @@ def _default(value) -> str:
 
 def settings_rows() -> list[dict[str, str]]:
     """One row per setting, in the order `switchboard serve --help` lists them."""
-    from server.cli import GROUPS
+    from server.settings import Settings
 
     rows = []
-    for group, cls in GROUPS.items():
+    for group, cls in Settings.groups().items():
         for name, field in cls.model_fields.items():
             flag = "--" + name.replace("_", "-")
             if field.annotation is bool:

@@ -12,21 +12,11 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from server.engine.errors import ModelLoadError
-from server.settings import (
-    EngineSettings,
-    ModelSettings,
-    RoutingSettings,
-    ServerSettings,
-    Settings,
-    StoreSettings,
-)
-
-GROUPS: dict[str, type[BaseSettings]] = {"model": ModelSettings, "store": StoreSettings, "engine": EngineSettings,
-                                         "routing": RoutingSettings, "server": ServerSettings}
+from server.settings import Settings
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
-    for group_name, cls in GROUPS.items():
+    for group_name, cls in Settings.groups().items():
         group = parser.add_argument_group(group_name)
         for name, field in cls.model_fields.items():
             flag = "--" + name.replace("_", "-")
@@ -44,8 +34,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     def build(cls: type[BaseSettings]) -> Any:
         return cls(**{k: v for k, v in given.items() if k in cls.model_fields})
 
-    return Settings(model=build(ModelSettings), store=build(StoreSettings), engine=build(EngineSettings),
-                    routing=build(RoutingSettings), server=build(ServerSettings))
+    return Settings(**{name: build(cls) for name, cls in Settings.groups().items()})
 
 
 def main(argv: list[str] | None = None) -> int:

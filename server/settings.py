@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _ENV = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
@@ -59,14 +59,20 @@ class ServerSettings(BaseSettings):
     max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts get 413")
 
 
-class Settings:
-    """All concerns together; `create_app(settings)` takes one of these."""
+class Settings(BaseModel):
+    """All concerns together, one field per group; `create_app(settings)` takes one of these.
 
-    def __init__(self, model: ModelSettings | None = None, store: StoreSettings | None = None,
-                 engine: EngineSettings | None = None, routing: RoutingSettings | None = None,
-                 server: ServerSettings | None = None) -> None:
-        self.model = model or ModelSettings()
-        self.store = store or StoreSettings()
-        self.engine = engine or EngineSettings()
-        self.routing = routing or RoutingSettings()
-        self.server = server or ServerSettings()
+    A group not given is read from the environment. The fields are the one list of groups: the
+    CLI's flag groups and the configuration table in docs/deploy.md come from `groups()`.
+    """
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @classmethod
+    def groups(cls) -> dict[str, type[BaseSettings]]:
+        """Group name -> its settings class, in declaration order."""
+        return {name: field.annotation for name, field in cls.model_fields.items()}  # type: ignore[misc]

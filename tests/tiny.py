@@ -83,13 +83,12 @@ def make_adapter(
 def app_settings(model_dir: Path, store_dir: Path, **overrides):
     """Settings for a test app: tiny model on CPU fp32, admin token `T`; `overrides` per group,
     e.g. `engine={"max_loras": 2}`."""
-    from server.cli import GROUPS
     from server.settings import Settings
 
     base = {"model": {"base_model": str(model_dir), "device": "cpu", "dtype": "float32"},
             "store": {"adapter_dir": store_dir}, "server": {"admin_token": "T"}, "routing": {"embedder": "base"}}
     kwargs = {}
-    for name, cls in GROUPS.items():
+    for name, cls in Settings.groups().items():
         kwargs[name] = cls(**{**base.get(name, {}), **overrides.get(name, {})})
     return Settings(**kwargs)
 
