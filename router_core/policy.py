@@ -58,7 +58,8 @@ class ReroutePolicy:
 
 
 def weights_dict(adapter_names: Sequence[str], weights: Tensor, min_weight: float = 0.0) -> dict[str, float]:
-    """`{adapter: weight}` for one row `[n]`, dropping weights <= `min_weight` (zeros by default)."""
+    """Gates `{adapter: weight}` from one route vector `[n]`, dropping weights <= `min_weight`
+    (zeros by default)."""
     if weights.dim() != 1 or weights.shape[0] != len(adapter_names):
         raise ValueError(f"weights must be [{len(adapter_names)}], got {tuple(weights.shape)}")
     return {n: float(w) for n, w in zip(adapter_names, weights.tolist(), strict=True) if w > min_weight}
@@ -80,9 +81,9 @@ def _max_diff(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 
 
 class RoutingTrace:
-    """Per-step routing weights of one generated sequence, summarised as token-range segments.
+    """The gates of one generated sequence per step, summarised as token-range segments.
 
-    The server records the weights in force for each generated token (or at each decision);
+    The server records the gates in force for each generated token (or at each decision);
     `segments()` merges consecutive steps with the same top adapter whose weights stay within
     `tolerance` of the segment's first step, so a response lists decisions, not tokens. A
     segment reports the weights of its first step (those in force at `start_token`).
