@@ -376,9 +376,13 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float] | Exception]:
         """Next token and its log-probability per row of `logits` [B, V]; if the batched call
         fails, each row is sampled alone and a row that still fails gets its error back."""
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
         try:
             return list(sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs]))
         except Exception:
+            for seq, state in zip(seqs, states, strict=True):  # rows sampled before the failure: same draw again
+                if seq.generator is not None and state is not None:
+                    seq.generator.set_state(state)
             out: list[tuple[int, float] | Exception] = []
             for i, seq in enumerate(seqs):
                 try:
@@ -414,11 +418,15 @@ class Engine:
     def _leave(self, seq: Sequence, reason: str) -> None:
         row = self.running.index(seq)
         last = len(self.running) - 1
+        kept = 0  # positions of `row` that hold a live sequence's keys/values after this
         if row != last:  # fill the hole with the last row so rows stay contiguous
             moved = self.running[last]
             self.cache.move_row(last, row, moved.position)
             self.running[row] = moved
+            kept = moved.position
         self.running.pop()
+        if seq.error is not None:  # a failed row may have written NaN/inf: scrub what it leaves
+            self.cache.clear_row(row, kept)
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
