@@ -52,7 +52,7 @@ def test_timeouts_end_streams_with_an_error_event_and_done(tiny_model_dir, store
         with engine_paused(app, timeout=60) as release:
             result: dict = {}
             t = threading.Thread(target=lambda: result.update(zip(("status", "lines"), _sse(
-                base, {"model": "alpha", "prompt": "x", "max_tokens": 5}))))
+                base, {"model": "alpha", "prompt": "x", "max_tokens": 5}), strict=True)))
             t.start()
             t.join(timeout=30)
             release.set()
@@ -64,7 +64,7 @@ def test_timeouts_end_streams_with_an_error_event_and_done(tiny_model_dir, store
         status, lines = _sse(base, {"model": "alpha", "prompt": "x", "max_tokens": 110})
         assert status == 200 and lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][6:])["error"]["code"] == "timeout"
-        assert 1 < len(lines) - 2 < 110  # some tokens came, then the deadline cut it
+        assert 0 < len(lines) - 2 < 110  # tokens came, then the deadline cut it
         r = httpx.post(f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110}, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
         wait_until(lambda: _idle(app), what="the engine to drop the timed-out rows")
