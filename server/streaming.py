@@ -27,25 +27,35 @@ def error_chunk(message: str, error_type: str, param: str | None = None, code: s
 async def guarded(body: AsyncIterator[str], cancel: Callable[[], None],
                   outcome: Callable[[str], None]) -> AsyncIterator[str]:
     """Relay `body`; on any failure send an error event and `[DONE]`; `cancel()` the stream's
-    rows whenever it ends before its last token; `outcome(status)` once at the end."""
-    status = "499"  # unless the body reaches its end or fails with an error we can send
+    rows whenever it ends before its last token; `outcome(status)` exactly once, before the
+    client can see the end of the stream (so a scrape right after `[DONE]` already counts it)."""
+    reported = False
+
+    def report(status: str) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            outcome(status)
+
     try:
         async for part in body:
+            if part == DONE:
+                report("200")
             yield part
-        status = "200"
+        report("200")
     except SwitchboardError as e:
-        status = str(e.status_code)
+        report(str(e.status_code))
         yield error_chunk(e.message, e.error_type, e.param, e.code)
         yield DONE
-    except ClientGone:  # nobody to tell; counted as 499
+    except ClientGone:  # nobody to tell
         pass
     except Exception as e:  # a bug: the client is still told, and the stream still ends properly
         log.exception("stream failed", exc_info=e)
-        status = "500"
+        report("500")
         yield error_chunk("internal server error", "api_error", None, "internal_error")
         yield DONE
     finally:
         cancel()
-        outcome(status)
+        report("499")  # ended by the client (disconnect, cancellation) unless reported above
         if hasattr(body, "aclose"):
             await body.aclose()

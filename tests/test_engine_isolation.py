@@ -160,3 +160,20 @@ def test_release_is_exactly_once(engine):
     seq.release_references(engine.registry)
     seq.release_references(engine.registry)
     assert engine.registry.get("alpha").refcount == 0
+
+
+def test_scaled_weights_must_fit_the_serving_dtype(tiny_model_dir, tmp_path):
+    """An adapter whose B·scale is finite in float32 but not in float16 is refused by an fp16
+    server (its gates would be inf) and accepted by an fp32 one."""
+    import torch
+
+    from server.engine.errors import InvalidAdapter
+    from tests.tiny import make_adapter
+
+    folder = make_adapter(tiny_model_dir, tmp_path / "big", seed=4, scale_b=1e6)
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    fp32 = BaseSpec(resident.module_shapes, resident.fingerprint, 64, torch.float32)
+    fp16 = BaseSpec(resident.module_shapes, resident.fingerprint, 64, torch.float16)
+    assert read_adapter("big", folder, fp32).scale == 2.0
+    with pytest.raises(InvalidAdapter, match="overflow"):
+        read_adapter("big", folder, fp16)

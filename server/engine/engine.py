@@ -284,7 +284,11 @@ class Engine:
         self.running.extend(seqs)  # rows row.. of the cache are theirs from here on
         fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.hidden_tail is None else None
                                             for i, seq in enumerate(seqs)]
-        self._take_tokens(seqs, logits, fresh)
+        try:
+            self._take_tokens(seqs, logits, fresh)
+        except Exception as e:  # these rows are running now: end them here, never retry them in _admit
+            for seq in [s for s in seqs if s in self.running]:
+                self._end(seq, _row_error(e, "prefill"))
 
     def _decode(self) -> None:
         due = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
