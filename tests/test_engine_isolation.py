@@ -22,7 +22,7 @@ PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
 
 
 @pytest.fixture()
-def engine(store, tiny_model_dir):
+def engine(store, tiny_model_dir, one_torch_thread):
     resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
     registry = AdapterRegistry()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)

@@ -110,6 +110,14 @@ def test_name_with_trailing_newline_refused(app_client):
     assert _registry(app_client) == before
 
 
+def test_unencodable_examples_refused(app_client):
+    before = _registry(app_client)
+    body = {"name": "gamma", "path": "alpha", "examples": ["fine", "bad \ud800"]}
+    err = _error(post_raw(app_client, "/admin/adapters", body, **ADMIN), 400)
+    assert err["param"] == "examples"
+    assert _registry(app_client) == before
+
+
 def test_unusable_paths_refused(app_client, store):
     before = _registry(app_client)
     os.symlink(store / "loop", store / "loop")

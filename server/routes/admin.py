@@ -6,11 +6,12 @@ from fastapi import APIRouter
 
 from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
+from server import validation
 from server.adapters import AdapterService
 from server.api_errors import ADMIN_RESPONSES
 from server.deps import Admin, ReadyState
 from server.engine.adapter_store import AdapterWeights
-from server.engine.errors import InvalidAdapter, InvalidRequest
+from server.engine.errors import InvalidAdapter, InvalidRequest, PayloadTooLarge
 from server.engine.registry import AdapterVersion
 from server.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
 from server.state import Services
@@ -35,6 +36,11 @@ def _centroids_from(examples: list[str] | None, k: int, state: Services):
         return None
     if any(not isinstance(t, str) or not t.strip() for t in examples):
         raise InvalidRequest("examples must be non-empty strings", param="examples")
+    limit = state.settings.server.max_prompt_chars
+    for text in examples:
+        validation.check_text(text, "examples")
+        if len(text) > limit:
+            raise PayloadTooLarge(f"an example has {len(text)} characters; the limit is {limit}", param="examples")
     if k > len(examples):
         raise InvalidRequest(f"{k} centroids need at least {k} examples", param="centroids")
 
