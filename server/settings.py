@@ -57,7 +57,7 @@ class ServerSettings(BaseSettings):
     admin_token: str | None = Field(None, description="bearer token of the admin routes; unset = admin disabled")
     log_level: str = Field("info", description="debug, info, warning or error")
     max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts get 413")
-    max_prompts: int = Field(64, ge=1, description="prompts in one completion request; more get 413")
+    max_prompts: int = Field(256, ge=1, description="prompts in one completion request (as many as max_queue holds); more get 413")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies larger than this get 413 before they are parsed")
     max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters; longer get 400")
 

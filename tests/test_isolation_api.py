@@ -52,7 +52,7 @@ REPRODUCTIONS = [  # (body, status, param) from the fuzzing report, defects 1-3 
     ({**HI, "prompt": ["ok", "x\udfff"]}, 400, "prompt"),
     ({**HI, "stop": ["s" * 257]}, 400, "stop"),
     ({**HI, "stop": "\ud800"}, 400, "stop"),
-    ({**HI, "prompt": ["p"] * 65}, 413, "prompt"),
+    ({**HI, "prompt": ["p"] * 257}, 413, "prompt"),
 ]
 
 
