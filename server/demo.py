@@ -81,7 +81,11 @@ def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> l
     if taken:
         raise SystemExit(f"switchboard demo: {store} already holds adapters named {', '.join(taken)} for another "
                          "base model; pass --adapter-dir with an empty folder for the starter adapters")
-    from training.starter import train_starters
+    try:
+        from training.starter import train_starters
+    except ImportError as e:  # the serving image may leave the train extra out
+        raise SystemExit(f"switchboard demo: training the starter adapters needs the train extra "
+                         f"(pip install 'lora-switchboard[train]'): {e}") from e
 
     embedder = settings.routing.embedder
     if embedder == "base":
@@ -120,11 +124,20 @@ Press Ctrl+C to stop.
 
 def run(settings: Settings, resident: ResidentModel, quick: bool) -> int:
     """Prepare the store, then serve until interrupted; the banner prints once the server is ready."""
+    import torch
     import uvicorn
 
     from server.app import create_app
+    from training.data import DataError
+    from training.store import TrainingError
 
-    adapters = prepare_store(settings, resident, quick)
+    if settings.engine.torch_threads:  # training runs under the same thread budget as serving
+        torch.set_num_threads(settings.engine.torch_threads)
+    try:
+        adapters = prepare_store(settings, resident, quick)
+    except (TrainingError, DataError) as e:
+        sys.stderr.write(f"switchboard demo: {e}\n")
+        return 2
     if not adapters:
         sys.stderr.write("switchboard demo: training finished but no adapter in the store is routable\n")
         return 1
