@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ class StarterBudget:
     lr: float = 1e-3
 
 
-FULL = StarterBudget(steps=40, batch_size=8, max_length=128, limit=240)
+FULL = StarterBudget(steps=25, batch_size=8, max_length=128, limit=240)
 QUICK = StarterBudget(steps=8, batch_size=4, max_length=64, limit=64)
 
 
@@ -92,6 +93,10 @@ def train_starters(
     hf_logging.disable_progress_bar()  # one bar: not transformers' own per weight load
     results: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
+    quiet = logging.getLogger("training")
+    level = quiet.level
+    if progress:
+        quiet.setLevel(logging.WARNING)  # per-adapter summaries below replace the INFO lines
     try:
         for name in names:
             bar.set_postfix_str(name)
@@ -103,13 +108,16 @@ def train_starters(
                 save_steps=10**9, logging_steps=max(1, budget.steps // 3), progress=False,
                 description=f"starter adapter: {STARTERS.get(name, name)}", domain=name,
             )  # fmt: skip
-            meta = train_adapter(cfg, callbacks=[_StepBar(bar)])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices
+                meta = train_adapter(cfg, callbacks=[_StepBar(bar)])
             results[name] = meta
             ev = meta["eval"]
             bar.write(f"  {name}: {meta['training']['steps']} steps in {meta['training']['runtime_s']:.0f} s, "
                       f"validation perplexity {_fmt(ev['val_ppl_base'])} -> {_fmt(ev['val_ppl_adapter'])}")
     finally:
         bar.close()
+        quiet.setLevel(level)
     say(f"Starter adapters trained in {time.perf_counter() - t0:.0f} s -> {store}")
     return results
 
