@@ -70,17 +70,23 @@ def routable_adapters(store: Path, resident: ResidentModel, embedder: str) -> li
 
 
 def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> list[str]:
-    """Train the starter adapters when the store has nothing routable; returns the routable names."""
+    """Train the starter adapters when the store has nothing routable (or only some of the starters,
+    as an interrupted first run leaves it); returns the routable names."""
     store = settings.store.adapter_dir
     routable = routable_adapters(store, resident, settings.routing.embedder)
-    if routable:
+    present = _store_adapters(store)
+    if routable and not set(routable) <= set(STARTERS):
+        missing: list[str] = []  # the user's own adapters: serve them as they are
+    else:
+        missing = [n for n in STARTERS if n not in routable]
+    if not missing:
         print(f"Using {len(routable)} routable adapter(s) already in {store}: {', '.join(routable)} "
               "(nothing to train).", flush=True)
         return routable
-    taken = [n for n, f in _store_adapters(store).items() if n in STARTERS and _fingerprint(f) != resident.fingerprint]
+    taken = [n for n in missing if n in present or (store / n).exists()]
     if taken:
-        raise SystemExit(f"switchboard demo: {store} already holds adapters named {', '.join(taken)} for another "
-                         "base model; pass --adapter-dir with an empty folder for the starter adapters")
+        raise SystemExit(f"switchboard demo: {store} already holds {', '.join(taken)}, which `auto` cannot route "
+                         "for this base model; pass --adapter-dir with an empty folder for the starter adapters")
     try:
         from training.starter import train_starters
     except ImportError as e:  # the serving image may leave the train extra out
@@ -90,10 +96,11 @@ def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> l
     embedder = settings.routing.embedder
     if embedder == "base":
         embedder = f"base:{settings.routing.route_window}"  # the window the server routes on
-    train_starters(store, settings.model.base_model, quick=quick, device=settings.model.device, embedder=embedder)
+    train_starters(store, settings.model.base_model, names=missing, quick=quick, device=settings.model.device,
+                   embedder=embedder)
     manifest = Manifest(store)
     if manifest.exists:  # a manifest is restored exactly at start: list the new adapters in it
-        for name in STARTERS:
+        for name in missing:
             manifest.set_adapter(name, name, False)
     return routable_adapters(store, resident, settings.routing.embedder)
 

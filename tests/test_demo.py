@@ -137,3 +137,64 @@ def test_starter_data_is_package_data():
     shipped = {p.relative_to(folder).as_posix() for pat in patterns for p in folder.glob(pat)}
     assert {"starter_data/code.jsonl", "starter_data/prose.jsonl", "starter_data/math.jsonl",
             "starter_data/README.md"} <= shipped
+
+
+def _settings(model_dir: Path, store: Path):
+    from tests.tiny import app_settings
+
+    return app_settings(model_dir, store)
+
+
+def test_store_with_routable_user_adapters_trains_nothing(store, tiny_model_dir, capsys):
+    from server.demo import prepare_store, routable_adapters
+    from server.engine.base_model import load_base_model
+
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    assert routable_adapters(store, resident, "base") == []  # alpha, beta: no centroid, no examples
+    (store / "alpha" / "examples.jsonl").write_text(json.dumps({"prompt": "def f(): pass"}) + "\n")
+    assert routable_adapters(store, resident, "base") == ["alpha"]
+    assert prepare_store(_settings(tiny_model_dir, store), resident, quick=True) == ["alpha"]
+    assert "nothing to train" in capsys.readouterr().out
+    # trained for another base model: not routable here, whatever it carries
+    (store / "alpha" / "switchboard.json").write_text(json.dumps({"base_fingerprint": "0" * 64}))
+    assert routable_adapters(store, resident, "base") == []
+
+
+def test_starter_name_taken_by_an_unroutable_adapter_is_not_overwritten(store, tiny_model_dir):
+    from server.demo import prepare_store
+    from server.engine.base_model import load_base_model
+
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    (store / "alpha").rename(store / "code")
+    before = (store / "code" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="--adapter-dir"):
+        prepare_store(_settings(tiny_model_dir, store), resident, quick=True)
+    assert (store / "code" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_interrupted_first_run_trains_only_the_missing_starters(store, tiny_model_dir, monkeypatch):
+    """An interrupted first run leaves some starters; the next run trains the rest, not all three
+    (the trainer is replaced by a copy of an existing adapter: what is under test is the choice)."""
+    import shutil
+
+    import training.starter
+    from server.demo import prepare_store
+    from server.engine.base_model import load_base_model
+    from server.manifest import Manifest
+
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    (store / "alpha").rename(store / "code")
+    (store / "code" / "examples.jsonl").write_text(json.dumps({"prompt": "def f(): pass"}) + "\n")
+    shutil.rmtree(store / "beta")
+    Manifest(store).set_adapter("code", "code", False)  # the first run's server wrote its manifest
+    calls = []
+
+    def fake_train(dest, base_model, *, names, **kw):
+        calls.append(names)
+        for n in names:
+            shutil.copytree(dest / "code", dest / n)
+
+    monkeypatch.setattr(training.starter, "train_starters", fake_train)
+    assert prepare_store(_settings(tiny_model_dir, store), resident, quick=True) == ["code", "math", "prose"]
+    assert calls == [["prose", "math"]]
+    assert set(Manifest(store).adapters) == {"code", "prose", "math"}  # restored at start
