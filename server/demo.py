@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 STARTERS = ("code", "prose", "math")
 
 
-def _store_adapters(store: Path) -> dict[str, Path]:
+def _store_adapters(store: Path, scan: bool = True) -> dict[str, Path]:
     """What the server registers at start: the manifest's adapters, or every adapter folder when
-    there is no manifest (see `AdapterService.reload`)."""
+    there is no manifest and `scan` (`--scan-on-start`, see `AdapterService.reload`)."""
     manifest = Manifest(store)
     if manifest.exists:
         return {name: store / entry["path"] for name, entry in manifest.adapters.items()}
-    if not store.is_dir():
+    if not scan or not store.is_dir():
         return {}
     return {p.name: p for p in sorted(store.iterdir())
             if p.is_dir() and not p.name.startswith((".", "_")) and (p / "adapter_config.json").is_file()}
@@ -43,12 +43,12 @@ def _fingerprint(folder: Path) -> str | None:
         return None
 
 
-def routable_adapters(store: Path, resident: ResidentModel, embedder: str) -> list[str]:
+def routable_adapters(store: Path, resident: ResidentModel, embedder: str, scan: bool = True) -> list[str]:
     """Adapters in `store` that `auto` will route over once served with `embedder`: trained for this
     base model, with example prompts (a centroid is computed from them at load) or a stored centroid
     in a matching space (for `base`: a base-family centroid of the model's width)."""
     out = []
-    for name, folder in sorted(_store_adapters(store).items()):
+    for name, folder in sorted(_store_adapters(store, scan).items()):
         fp = _fingerprint(folder)
         if not (folder / "adapter_config.json").is_file() or (fp and fp != resident.fingerprint):
             continue
@@ -73,7 +73,8 @@ def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> l
     """Train the starter adapters when the store has nothing routable (or only some of the starters,
     as an interrupted first run leaves it); returns the routable names."""
     store = settings.store.adapter_dir
-    routable = routable_adapters(store, resident, settings.routing.embedder)
+    scan = settings.store.scan_on_start
+    routable = routable_adapters(store, resident, settings.routing.embedder, scan)
     present = _store_adapters(store)
     if routable and not set(routable) <= set(STARTERS):
         missing: list[str] = []  # the user's own adapters: serve them as they are
@@ -99,10 +100,10 @@ def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> l
     train_starters(store, settings.model.base_model, names=missing, quick=quick, device=settings.model.device,
                    embedder=embedder)
     manifest = Manifest(store)
-    if manifest.exists:  # a manifest is restored exactly at start: list the new adapters in it
+    if manifest.exists or not settings.store.scan_on_start:  # what the server restores at start
         for name in missing:
             manifest.set_adapter(name, name, False)
-    return routable_adapters(store, resident, settings.routing.embedder)
+    return routable_adapters(store, resident, settings.routing.embedder, scan)
 
 
 def banner(settings: Settings, adapters: list[str]) -> str:
