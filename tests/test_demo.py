@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.local import free_port
 from training.data import DataError, load_dataset, starter_names
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_demo(cwd: Path, model_dir: Path, port: int) -> tuple[str, dict, dict]:
@@ -78,7 +72,7 @@ def test_demo_trains_then_serves_routed_and_a_second_run_trains_nothing(tmp_path
     assert not (work.parent / "shared").exists()
     store = work / "adapters"  # the default --adapter-dir, relative to where the user runs it
 
-    output, models, completion = _run_demo(work, tiny_model_dir, _free_port())
+    output, models, completion = _run_demo(work, tiny_model_dir, free_port())
     assert "Training 3 starter adapters" in output, output
     routable = sorted(n for n, m in models.items() if m.get("routable"))
     assert routable == ["code", "math", "prose"], models
@@ -92,7 +86,7 @@ def test_demo_trains_then_serves_routed_and_a_second_run_trains_nothing(tmp_path
         assert (store / name / "centroid.safetensors").is_file() and (store / name / "examples.jsonl").is_file()
     trained = _weights_files(store)
 
-    output2, models2, completion2 = _run_demo(work, tiny_model_dir, _free_port())
+    output2, models2, completion2 = _run_demo(work, tiny_model_dir, free_port())
     assert "Training" not in output2 and "nothing to train" in output2, output2
     assert _weights_files(store) == trained  # nothing rewritten
     assert sorted(n for n, m in models2.items() if m.get("routable")) == routable
