@@ -20,7 +20,7 @@ from typing import Any
 
 from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
-from server.engine.adapter_store import AdapterWeights
+from server.engine.adapter_store import AdapterWeights, file_in_store
 
 log = logging.getLogger(__name__)
 EXAMPLES_FILE = "examples.jsonl"
@@ -43,6 +43,7 @@ def read_example_prompts(path: Path, limit: int = MAX_EXAMPLES) -> list[str]:
             raise ValueError(f"{path.name}:{lineno}: not a JSON object")
         text = rec.get("query") or rec.get("prompt") or rec.get("text")
         if isinstance(text, str) and text.strip():
+            text.encode("utf-8")  # lone surrogates (valid JSON escapes) raise here, not in the tokenizer
             texts.append(text)
         if len(texts) >= limit:
             break
@@ -57,25 +58,26 @@ def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], An
         if routing.centroid_usable(weights.centroids, weights.centroid_embedder):
             return
         path = weights.path / EXAMPLES_FILE
-        if not path.is_file():
-            return
         try:
-            texts = read_example_prompts(path)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            log.warning("adapter %s: cannot compute a centroid from %s: %s", weights.name, EXAMPLES_FILE, e)
+            if not path.is_file():
+                return
+            texts = read_example_prompts(file_in_store(path, routing.store))
+            if not texts:
+                raise ValueError("no prompts in it")
+            emb = await routing.embed_examples(texts, engine_call)  # [n, d]
+            centroid = fit_centroids(emb.float().cpu(), k=1)  # [1, d]
+        except Exception as e:  # any bad file: the adapter is served by name, just not routed
+            log.warning("adapter %s: no centroid from %s (%s: %s); it is not routable", weights.name,
+                        EXAMPLES_FILE, type(e).__name__, str(e)[:200])
             return
-        if not texts:
-            log.warning("adapter %s: %s holds no prompts; it is not routable", weights.name, EXAMPLES_FILE)
-            return
-        emb = await routing.embed_examples(texts, engine_call)  # [n, d]
-        centroid = fit_centroids(emb.float().cpu(), k=1)  # [1, d]
-        had_file = (weights.path / CENTROID_FILE).exists()
+        target = weights.path / CENTROID_FILE
+        had_file = target.exists() or target.is_symlink()
         weights.centroids, weights.centroid_embedder = centroid, routing.embedder_id
         log.info("adapter %s: centroid computed from %d prompts in %s (embedder %s)", weights.name,
                  len(texts), EXAMPLES_FILE, routing.embedder_id)
         if not had_file:
             try:
-                save_centroids(weights.path / CENTROID_FILE, centroid, routing.embedder_id)
+                save_centroids(target, centroid, routing.embedder_id)
             except OSError as e:  # a read-only store still routes; the next start recomputes
                 log.warning("adapter %s: could not save %s: %s", weights.name, CENTROID_FILE, e)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -71,12 +72,28 @@ def test_centroid_for_another_embedder_is_recomputed_in_memory_and_left_on_disk(
     assert (store / "alpha" / "centroid.safetensors").read_bytes() == before
 
 
-def test_broken_examples_file_serves_the_adapter_unrouted(store, tiny_model_dir):
-    (store / "alpha" / "examples.jsonl").write_text("{not json\n")
+@pytest.mark.parametrize("kind", ["not json", "lone surrogate", "no prompts", "symlink out", "folder", "not utf-8"])
+def test_broken_examples_file_serves_the_adapter_unrouted(store, tiny_model_dir, tmp_path, kind):
+    path = store / "alpha" / "examples.jsonl"
+    if kind == "not json":
+        path.write_text("{not json\n")
+    elif kind == "lone surrogate":
+        path.write_text('{"prompt": "\\ud800 x"}\n')
+    elif kind == "no prompts":
+        path.write_text('{"completion": "only"}\n[1, 2]\n')
+    elif kind == "symlink out":
+        outside = tmp_path / "secret.jsonl"
+        outside.write_text(json.dumps({"prompt": "outside the store"}) + "\n")
+        path.symlink_to(outside)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b'{"prompt": "\xff\xfe"}\n')
     with _client(tiny_model_dir, store) as client:
         assert _models(client)["alpha"]["routable"] is False
         r = client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
+    assert not (store / "alpha" / "centroid.safetensors").exists()
 
 
 def test_adapters_without_centroid_or_examples_name_the_admin_call(store, tiny_model_dir):
