@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2: checks the benchmark code in seconds (numbers meaningless)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the engine's and PEFT's dtype (default auto, as `switchboard serve`); HF generate runs in "
+                        "each dtype the device computes well and the faster one is the baseline")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--server", choices=("subprocess", "thread"), default=None,
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"unknown sections: {sorted(unknown)}")
     cfg = common.BenchConfig.make(quick=args.quick, tiny=args.tiny, device=args.device, threads=args.threads,
-                                  sections=sections)
+                                  sections=sections, dtype=args.dtype)
     common.setup_torch(cfg.threads)
     started = time.time()
     results: dict = {"environment": common.environment(cfg), "errors": {}, "timings_s": {}}
