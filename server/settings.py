@@ -16,7 +16,7 @@ class ModelSettings(BaseSettings):
     model_config = _ENV
     base_model: str = Field("gpt2", description="hub id (from the local HF cache) or a local folder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA; on CPU bf16 where the CPU computes it natively (AVX-512 BF16/AMX), else fp32")
 
 
 class StoreSettings(BaseSettings):
