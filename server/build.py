@@ -7,6 +7,7 @@ from __future__ import annotations
 from server.engine.base_model import ResidentModel
 from server.engine.engine import Engine, EngineConfig, EngineObserver, GateSource
 from server.engine.registry import AdapterRegistry
+from server.engine.static_step import decode_step
 from server.settings import EngineSettings, RoutingSettings
 
 
@@ -14,5 +15,6 @@ def build_engine(engine: EngineSettings, routing: RoutingSettings, resident: Res
                  registry: AdapterRegistry, gate_source: GateSource | None = None,
                  observer: EngineObserver | None = None) -> Engine:
     config = EngineConfig(max_loras=engine.max_loras, max_batch_size=engine.max_batch_size,
-                          max_queue=engine.max_queue, hidden_window=routing.route_window)
+                          max_queue=engine.max_queue, hidden_window=routing.route_window,
+                          decode_step=decode_step(engine.compile, resident.device))
     return Engine(resident, registry, config, gate_source=gate_source, observer=observer)
