@@ -61,6 +61,7 @@ class BenchConfig:
     resident_repeats: int = 3
     router_calls: int = 50
     threads: int = 2
+    compile: bool = False  # also measure the engine with the static decode step, eager and compiled
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     sections: tuple[str, ...] = ("decode", "serving", "lifecycle", "router")
@@ -68,12 +69,13 @@ class BenchConfig:
 
     @classmethod
     def make(cls, quick: bool = False, tiny: bool = False, device: str = "auto", threads: int = 2,
-             sections: Iterable[str] | None = None, dtype: str = "auto") -> BenchConfig:
+             sections: Iterable[str] | None = None, dtype: str = "auto", compile: bool = False) -> BenchConfig:
         from server.engine.base_model import resolve_dtype
 
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
         # the engine's dtype, as `switchboard serve --dtype` resolves it (auto: what the device computes fastest)
-        cfg = cls(quick=quick, tiny=tiny, threads=threads, device=dev, dtype=resolve_dtype(dtype, torch.device(dev)))
+        cfg = cls(quick=quick, tiny=tiny, threads=threads, device=dev, dtype=resolve_dtype(dtype, torch.device(dev)),
+                  compile=compile)
         if sections is not None:
             cfg.sections = tuple(sections)
         if quick:

@@ -40,7 +40,10 @@ LABELS = {
     "engine_fixed": "Switchboard engine, fixed adapter",
     "engine_routed_once": "Switchboard engine, routed over 4, routed once on the prompt",
     "engine_routed": "Switchboard engine, routed over 4, re-route every 2",
+    "engine_routed_static": "the same, static-shape decode step run eagerly (--compile runs)",
+    "engine_routed_compiled": "the same, static-shape decode step through torch.compile (--compile runs)",
 }
+STEP_KINDS = {"engine_routed_static": "static", "engine_routed_compiled": "compiled"}
 
 
 def adapter_names() -> list[str]:
@@ -201,6 +204,8 @@ def run(cfg: BenchConfig, assets) -> dict:
                             top_boost=rig.routing.settings.top_boost)
     remerge = RemergeLoop(peft_model, router, route_window(rig.routing.settings))
     measured = [*hf_models, *METHODS[1:]]
+    rigs = {m: assets.engine_rig(kind) for m, kind in STEP_KINDS.items() if cfg.compile}
+    measured += list(rigs)
 
     def methods(prompts):
         batch = prompts.shape[0]
@@ -214,6 +219,7 @@ def run(cfg: BenchConfig, assets) -> dict:
             "engine_fixed": lambda: run_engine(rig, prompts, cfg, routed=False),
             "engine_routed_once": lambda: run_engine(rig, prompts, cfg, routed=True, reroute_every=0),
             "engine_routed": lambda: run_engine(rig, prompts, cfg, routed=True),
+            **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in rigs.items()},
         }
 
     # Warm up every path once (lazy initialisation, allocator, stacked LoRA factors).
@@ -234,7 +240,8 @@ def run(cfg: BenchConfig, assets) -> dict:
     rank = rig.registry.get(names[0]).weights.rank
     out: dict = {"methods": dict(LABELS), "adapter_rank": rank, "adapters": N_ROUTED,
                  "reroute_every": REROUTE_EVERY, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
-                 "repeats": cfg.repeats, "dtype": _dtype_name(cfg.dtype), "bandwidth": bandwidth}
+                 "repeats": cfg.repeats, "dtype": _dtype_name(cfg.dtype), "bandwidth": bandwidth,
+                 "step_warm_up_s": {m: round(r.warm_up_s, 1) for m, r in rigs.items()}}
     for batch in cfg.batches:
         prompts = random_prompts(cfg, batch, vocab, seed=batch)
         fns = methods(prompts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import ratio
-from bench.decode import LABELS, METHODS
+from bench.decode import LABELS, METHODS, STEP_KINDS
 
 RATIO_DOC = {
     "routed_vs_hf_b1": "engine routed (4 adapters, re-route every 2) tok/s ÷ HF generate tok/s (its faster dtype), batch 1",
@@ -29,6 +29,9 @@ RATIO_DOC = {
     "fixed_vs_floor_b1": "engine fixed adapter ms per decode step ÷ its floor, batch 1",
     "hf_vs_floor_b1": "HF generate ms per decode step ÷ its floor, batch 1",
     "routed_vs_fixed_step_b1": "engine routed ms per step ÷ engine fixed ms per step, batch 1 (the cost of routing over 4)",
+    "compiled_vs_eager_step_b1": "engine routed ms per step, eager step ÷ compiled static step, batch 1 (> 1: compiling wins; --compile runs)",
+    "compiled_vs_eager_step_b8": "the same at batch 8",
+    "compiled_vs_floor_b1": "engine routed with the compiled static step, ms per step ÷ its floor, batch 1 (--compile runs)",
 }
 
 
@@ -73,6 +76,9 @@ def compute_ratios(results: dict) -> dict:
         "fixed_vs_floor_b1": _floor(d, 1, "engine_fixed"),
         "hf_vs_floor_b1": _floor(d, 1, "hf_generate"),
         "routed_vs_fixed_step_b1": ratio(_step(d, 1, "engine_routed"), _step(d, 1, "engine_fixed")),
+        "compiled_vs_eager_step_b1": ratio(_step(d, 1, "engine_routed"), _step(d, 1, "engine_routed_compiled")),
+        "compiled_vs_eager_step_b8": ratio(_step(d, 8, "engine_routed"), _step(d, 8, "engine_routed_compiled")),
+        "compiled_vs_floor_b1": _floor(d, 1, "engine_routed_compiled"),
     }
 
 
@@ -135,7 +141,7 @@ def markdown(results: dict) -> str:
         lines.append(f"- {n}")
     lines.append("")
     lines += ["## Ratios", "", ratios_table(results)]
-    lines += ["## Targets (issue 6)", ""]
+    lines += ["## Targets", ""]
     lines += _table(["target", "value", "met", "gap"],
                     [[t["target"], _f(t["value"]), {True: "yes", False: "**no**", None: "–"}[t["met"]], t["gap"] or ""]
                      for t in results.get("targets", [])])
@@ -148,7 +154,7 @@ def markdown(results: dict) -> str:
                 continue
             hf = blk["hf_generate"]
             rows = []
-            for m in METHODS:
+            for m in (*METHODS, *(k for k in STEP_KINDS if k in blk)):
                 x = blk[m]
                 note = " (extrapolated)" if x.get("extrapolated") else ""
                 label = LABELS[m] + (f": {x['dtype']}" if "dtype" in x else "")
@@ -162,6 +168,9 @@ def markdown(results: dict) -> str:
             per = blk.get("routed_vs_hf_per_repeat")
             if per:
                 lines += [f"Engine routed ÷ HF within each repeat: {', '.join(_f(v) for v in per)}.", ""]
+        if d.get("step_warm_up_s"):
+            lines += [f"Static decode step warm-up before serving (compile included): "
+                      f"{', '.join(f'{k} {v} s' for k, v in d['step_warm_up_s'].items())}.", ""]
         bw = d.get("bandwidth")
         if bw:
             lines += [f"Floor = bytes read per decode step (weights incl. the tied LM head, the active LoRA factors, "
