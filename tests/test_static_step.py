@@ -170,3 +170,38 @@ def test_inductor_compiled_step_matches_eager(engines, store, tiny_model_dir):
     for got, ref in zip(out["compiled"], out["eager"], strict=True):
         assert [t for t, _ in got] == [t for t, _ in ref]
         assert torch.allclose(torch.tensor([lp for _, lp in got]), torch.tensor([lp for _, lp in ref]), atol=1e-4)
+
+
+def test_server_warms_the_step_up_before_ready_and_serves_through_it(store, tiny_model_dir, monkeypatch, caplog):
+    """`--compile on` path of the app with the step run eagerly (compiling is the slow test above):
+    the warm-up runs, and is logged, before /ready; completions then go through the static step
+    and equal those of the eager engine."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from server import app as app_module
+    from server.app import create_app
+    from tests.tiny import app_settings
+
+    body = {"model": "alpha", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(app_settings(tiny_model_dir, store))) as client:
+        reference = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    monkeypatch.setattr(app_module, "decode_step", lambda setting, device: "static")
+    caplog.set_level(logging.INFO, logger="server.engine.static_step")
+    with TestClient(create_app(app_settings(tiny_model_dir, store, engine={"compile": "on"}))) as client:
+        assert any("decode step warmed up" in r.getMessage() for r in caplog.records)
+        assert client.get("/ready").status_code == 200
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        engine = client.app.state.switchboard.services.engine
+        assert engine.static is not None and engine.static.calls > 1
+        assert r.json()["choices"][0]["text"] == reference
+
+
+def test_compile_setting():
+    from server.engine.static_step import decode_step
+
+    assert decode_step("on", torch.device("cpu")) == "compiled"
+    assert decode_step("off", torch.device("cpu")) == "eager"
+    assert decode_step("auto", torch.device("cpu")) == "eager"
