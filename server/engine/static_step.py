@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
-from server.engine import cpu_linear
+from server.engine import cpu_linear, gpt2
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext, MultiLoRAConv1D
 from server.engine.slots import SlotManager
@@ -103,6 +103,9 @@ class StaticDecoder:
         self.wte, self.wpe = tr.wte.weight, tr.wpe.weight
         self.ln_f = (tr.ln_f.weight, tr.ln_f.bias)
         self.scale = tr.h[0].attn.scaling
+        tanh_gelu = cfg.activation_function in gpt2.TANH_GELU
+        self.act: Callable[[torch.Tensor], torch.Tensor] = (
+            (lambda t: F.gelu(t, approximate="tanh")) if tanh_gelu else tr.h[0].mlp.act)
         self.layers = [Layer((b.ln_1.weight, b.ln_1.bias), (b.ln_2.weight, b.ln_2.bias), _projection(b.attn.c_attn),
                              _projection(b.attn.c_proj), _projection(b.mlp.c_fc), _projection(b.mlp.c_proj))
                        for b in tr.h]
@@ -155,7 +158,7 @@ class StaticDecoder:
                                                scale=self.scale)  # [B, H, 1, hd]
             x = x + self._lora_linear(y.reshape(B, d), layer.attn_proj, lora_a[j + 1], lora_b[j + 1], gates)
             h = F.layer_norm(x, (d,), *layer.ln2, self.eps)
-            h = F.gelu(self._lora_linear(h, layer.fc, lora_a[j + 2], lora_b[j + 2], gates), approximate="tanh")
+            h = self.act(self._lora_linear(h, layer.fc, lora_a[j + 2], lora_b[j + 2], gates))
             x = x + self._lora_linear(h, layer.mlp_proj, lora_a[j + 3], lora_b[j + 3], gates)
             j += 4
         hidden = F.layer_norm(x, (d,), *self.ln_f, self.eps)  # [B, d]
