@@ -175,7 +175,8 @@ def markdown(results: dict) -> str:
         if bw:
             lines += [f"Floor = bytes read per decode step (weights incl. the tied LM head, the active LoRA factors, "
                       f"the rows' cached K/V at the mean position) ÷ memory bandwidth {bw['gb_s']} GB/s, measured in "
-                      f"this run ({bw['method']}: copy {bw['copy_gb_s']}, linear {bw['matvec_gb_s']} GB/s). "
+                      f"this run ({bw['method']}: copy {bw['copy_gb_s']}, linear {bw['matvec_gb_s']} GB/s; the best of "
+                      f"{len(bw.get('all_gb_s', [1]))} measurements spread over the run: {bw.get('all_gb_s')}). "
                       f"Engine and PEFT run in {d.get('dtype')}.", ""]
         rm = d.get("b1", {}).get("peft_remerge", {})
         if rm.get("merge_ms_per_call") is not None:

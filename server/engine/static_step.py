@@ -67,6 +67,20 @@ def _projection(module: Any) -> Projection:
 
 
 @dataclass
+class Stack:
+    """The active slots' factors for every projection, side by side: `a`/`b` hold all of them
+    (zeros where no active adapter targets a projection: the compiled step's fixed layout),
+    `sparse_a`/`sparse_b` None there (the eager step skips those matmuls); `cols` [R] gives the
+    position in the active tuple of each rank column (len(active) for padding)."""
+
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+    sparse_a: list[torch.Tensor | None]
+    sparse_b: list[torch.Tensor | None]
+    cols: torch.Tensor
+
+
+@dataclass
 class Layer:
     ln1: tuple[torch.Tensor, torch.Tensor]
     ln2: tuple[torch.Tensor, torch.Tensor]
@@ -115,8 +129,8 @@ class StaticDecoder:
         # lowering of the oneDNN op wants frozen weights).
         self.onednn = not compile and cpu_linear.onednn_available(self.wte.device, self.wte.dtype) and all(
             p.weight.is_contiguous() for p in self.projections) and self.wte.is_contiguous()
-        self._stacks: OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = OrderedDict()
-        self._zero: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._stacks: OrderedDict[tuple, Stack] = OrderedDict()
+        self._zero: dict[int, tuple[list[torch.Tensor | None], list[torch.Tensor | None]]] = {}
         self.compiled = compile
         self.calls = 0
         self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
@@ -130,15 +144,18 @@ class StaticDecoder:
             return cpu_linear.linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
-    def _lora_linear(self, x: torch.Tensor, p: Projection, a: torch.Tensor, b: torch.Tensor,
+    def _lora_linear(self, x: torch.Tensor, p: Projection, a: torch.Tensor | None, b: torch.Tensor | None,
                      gates: torch.Tensor) -> torch.Tensor:
-        """base(x) + ((x A) · gates) B for x [B, in], with `a` [in, R], `b` [R, out], `gates` [B, R]."""
+        """base(x) + ((x A) · gates) B for x [B, in], with `a` [in, R], `b` [R, out], `gates` [B, R];
+        `a` is None (eager step only) where no active adapter targets this projection."""
         y = self._linear(x, p.weight, p.bias)
+        if a is None or b is None:
+            return y
         return y.addmm(torch.mm(x, a) * gates, b)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
-                 values: list[torch.Tensor], gates: torch.Tensor, lora_a: list[torch.Tensor],
-                 lora_b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                 values: list[torch.Tensor], gates: torch.Tensor, lora_a: list[torch.Tensor | None],
+                 lora_b: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids, pos [B]; mask [B, 1, 1, L] (True = visible); keys/values per layer [Bcap, H, Pcap, hd];
         gates [B, R]; lora_a/lora_b per projection [in, R] / [R, out]. Returns logits [B, V] and the
         final hidden states [B, d]."""
@@ -165,7 +182,7 @@ class StaticDecoder:
         return self._linear(hidden, self.wte, None), hidden
 
     # -- fixed-shape inputs -----------------------------------------------------------------------------------
-    def _stack(self, active: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def _stack(self, active: tuple[int, ...]) -> Stack:
         """Every projection's factors for the active slots side by side, in one layout shared by all
         projections: `cols[r]` is the position in `active` of rank column r (len(active) = padding).
         Cached per (active slots, what is installed in them)."""
@@ -184,24 +201,29 @@ class StaticDecoder:
             cols[at:at + r] = i
             offsets.append(at)
             at += r
-        a_all, b_all = [], []
+        a_all, b_all, sparse_a, sparse_b = [], [], [], []
         for p in self.projections:
             out_f, in_f = p.weight.shape
             a = torch.zeros(in_f, R, dtype=first.dtype, device=first.device)
             b = torch.zeros(R, out_f, dtype=first.dtype, device=first.device)
+            used = False
             for slot, at, r in zip(active, offsets, ranks, strict=True):
                 fa, fb = p.wrapper.lora_a[slot], p.wrapper.lora_b[slot]
                 if fa is not None and fb is not None:
                     a[:, at:at + r] = fa
                     b[at:at + r] = fb
+                    used = True
             a_all.append(a)
             b_all.append(b)
+            sparse_a.append(a if used else None)
+            sparse_b.append(b if used else None)
         if len(self._stacks) >= self.max_cached_stacks:
             self._stacks.popitem(last=False)
-        self._stacks[key] = (a_all, b_all, cols)
-        return a_all, b_all, cols
+        stack = Stack(a_all, b_all, sparse_a, sparse_b, cols)
+        self._stacks[key] = stack
+        return stack
 
-    def _no_adapters(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _no_adapters(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         R = MIN_RANK_BUCKET
         if R not in self._zero:
             first = self.projections[0].weight
@@ -226,24 +248,33 @@ class StaticDecoder:
         pos_t[:n] = pos[:, 0]
         mask = torch.arange(L, device=dev)[None, :] <= pos_t[:, None]  # [Bb, L]
         ctx = self.ctx
+        a: list[torch.Tensor | None]
+        b: list[torch.Tensor | None]
         if ctx.active and ctx.gates is not None:
-            a, b, cols = self._stack(ctx.active)
+            stack = self._stack(ctx.active)
+            cols = stack.cols
+            # compiled: every projection gets factors (zeros where unused), so which modules the
+            # adapters target never changes the graph; eager: skip the unused ones
+            full_a: list[torch.Tensor | None] = [*stack.a]
+            full_b: list[torch.Tensor | None] = [*stack.b]
+            a, b = (full_a, full_b) if self.compiled else (stack.sparse_a, stack.sparse_b)
             g = ctx.gates.to(dev, dtype)
             g = torch.cat([g, g.new_zeros(g.shape[0], 1)], dim=1)[:, cols]  # [n, R]
             gates = torch.zeros(Bb, cols.shape[0], dtype=dtype, device=dev)
             gates[:n] = g
         else:
-            a, b = self._no_adapters()
+            none: list[torch.Tensor | None] = [None] * len(self.projections)
+            a, b = self._no_adapters() if self.compiled else (none, none)
             gates = torch.zeros(Bb, MIN_RANK_BUCKET, dtype=dtype, device=dev)
         if self.compiled:
             for t in (*self.cache.keys, *self.cache.values):
                 _dynamic(t, 0, 2)  # [Bcap, H, Pcap, hd]
                 if t.device.type == "cuda":  # CUDA graphs write the cache in place, never copy it in
                     torch._dynamo.mark_static_address(t)
-            for t in a:
-                _dynamic(t, 1)  # [in, R]
-            for t in b:
-                _dynamic(t, 0)  # [R, out]
+            for fa, fb in zip(a, b, strict=True):
+                if fa is not None and fb is not None:
+                    _dynamic(fa, 1)  # [in, R]
+                    _dynamic(fb, 0)  # [R, out]
         return {"ids": _dynamic(ids_t, 0), "pos": _dynamic(pos_t, 0), "mask": _dynamic(mask[:, None, None, :], 0, 3),
                 "keys": self.cache.keys, "values": self.cache.values, "gates": _dynamic(gates, 0, 1),
                 "lora_a": a, "lora_b": b}
