@@ -72,6 +72,12 @@ def hf_dtypes(cfg: BenchConfig) -> list[torch.dtype]:
     return dtypes
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -242,6 +248,7 @@ def run(cfg: BenchConfig, assets) -> dict:
         log(f"memory bandwidth {bw['gb_s']} GB/s (copy {bw['copy_gb_s']}, one-row linear {bw['matvec_gb_s']})")
 
     measure_bandwidth()
+    graphs = _compiled_graphs()
     one_adapter = floor.lora_bytes(rig.registry.get(names[0]).weights.tensors, cfg.dtype)
 
     rank = rig.registry.get(names[0]).weights.rank
@@ -270,6 +277,8 @@ def run(cfg: BenchConfig, assets) -> dict:
         block["routed_vs_hf_per_repeat"] = [round(r["tok_s"] / h["tok_s"], 3) for r, h in
                                             zip(runs["engine_routed"], runs[fastest], strict=True)]
         out[f"b{batch}"] = block
+    if rigs:  # the target: re-routing and new batch sizes never recompile once warmed up
+        out["recompiles_after_warm_up"] = _compiled_graphs() - graphs
     bandwidth = max(bandwidths, key=lambda bw: bw["gb_s"])
     out["bandwidth"] = {**bandwidth, "all_gb_s": [bw["gb_s"] for bw in bandwidths]}
     for batch in cfg.batches:

@@ -170,7 +170,8 @@ def markdown(results: dict) -> str:
                 lines += [f"Engine routed ÷ HF within each repeat: {', '.join(_f(v) for v in per)}.", ""]
         if d.get("step_warm_up_s"):
             lines += [f"Static decode step warm-up before serving (compile included): "
-                      f"{', '.join(f'{k} {v} s' for k, v in d['step_warm_up_s'].items())}.", ""]
+                      f"{', '.join(f'{k} {v} s' for k, v in d['step_warm_up_s'].items())}; graphs compiled after "
+                      f"the warm-up, during all decode runs: {d.get('recompiles_after_warm_up')}.", ""]
         bw = d.get("bandwidth")
         if bw:
             lines += [f"Floor = bytes read per decode step (weights incl. the tied LM head, the active LoRA factors, "
