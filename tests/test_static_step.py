@@ -180,14 +180,14 @@ def test_server_warms_the_step_up_before_ready_and_serves_through_it(store, tiny
 
     from fastapi.testclient import TestClient
 
-    from server import app as app_module
+    from server import build
     from server.app import create_app
     from tests.tiny import app_settings
 
     body = {"model": "alpha", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
     with TestClient(create_app(app_settings(tiny_model_dir, store))) as client:
         reference = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    monkeypatch.setattr(app_module, "decode_step", lambda setting, device: "static")
+    monkeypatch.setattr(build, "step_for", lambda setting, device: "static")
     caplog.set_level(logging.INFO, logger="server.engine.static_step")
     with TestClient(create_app(app_settings(tiny_model_dir, store, engine={"compile": "on"}))) as client:
         assert any("decode step warmed up" in r.getMessage() for r in caplog.records)
