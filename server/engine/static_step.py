@@ -132,6 +132,7 @@ class StaticDecoder:
         self._stacks: OrderedDict[tuple, Stack] = OrderedDict()
         self._zero: dict[int, tuple[list[torch.Tensor | None], list[torch.Tensor | None]]] = {}
         self.compiled = compile
+        self.graphs = compile and mode == "reduce-overhead"
         self.calls = 0
         self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
         if compile:
@@ -286,6 +287,8 @@ class StaticDecoder:
         self.cache.reserve(bucket(n), int(pos.max()) + 1)
         logits, hidden = self._step(**self.inputs(ids, pos))
         self.calls += 1
+        if self.graphs:  # CUDA graphs overwrite their outputs on the next replay; the engine keeps hidden states
+            return logits[:n].clone(), hidden[:n, None].clone()
         return logits[:n], hidden[:n, None]
 
     def warm_up(self, batch_sizes: list[int]) -> float:
