@@ -206,7 +206,7 @@ def run(cfg: BenchConfig, assets) -> dict:
     names = adapter_names()
     vocab = assets.base.config.vocab_size
     router = CentroidRouter(names, [rig.registry.get(n).weights.centroids for n in names],
-                            temperature=rig.routing.settings.route_temperature,
+                            temperature=rig.routing.settings.route_temperature or 1.0,
                             top_boost=rig.routing.settings.top_boost)
     remerge = RemergeLoop(peft_model, router, route_window(rig.routing.settings))
     measured = [*hf_models, *METHODS[1:]]

@@ -41,7 +41,7 @@ def run(cfg: BenchConfig, assets, step_ms: float | None = None) -> dict:
     d = assets.base.config.n_embd
     names = [f"a{i}" for i in range(N_ROUTED)]
     cents = [rig.registry.get(n).weights.centroids for n in names]
-    centroid = CentroidRouter(names, cents, temperature=rig.routing.settings.route_temperature,
+    centroid = CentroidRouter(names, cents, temperature=rig.routing.settings.route_temperature or 1.0,
                               top_boost=rig.routing.settings.top_boost)
     window = route_window(rig.routing.settings)
     hidden = torch.randn(1, window, d)
@@ -68,7 +68,7 @@ def run(cfg: BenchConfig, assets, step_ms: float | None = None) -> dict:
         encoder = load_sentence_encoder(path, device=cfg.device)
         gen = torch.Generator().manual_seed(3)
         mcents = [torch.randn(1, encoder.dim, generator=gen) for _ in names]
-        mrouter = CentroidRouter(names, mcents, temperature=rig.routing.settings.route_temperature,
+        mrouter = CentroidRouter(names, mcents, temperature=rig.routing.settings.route_temperature or 1.0,
                                  top_boost=rig.routing.settings.top_boost)
         out["centroid_minilm"] = time_call(lambda: mrouter.route(encoder.embed_texts([TEXT])), cfg.router_calls)
         out["centroid_minilm"]["embedder"] = encoder.id

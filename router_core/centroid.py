@@ -81,6 +81,19 @@ def fit_centroids(embeddings: Tensor, k: int = 1, iters: int = 25, seed: int = 0
 class CentroidRouter:
     """Routes embeddings to adapters by cosine similarity to their centroids (arXiv 2311.10847).
 
+    Scores: with one or a few centroids per adapter, an adapter's score is its best cosine
+    similarity. When every adapter has at least `4 * vote` rows (the server keeps up to 64
+    registration examples as rows), the score is *nearest-example voting* instead: the mean of the
+    `vote` highest similarities to the adapter's rows, minus `baseline` times the same quantity
+    for its rows against each other (leave-one-out). The baseline puts a tight domain (literary
+    paragraphs, similar to each other) and a diverse one (code requests and code) on one scale,
+    so the tight domain's high typical similarity counts against a text that is merely far from
+    both. Half of it (`baseline=0.5`) was the best trade measured: on code-vs-literature text
+    from sources unlike the examples top-1 rises from about 89 % (one mean centroid) to 99.6 %
+    (averaged over 20 draws of 40 + 40 examples), while in-distribution accuracy stays at 99 %
+    (the full baseline cost 1-5 points there). Few rows (k-means modes) keep the best-similarity
+    score: voting over a handful of distinct modes averages unrelated directions.
+
     `temperature` defaults to 1.0 because arXiv 2311.10847 applies a plain softmax to the cosine
     similarities and gets its sharpness from the ×4 boost of the most similar adapter. With
     cosines in [-1, 1] a unit temperature keeps a genuine mixture (e.g. similarities 0.5/0.2
@@ -102,8 +115,12 @@ class CentroidRouter:
         top_boost: float = 4.0,
         top_k: int | None = None,
         min_similarity: float | None = None,
+        vote: int = 5,
+        baseline: float = 0.5,
     ) -> None:
         _check_options(temperature, top_boost, top_k)
+        if vote < 1:
+            raise ValueError(f"vote must be >= 1, got {vote}")
         if len(adapter_names) != len(centroids):
             raise ValueError(f"{len(adapter_names)} adapter names but {len(centroids)} centroid sets")
         if len(set(adapter_names)) != len(adapter_names):
@@ -130,9 +147,21 @@ class CentroidRouter:
         self.top_boost = float(top_boost)
         self.top_k = top_k
         self.min_similarity = min_similarity
+        self.vote = int(vote)
+        self.baseline = float(baseline)
         self._centroids = torch.cat(rows) if rows else torch.zeros(0, 0)  # [M, d]
         self._owner = torch.tensor(owner, dtype=torch.long)  # [M]
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.voting = bool(rows) and min(r.shape[0] for r in rows) >= 4 * self.vote
+        self.baselines = (
+            self.baseline * torch.stack([self._loo_baseline(r) for r in rows]) if self.voting else None
+        )  # [n]
+
+    def _loo_baseline(self, rows: Tensor) -> Tensor:
+        """Mean over an adapter's rows of their top-`vote` similarity to its *other* rows."""
+        sims = rows @ rows.T  # [m, m]
+        sims.fill_diagonal_(float("-inf"))
+        return sims.topk(self.vote, dim=1).values.mean()
 
     @property
     def centroids(self) -> list[Tensor]:
@@ -159,6 +188,38 @@ class CentroidRouter:
         out = torch.full((b, n), float("-inf"), device=e.device)  # [B, n]
         return out.scatter_reduce(1, owner.expand(b, -1), sims, reduce="amax")  # [B, n]
 
+    def scores(self, embeddings: Tensor, leave_out: Tensor | None = None) -> Tensor:
+        """The routing scores `[B, n]` (see the class docstring): best similarity, or the
+        baseline-corrected vote when voting is on. `leave_out` `[B]` (long, -1 = none) excludes
+        one centroid row per embedding, for leave-one-out scores of the examples themselves."""
+        if not self.voting:
+            if leave_out is not None:
+                raise ValueError("leave-one-out scores need voting (at least 4 * `vote` rows per adapter)")
+            return self.similarities(embeddings)
+        assert self.baselines is not None
+        cents, owner = self._tensors(embeddings.device)
+        sims = F.normalize(embeddings.float(), dim=-1) @ cents.T  # [B, M]
+        if leave_out is not None:
+            hit = leave_out.to(sims.device).clamp(min=0)[:, None]  # [B, 1]
+            dropped = torch.where((leave_out >= 0).to(sims.device)[:, None], float("-inf"), sims.gather(1, hit))
+            sims = sims.scatter(1, hit, dropped)  # [B, M]
+        out = []
+        for i in range(len(self.adapter_names)):
+            own = sims[:, owner == i]  # [B, m_i]
+            out.append(own.topk(self.vote, dim=1).values.mean(1))  # [B]
+        return torch.stack(out, dim=1) - self.baselines.to(sims.device)  # [B, n]
+
+    def weights_from_scores(self, scores: Tensor, temperature: float | None = None,
+                            top_k: int | None = None) -> Tensor:
+        """softmax(scores / T), the top adapter × `top_boost`, renormalised, top-k truncated."""
+        temp = self.temperature if temperature is None else temperature
+        k = self.top_k if top_k is None else top_k
+        _check_options(temp, self.top_boost, k)
+        if scores.shape[1] == 0:
+            return scores
+        probs = torch.softmax(scores / temp, dim=-1)  # [B, n]
+        return boost_and_truncate(probs, scores.argmax(dim=-1), self.top_boost, k)  # [B, n]
+
     def route(
         self,
         embeddings: Tensor,
@@ -176,24 +237,23 @@ class CentroidRouter:
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k
         _check_options(temp, self.top_boost, k)
-        sims = self.similarities(embeddings)  # [B, n]
-        if sims.shape[1] == 0:
-            return sims
-        probs = torch.softmax(sims / temp, dim=-1)  # [B, n]
-        best, top = sims.max(dim=-1)  # [B], [B]
-        weights = boost_and_truncate(probs, top, self.top_boost, k)  # [B, n]
+        if not self.adapter_names:
+            return self.similarities(embeddings)
+        weights = self.weights_from_scores(self.scores(embeddings), temp, k)  # [B, n]
         if self.min_similarity is not None:
+            best = self.similarities(embeddings).max(dim=-1).values  # [B]
             weights = torch.where((best < self.min_similarity).unsqueeze(1), 0.0, weights)  # [B, n]
         return weights
 
     def with_adapters(self, names: list[str], centroids: list[Tensor]) -> CentroidRouter:
         """A new router over exactly `names`/`centroids`, with this router's options."""
         return CentroidRouter(
-            list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity
+            list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity,
+            self.vote, self.baseline,
         )
 
     def __repr__(self) -> str:
         return (
             f"CentroidRouter(adapters={list(self.adapter_names)}, temperature={self.temperature}, "
-            f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity})"
+            f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity}, vote={self.vote}, baseline={self.baseline})"
         )

@@ -15,7 +15,10 @@ def build_engine(engine: EngineSettings, routing: RoutingSettings, resident: Res
                  registry: AdapterRegistry, gate_source: GateSource | None = None,
                  observer: EngineObserver | None = None, decode_step: str | None = None) -> Engine:
     """`decode_step` overrides what `engine.compile` selects (the benchmarks compare all three)."""
+    # The first decision pools the prompt's last `route_prompt_tokens` (0 = the route window).
+    prompt_window = min(routing.route_prompt_tokens or routing.route_window, resident.max_positions)
     config = EngineConfig(max_loras=engine.max_loras, max_batch_size=engine.max_batch_size,
                           max_queue=engine.max_queue, hidden_window=routing.route_window,
+                          prompt_window=prompt_window,
                           decode_step=decode_step or step_for(engine.compile, resident.device))
     return Engine(resident, registry, config, gate_source=gate_source, observer=observer)

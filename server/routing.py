@@ -20,6 +20,7 @@ from router_core.artifacts import (
     load_router,
     load_sentence_encoder,
 )
+from router_core.calibration import calibrated
 from router_core.centroid import CentroidRouter
 from router_core.embedders import BaseEmbedder, SentenceEncoder, pool_hidden
 from router_core.mlp import MLPRouter
@@ -74,9 +75,11 @@ class RoutingService:
                 assert w.centroids is not None
                 names.append(name)
                 cents.append(w.centroids)
-        router = CentroidRouter(names, cents, temperature=self.settings.route_temperature,
+        router = CentroidRouter(names, cents, temperature=self.settings.route_temperature or 1.0,
                                 top_boost=self.settings.top_boost, top_k=self.settings.route_top_k or None,
-                                min_similarity=self.settings.min_similarity)
+                                min_similarity=self.settings.min_similarity, vote=self.settings.route_vote)
+        if not self.settings.route_temperature:
+            router = calibrated(router)
         with self._lock:
             self._centroid = router
 
@@ -188,9 +191,21 @@ class RoutingService:
     def needs_hidden(self, seq: Sequence) -> bool:
         return self.encoder is None
 
+    @property
+    def prompt_window(self) -> int:
+        """Prompt tokens the first decision embeds: the last `route_prompt_tokens` (0 = the route
+        window), at most the resident model's context. A sentence encoder then applies its own
+        limit, keeping the newest of them. Counted in token ids, so a chat prompt is routed on
+        the text its ids decode to, whatever `prompt_text` holds."""
+        return min(self.settings.route_prompt_tokens or self.settings.route_window, self.resident.max_positions)
+
+    def window(self, seq: Sequence) -> int:
+        """The first decision sees the prompt (up to `prompt_window`), re-routes the sliding window."""
+        return self.prompt_window if not seq.generated else self.settings.route_window
+
     def contexts(self, seqs: list[Sequence]) -> list[str]:
-        """The text each sequence is routed on: its last `route_window` tokens."""
-        return [s.context_text(self.settings.route_window) for s in seqs]
+        """The text each sequence is routed on (see `window`)."""
+        return [s.context_text(self.window(s)) for s in seqs]
 
     def embed(self, seqs: list[Sequence], contexts: list[str] | None = None) -> torch.Tensor:
         if self.encoder is not None:
@@ -212,7 +227,7 @@ class RoutingService:
                 continue
             complexity = None
             if isinstance(router, MLPRouter) and router.needs_complexity:
-                text = contexts[i] if contexts is not None else seq.context_text(self.settings.route_window)
+                text = contexts[i] if contexts is not None else seq.context_text(self.window(seq))
                 complexity = self.analyzer().vectors([text])
             proposed = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
                                     top_k=spec.top_k)[0]  # [n]
@@ -227,7 +242,8 @@ class RoutingService:
 
     # -- centroids from examples ----------------------------------------------------------------------------
     def base_embedder(self) -> BaseEmbedder:
-        return BaseEmbedder(self.resident.model, self.resident.tokenizer, window=self.settings.route_window)
+        # Examples are embedded whole, like the prompt of a first decision.
+        return BaseEmbedder(self.resident.model, self.resident.tokenizer, window=self.prompt_window)
 
     def embed_examples_now(self, texts: list[str]) -> torch.Tensor:
         """Embed on the calling thread (the engine thread for the base embedder)."""

@@ -43,7 +43,7 @@ class LoadAdapterRequest(BaseModel):
     name: str
     path: str
     examples: list[str] | None = Field(None, max_length=4096, description="texts the adapter's centroid is computed from")
-    centroids: int = Field(1, ge=1, le=64, description="centroids fitted to the examples (k-means when > 1)")
+    centroids: int = Field(64, ge=1, le=64, description="centroid rows kept from the examples: each example up to this many, k-means beyond; 1 = their mean")
     pinned: bool = False
 
 

@@ -94,8 +94,9 @@ def test_adapter_folder_is_plain_peft_with_safetensors_only(trained: Path, tiny_
     assert tr["controller"]["steps_by_mode"] and sum(tr["controller"]["steps_by_mode"].values()) == 40
     assert meta(trained, "lit")["training"]["template"]["name"] == "plain"
     centroids, emb_id = load_centroids(folder / "centroid.safetensors")
-    assert emb_id == "base" and centroids.shape == (1, 64)
     lines = (folder / "examples.jsonl").read_text().splitlines()
+    # default k 64: every training prompt is a centroid row up to 64, k-means beyond
+    assert emb_id == "base" and centroids.shape == (min(len(lines), 64), 64)
     assert 0 < len(lines) <= 256 and "query" in json.loads(lines[0])
 
 
@@ -112,7 +113,7 @@ def test_server_store_reader_accepts_the_adapters(trained: Path, tiny_model_dir:
     for name in ("code", "lit"):
         weights = read_adapter(name, trained / name, spec)
         assert (
-            weights.rank == 8 and weights.centroid_embedder == "base" and weights.centroids.shape == (1, 64)
+            weights.rank == 8 and weights.centroid_embedder == "base" and weights.centroids.shape[1] == 64
         )
         assert weights.meta["base_fingerprint"] == spec.fingerprint
 
@@ -140,7 +141,7 @@ def test_centroids_with_the_real_minilm_encoder(trained: Path, tmp_path: Path) -
     store = tmp_path / "store"
     shutil.copytree(trained, store)
     assert (
-        main(["centroids", "--adapter-dir", str(store), "--adapters", "code,lit", "--embedder", "minilm"])
+        main(["centroids", "--adapter-dir", str(store), "--adapters", "code,lit", "--embedder", "minilm", "--k", "1"])
         == 0
     )
     code, emb_id = load_centroids(store / "code" / "centroid.safetensors")
@@ -202,20 +203,27 @@ def test_eval_writes_report_with_plots(
     args = ["eval", "--base-model", str(tiny_model_dir), "--adapter-dir", str(trained), "--router", "mlp"]
     args += ["--data", f"code={sample_data / CODE}", f"lit={sample_data / LIT}", "--limit", "6"]
     args += ["--max-length", "64", "--reroute-every", "4", "--out", str(out), "-q"]
+    routing_data = Path(__file__).parent / "data" / "routing"
+    args += ["--held-out", f"code={routing_data / 'heldout_code.jsonl'}", f"lit={routing_data / 'heldout_literature.jsonl'}"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["routing"]) == {"centroid", "mlp/mlp"}
+    # the centroid router with its fitted temperature, and at T = 1 for comparison
+    routers = {"centroid", "centroid@T=1", "mlp/mlp"}
+    assert set(report["routing"]) == routers
+    assert 0 < report["routing"]["centroid"]["temperature"] < 1 == report["routing"]["centroid@T=1"]["temperature"]
     for r in report["routing"].values():
         assert 0.0 <= r["accuracy"] <= 1.0 and sum(map(sum, r["confusion"])) == 12
+        assert r["held_out"]["n"] == {"code": 194, "lit": 191} and 0.0 <= r["held_out"]["accuracy"] <= 1.0
     assert "complexity_mse" in report["routing"]["mlp/mlp"]
     for d in ("code", "lit"):
         ppl = report["perplexity"][d]
-        assert set(ppl["adapters"]) == {"code", "lit"} and set(ppl["routed"]) == {"centroid", "mlp/mlp"}
+        assert set(ppl["adapters"]) == {"code", "lit"} and set(ppl["routed"]) == routers
         assert ppl["adapters"][d] < ppl["base"]  # held-out own-domain perplexity below the base
     for png in ("confusion_centroid.png", "confusion_mlp_mlp.png", "perplexity.png", "phi_code.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     md = (out / "report.md").read_text()
     assert "Routing accuracy" in md and "![perplexity.png](perplexity.png)" in md and "φ" in md
+    assert "in-distribution vs held-out sources" in md and "best single" in md
 
 
 def test_resume_from_checkpoint(tiny_model_dir: Path, sample_data: Path, tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ class AdapterConfig:
     grad_accum: int = 1
     seed: int = 0
     embedder: str = "base"
-    centroid_k: int = 1
+    centroid_k: int = 64  # centroid rows: each example up to 64 (nearest-example voting), k-means beyond
     controller: bool = False
     max_length: int | None = None
     limit: int | None = None

@@ -38,7 +38,7 @@ def recompute_centroids(
     base_model: str | None,
     adapters: list[str] | None = None,
     embedder_spec: str = "base",
-    k: int = 1,
+    k: int = 64,
     seed: int = 0,
     device: str = "auto",
     embedder: Any = None,

