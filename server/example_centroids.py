@@ -65,7 +65,7 @@ def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], An
             if not texts:
                 raise ValueError("no prompts in it")
             emb = await routing.embed_examples(texts, engine_call)  # [n, d]
-            centroid = fit_centroids(emb.float().cpu(), k=1)  # [1, d]
+            centroid = fit_centroids(emb.float().cpu(), k=64)  # [min(n, 64), d]: examples kept as rows (voting)
         except Exception as e:  # any bad file: the adapter is served by name, just not routed
             log.warning("adapter %s: no centroid from %s (%s: %s); it is not routable", weights.name,
                         EXAMPLES_FILE, type(e).__name__, str(e)[:200])

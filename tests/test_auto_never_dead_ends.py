@@ -49,10 +49,11 @@ def test_examples_without_centroid_get_one_at_load_and_auto_routes(store, tiny_m
         assert trace and set(trace[0]["weights"]) == {"alpha", "beta"}
         assert abs(sum(trace[0]["weights"].values()) - 1) < 1e-5
         described = {a["name"]: a for a in client.get("/admin/adapters", headers=ADMIN).json()["adapters"]}
-        assert described["alpha"]["centroids"] == [1, 64] and described["alpha"]["centroid_embedder"] == "base:32"
+        # every example prompt is a centroid row (up to 64; the router votes once there are 20)
+        assert described["alpha"]["centroids"] == [3, 64] and described["alpha"]["centroid_embedder"] == "base:32"
     # saved beside the adapter, so the next start reads it instead of recomputing
     centroid, embedder = load_centroids(store / "alpha" / "centroid.safetensors")
-    assert embedder == "base:32" and tuple(centroid.shape) == (1, 64)
+    assert embedder == "base:32" and tuple(centroid.shape) == (3, 64)
     # the two adapters' example prompts differ, so their centroids do too
     other, _ = load_centroids(store / "beta" / "centroid.safetensors")
     assert not torch.allclose(centroid, other)

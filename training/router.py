@@ -172,7 +172,8 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
         items.append(item)
     train_items = [it for it, v in zip(items, is_val, strict=True) if not v]
     val_idx = [i for i, v in enumerate(is_val) if v]
-    stopper, generalise = None, {}
+    stopper: EarlyStopping | None = None
+    generalise: dict[str, Any] = {}
     if not needs_lm:
         def featurise(texts: list[str]) -> tuple[Tensor, list[Any]]:
             reps = analyzer.analyze(texts)
