@@ -23,9 +23,10 @@ from server.engine import gpt2
 from server.engine.base_model import LORA_TARGETS, ResidentModel
 from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError, Unavailable
 from server.engine.kv_cache import KVCache
+from server.engine.logprobs import score_prompt
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.registry import AdapterRegistry, AdapterVersion
-from server.engine.sampling import sample_batch
+from server.engine.sampling import Pick, sample_batch
 from server.engine.sequence import Sequence, TokenEvent
 from server.engine.slots import SlotManager
 
@@ -240,11 +241,14 @@ class Engine:
         for i, seq in enumerate(seqs):
             if seq.hidden_tail is None:
                 seq.keep_hidden(hidden[i, : len(seq.prompt_ids)], window)
+            if seq.prompt_logprobs is not None:
+                seq.prompt_scores = score_prompt(self.resident.model, hidden[i, : len(seq.prompt_ids)],
+                                                 seq.prompt_ids, seq.prompt_logprobs)
             self.running.append(seq)
-            if self._accept(seq, *choices[i]):
+            if seq.max_tokens == 0 or self._accept(seq, choices[i]):  # max_tokens 0: only scoring the prompt
                 finished.append(seq)
         for seq in finished:
-            self._leave(seq, seq.finish_reason or "stop")
+            self._leave(seq, seq.finish_reason or ("error" if seq.error else "length" if seq.max_tokens == 0 else "stop"))
 
     def _decode(self) -> None:
         due = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
@@ -259,12 +263,12 @@ class Engine:
         finished = []
         for row, seq in enumerate(self.running):
             seq.keep_hidden(hidden[row], self.config.hidden_window)
-            if self._accept(seq, *choices[row]):
+            if self._accept(seq, choices[row]):
                 finished.append(seq)
         # Leave only after every row took its token: moving a row into a hole copies its cache up
         # to its position, which must already count the key/value this step just wrote.
         for seq in finished:
-            self._leave(seq, seq.finish_reason or "stop")
+            self._leave(seq, seq.finish_reason or ("error" if seq.error else "stop"))
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,12 +281,20 @@ class Engine:
         """Hidden states only (no LM head): the router's pass over the prompt."""
         return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False)[1]
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float]]:
-        """Next token and its log-probability per row of `logits` [B, V]."""
-        return sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | SwitchboardError]:
+        """Next token, its log-probability and the asked-for alternatives per row of `logits` [B, V]
+        (or the error that failed that row alone)."""
+        return sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                            [(s.prompt_ids, s.generated) for s in seqs])
 
-    def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
-        """Record and emit the chosen token; returns whether the sequence finished."""
+    def _accept(self, seq: Sequence, pick: Pick | SwitchboardError) -> bool:
+        """Record and emit the chosen token; returns whether the sequence finished. A row whose
+        sampling failed finishes with reason "error" carrying that error."""
+        if isinstance(pick, SwitchboardError):
+            seq.error = pick
+            seq.finish_reason = None  # reported by `_finish`, with the error
+            return True
+        token, logprob, top = pick
         index = len(seq.generated)
         seq.trace.record(index, seq.gates)
         delta = seq.push_token(token, self.resident.max_positions)
@@ -290,7 +302,7 @@ class Engine:
         if self.observer:  # before the timestamps move: it measures from the previous token
             self.observer.on_token(seq, now)
         seq.last_token_at = now
-        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason))
+        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason, top=top))
         return seq.finish_reason is not None
 
     # -- leaving the batch -------------------------------------------------------------------------------
@@ -310,7 +322,8 @@ class Engine:
         self._prefetched.pop(seq.id, None)
         self.registry.release(list(seq.versions.values()))
         if unreported:  # tell the waiting client, or it would wait for its timeout
-            error = Unavailable("the engine failed while running this request; retry it") if reason == "error" else None
+            error = (seq.error or Unavailable("the engine failed while running this request; retry it")) \
+                if reason == "error" else None
             seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates), reason, error=error))
         if self.observer:
             self.observer.on_finish(seq)
