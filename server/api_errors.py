@@ -39,7 +39,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.url.path == "/v1/completions":  # refused before the route ran: count it here
+        if request.url.path in ("/v1/completions", "/v1/chat/completions"):  # refused before the route ran
             request.app.state.switchboard.metrics.requests.labels("invalid", "400").inc()
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ())]

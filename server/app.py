@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from server import ui
+from server import edges, ui
 from server.adapters import AdapterService
 from server.api_errors import install_error_handlers
 from server.build import build_engine
@@ -18,7 +18,7 @@ from server.engine.base_model import ResidentModel, load_base_model
 from server.engine.registry import AdapterRegistry
 from server.manifest import Manifest
 from server.metrics import Metrics
-from server.routes import admin, completions, health, models
+from server.routes import admin, chat, completions, health, models
 from server.routing import RoutingService
 from server.settings import Settings
 from server.state import AppState, Services
@@ -71,7 +71,8 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
     app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.switchboard = state
     install_error_handlers(app)
-    for module in (health, models, completions, admin):
+    edges.install(app, settings)
+    for module in (health, models, completions, chat, admin):
         app.include_router(module.router)
     ui.install(app)  # /, /playground, and /docs + /redoc without a CDN
     return app

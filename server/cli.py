@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as e:
         sys.stderr.write(f"switchboard: {e}\n")  # one clear line for the operator, no traceback
         return 2
-    app = create_app(settings, resident=resident)
+    try:
+        app = create_app(settings, resident=resident)
+    except ValueError as e:  # e.g. a --chat-template that is neither a file nor a template
+        sys.stderr.write(f"switchboard: {e}\n")
+        return 2
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level.lower())
     return 0
 

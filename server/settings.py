@@ -57,6 +57,9 @@ class ServerSettings(BaseSettings):
     admin_token: str | None = Field(None, description="bearer token of the admin routes; unset = admin disabled")
     log_level: str = Field("info", description="debug, info, warning or error")
     max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts get 413")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on the /v1/* inference routes (as vLLM's --api-key)")
+    allowed_origins: str = Field("", description="CORS: comma-separated origins allowed to call the API, or `*`; empty = no CORS")
+    chat_template: str | None = Field(None, description="chat template (Jinja file or string) for tokenizers without their own")
 
 
 class Settings(BaseModel):

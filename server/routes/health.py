@@ -8,12 +8,12 @@ from server.deps import State
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(state: State) -> JSONResponse:
     if not state.ready or state.services is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})

@@ -3,6 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.deps import ReadyState
+from server.engine.errors import AdapterNotFound
 
 router = APIRouter(tags=["models"])
 
@@ -19,3 +20,12 @@ async def list_models(state: ReadyState) -> dict:
                      "root": str(v.weights.path.name), "parent": base, "version": v.version,
                      "rank": v.weights.rank, "target_modules": v.weights.target_modules})
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: ReadyState) -> dict:
+    """One entry of the list (OpenAI's `models.retrieve`); 404 in OpenAI's shape otherwise."""
+    for entry in (await list_models(state))["data"]:
+        if entry["id"] == model_id:
+            return entry
+    raise AdapterNotFound(f"The model {model_id!r} does not exist", param="model", code="model_not_found")

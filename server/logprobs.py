@@ -1,0 +1,77 @@
+"""Log-probabilities in OpenAI's two response shapes, collected token by token as events arrive.
+
+Completions (`logprobs: N`): `tokens`, `token_logprobs`, `top_logprobs` (a dict per position of
+the N most likely tokens plus the chosen one, as OpenAI and vLLM return it) and `text_offset`
+(each token's start in the returned text, counting the echoed prompt). With `echo`, the prompt's
+tokens come first and the first one's log-prob and alternatives are null.
+Chat (`logprobs: true`, `top_logprobs: N`): `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+Log-probs are those of the distribution the token was chosen from after `logit_bias` and the
+penalties, before temperature / top-k / top-p; -inf is reported as -9999.0 (JSON has no infinity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.logprobs import PromptScores
+from server.engine.sampling import Top
+
+Entry = tuple[int, float | None, Top | None]  # token id, its log-prob, the alternatives
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+@dataclass
+class LogprobTrack:
+    """One choice's tokens with their log-probs; `sent`/`offset` track what a stream has sent."""
+
+    entries: list[Entry] = field(default_factory=list)
+    sent: int = 0
+    offset: int = 0
+
+    def add_prompt(self, ids: list[int], scores: PromptScores) -> None:
+        self.entries.extend(zip(ids, scores.logprobs, scores.top, strict=True))
+
+    def add(self, token_id: int, logprob: float | None, top: Top | None) -> None:
+        self.entries.append((token_id, logprob, top))
+
+    def unsent(self) -> list[Entry]:
+        out, self.sent = self.entries[self.sent:], len(self.entries)
+        return out
+
+
+def completion_logprobs(decode: Any, entries: list[Entry], offset: int = 0) -> tuple[dict, int]:
+    """OpenAI completions `logprobs` for `entries`, the first starting at text `offset`;
+    returns it and the offset after the last token. `decode` maps a token id to its text."""
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for token_id, lp, top in entries:
+        text = decode(token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        lps.append(None if lp is None else _finite(lp))
+        if lp is None:
+            tops.append(None)
+        else:
+            alternatives = {decode(i): _finite(v) for i, v in top or ()}
+            alternatives.setdefault(text, _finite(lp))  # the chosen token is always there
+            tops.append(alternatives)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def chat_logprobs(decode: Any, entries: list[Entry]) -> dict:
+    """OpenAI chat `logprobs`: per token its text, log-prob, UTF-8 bytes and the top-N alternatives."""
+
+    def one(token_id: int, lp: float) -> dict:
+        text = decode(token_id)
+        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(t, lp if lp is not None else 0.0),
+                         "top_logprobs": [one(i, v) for i, v in top or ()]} for t, lp, top in entries]}
