@@ -61,7 +61,7 @@ def completion_logprobs(decode: Any, entries: list[Entry], offset: int = 0) -> t
             tops.append(None)
         else:
             alternatives = {decode(i): _finite(v) for i, v in top or ()}
-            alternatives.setdefault(text, _finite(lp))  # the chosen token is always there
+            alternatives[text] = _finite(lp)  # the chosen token is always there (and wins a text clash)
             tops.append(alternatives)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
