@@ -178,7 +178,7 @@ def _apply(choice: Choice, ev: TokenEvent, state: Services) -> None:
         raise ev.error
     choice.text += ev.text
     if choice.lp is not None and ev.token_index == 0 and choice.seq.prompt_scores is not None and not choice.lp.entries:
-        choice.lp.add_prompt(choice.seq.prompt_ids, choice.seq.prompt_scores)  # type: ignore[arg-type]
+        choice.lp.add_prompt(choice.seq.prompt_ids, choice.seq.prompt_scores)
     if ev.token_id is not None:
         choice.tokens += 1
         if choice.lp is not None and ev.logprob is not None:

@@ -36,7 +36,8 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,), "logits_processors": (None, []),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
-    "continue_final_message": (None, False),
+    "continue_final_message": (None, False), "echo": (None, False), "add_generation_prompt": (None, True),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None, []),
 }
 _logged: set[str] = set()
 

@@ -120,3 +120,22 @@ def test_n_choices_and_best_of(app_client):
                                                       "temperature": 1.0, "seed": 1}).json()["choices"]
     assert [c["text"] for c in again] == [c["text"] for c in choices]  # seeded: reproducible
     assert r.json()["usage"]["prompt_tokens"] == 2  # each prompt counted once
+
+
+def test_a_full_context_window_can_be_scored(app_client):
+    limit = app_client.app.state.switchboard.services.resident.max_positions
+    window = [(7 * i) % 300 + 1 for i in range(limit)]
+    r = app_client.post("/v1/completions", json={"model": "alpha", "prompt": window, "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == limit
+    over = app_client.post("/v1/completions", json={"model": "alpha", "prompt": window, "max_tokens": 1})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_unknown_fields_are_accepted_and_logged_once(app_client, caplog):
+    body = {"model": "alpha", "prompt": "x", "max_tokens": 1, "some_vendor_option_xyz": 1}
+    with caplog.at_level("WARNING", logger="server.request_fields"):
+        for _ in range(3):
+            assert app_client.post("/v1/completions", json=body).status_code == 200
+    assert sum("some_vendor_option_xyz" in rec.getMessage() for rec in caplog.records) == 1

@@ -84,7 +84,8 @@ class Engine:
     def submit(self, seq: Sequence) -> None:
         if self.queue_depth() >= self.config.max_queue:
             raise Overloaded(f"the request queue is full ({self.config.max_queue} waiting)", retry_after=1.0)
-        if len(seq.prompt_ids) >= self.resident.max_positions:
+        room = self.resident.max_positions - (1 if seq.max_tokens else 0)  # a scoring-only row may fill the context
+        if len(seq.prompt_ids) > room:
             raise ContextTooLong(
                 f"the prompt has {len(seq.prompt_ids)} tokens; the model's context is {self.resident.max_positions}",
                 param="prompt")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from router_core.policy import RoutingTrace
+from server.engine.logprobs import PromptScores
 from server.engine.registry import AdapterVersion
 from server.engine.sampling import SamplingParams, Top
 
@@ -70,7 +71,7 @@ class Sequence:
     last_token_at: float | None = None
     generator: torch.Generator | None = field(init=False, default=None)
     prompt_logprobs: int | None = None  # score the prompt (echo + logprobs) with this many alternatives
-    prompt_scores: object | None = None  # `PromptScores`, set before the first event is emitted
+    prompt_scores: PromptScores | None = None  # set before the first event is emitted
     error: Exception | None = None  # why the engine failed this row (reported with reason "error")
 
     def __post_init__(self) -> None:
