@@ -251,6 +251,14 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
         body, c.lp.offset = completion_logprobs(decode, c.lp.unsent(), c.lp.offset)
         return body
 
+    def echo_logprobs(c: Choice) -> dict | None:  # the prompt's tokens, sent before the first token's
+        if c.lp is None:
+            return None
+        head = c.lp.entries[: len(c.seq.prompt_ids)]
+        c.lp.sent = len(head)
+        body, c.lp.offset = completion_logprobs(decode, head, 0)
+        return body
+
     try:
         for i, c in enumerate(choices):
             while c.finish_reason is None:
@@ -261,13 +269,8 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
                     yield chunk({"error": {"message": e.message, "type": e.error_type, "param": e.param, "code": e.code}})
                     return
                 if c.echo and ev.token_index == 0:  # the prompt first, with its log-probs
-                    head = c.lp.entries[: len(c.seq.prompt_ids)] if c.lp is not None and c.lp.entries else []
-                    echo_lp = None
-                    if c.lp is not None:
-                        echo_lp, c.lp.offset = completion_logprobs(decode, head, 0)
-                        c.lp.sent = len(head)
                     yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                                 "choices": [{"index": i, "text": c.seq.prompt_text, "logprobs": echo_lp,
+                                 "choices": [{"index": i, "text": c.seq.prompt_text, "logprobs": echo_logprobs(c),
                                               "finish_reason": None}]})
                 choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": logprobs(c), "finish_reason": ev.finish_reason,
                           "routing": {"token_index": ev.token_index, "weights": {k: round(v, 4) for k, v in ev.weights.items()}}}
