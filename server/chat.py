@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server import chat_template, completions
 from server.engine.errors import InvalidRequest, PayloadTooLarge
-from server.logprobs import chat_logprobs
+from server.logprobs import chat_logprobs, token_bytes
 from server.request_fields import SamplingFields, check_fields
 from server.schemas import CompletionRequest, RoutingOptions, StreamOptions
 from server.state import Services
@@ -103,12 +103,12 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
 async def complete(creq: CompletionRequest, choices: list[completions.Choice], state: Services,
                    request: Request) -> dict:
     body = await completions.complete(creq, choices, state, request)
-    decode = completions.token_decoder(state)
+    decode, to_bytes = completions.token_decoder(state), token_bytes(state.resident.tokenizer)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": body["created"],
         "model": creq.model,
         "choices": [{"index": ch["index"], "message": {"role": "assistant", "content": ch["text"]},
-                     "logprobs": chat_logprobs(decode, c.lp.entries) if c.lp is not None else None,
+                     "logprobs": chat_logprobs(decode, c.lp.entries, to_bytes) if c.lp is not None else None,
                      "finish_reason": ch["finish_reason"], "routing": ch["routing"]}
                     for ch, c in zip(body["choices"], choices, strict=True)],
         "usage": body["usage"],
@@ -120,7 +120,7 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
     """The completions stream re-shaped into chat chunks: the first chunk of each choice carries
     the assistant role, each later one a content delta with its log-probs and routing weights."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    decode = completions.token_decoder(state)
+    decode, to_bytes = completions.token_decoder(state), token_bytes(state.resident.tokenizer)
     sent = [0] * len(choices)  # chat log-prob entries already sent, per choice
     started = [False] * len(choices)
 
@@ -152,7 +152,7 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
         lp = None
         c = choices[i]
         if c.lp is not None:
-            lp = chat_logprobs(decode, c.lp.entries[sent[i]:])
+            lp = chat_logprobs(decode, c.lp.entries[sent[i]:], to_bytes)
             sent[i] = len(c.lp.entries)
         yield chunk({"index": i, "delta": {"content": ch["text"]} if ch["text"] else {}, "logprobs": lp,
                      "finish_reason": ch["finish_reason"], "routing": ch["routing"]})

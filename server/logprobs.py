@@ -11,7 +11,9 @@ penalties, before temperature / top-k / top-p; -inf is reported as -9999.0 (JSON
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,12 +68,46 @@ def completion_logprobs(decode: Any, entries: list[Entry], offset: int = 0) -> t
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
-def chat_logprobs(decode: Any, entries: list[Entry]) -> dict:
-    """OpenAI chat `logprobs`: per token its text, log-prob, UTF-8 bytes and the top-N alternatives."""
+@functools.cache
+def _byte_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's table,
+    "Language Models are Unsupervised Multitask Learners", Radford et al. 2019)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
+    """A token's raw bytes. For a byte-level BPE (GPT-2's) these are exact even for a token that
+    holds part of a UTF-8 character (whose decoded text is only "\ufffd"); otherwise the UTF-8 of
+    its decoded text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+    table = _byte_table()
+
+    def one(token_id: int) -> bytes:
+        piece = tokenizer.convert_ids_to_tokens(token_id) if byte_level else None
+        if isinstance(piece, str) and piece and token_id not in tokenizer.all_special_ids \
+                and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return str(tokenizer.decode([token_id])).encode("utf-8")
+
+    return one
+
+
+def chat_logprobs(decode: Any, entries: list[Entry], to_bytes: Callable[[int], bytes] | None = None) -> dict:
+    """OpenAI chat `logprobs`: per token its text, log-prob, bytes and the top-N alternatives."""
 
     def one(token_id: int, lp: float) -> dict:
         text = decode(token_id)
-        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
+        raw = to_bytes(token_id) if to_bytes is not None else text.encode("utf-8")
+        return {"token": text, "logprob": _finite(lp), "bytes": list(raw)}
 
     return {"content": [{**one(t, lp if lp is not None else 0.0),
                          "top_logprobs": [one(i, v) for i, v in top or ()]} for t, lp, top in entries]}

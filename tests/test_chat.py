@@ -66,7 +66,8 @@ def test_chat_logprobs_shape(app_client):
     content = choice["logprobs"]["content"]
     assert len(content) == 8
     for entry in content:
-        assert entry["bytes"] == list(entry["token"].encode())
+        if "\ufffd" not in entry["token"]:  # a whole character: its bytes are its text's
+            assert entry["bytes"] == list(entry["token"].encode())
         assert len(entry["top_logprobs"]) == 3
         assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # greedy: the most likely
     assert _chat(app_client).json()["choices"][0]["logprobs"] is None
@@ -136,3 +137,15 @@ def test_chat_template_setting_file_string_and_refusal(tmp_path):
         load_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match="not valid Jinja"):
         load_template("{% for %}")
+
+
+def test_token_bytes_are_exact_for_partial_characters():
+    from server.logprobs import token_bytes
+
+    tok = build_tokenizer()
+    to_bytes = token_bytes(tok)
+    text = "naïve café ✓ déjà vu"
+    ids = tok.encode(text)
+    assert b"".join(to_bytes(i) for i in ids) == text.encode("utf-8")  # though single tokens decode to "\ufffd"
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)
+    assert to_bytes(tok.eos_token_id) == tok.eos_token.encode()
