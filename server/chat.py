@@ -131,28 +131,32 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    async for frame in completions.stream(creq, choices, state, request):
-        payload = frame.removeprefix("data: ").strip()
-        if payload == "[DONE]":
-            yield frame
-            continue
-        body = json.loads(payload)
-        if "error" in body:
-            yield frame
-            continue
-        if not body["choices"]:
-            yield chunk(None, body.get("usage"))
-            continue
-        ch = body["choices"][0]
-        i = ch["index"]
-        if not started[i]:
-            started[i] = True
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
-        lp = None
-        c = choices[i]
-        if c.lp is not None:
-            lp = chat_logprobs(decode, c.lp.entries[sent[i]:], to_bytes)
-            sent[i] = len(c.lp.entries)
-        yield chunk({"index": i, "delta": {"content": ch["text"]} if ch["text"] else {}, "logprobs": lp,
-                     "finish_reason": ch["finish_reason"], "routing": ch["routing"]})
+    frames = completions.stream(creq, choices, state, request)
+    try:
+        async for frame in frames:
+            payload = frame.removeprefix("data: ").strip()
+            if payload == "[DONE]":
+                yield frame
+                continue
+            body = json.loads(payload)
+            if "error" in body:
+                yield frame
+                continue
+            if not body["choices"]:
+                yield chunk(None, body.get("usage"))
+                continue
+            ch = body["choices"][0]
+            i = ch["index"]
+            if not started[i]:
+                started[i] = True
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            lp = None
+            c = choices[i]
+            if c.lp is not None:
+                lp = chat_logprobs(decode, c.lp.entries[sent[i]:], to_bytes)
+                sent[i] = len(c.lp.entries)
+            yield chunk({"index": i, "delta": {"content": ch["text"]} if ch["text"] else {}, "logprobs": lp,
+                         "finish_reason": ch["finish_reason"], "routing": ch["routing"]})
+    finally:  # a client that went away: the inner stream's cleanup cancels the rows now, not at GC
+        await frames.aclose()
