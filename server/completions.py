@@ -7,7 +7,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -235,7 +235,7 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: Service
     }
 
 
-async def stream(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> AsyncIterator[str]:
+async def stream(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> AsyncGenerator[str, None]:
     """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`."""
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     deadline = time.monotonic() + state.settings.engine.request_timeout
