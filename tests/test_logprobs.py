@@ -139,3 +139,23 @@ def test_unknown_fields_are_accepted_and_logged_once(app_client, caplog):
         for _ in range(3):
             assert app_client.post("/v1/completions", json=body).status_code == 200
     assert sum("some_vendor_option_xyz" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_prompt_scores_in_chunks_equal_one_pass(monkeypatch):
+    from server.engine import logprobs as engine_logprobs
+    from tests.tiny import build_model
+
+    model, _ = build_model()
+    ids = [(11 * i) % 397 + 1 for i in range(100)]
+    with torch.no_grad():
+        hidden = model.transformer(torch.tensor([ids])).last_hidden_state[0]  # [T, d]
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    whole = engine_logprobs.score_prompt(model, hidden, ids, 3)
+    monkeypatch.setattr(engine_logprobs, "CHUNK", 7)
+    chunked = engine_logprobs.score_prompt(model, hidden, ids, 3)
+    assert len(chunked.logprobs) == len(ids) and chunked.logprobs[0] is None
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(chunked.logprobs[1:]), want, atol=1e-4)
+    assert torch.allclose(torch.tensor(chunked.logprobs[1:]), torch.tensor(whole.logprobs[1:]), atol=1e-5)
+    assert [t is None for t in chunked.top] == [t is None for t in whole.top] == [True] + [False] * (len(ids) - 1)
+    assert [[i for i, _ in t] for t in chunked.top[1:]] == [[i for i, _ in t] for t in whole.top[1:]]

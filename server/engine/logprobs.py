@@ -25,18 +25,22 @@ class PromptScores:
     top: list[Top | None]
 
 
+CHUNK = 256  # positions per LM-head pass: bounds the [chunk, V] fp32 logits (GPT-2: ~50 MB)
+
+
 def score_prompt(model: GPT2LMHeadModel, hidden: torch.Tensor, ids: list[int], top_n: int) -> PromptScores:
     """`hidden` [T, d]: the final hidden states of the prompt `ids` (len T)."""
-    if len(ids) < 2:
-        return PromptScores([None] * len(ids), [None] * len(ids))
-    logits = gpt2.lm_head(model, hidden[:-1]).float()  # [T-1, V]: position t predicts token t+1
-    logprobs = torch.log_softmax(logits, dim=-1)  # [T-1, V]
-    targets = torch.tensor(ids[1:], device=logprobs.device)  # [T-1]
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # [T-1]
+    chosen: list[float | None] = [None]
     tops: list[Top | None] = [None]
-    if top_n > 0:
-        values, top_ids = torch.topk(logprobs, min(top_n, logprobs.shape[-1]))  # [T-1, n]
-        tops += [tuple(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)]
-    else:
-        tops += [None] * (len(ids) - 1)
-    return PromptScores([None, *chosen], tops)
+    for start in range(0, len(ids) - 1, CHUNK):
+        end = min(start + CHUNK, len(ids) - 1)
+        logits = gpt2.lm_head(model, hidden[start:end]).float()  # [c, V]: position t predicts token t+1
+        logprobs = torch.log_softmax(logits, dim=-1)  # [c, V]
+        targets = torch.tensor(ids[start + 1:end + 1], device=logprobs.device)  # [c]
+        chosen += logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        if top_n > 0:
+            values, top_ids = torch.topk(logprobs, min(top_n, logprobs.shape[-1]))  # [c, n]
+            tops += [tuple(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)]
+        else:
+            tops += [None] * (end - start)
+    return PromptScores(chosen, tops)
