@@ -10,18 +10,8 @@ over the tokens generated so far (not the prompt), as vLLM applies them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-if TYPE_CHECKING:
-    from server.engine.sampling import SamplingParams
-
-
-def needs_processing(params: SamplingParams) -> bool:
-    return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-                or params.min_tokens)
 
 
 def openai_penalties(scores: torch.Tensor, generated: list[int], presence: float, frequency: float) -> torch.Tensor:
@@ -33,20 +23,18 @@ def openai_penalties(scores: torch.Tensor, generated: list[int], presence: float
     return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
-                    generated: list[int]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], generated: list[int], *,
+                    repetition: float = 1.0, presence: float = 0.0, frequency: float = 0.0,
+                    min_tokens: int = 0, held_back: tuple[int, ...] = ()) -> torch.Tensor:
     """One row's logits [V] after `repetition_penalty` (over prompt + generated, as transformers
-    does), presence/frequency penalties, and the `min_tokens` mask on EOS and `stop_token_ids`."""
+    does), presence/frequency penalties, and the `min_tokens` mask on the `held_back` ids (EOS and
+    `stop_token_ids`)."""
     scores = logits[None]  # [1, V]: transformers' processors take a batch
     ids = torch.tensor([prompt_ids + generated], dtype=torch.long)  # [1, L]
-    if params.repetition_penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, scores)
-    if params.presence_penalty or params.frequency_penalty:
-        scores = openai_penalties(scores, generated, params.presence_penalty, params.frequency_penalty)
-    if params.min_tokens and len(generated) < params.min_tokens:
-        blocked = list(params.stop_token_ids)
-        if params.eos_token_id is not None and not params.ignore_eos:
-            blocked.append(params.eos_token_id)
-        if blocked:
-            scores = MinNewTokensLengthLogitsProcessor(len(prompt_ids), params.min_tokens, blocked)(ids, scores)
+    if repetition != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(repetition)(ids, scores)
+    if presence or frequency:
+        scores = openai_penalties(scores, generated, presence, frequency)
+    if min_tokens and len(generated) < min_tokens and held_back:
+        scores = MinNewTokensLengthLogitsProcessor(len(prompt_ids), min_tokens, list(held_back))(ids, scores)
     return scores[0]

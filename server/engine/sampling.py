@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from server.engine.errors import SwitchboardError
-from server.engine.penalties import apply_penalties, needs_processing
+from server.engine.penalties import apply_penalties
 
 Top = tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
 
@@ -35,9 +35,20 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def penalised(self) -> bool:
+        return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+                    or self.min_tokens)
+
+    @property
     def plain(self) -> bool:
         """No per-row logits processing: the batched greedy path can decide it."""
-        return self.greedy and not self.logit_bias and not needs_processing(self)
+        return self.greedy and not self.logit_bias and not self.penalised
+
+    @property
+    def held_back(self) -> tuple[int, ...]:
+        """What `min_tokens` masks: `stop_token_ids`, and EOS unless it is ignored anyway."""
+        eos = (self.eos_token_id,) if self.eos_token_id is not None and not self.ignore_eos else ()
+        return (*self.stop_token_ids, *eos)
 
     def make_generator(self) -> torch.Generator | None:
         """A per-request generator (seeded when `seed` is given); greedy needs none."""
@@ -76,8 +87,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias, strict=True)
         logits = logits.index_add(0, torch.tensor(ids), torch.tensor(bias, dtype=logits.dtype))  # [V]
-    if needs_processing(params):
-        logits = apply_penalties(logits, params, prompt_ids or [], generated or [])
+    if params.penalised:
+        logits = apply_penalties(logits, prompt_ids or [], generated or [], repetition=params.repetition_penalty,
+                                 presence=params.presence_penalty, frequency=params.frequency_penalty,
+                                 min_tokens=params.min_tokens, held_back=params.held_back)
     logprobs = torch.log_softmax(logits, dim=-1)  # [V]
     top = _top(logprobs, params.top_logprobs)
     if params.greedy:
