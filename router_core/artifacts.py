@@ -35,6 +35,12 @@ ROUTER_JSON = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT_VERSION = 1
 KNOWN_ROUTER_KINDS = ("mlp",)
+# Bounds on a router.json's declared shapes, checked before anything is allocated (a declared
+# `hidden` of 2**40 must be a refusal, not an allocation failure).
+MAX_ROUTER_DIM = 65536
+MAX_ROUTER_ADAPTERS = 4096
+MAX_ROUTER_PARAMS = 1 << 26
+MAX_JSON_BYTES = 1024 * 1024
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -172,9 +178,13 @@ def load_router(
         _refuse_pickles(d)
         raise ArtifactError(f"{d}: missing {ROUTER_WEIGHTS}")
     try:
+        if cfg_path.stat().st_size > MAX_JSON_BYTES:
+            raise ArtifactError(f"{cfg_path}: larger than {MAX_JSON_BYTES >> 10} KiB")
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{cfg_path}: not valid JSON: {e}") from e
+    except RecursionError:
+        raise ArtifactError(f"{cfg_path}: nested too deeply to parse") from None
     if not isinstance(cfg, dict):
         raise ArtifactError(f"{cfg_path}: expected a JSON object")
     kind = _require(cfg, "kind", str, cfg_path)
@@ -210,11 +220,19 @@ def load_router(
         missing = [a for a in adapters if a not in available]
         if missing:
             raise ArtifactError(f"{d}: router needs adapters that are not loaded: {missing}")
+    for key, value, low, high in (("embed_dim", dim, 1, MAX_ROUTER_DIM), ("complexity_dim", cdim, 0, MAX_ROUTER_DIM),
+                                  ("hidden", hidden, 1, MAX_ROUTER_DIM)):
+        if not low <= value <= high:
+            raise ArtifactError(f"{cfg_path}: {key!r} must be in [{low}, {high}], got {value}")
+    if len(adapters) > MAX_ROUTER_ADAPTERS:
+        raise ArtifactError(f"{cfg_path}: more than {MAX_ROUTER_ADAPTERS} adapters")
+    if (dim + cdim + len(adapters) + 2) * hidden > MAX_ROUTER_PARAMS:
+        raise ArtifactError(f"{cfg_path}: the declared net has more than {MAX_ROUTER_PARAMS} parameters")
     if embed_dim is not None and dim != embed_dim:
         raise ArtifactError(f"{d}: router expects embed_dim={dim} but the embedder gives {embed_dim}")
     try:
         net = MLPRouterNet(dim, len(adapters), cdim, hidden=hidden, dropout=float(dropout))
-    except ValueError as e:
+    except (ValueError, RuntimeError, MemoryError) as e:
         raise ArtifactError(f"{cfg_path}: {e}") from e
     state = _read_weights(weights_path, net.expected_shapes())
     net.load_state_dict(state, strict=True)

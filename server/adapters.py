@@ -53,7 +53,7 @@ class AdapterService:
                 raise Conflict(f"adapter {name!r} is already loaded; set load_inplace to replace it", param="lora_name")
             start = time.perf_counter()
             try:
-                weights = await asyncio.to_thread(read_adapter, name, folder, self.spec)
+                weights = await asyncio.to_thread(read_adapter, name, folder, self.spec, self.store)
                 if prepare is not None:
                     await prepare(weights)
             except SwitchboardError:
@@ -80,6 +80,8 @@ class AdapterService:
             self._changed()
         if version.refcount:
             await asyncio.to_thread(self.registry.wait_idle, version, timeout)
+        if name not in self.registry:  # not loaded again meanwhile: its label series go too
+            self.metrics.forget_adapter(name)
         return version
 
     # -- store scan ------------------------------------------------------------------------------------
@@ -94,9 +96,13 @@ class AdapterService:
         wanted = {name: entry["path"] for name, entry in self.manifest.adapters.items()}
         pinned = {name: entry["pinned"] for name, entry in self.manifest.adapters.items()}
         if scan_folders:
-            for entry in sorted(self.store.iterdir()) if self.store.is_dir() else []:
-                if entry.is_dir() and not entry.name.startswith((".", "_")) and (entry / "adapter_config.json").exists():
-                    wanted.setdefault(entry.name, entry.name)
+            for entry in _entries(self.store):
+                try:
+                    if entry.is_dir() and not entry.name.startswith((".", "_")) \
+                            and (entry / "adapter_config.json").exists():
+                        wanted.setdefault(entry.name, entry.name)
+                except OSError as e:  # an entry the file system cannot stat: report it, scan the rest
+                    report.failed[entry.name] = f"cannot be read: {type(e).__name__}"
         current = self.registry.snapshot()
         for name, path in sorted(wanted.items()):
             try:
@@ -109,6 +115,9 @@ class AdapterService:
             except SwitchboardError as e:
                 report.failed[name] = e.message
                 log.warning("store scan: %s refused: %s", name, e.message)
+            except Exception as e:  # any other bad file is refused too: a scan never aborts half-way
+                report.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                log.warning("store scan: %s refused", name, exc_info=True)
         return report
 
     def _changed(self) -> None:
@@ -117,8 +126,19 @@ class AdapterService:
             callback()
 
 
-def _mtime(folder: Path) -> float:
+def _entries(store: Path) -> list[Path]:
     try:
-        return max(p.stat().st_mtime for p in folder.iterdir())
+        return sorted(store.iterdir()) if store.is_dir() else []
+    except OSError:
+        return []
+
+
+def _mtime(folder: Path) -> float:
+    """Newest modification time of the folder's entries (their own, not a link target's: a
+    dangling symlink must not abort the scan)."""
+    try:
+        return max(p.lstat().st_mtime for p in folder.iterdir())
     except ValueError:
         raise InvalidAdapter(f"{folder.name} is empty") from None
+    except OSError as e:
+        raise InvalidAdapter(f"{folder.name} cannot be read: {type(e).__name__}") from None

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.errors import SwitchboardError
@@ -16,6 +17,33 @@ log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, the body of every non-2xx answer."""
+
+    error: ErrorDetail
+
+
+def _described(*codes: int) -> dict[int | str, dict]:
+    text = {400: "invalid request", 401: "missing admin token", 403: "admin disabled or wrong token",
+            404: "unknown model, adapter or router", 409: "conflict (name taken, adapter in use)",
+            413: "body, prompt or prompt count over its limit", 429: "request queue full",
+            500: "internal error", 503: "model loading or shutting down", 504: "request timed out"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+# The status codes each kind of route documents in /openapi.json (`responses=` on the routes).
+ERROR_RESPONSES = _described(400, 404, 413, 429, 500, 503, 504)
+ADMIN_RESPONSES = _described(400, 401, 403, 404, 409, 413, 500, 503, 504)
+READY_RESPONSES = _described(503)
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:

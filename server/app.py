@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from server import edges, ui
 from server.adapters import AdapterService
 from server.api_errors import install_error_handlers
+from server.body_limit import BodyLimit
 from server.build import build_engine
 from server.engine.adapter_store import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
@@ -39,7 +40,7 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     engine = build_engine(s.engine, s.routing, resident, state.registry, gate_source=routing, observer=state.metrics)
     worker = EngineWorker(engine)
     worker.start()
-    spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank)
+    spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank, resident.dtype)
     adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics, manifest)
     adapters.on_change.append(routing.rebuild)
     state.services = Services(s, state.metrics, state.registry, resident, engine, worker, adapters, routing)
@@ -71,7 +72,8 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
     app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.switchboard = state
     install_error_handlers(app)
-    edges.install(app, settings)
+    app.add_middleware(BodyLimit, max_bytes=settings.server.max_body_bytes)
+    edges.install(app, settings)  # after BodyLimit: CORS and the API key sit outside it
     for module in (health, models, completions, chat, admin):
         app.include_router(module.router)
     ui.install(app)  # /, /playground, and /docs + /redoc without a CDN

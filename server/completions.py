@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -13,12 +12,12 @@ from typing import Any
 
 from fastapi import Request
 
+from server import validation
 from server.engine.errors import (
     ContextTooLong,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
-    SwitchboardError,
 )
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
@@ -62,13 +61,12 @@ def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, 
 def _manual_mixture(weights: dict[str, float], registry: AdapterRegistry) -> dict[str, float]:
     if not weights:
         raise InvalidRequest("routing.weights is empty", param="routing.weights")
-    for name, w in weights.items():
-        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise InvalidRequest(f"routing.weights[{name!r}] must be a finite number >= 0", param="routing.weights")
+    out = {name: validation.check_mixture_weight(name, w) for name, w in weights.items()}
+    for name in out:
         registry.get(name)
-    if sum(weights.values()) <= 0:
+    if sum(out.values()) <= 0:
         raise InvalidRequest("routing.weights must not all be zero", param="routing.weights")
-    return {k: float(v) for k, v in weights.items()}
+    return out
 
 
 def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[int]]]:
@@ -83,6 +81,7 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
         texts = [str(p) for p in req.prompt] or [""]
     out = []
     for text in texts:
+        validation.check_text(text, "prompt")
         if len(text) > state.settings.server.max_prompt_chars:
             raise PayloadTooLarge(f"prompt has {len(text)} characters; the limit is "
                                   f"{state.settings.server.max_prompt_chars}", param="prompt")
@@ -105,20 +104,25 @@ def _logit_bias(req: CompletionRequest, state: Services) -> tuple[tuple[int, flo
     vocab = len(state.resident.tokenizer)
     out = []
     for key, bias in req.logit_bias.items():
-        if not key.isdigit() or int(key) >= vocab:
-            raise InvalidRequest(f"logit_bias key {key!r} is not a token id in [0, {vocab})", param="logit_bias")
+        token = validation.token_id_key(key, vocab)
         if not -100 <= bias <= 100:
             raise InvalidRequest(f"logit_bias[{key}] must be in [-100, 100]", param="logit_bias")
-        out.append((int(key), float(bias)))
+        out.append((token, float(bias)))
     return tuple(out)
 
 
-def build_choices(req: CompletionRequest, state: Services) -> list[Choice]:
-    """Validate everything, then take adapter references and create the sequences (not yet submitted)."""
+def build_choices(req: CompletionRequest, state: Services,
+                  loop: asyncio.AbstractEventLoop | None = None) -> list[Choice]:
+    """Validate everything, then take adapter references and create the sequences (not yet
+    submitted). Tokenising is the heavy part: the route runs this on a worker thread, passing
+    its event loop. The request owns the references until `submit` hands them to the engine;
+    if anything here fails, the ones taken so far are released before the error leaves."""
     check_fields(req, req.n)
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > 4 or any(not s for s in stop):
-        raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
+    limits = state.settings.server
+    stop = validation.check_stop((req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
+                                 limits.max_stop_chars)
+    validation.check_sampling(req.temperature, req.top_p, req.seed)
+    validation.check_prompt_count(req.prompt, limits.max_prompts)
     spec, adapters = routing_spec(req, state)
     prompts = _prompts(req, state)
     limit = state.resident.max_positions
@@ -130,24 +134,39 @@ def build_choices(req: CompletionRequest, state: Services) -> list[Choice]:
                 param="max_tokens")
     tok = state.resident.tokenizer
     sampling = sampling_params(req, _logit_bias(req, state), req.logprobs or 0, len(tok), tok.eos_token_id)
-    loop = asyncio.get_running_loop()
-    choices = []
-    for text, ids in prompts:
-        for copy in range(req.n):
-            versions = state.registry.acquire(adapters)
-            queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-            seq = Sequence(
-                prompt_ids=ids, max_tokens=req.max_tokens,
-                sampling=replace(sampling, seed=sampling.seed + copy) if sampling.seed is not None else sampling,
-                routing=spec, decode=lambda t: str(tok.decode(t, skip_special_tokens=True)),
-                emit=_emitter(loop, queue),
-                stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
-                versions={v.name: v for v in versions},
-                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
-            )
-            choices.append(Choice(seq, queue, lp=LogprobTrack() if req.logprobs is not None else None,
-                                  echo=req.echo, copy=copy))
+    loop = loop or asyncio.get_running_loop()
+    deadline = time.monotonic() + state.settings.engine.request_timeout
+    choices: list[Choice] = []
+    try:
+        for text, ids in prompts:
+            for copy in range(req.n):
+                versions = state.registry.acquire(adapters)
+                try:
+                    queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+                    seq = Sequence(
+                        prompt_ids=ids, max_tokens=req.max_tokens,
+                        sampling=replace(sampling, seed=sampling.seed + copy) if sampling.seed is not None else sampling,
+                        routing=spec, decode=lambda t: str(tok.decode(t, skip_special_tokens=True)),
+                        emit=_emitter(loop, queue),
+                        stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
+                        versions={v.name: v for v in versions}, deadline=deadline,
+                        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                    )
+                except BaseException:
+                    state.registry.release(versions)
+                    raise
+                choices.append(Choice(seq, queue, lp=LogprobTrack() if req.logprobs is not None else None,
+                                      echo=req.echo, copy=copy))
+    except BaseException:
+        release(choices, state)
+        raise
     return choices
+
+
+def release(choices: list[Choice], state: Services) -> None:
+    """Release the references of choices the engine never accepted (idempotent per sequence)."""
+    for c in choices:
+        c.seq.release_references(state.registry)
 
 
 def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent]) -> Callable[[TokenEvent], None]:
@@ -165,11 +184,10 @@ def submit(choices: list[Choice], state: Services) -> None:
         for c in choices:
             state.worker.submit(c.seq)
             submitted.append(c)
-    except SwitchboardError:
-        for c in submitted:
+    except BaseException:
+        for c in submitted:  # the engine owns these now: it releases them when it drops them
             state.worker.cancel(c.seq)
-        for c in choices[len(submitted):]:
-            state.registry.release(list(c.seq.versions.values()))
+        release(choices[len(submitted):], state)
         raise
 
 
@@ -186,15 +204,27 @@ def _apply(choice: Choice, ev: TokenEvent, state: Services) -> None:
     choice.finish_reason = ev.finish_reason
 
 
+DISCONNECT_POLL = 0.5  # seconds between checks that the client is still there
+
+
 async def _next_event(choice: Choice, request: Request, deadline: float) -> TokenEvent:
+    """The next token event; checks the client and the deadline at least every DISCONNECT_POLL
+    seconds, whether or not tokens keep arriving (the engine enforces the deadline too)."""
+    checked = getattr(request.state, "disconnect_checked", None)
+    if checked is None or time.monotonic() - checked >= DISCONNECT_POLL:
+        request.state.disconnect_checked = time.monotonic()
+        if await request.is_disconnected():
+            raise ClientGone()
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout("the request timed out")
         try:
-            return await asyncio.wait_for(choice.queue.get(), timeout=0.5)
+            return await asyncio.wait_for(choice.queue.get(), timeout=min(DISCONNECT_POLL, left))
         except asyncio.TimeoutError:
+            request.state.disconnect_checked = time.monotonic()
             if await request.is_disconnected():
                 raise ClientGone() from None
-            if time.monotonic() > deadline:
-                raise RequestTimeout("the request timed out") from None
 
 
 class ClientGone(Exception):
@@ -235,8 +265,11 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: Service
     }
 
 
-async def stream(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> AsyncGenerator[str, None]:
-    """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`."""
+async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
+                 request: Request) -> AsyncGenerator[str, None]:
+    """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`.
+    Errors propagate; the route wraps this in `streaming.guarded`, which ends the stream with an
+    error event and `[DONE]`."""
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     deadline = time.monotonic() + state.settings.engine.request_timeout
 
@@ -263,11 +296,7 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
         for i, c in enumerate(choices):
             while c.finish_reason is None:
                 ev = await _next_event(c, request, deadline)
-                try:
-                    _apply(c, ev, state)
-                except SwitchboardError as e:
-                    yield chunk({"error": {"message": e.message, "type": e.error_type, "param": e.param, "code": e.code}})
-                    return
+                _apply(c, ev, state)  # an error event raises: `streaming.guarded` ends the stream
                 if c.echo and ev.token_index == 0:  # the prompt first, with its log-probs
                     yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
                                  "choices": [{"index": i, "text": c.seq.prompt_text, "logprobs": echo_logprobs(c),

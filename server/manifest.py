@@ -33,7 +33,7 @@ class Manifest:
             self.adapters = {str(a["name"]): {"path": str(a["path"]), "pinned": bool(a.get("pinned", False))}
                              for a in data.get("adapters", [])}
             self.routers = {str(r["name"]): str(r["path"]) for r in data.get("routers", [])}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             log.warning("ignoring unreadable %s: %s", self.path, e)
             self.exists = False
 

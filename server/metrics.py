@@ -42,6 +42,18 @@ class Metrics:
         self.adapter_load_seconds = Histogram(p + "adapter_load_seconds", "Time to validate and register an adapter", buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_events = Counter(p + "adapter_events_total", "Adapter lifecycle events", ["event"], registry=r)
 
+    def forget_adapter(self, name: str) -> None:
+        """Drop every label series that names adapter `name` (after it is unloaded), so the set of
+        series stays bounded by the adapters loaded now, not every adapter ever loaded."""
+        for metric, position in ((self.route_decisions, 1), (self.route_weight, 0), (self.generated_tokens, 0),
+                                 (self.requests, 0)):
+            for labels in list(metric._metrics):  # prometheus_client has no public "list series"
+                if labels[position] == name:
+                    try:
+                        metric.remove(*labels)
+                    except KeyError:  # removed concurrently
+                        pass
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

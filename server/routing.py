@@ -25,7 +25,7 @@ from router_core.embedders import BaseEmbedder, SentenceEncoder, pool_hidden
 from router_core.mlp import MLPRouter
 from router_core.policy import ReroutePolicy, weights_dict
 from router_core.store_rules import ROUTERS_DIR
-from server.engine.adapter_store import check_name, resolve_in_store
+from server.engine.adapter_store import check_name, file_in_store, resolve_in_store
 from server.engine.base_model import ResidentModel
 from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
 from server.engine.registry import AdapterRegistry
@@ -112,9 +112,14 @@ class RoutingService:
         path = path or f"{ROUTERS_DIR}/{name}"
         folder = resolve_in_store(self.store, path)
         try:
+            for file in folder.iterdir():  # a file symlinked out of the store is never opened
+                if file.is_symlink():
+                    file_in_store(file, self.store)
             router = load_router(folder, available_adapters=set(self.registry.names()), embed_dim=self.dim)
         except ArtifactError as e:
             raise InvalidAdapter(f"router {name!r} refused: {e}") from e
+        except (OSError, RuntimeError, RecursionError, MemoryError) as e:
+            raise InvalidAdapter(f"router {name!r} refused: {type(e).__name__}: {str(e)[:200]}") from None
         if _family(router.embedder_id) != _family(self.embedder_id):
             raise InvalidAdapter(f"router {name!r} was trained on embedder {router.embedder_id!r}; "
                                  f"the server embeds with {self.embedder_id!r}")
@@ -136,17 +141,26 @@ class RoutingService:
         """Load the manifest's routers and (with `scan_folders`) every folder in `_routers/`;
         returns {name: error} for the refused ones."""
         wanted = dict(self.manifest.routers)
+        failed: dict[str, str] = {}
         root = self.store / ROUTERS_DIR
-        if scan_folders and root.is_dir():
-            for folder in sorted(root.iterdir()):
+        try:
+            folders = sorted(root.iterdir()) if scan_folders and root.is_dir() else []
+        except OSError as e:
+            folders, failed[ROUTERS_DIR] = [], f"cannot be read: {type(e).__name__}"
+        for folder in folders:
+            try:
                 if folder.is_dir() and not folder.name.startswith("."):
                     wanted.setdefault(folder.name, f"{ROUTERS_DIR}/{folder.name}")
-        failed = {}
+            except OSError as e:
+                failed[folder.name] = f"cannot be read: {type(e).__name__}"
         for name, path in sorted(wanted.items()):
             try:
                 self.load_mlp(name, path)
             except (InvalidAdapter, InvalidRequest) as e:
                 failed[name] = e.message
+            except Exception as e:  # any bad router is refused and reported, never fatal (start-up, reload)
+                log.warning("router %s refused", name, exc_info=True)
+                failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
         return failed
 
     def analyzer(self):

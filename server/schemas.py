@@ -25,14 +25,14 @@ class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]] = ""
     max_tokens: int = Field(16, ge=0, le=4096, description="0 with echo: score the prompt only")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy; otherwise at least 0.01")
+    top_p: float = Field(1.0, ge=0.001, le=1)
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 = off")
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
     echo: bool = False

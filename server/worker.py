@@ -67,7 +67,10 @@ class EngineWorker:
                     self.engine.step()
                 except Exception:  # a bug must not kill the engine thread silently
                     log.exception("engine step failed; cancelling the batch")
-                    self.engine.shutdown("error")
+                    try:
+                        self.engine.shutdown("error")
+                    except Exception:  # keep the thread alive: later requests still get served
+                        log.exception("cancelling the batch failed too")
             else:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()

@@ -22,7 +22,11 @@ from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FI
 from server.engine.errors import InvalidAdapter, InvalidRequest
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+MAX_JSON_BYTES = 1024 * 1024  # adapter_config.json and switchboard.json are a few hundred bytes
+# |lora_alpha / r| (or / sqrt(r) with rsLoRA): PEFT's usual values are 0.5-4; beyond this a gate of
+# 1 already multiplies the adapter's delta past what fp16 activations hold.
+MAX_LORA_SCALE = 256.0
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")  # fullmatch
 
 
 def check_name(name: str, param: str = "name") -> str:
@@ -34,22 +38,40 @@ def check_name(name: str, param: str = "name") -> str:
 
 
 def resolve_in_store(store: Path, relative: str, param: str = "path") -> Path:
-    """Resolve `relative` inside the store; absolute paths, `..` and symlinks out of it are refused."""
+    """Resolve `relative` inside the store; absolute paths, `..` and symlinks out of it are refused,
+    and so is anything the file system cannot resolve (a symlink loop, a name over 255 bytes)."""
     if not isinstance(relative, str) or not relative or "\x00" in relative:
         raise InvalidRequest("adapter path must be a non-empty string", param=param)
-    root = store.resolve()
-    candidate = Path(relative)
-    if candidate.is_absolute():
-        try:
-            candidate = candidate.resolve().relative_to(root)
-        except ValueError:
-            raise InvalidRequest(f"adapter path {relative!r} is outside the adapter store", param=param) from None
-    resolved = (root / candidate).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise InvalidRequest(f"adapter path {relative!r} is outside the adapter store", param=param)
-    if not resolved.is_dir():
-        raise InvalidRequest(f"adapter path {relative!r} is not a folder in the adapter store", param=param)
+    shown = relative if len(relative) <= 80 else relative[:77] + "..."
+    try:
+        relative.encode("utf-8")
+        root = store.resolve()
+        candidate = Path(relative)
+        if candidate.is_absolute():
+            try:
+                candidate = candidate.resolve().relative_to(root)
+            except ValueError:
+                raise InvalidRequest(f"adapter path {shown!r} is outside the adapter store", param=param) from None
+        resolved = (root / candidate).resolve()
+        if resolved != root and root not in resolved.parents:
+            raise InvalidRequest(f"adapter path {shown!r} is outside the adapter store", param=param)
+        if not resolved.is_dir():
+            raise InvalidRequest(f"adapter path {shown!r} is not a folder in the adapter store", param=param)
+    except (OSError, RuntimeError, UnicodeError) as e:  # RuntimeError: pathlib's "Symlink loop"
+        raise InvalidRequest(f"adapter path {shown!r} cannot be resolved: {type(e).__name__}", param=param) from None
     return resolved
+
+
+def file_in_store(path: Path, store: Path) -> Path:
+    """`path` (a file in a folder already resolved inside the store) if it is no symlink out of
+    the store; a folder's files are opened only through this."""
+    try:
+        root, target = store.resolve(), path.resolve()
+    except (OSError, RuntimeError) as e:
+        raise InvalidAdapter(f"{path.name} cannot be resolved: {type(e).__name__}") from None
+    if root not in target.parents:
+        raise InvalidAdapter(f"{path.parent.name}/{path.name} links outside the adapter store")
+    return target
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,7 @@ class BaseSpec:
     module_shapes: dict[str, tuple[int, int]]  # module path -> (in, out)
     fingerprint: str
     max_rank: int
+    dtype: torch.dtype = torch.float32  # the serving dtype: scaled weights must stay finite in it
 
 
 @dataclass
@@ -82,9 +105,13 @@ class AdapterWeights:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InvalidAdapter(f"{what} {path.name} is larger than {MAX_JSON_BYTES >> 10} KiB")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidAdapter(f"{what} {path.name} does not parse: {e}") from e
+    except RecursionError:  # nested thousands deep
+        raise InvalidAdapter(f"{what} {path.name} is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise InvalidAdapter(f"{what} {path.name} must hold a JSON object")
     return data
@@ -108,10 +135,14 @@ def _check_config(cfg: dict, spec: BaseSpec) -> tuple[int, float, float]:
     if cfg.get("bias", "none") != "none":
         raise InvalidAdapter("adapters with trained biases (bias != 'none') are not supported")
     scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    if not abs(scale) <= MAX_LORA_SCALE:
+        raise InvalidAdapter(f"adapter_config.json: lora_alpha {alpha!r} gives a LoRA scale of {scale:.3g}; "
+                             f"the server accepts |scale| <= {MAX_LORA_SCALE:g}")
     return rank, float(alpha), float(scale)
 
 
 def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    largest = torch.finfo(spec.dtype).max
     if path.stat().st_size > MAX_ADAPTER_BYTES:
         raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
     try:
@@ -120,7 +151,7 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[s
         raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
-        m = _KEY.match(key)
+        m = _KEY.fullmatch(key)
         if m is None:
             raise InvalidAdapter(f"unexpected tensor {key!r}: only LoRA A/B weights are supported")
         pairs.setdefault(m["module"], {})[m["ab"]] = tensor
@@ -141,7 +172,10 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[s
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise InvalidAdapter(f"module {module!r} holds NaN or infinite weights")
-        out[module] = (a.float().t().contiguous(), (b.float() * scale).t().contiguous())
+        a32, b_scaled = a.float(), b.float() * scale
+        if not (a32.abs().max() <= largest and b_scaled.abs().max() <= largest):
+            raise InvalidAdapter(f"module {module!r}: weights times the LoRA scale {scale:.3g} overflow {spec.dtype}")
+        out[module] = (a32.t().contiguous(), b_scaled.t().contiguous())
     return out
 
 
@@ -157,10 +191,21 @@ def _read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
     return centroids, embedder
 
 
-def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
-    """Validate and read one adapter folder; raises InvalidAdapter with the first problem found."""
-    config_path = folder / ADAPTER_CONFIG
-    weights_path = folder / ADAPTER_WEIGHTS
+def read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None = None) -> AdapterWeights:
+    """Validate and read one adapter folder; raises InvalidAdapter with the first problem found.
+    With `store`, every file must resolve inside it (a file symlinked out of the store is refused)."""
+    try:
+        return _read_adapter(name, folder, spec, store)
+    except (OSError, RuntimeError, RecursionError, MemoryError) as e:  # whatever the file system throws
+        raise InvalidAdapter(f"{folder.name}: could not be read: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) -> AdapterWeights:
+    def inside(path: Path) -> Path:
+        return path if store is None or not path.exists() else file_in_store(path, store)
+
+    config_path = inside(folder / ADAPTER_CONFIG)
+    weights_path = inside(folder / ADAPTER_WEIGHTS)
     if not config_path.is_file():
         raise InvalidAdapter(f"{folder.name}: adapter_config.json is missing")
     if not weights_path.is_file():
@@ -173,7 +218,7 @@ def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
     rank, alpha, scale = _check_config(_read_json(config_path, "adapter config"), spec)
     meta: dict = {}
     if (folder / META_FILE).is_file():
-        meta = _read_json(folder / META_FILE, "metadata")
+        meta = _read_json(inside(folder / META_FILE), "metadata")
         fp = meta.get("base_fingerprint")
         if fp and fp != spec.fingerprint:
             raise InvalidAdapter(
@@ -181,7 +226,7 @@ def read_adapter(name: str, folder: Path, spec: BaseSpec) -> AdapterWeights:
                 f"resident {spec.fingerprint[:12]}…)"
             )
     tensors = _read_tensors(weights_path, rank, scale, spec)
-    centroids, embedder = _read_centroids(folder / CENTROID_FILE)
+    centroids, embedder = _read_centroids(inside(folder / CENTROID_FILE))
     return AdapterWeights(
         name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in tensors}),

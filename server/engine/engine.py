@@ -5,6 +5,12 @@ batched decode step for every running sequence, each row with its own gates. Re-
 at the start of a step for the rows that are due, from hidden states the previous steps already
 computed (or the text so far, for a sentence encoder), so it costs no extra forward pass.
 Only the engine thread calls `step()`; other threads talk to it through `submit()`/`cancel()`.
+
+Fault isolation: work on one row (its gates, sampling, stop strings, detokenising, emitting)
+runs under a guard that fails that row alone (`RowFailed`); a failure in work shared by the
+batch (routing, slots, the forward) retries the rows one at a time, so only the row that causes
+it fails. Every way out of the engine goes through `_finish`, which releases the row's adapter
+references in a `finally`.
 """
 
 from __future__ import annotations
@@ -21,12 +27,19 @@ import torch
 
 from server.engine import gpt2
 from server.engine.base_model import LORA_TARGETS, ResidentModel
-from server.engine.errors import ContextTooLong, Overloaded, SwitchboardError, Unavailable
+from server.engine.errors import (
+    ContextTooLong,
+    Overloaded,
+    RequestTimeout,
+    RowFailed,
+    SwitchboardError,
+    Unavailable,
+)
 from server.engine.kv_cache import KVCache
 from server.engine.logprobs import score_prompt
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.registry import AdapterRegistry, AdapterVersion
-from server.engine.sampling import Pick, sample_batch
+from server.engine.sampling import Pick, Top, sample_batch
 from server.engine.sequence import Sequence, TokenEvent
 from server.engine.slots import SlotManager
 
@@ -111,28 +124,50 @@ class Engine:
             self.observer.on_step(len(self.running), self.queue_depth())
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in self.waiting if s.cancelled]:
+        """Drop cancelled rows, and end rows past their deadline with a timeout error (the
+        deadline bounds a request's total time even while its tokens keep arriving)."""
+        now = time.monotonic()
+        for seq in [s for s in self.waiting if s.cancelled or _expired(s, now)]:
             self.waiting.remove(seq)
-            self._finish(seq, "cancelled")
-        for seq in [s for s in self.running if s.cancelled]:
-            self._leave(seq, "cancelled")
+            self._end(seq, None if seq.cancelled else RequestTimeout("the request timed out"))
+        for seq in [s for s in self.running if s.cancelled or _expired(s, now)]:
+            self._end(seq, None if seq.cancelled else RequestTimeout("the request timed out"))
 
     # -- gates ----------------------------------------------------------------------------------------
-    def _route(self, seqs: list[Sequence]) -> None:
+    def _route(self, seqs: list[Sequence]) -> dict[int, Exception]:
         """Recompute gates for `seqs` (auto-routed rows that are due), taking the results of
-        re-routes started a step early where there are some."""
-        if not seqs or self.gate_source is None:
-            return
+        re-routes started a step early where there are some. A routing pass that fails is
+        retried row by row; returns {seq id: error} for the rows that fail alone."""
+        source = self.gate_source
+        if not seqs or source is None:
+            return {}
         now = [s for s in seqs if s.id not in self._prefetched]
         for seq in seqs:
             if seq.id in self._prefetched:
                 future, i = self._prefetched.pop(seq.id)
-                proposals, elapsed = future.result()
-                self._apply_route(seq, proposals[i], elapsed)
-        if now:
-            proposals, elapsed = _timed_route(self.gate_source, now, None)
+                try:
+                    proposals, elapsed = future.result()
+                    self._apply_route(seq, proposals[i], elapsed)
+                except Exception:  # the early pass failed: route this row now instead
+                    now.append(seq)
+        if not now:
+            return {}
+        try:
+            proposals, elapsed = _timed_route(source, now, None)
             for seq, weights in zip(now, proposals, strict=True):
                 self._apply_route(seq, weights, elapsed)
+            return {}
+        except Exception as e:
+            if len(now) == 1:
+                return {now[0].id: e}
+        failed: dict[int, Exception] = {}
+        for seq in now:
+            try:
+                proposals, elapsed = _timed_route(source, [seq], None)
+                self._apply_route(seq, proposals[0], elapsed)
+            except Exception as one:
+                failed[seq.id] = one
+        return failed
 
     def _apply_route(self, seq: Sequence, weights: dict[str, float], elapsed: float) -> None:
         before = seq.top_adapter if seq.gates else None
@@ -151,7 +186,10 @@ class Engine:
                     and (len(s.generated) + 1) % s.routing.reroute_every == 0
                     and s.id not in self._prefetched and not source.needs_hidden(s)]
         if upcoming:
-            contexts = source.contexts(upcoming)  # snapshot now: the engine thread appends tokens
+            try:
+                contexts = source.contexts(upcoming)  # snapshot now: the engine thread appends tokens
+            except Exception:  # not fatal: these rows are routed on the engine thread when due
+                return
             future = self._router_pool.submit(_timed_route, source, upcoming, contexts)
             for i, seq in enumerate(upcoming):
                 self._prefetched[seq.id] = (future, i)
@@ -171,8 +209,11 @@ class Engine:
             return
         slots = self.slots.ensure(versions)
         gates = torch.zeros(len(seqs), len(versions), dtype=self.resident.dtype)  # [B, active]
+        largest = torch.finfo(self.resident.dtype).max
         for row, seq in enumerate(seqs):
             for name, w in seq.gates.items():
+                if not abs(w) <= largest:  # NaN or beyond the serving dtype: this row's fault
+                    raise ValueError(f"gate {w!r} for adapter {name!r} is not finite in {self.resident.dtype}")
                 if w != 0.0:
                     gates[row, column[id(seq.versions[name])]] = w
         used = gates.ne(0).any(dim=1)  # [B]
@@ -190,15 +231,16 @@ class Engine:
             return
         try:
             self._prefill(batch)
-        except SwitchboardError as e:
+        except Exception as e:
             if len(batch) == 1:
-                self._fail(batch[0], e)
+                self._end(batch[0], _row_error(e, "prefill"))
                 return
+            log.warning("batched prefill of %d rows failed (%r); retrying them one at a time", len(batch), e)
             for seq in batch:
                 try:
                     self._prefill([seq])
-                except SwitchboardError as one:
-                    self._fail(seq, one)
+                except Exception as one:
+                    self._end(seq, _row_error(one, "prefill"))
 
     def _padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ids [B, T], positions [B, T] and each row's last real index [B]. Pad tokens
@@ -213,6 +255,8 @@ class Engine:
         return ids.to(dev), pos.to(dev), last.to(dev)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill `seqs` as one batch. Everything up to the forward is shared (a failure raises,
+        and `_admit` retries row by row); from sampling on each row is handled alone."""
         row = len(self.running)
         need = max(min(len(s.prompt_ids) + s.max_tokens, self.resident.max_positions) for s in seqs)
         self.cache.reserve(row + len(seqs), need)
@@ -233,43 +277,109 @@ class Engine:
         for seq in seqs:
             if seq.routing.mode != "auto":
                 seq.gates = dict(seq.routing.weights)
-        self._route([s for s in seqs if s.routing.mode == "auto"])
+        failed = self._route([s for s in seqs if s.routing.mode == "auto"])
+        if failed:  # raise so that _admit retries alone: the rows whose routing works still run
+            raise next(iter(failed.values()))
         self._set_gates(seqs)
         ids, pos, last = self._padded([s.prompt_ids for s in seqs])
         logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
-        choices = self._sample(seqs, logits)
-        finished = []
-        for i, seq in enumerate(seqs):
-            if seq.hidden_tail is None:
-                seq.keep_hidden(hidden[i, : len(seq.prompt_ids)], window)
-            if seq.prompt_logprobs is not None:
-                seq.prompt_scores = score_prompt(self.resident.model, hidden[i, : len(seq.prompt_ids)],
-                                                 seq.prompt_ids, seq.prompt_logprobs)
-            self.running.append(seq)
-            if seq.max_tokens == 0 or self._accept(seq, choices[i]):  # max_tokens 0: only scoring the prompt
-                finished.append(seq)
-        for seq in finished:
-            self._leave(seq, seq.finish_reason or ("error" if seq.error else "length" if seq.max_tokens == 0 else "stop"))
+        self.running.extend(seqs)  # rows row.. of the cache are theirs from here on
+        fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.hidden_tail is None else None
+                                            for i, seq in enumerate(seqs)]
+        try:
+            for i, seq in enumerate(seqs):  # echo + logprobs: the prompt's log-probs, from this same pass
+                if seq.prompt_logprobs is not None:
+                    try:
+                        seq.prompt_scores = score_prompt(self.resident.model, hidden[i, : len(seq.prompt_ids)],
+                                                         seq.prompt_ids, seq.prompt_logprobs)
+                    except Exception as e:
+                        self._end(seq, _row_error(e, "scoring the prompt"))
+            take = [i for i, seq in enumerate(seqs) if seq.max_tokens > 0 and seq in self.running]
+            if take:
+                rows = logits if len(take) == len(seqs) else logits[take]
+                self._take_tokens([seqs[i] for i in take], rows, [fresh[i] for i in take])
+            for seq in seqs:  # max_tokens 0: only the prompt was wanted
+                if seq.max_tokens == 0 and seq in self.running:
+                    self._leave(seq, "length")
+        except Exception as e:  # these rows are running now: end them here, never retry them in _admit
+            for seq in [s for s in seqs if s in self.running]:
+                self._end(seq, _row_error(e, "prefill"))
 
     def _decode(self) -> None:
         due = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
                and len(s.generated) % s.routing.reroute_every == 0]
-        self._route(due)
-        self._set_gates(self.running)
+        failed = self._route(due)
+        for seq in [s for s in self.running if s.id in failed]:  # before the forward: rows may move
+            self._end(seq, _row_error(failed[seq.id], "routing"))
+        if not self.running:
+            return
         self._prefetch_routes()
-        ids = torch.tensor([[s.generated[-1]] for s in self.running], device=self.resident.device)  # [B, 1]
-        pos = torch.tensor([[s.position] for s in self.running], device=self.resident.device)  # [B, 1]
-        logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
-        choices = self._sample(self.running, logits)
-        finished = []
-        for row, seq in enumerate(self.running):
-            seq.keep_hidden(hidden[row], self.config.hidden_window)
-            if self._accept(seq, choices[row]):
-                finished.append(seq)
+        seqs = list(self.running)
+        ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.resident.device)  # [B, 1]
+        pos = torch.tensor([[s.position] for s in seqs], device=self.resident.device)  # [B, 1]
+        try:
+            self._set_gates(seqs)
+            logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
+        except Exception as e:  # one row's gates or inputs broke the shared step: retry each alone
+            log.warning("batched decode of %d rows failed (%r); retrying them one at a time", len(seqs), e)
+            rows: list[torch.Tensor | Exception] = []
+            tails: list[torch.Tensor | None] = []
+            for row, seq in enumerate(seqs):
+                try:
+                    self._set_gates([seq])
+                    one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row)
+                    rows.append(one[0])
+                    tails.append(h[0])
+                except Exception as err:
+                    rows.append(err)
+                    tails.append(None)
+            self._take_tokens(seqs, rows, tails)
+            return
+        self._take_tokens(seqs, logits, list(hidden))
+
+    def _take_tokens(self, seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor | Exception],
+                     tails: list[torch.Tensor | None]) -> None:
+        """Sample and accept one token per row of `seqs` (all running, in cache-row order) from
+        `logits` (per row: [V], or the error its forward raised), appending `tails` (per row:
+        hidden states [T, d] of the tokens just processed, or None). A row that fails ends alone."""
+        outcome: list[SwitchboardError | None] = [None] * len(seqs)
+        if isinstance(logits, torch.Tensor):
+            ok, block = list(range(len(seqs))), logits  # [B, V]
+        else:
+            for i, r in enumerate(logits):
+                if isinstance(r, Exception):
+                    outcome[i] = _row_error(r, "the forward pass")
+            ok = [i for i, r in enumerate(logits) if not isinstance(r, Exception)]
+            block = torch.stack([logits[i] for i in ok]) if ok else torch.empty(0)  # type: ignore[misc]
+        if ok:
+            finite = torch.isfinite(block).all(dim=-1).tolist()  # [b]: NaN/inf logits fail their row alone
+            good = [i for i, f in zip(ok, finite, strict=True) if f]
+            for i, f in zip(ok, finite, strict=True):
+                if not f:
+                    outcome[i] = RowFailed("the model produced non-finite logits for this request "
+                                           "(its adapter mixture overflows the serving dtype)")
+            if len(good) < len(ok):
+                block = block[[ok.index(i) for i in good]]
+            chosen = self._sample([seqs[i] for i in good], block) if good else []
+            for i, choice in zip(good, chosen, strict=True):
+                seq = seqs[i]
+                if isinstance(choice, Exception):
+                    outcome[i] = _row_error(choice, "sampling")
+                    continue
+                try:
+                    tail = tails[i]
+                    if tail is not None:
+                        seq.keep_hidden(tail, self.config.hidden_window)
+                    self._accept(seq, *choice)
+                except Exception as e:
+                    outcome[i] = _row_error(e, "handling its token (stop strings, detokenising)")
         # Leave only after every row took its token: moving a row into a hole copies its cache up
         # to its position, which must already count the key/value this step just wrote.
-        for seq in finished:
-            self._leave(seq, seq.finish_reason or ("error" if seq.error else "stop"))
+        for seq, error in zip(seqs, outcome, strict=True):
+            if error is not None:
+                self._end(seq, error)
+            elif seq.finish_reason is not None:
+                self._end(seq, None)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,20 +392,29 @@ class Engine:
         """Hidden states only (no LM head): the router's pass over the prompt."""
         return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False)[1]
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | SwitchboardError]:
-        """Next token, its log-probability and the asked-for alternatives per row of `logits` [B, V]
-        (or the error that failed that row alone)."""
-        return sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
-                            [(s.prompt_ids, s.generated) for s in seqs])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
+        """Next token and its log-probability per row of `logits` [B, V]; if the batched call
+        fails, each row is sampled alone and a row that still fails gets its error back."""
+        states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+        try:
+            return list(sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                                     [(s.prompt_ids, s.generated) for s in seqs]))
+        except Exception:
+            for seq, state in zip(seqs, states, strict=True):  # rows sampled before the failure: same draw again
+                if seq.generator is not None and state is not None:
+                    seq.generator.set_state(state)
+            out: list[Pick | Exception] = []
+            for i, seq in enumerate(seqs):
+                try:
+                    out.append(sample_batch(logits[i:i + 1], [seq.sampling], [seq.generator],
+                                            [(seq.prompt_ids, seq.generated)])[0])
+                except Exception as e:
+                    out.append(e)
+            return out
 
-    def _accept(self, seq: Sequence, pick: Pick | SwitchboardError) -> bool:
-        """Record and emit the chosen token; returns whether the sequence finished. A row whose
-        sampling failed finishes with reason "error" carrying that error."""
-        if isinstance(pick, SwitchboardError):
-            seq.error = pick
-            seq.finish_reason = None  # reported by `_finish`, with the error
-            return True
-        token, logprob, top = pick
+    def _accept(self, seq: Sequence, token: int, logprob: float, top: Top | None = None) -> bool:
+        """Record and emit the chosen token (with the alternatives the request asked for); returns
+        whether the sequence finished."""
         index = len(seq.generated)
         seq.trace.record(index, seq.gates)
         delta = seq.push_token(token, self.resident.max_positions)
@@ -307,32 +426,51 @@ class Engine:
         return seq.finish_reason is not None
 
     # -- leaving the batch -------------------------------------------------------------------------------
+    def _end(self, seq: Sequence, error: SwitchboardError | None) -> None:
+        """End `seq` wherever it is: finished (its own finish reason), cancelled (no error, no
+        finish reason) or failed with `error`, which its client receives."""
+        if error is not None:
+            seq.finish_reason, seq.error = "error", error
+        reason = seq.finish_reason or "cancelled"
+        if seq in self.running:
+            self._leave(seq, reason)
+        else:
+            self._finish(seq, reason)
+
     def _leave(self, seq: Sequence, reason: str) -> None:
         row = self.running.index(seq)
         last = len(self.running) - 1
+        kept = 0  # positions of `row` that hold a live sequence's keys/values after this
         if row != last:  # fill the hole with the last row so rows stay contiguous
             moved = self.running[last]
             self.cache.move_row(last, row, moved.position)
             self.running[row] = moved
+            kept = moved.position
         self.running.pop()
+        if seq.error is not None:  # a failed row may have written NaN/inf: scrub what it leaves
+            self.cache.clear_row(row, kept)
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        unreported = seq.finish_reason is None  # ended here, not by its own last token
-        seq.finish_reason = seq.finish_reason or reason
-        self._prefetched.pop(seq.id, None)
-        self.registry.release(list(seq.versions.values()))
-        if unreported:  # tell the waiting client, or it would wait for its timeout
-            error = (seq.error or Unavailable("the engine failed while running this request; retry it")) \
-                if reason == "error" else None
-            seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates), reason, error=error))
-        if self.observer:
-            self.observer.on_finish(seq)
-
-    def _fail(self, seq: Sequence, error: SwitchboardError) -> None:
-        seq.finish_reason = "error"
-        self.registry.release(list(seq.versions.values()))
-        seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, {}, "error", error=error))
+        """The one way out of the engine: references released (in a `finally`, whatever else
+        fails), and the client told unless its own last token already did."""
+        try:
+            unreported = seq.finish_reason is None or seq.error is not None  # not ended by its own last token
+            seq.finish_reason = seq.finish_reason or reason
+            self._prefetched.pop(seq.id, None)
+            if unreported:  # tell the waiting client, or it would wait for its timeout
+                error = seq.error
+                if error is None and reason == "error":
+                    error = Unavailable("the engine failed while running this request; retry it")
+                try:
+                    seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates),
+                                        seq.finish_reason, error=error))
+                except Exception:  # the client's event loop is gone: nobody to tell
+                    log.debug("could not deliver the end of request %s", seq.id, exc_info=True)
+            if self.observer:
+                self.observer.on_finish(seq)
+        finally:
+            seq.release_references(self.registry)
 
     @torch.inference_mode()  # compacting rows writes to cache tensors made in inference mode
     def shutdown(self, reason: str = "cancelled") -> None:
@@ -343,7 +481,24 @@ class Engine:
             self._finish(seq, reason)
         self.waiting.clear()
         for seq in list(self.running):
-            self._leave(seq, reason)
+            try:
+                self._leave(seq, reason)
+            except Exception:  # compacting failed: still end every row and release its references
+                log.exception("could not compact row %s on shutdown", seq.id)
+                self.running.remove(seq)
+                self._finish(seq, reason)
+
+
+def _expired(seq: Sequence, now: float) -> bool:
+    return seq.deadline is not None and now > seq.deadline
+
+
+def _row_error(error: Exception, phase: str) -> SwitchboardError:
+    """The error a row's client gets: an engine error as it is, anything else as `RowFailed`."""
+    if isinstance(error, SwitchboardError):
+        return error
+    log.warning("one row failed during %s: %r", phase, error)
+    return RowFailed(f"this request failed in the engine during {phase}: {type(error).__name__}: {str(error)[:200]}")
 
 
 def _timed_route(source: GateSource, seqs: list[Sequence],

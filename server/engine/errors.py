@@ -81,5 +81,14 @@ class Unavailable(SwitchboardError):
     retry_after = 5.0
 
 
+class RowFailed(SwitchboardError):
+    """Handling one row of the batch failed (sampling, gates, stop strings, detokenising): that
+    request alone ends with this error; the rest of the batch carries on."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "row_failed"
+
+
 class ModelLoadError(RuntimeError):
     """The base model could not be loaded at start-up (not a client error)."""

@@ -53,3 +53,11 @@ class KVCache:
         for k, v in zip(self.keys, self.values, strict=True):
             k[dst, :, :length] = k[src, :, :length]
             v[dst, :, :length] = v[src, :, :length]
+
+    def clear_row(self, row: int, start: int = 0) -> None:
+        """Zero positions `start:` of `row`. Masked attention still multiplies stale values by a
+        zero weight, and 0 * NaN is NaN: a row that failed with non-finite values must not leave
+        them behind for the next sequence in its row."""
+        for k, v in zip(self.keys, self.values, strict=True):
+            k[row, :, start:] = 0
+            v[row, :, start:] = 0

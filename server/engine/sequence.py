@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,10 +12,11 @@ import torch
 
 from router_core.policy import RoutingTrace
 from server.engine.logprobs import PromptScores
-from server.engine.registry import AdapterVersion
+from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.engine.sampling import SamplingParams, Top
 
 _ids = itertools.count(1)
+_release_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,28 @@ class Sequence:
     text: str = ""
     emitted_chars: int = 0
     finish_reason: str | None = None
+    error: Exception | None = None  # why the engine ended it, told to the client with its last event
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
+    deadline: float | None = None  # time.monotonic() after which the engine ends it with a timeout
     generator: torch.Generator | None = field(init=False, default=None)
+    references_released: bool = field(init=False, default=False)
     prompt_logprobs: int | None = None  # score the prompt (echo + logprobs) with this many alternatives
     prompt_scores: PromptScores | None = None  # set before the first event is emitted
-    error: Exception | None = None  # why the engine failed this row (reported with reason "error")
 
     def __post_init__(self) -> None:
         self.generator = self.sampling.make_generator()
+
+    def release_references(self, registry: AdapterRegistry) -> None:
+        """Give back the adapter references this sequence holds, exactly once. The request owns
+        them until the engine accepts the sequence, the engine after that; whichever owner ends
+        it calls this (in a `finally`), and a second call is a no-op rather than a double release."""
+        with _release_lock:
+            if self.references_released:
+                return
+            self.references_released = True
+        registry.release(list(self.versions.values()))
 
     @property
     def position(self) -> int:

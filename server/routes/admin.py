@@ -6,10 +6,12 @@ from fastapi import APIRouter
 
 from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
+from server import validation
 from server.adapters import AdapterService
+from server.api_errors import ADMIN_RESPONSES
 from server.deps import Admin, ReadyState
 from server.engine.adapter_store import AdapterWeights
-from server.engine.errors import InvalidAdapter, InvalidRequest
+from server.engine.errors import InvalidAdapter, InvalidRequest, PayloadTooLarge
 from server.engine.registry import AdapterVersion
 from server.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
 from server.state import Services
@@ -34,6 +36,11 @@ def _centroids_from(examples: list[str] | None, k: int, state: Services):
         return None
     if any(not isinstance(t, str) or not t.strip() for t in examples):
         raise InvalidRequest("examples must be non-empty strings", param="examples")
+    limit = state.settings.server.max_prompt_chars
+    for text in examples:
+        validation.check_text(text, "examples")
+        if len(text) > limit:
+            raise PayloadTooLarge(f"an example has {len(text)} characters; the limit is {limit}", param="examples")
     if k > len(examples):
         raise InvalidRequest(f"{k} centroids need at least {k} examples", param="centroids")
 
@@ -58,24 +65,24 @@ async def _load(state: Services, name: str, path: str, examples=None, k: int = 1
             "replaced_version": old.version if old else None}
 
 
-@router.get("/admin/adapters")
+@router.get("/admin/adapters", responses=ADMIN_RESPONSES)
 async def list_adapters(_: Admin, state: ReadyState) -> dict:
     return {"adapters": [describe(v, state) for _, v in sorted(state.registry.snapshot().items())],
             "max_loras": state.settings.engine.max_loras}
 
 
-@router.post("/admin/adapters")
+@router.post("/admin/adapters", responses=ADMIN_RESPONSES)
 async def load_adapter(body: LoadAdapterRequest, _: Admin, state: ReadyState) -> dict:
     return await _load(state, body.name, body.path, body.examples, body.centroids, body.pinned)
 
 
-@router.delete("/admin/adapters/{name}")
+@router.delete("/admin/adapters/{name}", responses=ADMIN_RESPONSES)
 async def unload_adapter(name: str, _: Admin, state: ReadyState, wait: bool = True) -> dict:
     version = await state.adapters.unload(name, wait=wait, timeout=state.settings.engine.request_timeout)
     return {"status": "unloaded", "name": name, "version": version.version}
 
 
-@router.post("/admin/reload")
+@router.post("/admin/reload", responses=ADMIN_RESPONSES)
 async def reload_store(_: Admin, state: ReadyState) -> dict:
     report = await state.adapters.reload()
     failed_routers = state.routing.scan_routers()
@@ -83,33 +90,33 @@ async def reload_store(_: Admin, state: ReadyState) -> dict:
             "failed": report.failed, "routers": state.routing.router_names(), "failed_routers": failed_routers}
 
 
-@router.get("/admin/routers")
+@router.get("/admin/routers", responses=ADMIN_RESPONSES)
 async def list_routers(_: Admin, state: ReadyState) -> dict:
     return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(state.routing._centroid.adapter_names)}]
             + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id}
                for n, r in sorted(state.routing.mlp.items())], "embedder": state.routing.embedder_id}
 
 
-@router.post("/admin/routers")
+@router.post("/admin/routers", responses=ADMIN_RESPONSES)
 async def load_router(body: RouterLoadRequest, _: Admin, state: ReadyState) -> dict:
     r = state.routing.load_mlp(body.name, body.path)
     return {"status": "loaded", "name": body.name, "kind": r.kind, "adapters": list(r.adapter_names)}
 
 
-@router.delete("/admin/routers/{name}")
+@router.delete("/admin/routers/{name}", responses=ADMIN_RESPONSES)
 async def unload_router(name: str, _: Admin, state: ReadyState) -> dict:
     state.routing.unload_mlp(name)
     return {"status": "unloaded", "name": name}
 
 
 # -- vLLM-compatible aliases -------------------------------------------------------------------------------
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", responses=ADMIN_RESPONSES)
 async def vllm_load(body: VLLMLoadRequest, _: Admin, state: ReadyState) -> dict:
     result = await _load(state, body.lora_name, body.lora_path, replace=body.load_inplace)
     return {**result, "message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", responses=ADMIN_RESPONSES)
 async def vllm_unload(body: VLLMUnloadRequest, _: Admin, state: ReadyState) -> dict:
     await state.adapters.unload(body.lora_name, timeout=state.settings.engine.request_timeout)
     return {"status": "unloaded", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}

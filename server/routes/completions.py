@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server import completions
+from server import completions, streaming
+from server.api_errors import ERROR_RESPONSES
 from server.deps import ReadyState
 from server.engine.errors import SwitchboardError
 from server.schemas import CompletionRequest
@@ -11,18 +14,43 @@ from server.schemas import CompletionRequest
 router = APIRouter(tags=["completions"])
 
 
-@router.post("/v1/completions")
+async def _build_off_loop(body: CompletionRequest, state: ReadyState) -> list[completions.Choice]:
+    """Validate and tokenise on a worker thread (many long prompts take a while) so the event
+    loop keeps serving; if the request is cancelled meanwhile, the references the thread took
+    are released when it finishes."""
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(None, completions.build_choices, body, state, loop)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        def cleanup(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                completions.release(f.result(), state)
+
+        fut.add_done_callback(cleanup)
+        raise
+
+
+@router.post("/v1/completions", responses=ERROR_RESPONSES)
 async def create_completion(body: CompletionRequest, request: Request, state: ReadyState):
     label = body.model if body.model == "auto" or body.model in state.registry else "base"
     try:
-        choices = completions.build_choices(body, state)
+        choices = await _build_off_loop(body, state)
         completions.submit(choices, state)
     except SwitchboardError as e:
         state.metrics.requests.labels("unknown" if e.status_code == 404 else label, str(e.status_code)).inc()
         raise
     if body.stream:
-        state.metrics.requests.labels(label, "200").inc()
-        return StreamingResponse(completions.stream(body, choices, state, request), media_type="text/event-stream",
+        def cancel() -> None:
+            for c in choices:
+                if c.finish_reason is None:
+                    state.worker.cancel(c.seq)
+
+        def outcome(status: str) -> None:
+            state.metrics.requests.labels(label, status).inc()
+
+        return StreamingResponse(streaming.guarded(completions.stream(body, choices, state, request), cancel, outcome),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         result = await completions.complete(body, choices, state, request)
@@ -32,5 +60,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: Re
     except completions.ClientGone:
         state.metrics.requests.labels(label, "499").inc()
         return Response(status_code=499)  # nobody is listening; the rows are already cancelled
+    except asyncio.CancelledError:  # the server cancelled the handler (client gone): count it too
+        state.metrics.requests.labels(label, "499").inc()
+        raise
     state.metrics.requests.labels(label, "200").inc()
     return result

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.deps import State
 
@@ -14,7 +14,8 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "the model is still loading",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}})
 @router.head("/ready", include_in_schema=False)  # load balancers probe with HEAD
 async def ready(state: State) -> JSONResponse:
     if not state.ready or state.services is None:
@@ -23,6 +24,8 @@ async def ready(state: State) -> JSONResponse:
                          "adapters": len(state.registry.names())})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(state: State) -> Response:
     return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")

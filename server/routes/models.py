@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from server.api_errors import READY_RESPONSES
 from server.deps import ReadyState
 from server.engine.errors import AdapterNotFound
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=READY_RESPONSES)
 async def list_models(state: ReadyState) -> dict:
     base = state.resident.model_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "switchboard", "root": base, "parent": None}]
