@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from server.engine.errors import SwitchboardError
+from server.engine.errors import RowFailed, SwitchboardError
 from server.engine.penalties import apply_penalties
 
 Top = tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
@@ -65,14 +65,6 @@ class Pick(NamedTuple):
     top: Top | None = None
 
 
-class SamplingFailed(SwitchboardError):
-    """A row's logits processing failed; that row fails, the batch goes on."""
-
-    status_code = 500
-    error_type = "api_error"
-    code = "sampling_failed"
-
-
 def _top(logprobs: torch.Tensor, n: int) -> Top | None:
     if n <= 0:
         return None
@@ -114,7 +106,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
                  histories: list[tuple[list[int], list[int]]] | None = None) -> list[Pick | SwitchboardError]:
     """`sample_row` for every row of `logits` [B, V] (`histories`: each row's prompt and generated
     ids, for the penalties). Plain greedy rows are decided together in one argmax / log-softmax over
-    the batch, on the logits' device. A row whose processing raises gets a `SamplingFailed` in its
+    the batch, on the logits' device. A row whose processing raises gets a `RowFailed` in its
     place: one request's failure never takes the others down."""
     plain = [i for i, p in enumerate(params) if p.plain]
     out: list[Pick | SwitchboardError | None] = [None] * len(params)
@@ -138,5 +130,5 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
             try:
                 out[i] = sample_row(logits[i].float().cpu(), p, generators[i], prompt, generated)
             except Exception as e:  # a bad processor or parameter: this row fails alone
-                out[i] = SamplingFailed(f"sampling failed for this request: {type(e).__name__}: {e}")
+                out[i] = RowFailed(f"this request failed in the engine during sampling: {type(e).__name__}: {str(e)[:200]}")
     return [o for o in out if o is not None]
