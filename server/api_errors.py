@@ -44,6 +44,7 @@ def _described(*codes: int) -> dict[int | str, dict]:
 ERROR_RESPONSES = _described(400, 404, 413, 429, 500, 503, 504)
 ADMIN_RESPONSES = _described(400, 401, 403, 404, 409, 413, 500, 503, 504)
 READY_RESPONSES = _described(503)
+MODEL_RESPONSES = _described(404, 503)
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api_errors import READY_RESPONSES
+from server.api_errors import MODEL_RESPONSES, READY_RESPONSES
 from server.deps import ReadyState
 from server.engine.errors import AdapterNotFound
 
@@ -23,7 +23,7 @@ async def list_models(state: ReadyState) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=MODEL_RESPONSES)
 async def retrieve_model(model_id: str, state: ReadyState) -> dict:
     """One entry of the list (OpenAI's `models.retrieve`); 404 in OpenAI's shape otherwise."""
     for entry in (await list_models(state))["data"]:
