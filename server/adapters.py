@@ -37,6 +37,8 @@ class AdapterService:
         self.manifest = manifest
         self._lock = asyncio.Lock()  # one admin change at a time; requests never wait on it
         self.on_change: list = []  # callbacks (e.g. the routing service rebuilding its centroids)
+        # used when a load brings no `prepare` of its own: the app fills in centroids from examples.jsonl
+        self.default_prepare = None
 
     # -- load / replace ---------------------------------------------------------------------------
     async def load(self, name: str, path: str, *, pinned: bool = False, replace: bool = True,
@@ -44,9 +46,10 @@ class AdapterService:
         """Validate `path` (relative to the store) and register it as `name`.
 
         `prepare(weights)` may enrich the weights (centroids from examples) before registration;
-        if it fails, nothing is registered.
+        if it fails, nothing is registered. Without one, `default_prepare` runs.
         """
         check_name(name)
+        prepare = prepare or self.default_prepare
         folder = resolve_in_store(self.store, path)
         async with self._lock:
             if not replace and name in self.registry:

@@ -17,6 +17,7 @@ from server.build import build_engine
 from server.engine.adapter_store import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
 from server.engine.registry import AdapterRegistry
+from server.example_centroids import centroids_from_examples
 from server.manifest import Manifest
 from server.metrics import Metrics
 from server.routes import admin, chat, completions, health, models
@@ -44,6 +45,7 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics, manifest)
     adapters.on_change.append(routing.rebuild)
     state.services = Services(s, state.metrics, state.registry, resident, engine, worker, adapters, routing)
+    adapters.default_prepare = centroids_from_examples(routing, state.services.engine_call)
     if s.store.scan_on_start or manifest.exists:
         # a manifest is restored exactly; without one, every folder in the store is registered
         scan = s.store.scan_on_start and not manifest.exists

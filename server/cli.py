@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server")
     _add_flags(serve)
+    demo = sub.add_parser("demo", help="train starter adapters if the store has none, then serve with auto routing")
+    demo.add_argument("--quick", action="store_true", help="a much smaller training budget (a smoke run)")
+    _add_flags(demo)
     train = sub.add_parser("train", help="the offline training package (same as switchboard-train)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         from training.cli import main as train_main
 
         return train_main(args.rest)
+    command = args.command
+    quick = bool(getattr(args, "quick", False))
     del args.command
     try:
         settings = settings_from_args(args)
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as e:
         sys.stderr.write(f"switchboard: {e}\n")  # one clear line for the operator, no traceback
         return 2
+    if command == "demo":
+        from server.demo import run as run_demo
+
+        return run_demo(settings, resident, quick)
     try:
         app = create_app(settings, resident=resident)
     except ValueError as e:  # e.g. a --chat-template that is neither a file nor a template

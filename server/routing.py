@@ -31,6 +31,7 @@ from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import Sequence
 from server.manifest import Manifest
+from server.routing_help import no_routable_message
 from server.settings import RoutingSettings
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class RoutingService:
         names, cents = [], []
         for name, version in sorted(self.registry.snapshot().items()):
             w = version.weights
-            if w.centroids is not None and _family(w.centroid_embedder) == _family(self.embedder_id) \
-                    and w.centroids.shape[-1] == self.dim:
+            if self.centroid_usable(w.centroids, w.centroid_embedder):
+                assert w.centroids is not None
                 names.append(name)
                 cents.append(w.centroids)
         router = CentroidRouter(names, cents, temperature=self.settings.route_temperature,
@@ -78,6 +79,19 @@ class RoutingService:
                                 min_similarity=self.settings.min_similarity)
         with self._lock:
             self._centroid = router
+
+    def centroid_usable(self, centroids: torch.Tensor | None, embedder_id: str | None) -> bool:
+        """A centroid this server's embedder can compare against (same space, same width)."""
+        return centroids is not None and _family(embedder_id) == _family(self.embedder_id) \
+            and centroids.shape[-1] == self.dim
+
+    def routable_names(self) -> set[str]:
+        """Adapters some router of `auto` can send traffic to (marked `routable` in /v1/models)."""
+        with self._lock:
+            names = set(self._centroid.adapter_names)
+            for router in self.mlp.values():
+                names.update(router.adapter_names)
+        return names
 
     @property
     def dim(self) -> int:
@@ -97,8 +111,8 @@ class RoutingService:
             adapters = list(self._centroid.adapter_names)
             if not adapters:
                 raise InvalidRequest(
-                    f"model 'auto' needs at least one adapter with a centroid for embedder {self.embedder_id!r}; "
-                    "register adapters with `examples` or run `switchboard-train centroids`",
+                    no_routable_message(self.registry.snapshot(), self.embedder_id, self.store,
+                                        self.resident.source or self.resident.model_id),
                     param="model", code="no_routable_adapters")
             return name, adapters
         router = self.mlp.get(name)

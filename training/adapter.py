@@ -130,9 +130,15 @@ def _has_checkpoint(output_dir: Path) -> bool:
 
 
 def train_adapter(
-    cfg: AdapterConfig, dataset: data_mod.Dataset | None = None, extra_training: dict[str, Any] | None = None
+    cfg: AdapterConfig,
+    dataset: data_mod.Dataset | None = None,
+    extra_training: dict[str, Any] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
-    """Train one adapter and publish ``<adapter_dir>/<name>/``; returns its ``switchboard.json``."""
+    """Train one adapter and publish ``<adapter_dir>/<name>/``; returns its ``switchboard.json``.
+
+    ``callbacks`` go to the Trainer as well (``switchboard demo`` drives one progress bar over
+    several adapters with one)."""
     check_name(cfg.name)
     t0 = time.time()
     device = pick_device(cfg.device)
@@ -167,7 +173,7 @@ def train_adapter(
     output_dir = scratch / "checkpoints"
     if not cfg.resume and output_dir.exists():
         shutil.rmtree(output_dir)
-    callbacks: list[TrainerCallback] = []
+    callbacks = list(callbacks or [])
     controller_cb = None
     if cfg.controller:
         ctl_log = scratch / CONTROLLER_LOG
@@ -202,8 +208,8 @@ def train_adapter(
     meta: dict[str, Any] = {
         "name": cfg.name,
         "version": next_version(cfg.adapter_dir, cfg.name),
-        "description": cfg.description or f"LoRA r={cfg.rank} trained on {Path(cfg.data).name}",
-        "domain": cfg.domain or Path(cfg.data).stem,
+        "description": cfg.description or f"LoRA r={cfg.rank} trained on {data_mod.resolve_data_path(cfg.data).name}",
+        "domain": cfg.domain or data_mod.resolve_data_path(cfg.data).stem,
         "base_model": cfg.base_model,
         "base_fingerprint": fingerprint,
         "created": now_iso(),

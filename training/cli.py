@@ -61,7 +61,8 @@ def _common(p: argparse.ArgumentParser, base_required: bool = True) -> None:
 
 def _training(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data", required=True, help="Alpaca JSON/JSONL, {'text'} JSONL, plain text, or a folder of them"
+        "--data", required=True,
+        help="Alpaca JSON/JSONL, {'text'} JSONL, plain text, a folder of them, or starter:code|prose|math",
     )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=int, default=32)

@@ -49,6 +49,7 @@ PLAIN_TEMPLATE = {"name": "plain", "prompt": "{text}"}
 TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "plain": PLAIN_TEMPLATE}
 
 DATA_SUFFIXES = (".json", ".jsonl", ".txt")
+STARTER_DIR = Path(__file__).with_name("starter_data")  # package data: see its README.md
 
 
 class DataError(ValueError):
@@ -165,8 +166,29 @@ def load_file(path: Path, chunk_chars: int = 1000) -> tuple[list[Example], dict[
     return [Example(prompt=p, source=path.name) for p in passages], PLAIN_TEMPLATE
 
 
+STARTER_PREFIX = "starter:"
+
+
+def starter_names() -> list[str]:
+    """The data sets shipped in the package (``training/starter_data/<name>.jsonl``)."""
+    return sorted(p.stem for p in STARTER_DIR.glob("*.jsonl"))
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """``starter:NAME`` names a data set shipped in the package; anything else is a path."""
+    text = str(path)
+    if not text.startswith(STARTER_PREFIX):
+        return Path(path)
+    name = text[len(STARTER_PREFIX) :]
+    if name not in starter_names():
+        raise DataError(f"unknown starter data set {text!r}; choose one of: "
+                        + ", ".join(STARTER_PREFIX + n for n in starter_names()))
+    return STARTER_DIR / f"{name}.jsonl"
+
+
 def data_files(path: Path) -> list[Path]:
     """A file, or every ``.json``/``.jsonl``/``.txt`` file in a folder (sorted, non-recursive)."""
+    path = resolve_data_path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
         if not files:
@@ -185,7 +207,7 @@ def load_examples(
     With a folder, the limit is shared round-robin between its files so that, e.g., a
     slice of the Gutenberg folder holds passages from every book, not only the first.
     """
-    files = data_files(Path(path))
+    files = data_files(resolve_data_path(path))
     per_file: list[list[Example]] = []
     template: dict | None = None
     for f in files:

@@ -53,6 +53,7 @@ class ResidentModel:
     dtype: torch.dtype
     fingerprint: str
     module_shapes: dict[str, tuple[int, int]]
+    source: str = ""  # what --base-model said (hub id or folder), for messages that quote a command
 
     @property
     def max_positions(self) -> int:
@@ -79,7 +80,9 @@ def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto"
     model.requires_grad_(False)
     log.info("loaded %s on %s as %s", name_or_path, dev, dt)
     model_id = name_or_path.rstrip("/").rsplit("/", 1)[-1] if "/" in name_or_path else name_or_path
-    return resident_model(model_id, model, tokenizer, dev, dt)
+    resident = resident_model(model_id, model, tokenizer, dev, dt)
+    resident.source = name_or_path
+    return resident
 
 
 def resident_model(model_id: str, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase,

@@ -16,10 +16,12 @@ async def list_models(state: ReadyState) -> dict:
     if state.routing and state.routing.router_names():
         data.append({"id": "auto", "object": "model", "created": 0, "owned_by": "switchboard", "root": base,
                      "parent": base, "routers": state.routing.router_names()})
+    routable = state.routing.routable_names() if state.routing else set()
     for name, v in sorted(state.registry.snapshot().items()):
         data.append({"id": name, "object": "model", "created": int(v.created), "owned_by": "switchboard",
                      "root": str(v.weights.path.name), "parent": base, "version": v.version,
-                     "rank": v.weights.rank, "target_modules": v.weights.target_modules})
+                     "rank": v.weights.rank, "target_modules": v.weights.target_modules,
+                     "routable": name in routable})
     return {"object": "list", "data": data}
 
 
