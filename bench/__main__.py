@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2: checks the benchmark code in seconds (numbers meaningless)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the engine's and PEFT's dtype (default auto, as `switchboard serve`); HF generate runs in "
+                        "each dtype the device computes well and the faster one is the baseline")
+    p.add_argument("--compile", action="store_true",
+                   help="also decode with the engine's static-shape step, eager and torch.compile'd (compiling "
+                        "GPT-2 124M takes minutes on 2 CPU cores; the warm-up time is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     p.add_argument("--server", choices=("subprocess", "thread"), default=None,
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"unknown sections: {sorted(unknown)}")
     cfg = common.BenchConfig.make(quick=args.quick, tiny=args.tiny, device=args.device, threads=args.threads,
-                                  sections=sections)
+                                  sections=sections, dtype=args.dtype, compile=args.compile)
     common.setup_torch(cfg.threads)
     started = time.time()
     results: dict = {"environment": common.environment(cfg), "errors": {}, "timings_s": {}}
@@ -95,7 +101,7 @@ def finish(results: dict, cfg, started: float) -> dict:
     load = max(env.get("load_average_at_start", [0])[0], env.get("load_average_at_end", [0])[0])
     if env.get("cpu_count") and load > env["cpu_count"]:
         notes.append(f"the machine was shared (load average {load} on {env['cpu_count']} CPUs): absolute numbers are "
-                     "noisy; ratios come from interleaved repeats (fastest of each) in the same run")
+                     "noisy; ratios come from interleaved repeats (the median of each) in the same run")
     lc = results.get("lifecycle", {}).get("engine", {})
     results["meta"] = {
         "quick": cfg.quick, "tiny": cfg.tiny, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,

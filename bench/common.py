@@ -61,6 +61,7 @@ class BenchConfig:
     resident_repeats: int = 3
     router_calls: int = 50
     threads: int = 2
+    compile: bool = False  # also measure the engine with the static decode step, eager and compiled
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     sections: tuple[str, ...] = ("decode", "serving", "lifecycle", "router")
@@ -68,15 +69,18 @@ class BenchConfig:
 
     @classmethod
     def make(cls, quick: bool = False, tiny: bool = False, device: str = "auto", threads: int = 2,
-             sections: Iterable[str] | None = None) -> BenchConfig:
+             sections: Iterable[str] | None = None, dtype: str = "auto", compile: bool = False) -> BenchConfig:
+        from server.engine.base_model import resolve_dtype
+
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        cfg = cls(quick=quick, tiny=tiny, threads=threads, device=dev,
-                  dtype=torch.float16 if dev.startswith("cuda") else torch.float32)
+        # the engine's dtype, as `switchboard serve --dtype` resolves it (auto: what the device computes fastest)
+        cfg = cls(quick=quick, tiny=tiny, threads=threads, device=dev, dtype=resolve_dtype(dtype, torch.device(dev)),
+                  compile=compile)
         if sections is not None:
             cfg.sections = tuple(sections)
         if quick:
             cfg.new_tokens = 32
-            cfg.repeats = 2
+            cfg.repeats = 3
             cfg.remerge_tokens = 8
             cfg.serving_tokens = 32
             cfg.serving_rounds = 1
@@ -289,9 +293,15 @@ def decode_stats(batch: int, new_tokens: int, seconds: float, ttft: float, all_f
     }
 
 
-def best(runs: list[dict], key: str = "seconds") -> dict:
-    """The fastest repeat: on a shared machine the minimum is the least disturbed estimate."""
-    return min(runs, key=lambda r: r[key])
+def median_run(runs: list[dict], key: str = "seconds") -> dict:
+    """The median repeat (the lower middle one for an even count), with the spread of tok/s over
+    all repeats: `spread_pct` = (max − min) ÷ median. The median of interleaved repeats moves less
+    between runs than the minimum, which one lucky repeat decides."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    mid = ordered[(len(ordered) - 1) // 2]
+    toks = [r["tok_s"] for r in runs]
+    spread = 100 * (max(toks) - min(toks)) / mid["tok_s"] if mid["tok_s"] else 0.0
+    return {**mid, "all_tok_s": toks, "spread_pct": round(spread, 1)}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,9 +2,12 @@
 2 tokens) and the Switchboard engine (fixed adapter, routed over 4 adapters re-routing every 2).
 
 All methods decode the same random prompts greedily, prompt 64 + N new tokens, at batch 1 and 8.
-The methods run round-robin, `repeats` times, and the fastest repeat of each counts: on a shared
-machine interleaving spreads any slowdown over all methods, and the minimum is the least disturbed
-estimate.
+The methods run round-robin, `repeats` times, and the median repeat of each counts, reported with
+the spread of all repeats: on a shared machine interleaving spreads any slowdown over all methods.
+
+HF `generate` runs in every dtype this device computes well (fp32 and bf16 on CPU) and the faster
+one is the baseline, so "× HF" is against the best HF a user would run. Each method's ms/step is
+also divided by the memory-bandwidth floor of its step (`bench.floor`), measured in the same run.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from bench.common import (
     N_ROUTED,
     REROUTE_EVERY,
     BenchConfig,
-    best,
+    clone,
     decode_stats,
     log,
+    median_run,
     random_prompts,
     route_window,
     sync,
@@ -29,18 +33,53 @@ from bench.rig import EngineRig, engine_generate
 METHODS = ("hf_generate", "peft_single", "peft_mixed4", "peft_remerge", "engine_fixed", "engine_routed_once",
            "engine_routed")
 LABELS = {
-    "hf_generate": "HF generate (no adapter)",
+    "hf_generate": "HF generate (no adapter), its faster dtype",
     "peft_single": "PEFT, 1 adapter unmerged",
     "peft_mixed4": "PEFT, 4 adapters mixed batch (adapter_names)",
     "peft_remerge": "PEFT, mixture re-merged every 2 tokens (add_weighted_adapter cat)",
     "engine_fixed": "Switchboard engine, fixed adapter",
     "engine_routed_once": "Switchboard engine, routed over 4, routed once on the prompt",
     "engine_routed": "Switchboard engine, routed over 4, re-route every 2",
+    "engine_routed_static": "the same, static-shape decode step run eagerly (--compile runs)",
+    "engine_routed_compiled": "the same, static-shape decode step through torch.compile (--compile runs)",
 }
+STEP_KINDS = {"engine_routed_static": "static", "engine_routed_compiled": "compiled"}
 
 
 def adapter_names() -> list[str]:
     return [f"a{i}" for i in range(N_ROUTED)]
+
+
+def adapters_read(method: str, batch: int) -> int:
+    """Adapters (of the bench's rank) whose factors one decode step of `method` reads."""
+    if method == "hf_generate":
+        return 0
+    if method in ("peft_single", "engine_fixed"):
+        return 1
+    if method == "peft_mixed4":
+        return min(N_ROUTED, batch)
+    if method == "peft_remerge":
+        return N_ROUTED * batch  # one merged (cat) adapter per row, each as large as the 4 together
+    return N_ROUTED  # the routed engine: the 4 adapters' factors, once for the whole batch
+
+
+def hf_dtypes(cfg: BenchConfig) -> list[torch.dtype]:
+    """The dtypes HF generate is measured in: the bench's, plus fp32/bf16 on CPU (whichever is
+    not already it), since which is faster depends on the CPU."""
+    dtypes = [cfg.dtype]
+    if cfg.device == "cpu":
+        dtypes += [d for d in (torch.float32, torch.bfloat16) if d != cfg.dtype]
+    return dtypes
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # -- HF / PEFT generate --------------------------------------------------------------------------------
@@ -157,29 +196,36 @@ def run_engine(rig: EngineRig, prompts, cfg: BenchConfig, routed: bool, reroute_
 
 # -- the section ----------------------------------------------------------------------------------------------
 def run(cfg: BenchConfig, assets) -> dict:
+    from bench import floor
     from router_core.centroid import CentroidRouter
 
-    hf = assets.base
+    hf_models = {f"hf_{_dtype_name(d)}": assets.base if d == cfg.dtype else clone(assets.base).to(d)
+                 for d in hf_dtypes(cfg)}
     peft_model = assets.peft()
     rig = assets.engine_rig()
     names = adapter_names()
-    vocab = hf.config.vocab_size
+    vocab = assets.base.config.vocab_size
     router = CentroidRouter(names, [rig.registry.get(n).weights.centroids for n in names],
                             temperature=rig.routing.settings.route_temperature,
                             top_boost=rig.routing.settings.top_boost)
     remerge = RemergeLoop(peft_model, router, route_window(rig.routing.settings))
+    measured = [*hf_models, *METHODS[1:]]
+    rigs = {m: assets.engine_rig(kind) for m, kind in STEP_KINDS.items() if cfg.compile}
+    measured += list(rigs)
 
     def methods(prompts):
         batch = prompts.shape[0]
         mixed = [names[i % len(names)] for i in range(batch)]
+        fns = {name: (lambda m=model: run_generate(m, prompts, cfg)) for name, model in hf_models.items()}
         return {
-            "hf_generate": lambda: run_generate(hf, prompts, cfg),
+            **fns,
             "peft_single": lambda: run_generate(peft_model, prompts, cfg),
             "peft_mixed4": lambda: run_generate(peft_model, prompts, cfg, adapter_names=mixed),
             "peft_remerge": lambda: remerge.run(prompts, cfg.new_tokens, cfg.remerge_tokens, cfg),
             "engine_fixed": lambda: run_engine(rig, prompts, cfg, routed=False),
             "engine_routed_once": lambda: run_engine(rig, prompts, cfg, routed=True, reroute_every=0),
             "engine_routed": lambda: run_engine(rig, prompts, cfg, routed=True),
+            **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in rigs.items()},
         }
 
     # Warm up every path once (lazy initialisation, allocator, stacked LoRA factors).
@@ -190,20 +236,58 @@ def run(cfg: BenchConfig, assets) -> dict:
         fn()
     cfg.new_tokens, cfg.remerge_tokens = saved
 
+    dev = torch.device(cfg.device)
+    weights = floor.weight_bytes(assets.base, cfg.dtype)
+    bandwidths: list[dict] = []
+
+    def measure_bandwidth() -> None:
+        """Once before the repeats and after each round: the best of them is the least disturbed
+        by whatever else the machine runs (an estimate taken under load makes the floor too easy)."""
+        bw = floor.measure(dev, cfg.dtype, weights, assets.base.config.n_embd, tiny=cfg.tiny)
+        bandwidths.append(bw)
+        log(f"memory bandwidth {bw['gb_s']} GB/s (copy {bw['copy_gb_s']}, one-row linear {bw['matvec_gb_s']})")
+
+    measure_bandwidth()
+    graphs = _compiled_graphs()
+    one_adapter = floor.lora_bytes(rig.registry.get(names[0]).weights.tensors, cfg.dtype)
+
     rank = rig.registry.get(names[0]).weights.rank
     out: dict = {"methods": dict(LABELS), "adapter_rank": rank, "adapters": N_ROUTED,
                  "reroute_every": REROUTE_EVERY, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
-                 "repeats": cfg.repeats}
+                 "repeats": cfg.repeats, "dtype": _dtype_name(cfg.dtype),
+                 "step_warm_up_s": {m: round(r.warm_up_s, 1) for m, r in rigs.items()}}
     for batch in cfg.batches:
         prompts = random_prompts(cfg, batch, vocab, seed=batch)
         fns = methods(prompts)
-        runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+        runs: dict[str, list[dict]] = {m: [] for m in measured}
         for rep in range(cfg.repeats):
-            for m in METHODS:
+            for m in measured:
                 if m == "peft_remerge" and rep > 0 and not cfg.tiny:
                     continue  # slow, and only a contrast: one run
                 runs[m].append(fns[m]())
             log(f"decode b{batch} repeat {rep + 1}/{cfg.repeats}: " + ", ".join(
-                f"{m} {runs[m][-1]['tok_s']:.1f} tok/s" for m in METHODS if runs[m]))
-        out[f"b{batch}"] = {m: {**best(runs[m]), "all_tok_s": [r["tok_s"] for r in runs[m]]} for m in METHODS}
+                f"{m} {runs[m][-1]['tok_s']:.1f} tok/s" for m in measured if runs[m]))
+            measure_bandwidth()
+        block = {m: median_run(runs[m]) for m in measured}
+        hf = {m: block.pop(m) for m in hf_models}
+        fastest = min(hf, key=lambda m: hf[m]["seconds"])
+        block = {"hf_generate": {**hf[fastest], "dtype": fastest.removeprefix("hf_")}, **block}
+        block["hf_variants"] = {m.removeprefix("hf_"): x for m, x in hf.items()}
+        # ratios within each interleaved repeat: how much one figure moves between repeats
+        block["routed_vs_hf_per_repeat"] = [round(r["tok_s"] / h["tok_s"], 3) for r, h in
+                                            zip(runs["engine_routed"], runs[fastest], strict=True)]
+        out[f"b{batch}"] = block
+    if rigs:  # the target: re-routing and new batch sizes never recompile once warmed up
+        out["recompiles_after_warm_up"] = _compiled_graphs() - graphs
+    bandwidth = max(bandwidths, key=lambda bw: bw["gb_s"])
+    out["bandwidth"] = {**bandwidth, "all_gb_s": [bw["gb_s"] for bw in bandwidths]}
+    for batch in cfg.batches:
+        for m, x in out[f"b{batch}"].items():
+            if m in ("hf_variants", "routed_vs_hf_per_repeat"):
+                continue
+            dtype = getattr(torch, x["dtype"]) if "dtype" in x else cfg.dtype
+            total = (floor.weight_bytes(assets.base, dtype) + adapters_read(m, batch) * one_adapter
+                     + floor.kv_bytes(assets.base, dtype, batch, cfg.prompt_tokens, cfg.new_tokens))
+            x["floor_ms"] = round(floor.floor_ms(total, bandwidth["gb_s"]), 3)
+            x["vs_floor"] = round(x["ms_per_step"] / x["floor_ms"], 2) if x["floor_ms"] else None
     return out

@@ -128,8 +128,8 @@ def memory(cfg: BenchConfig, assets, rig) -> dict:
     per = (after - before) / count
     engine = {"adapters": count, "param_bytes": param, "held_bytes_per_adapter": int(per),
               "held_vs_param": ratio(per, param),
-              "note": "slot tensors share the registry copy when device and dtype match (CPU fp32); on a GPU "
-                      "the slot is a device copy beside the host copy"}
+              "note": "slot tensors share the registry copy when device and dtype match (CPU, fp32 adapters "
+                      "in fp32); otherwise (a GPU, or bf16) the slot is a converted copy beside the registry's"}
     peft_model = assets.peft()
     names = [f"pmem-{i}" for i in range(count)]
     for name in names:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import ratio
-from bench.decode import LABELS, METHODS
+from bench.decode import LABELS, METHODS, STEP_KINDS
 
 RATIO_DOC = {
-    "routed_vs_hf_b1": "engine routed (4 adapters, re-route every 2) tok/s ÷ HF generate tok/s, batch 1",
+    "routed_vs_hf_b1": "engine routed (4 adapters, re-route every 2) tok/s ÷ HF generate tok/s (its faster dtype), batch 1",
     "routed_vs_hf_b8": "the same at batch 8",
     "reroute2_vs_once_b1": "engine routed, re-route every 2 tok/s ÷ the same routed once on the prompt, batch 1 (base embedder)",
     "reroute2_vs_once_b8": "the same at batch 8",
@@ -24,6 +24,14 @@ RATIO_DOC = {
     "routed_step_vs_hf_step_b1": "HF ms per decode step ÷ engine routed ms per decode step, batch 1 (prefill excluded)",
     "routed_step_vs_hf_step_b8": "the same at batch 8",
     "peft_load_vs_register_r16": "PEFT load_adapter ms ÷ engine register ms, r=16",
+    "routed_vs_floor_b1": "engine routed ms per decode step ÷ the memory-bandwidth floor of that step, batch 1 (1.0 = at the floor)",
+    "routed_vs_floor_b8": "the same at batch 8",
+    "fixed_vs_floor_b1": "engine fixed adapter ms per decode step ÷ its floor, batch 1",
+    "hf_vs_floor_b1": "HF generate ms per decode step ÷ its floor, batch 1",
+    "routed_vs_fixed_step_b1": "engine routed ms per step ÷ engine fixed ms per step, batch 1 (the cost of routing over 4)",
+    "compiled_vs_eager_step_b1": "engine routed ms per step, eager step ÷ compiled static step, batch 1 (> 1: compiling wins; --compile runs)",
+    "compiled_vs_eager_step_b8": "the same at batch 8",
+    "compiled_vs_floor_b1": "engine routed with the compiled static step, ms per step ÷ its floor, batch 1 (--compile runs)",
 }
 
 
@@ -33,6 +41,10 @@ def _tok(decode: dict, batch: int, method: str) -> float | None:
 
 def _step(decode: dict, batch: int, method: str) -> float | None:
     return decode.get(f"b{batch}", {}).get(method, {}).get("ms_per_step")
+
+
+def _floor(decode: dict, batch: int, method: str) -> float | None:
+    return decode.get(f"b{batch}", {}).get(method, {}).get("vs_floor")
 
 
 def compute_ratios(results: dict) -> dict:
@@ -59,6 +71,14 @@ def compute_ratios(results: dict) -> dict:
         "routed_step_vs_hf_step_b1": ratio(_step(d, 1, "hf_generate"), _step(d, 1, "engine_routed")),
         "routed_step_vs_hf_step_b8": ratio(_step(d, 8, "hf_generate"), _step(d, 8, "engine_routed")),
         "peft_load_vs_register_r16": ratio(p16.get("load_adapter_ms"), r16.get("register_ms")),
+        "routed_vs_floor_b1": _floor(d, 1, "engine_routed"),
+        "routed_vs_floor_b8": _floor(d, 8, "engine_routed"),
+        "fixed_vs_floor_b1": _floor(d, 1, "engine_fixed"),
+        "hf_vs_floor_b1": _floor(d, 1, "hf_generate"),
+        "routed_vs_fixed_step_b1": ratio(_step(d, 1, "engine_routed"), _step(d, 1, "engine_fixed")),
+        "compiled_vs_eager_step_b1": ratio(_step(d, 1, "engine_routed"), _step(d, 1, "engine_routed_compiled")),
+        "compiled_vs_eager_step_b8": ratio(_step(d, 8, "engine_routed"), _step(d, 8, "engine_routed_compiled")),
+        "compiled_vs_floor_b1": _floor(d, 1, "engine_routed_compiled"),
     }
 
 
@@ -71,6 +91,10 @@ def targets(results: dict) -> list[dict]:
         out.append({"target": f"engine routed ≥ 1.0× HF generate, batch {b}", "value": v,
                     "met": None if v is None else v >= 1.0,
                     "gap": None if v is None or v >= 1.0 else f"{(1 - v) * 100:.0f} % slower"})
+    v = r.get("routed_vs_floor_b1")
+    out.append({"target": "engine routed ms/step ≤ 1.5× the bandwidth floor, batch 1", "value": v,
+                "met": None if v is None else v <= 1.5,
+                "gap": None if v is None or v <= 1.5 else f"{v / 1.5:.2f}× too slow"})
     out.append({"target": "register latency r=16 ≤ 20 ms", "value": reg, "met": None if reg is None else reg <= 20.0,
                 "gap": None if reg is None or reg <= 20 else f"{reg - 20:.1f} ms over"})
     return out
@@ -117,7 +141,7 @@ def markdown(results: dict) -> str:
         lines.append(f"- {n}")
     lines.append("")
     lines += ["## Ratios", "", ratios_table(results)]
-    lines += ["## Targets (issue 6)", ""]
+    lines += ["## Targets", ""]
     lines += _table(["target", "value", "met", "gap"],
                     [[t["target"], _f(t["value"]), {True: "yes", False: "**no**", None: "–"}[t["met"]], t["gap"] or ""]
                      for t in results.get("targets", [])])
@@ -130,13 +154,31 @@ def markdown(results: dict) -> str:
                 continue
             hf = blk["hf_generate"]
             rows = []
-            for m in METHODS:
+            for m in (*METHODS, *(k for k in STEP_KINDS if k in blk)):
                 x = blk[m]
                 note = " (extrapolated)" if x.get("extrapolated") else ""
-                rows.append([LABELS[m] + note, _f(x["tok_s"], 1), f"{_f(ratio(x['tok_s'], hf['tok_s']))}×",
-                             _f(x["ms_per_step"], 1), _f(x["ttft_ms"], 1)])
-            lines += [f"Batch {b} (best of {d.get('repeats')} interleaved repeats):", ""]
-            lines += _table(["method", "tok/s", "× HF", "ms/step", "TTFT ms"], rows)
+                label = LABELS[m] + (f": {x['dtype']}" if "dtype" in x else "")
+                rows.append([label + note, _f(x["tok_s"], 1), f"± {_f(x.get('spread_pct'), 0)} %",
+                             f"{_f(ratio(x['tok_s'], hf['tok_s']))}×", _f(x["ms_per_step"], 1),
+                             _f(x.get("floor_ms"), 1), f"{_f(x.get('vs_floor'))}×", _f(x["ttft_ms"], 1)])
+            variants = ", ".join(f"{k} {_f(v['tok_s'], 1)} tok/s" for k, v in blk.get("hf_variants", {}).items())
+            lines += [f"Batch {b} (median of {d.get('repeats')} interleaved repeats; spread = (max − min) ÷ median "
+                      f"tok/s; HF generate measured as {variants}):", ""]
+            lines += _table(["method", "tok/s", "spread", "× HF", "ms/step", "floor ms", "× floor", "TTFT ms"], rows)
+            per = blk.get("routed_vs_hf_per_repeat")
+            if per:
+                lines += [f"Engine routed ÷ HF within each repeat: {', '.join(_f(v) for v in per)}.", ""]
+        if d.get("step_warm_up_s"):
+            lines += [f"Static decode step warm-up before serving (compile included): "
+                      f"{', '.join(f'{k} {v} s' for k, v in d['step_warm_up_s'].items())}; graphs compiled after "
+                      f"the warm-up, during all decode runs: {d.get('recompiles_after_warm_up')}.", ""]
+        bw = d.get("bandwidth")
+        if bw:
+            lines += [f"Floor = bytes read per decode step (weights incl. the tied LM head, the active LoRA factors, "
+                      f"the rows' cached K/V at the mean position) ÷ memory bandwidth {bw['gb_s']} GB/s, measured in "
+                      f"this run ({bw['method']}: copy {bw['copy_gb_s']}, linear {bw['matvec_gb_s']} GB/s; the best of "
+                      f"{len(bw.get('all_gb_s', [1]))} measurements spread over the run: {bw.get('all_gb_s')}). "
+                      f"Engine and PEFT run in {d.get('dtype')}.", ""]
         rm = d.get("b1", {}).get("peft_remerge", {})
         if rm.get("merge_ms_per_call") is not None:
             lines += [f"PEFT `add_weighted_adapter(cat)`: {rm['merge_ms_per_call']} ms per call (batch 1).", ""]

@@ -49,10 +49,12 @@ class EngineRig:
     registry: object
     routing: object | None
     resident: object
+    warm_up_s: float = 0.0
 
 
 def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras: int = 16,
-                max_batch_size: int = 32, routed: bool = True, store: Path | None = None) -> EngineRig:
+                max_batch_size: int = 32, routed: bool = True, store: Path | None = None,
+                decode_step: str = "eager") -> EngineRig:
     from server.build import build_engine
     from server.engine.adapter_store import read_adapter
     from server.engine.registry import AdapterRegistry
@@ -67,7 +69,7 @@ def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras:
     if routed:
         routing = routing_service(settings, resident, registry, store or next(iter(folders.values())).parent)
     limits = EngineSettings(max_loras=max_loras, max_batch_size=max_batch_size, max_queue=1024)
-    engine = build_engine(limits, settings, resident, registry, gate_source=routing)
+    engine = build_engine(limits, settings, resident, registry, gate_source=routing, decode_step=decode_step)
     return EngineRig(engine, registry, routing, resident)
 
 
@@ -137,7 +139,7 @@ class Assets:
                                       centroid_dim=n_embd)
         self.rank_folders = write_adapters(self.base, self.store, [(f"r{r}", r) for r in cfg.ranks], seed=200)
         self._peft = None
-        self._rig: EngineRig | None = None
+        self._rigs: dict[str, EngineRig] = {}
         self._model_dir: Path | None = None
 
     def peft(self):
@@ -145,11 +147,15 @@ class Assets:
             self._peft = make_peft(self.base, self.folders, self.cfg)
         return self._peft
 
-    def engine_rig(self) -> EngineRig:
-        if self._rig is None:
+    def engine_rig(self, decode_step: str = "eager") -> EngineRig:
+        """The engine over its own copy of the base; `decode_step` as `EngineConfig.decode_step`
+        (one rig per kind; a compiled one is warmed up, i.e. compiled, here)."""
+        if decode_step not in self._rigs:
             resident = resident_from(clone(self.base), self.tokenizer, self.cfg)
-            self._rig = make_engine(resident, self.folders, self.cfg, store=self.store)
-        return self._rig
+            rig = make_engine(resident, self.folders, self.cfg, store=self.store, decode_step=decode_step)
+            rig.warm_up_s = rig.engine.warm_up()
+            self._rigs[decode_step] = rig
+        return self._rigs[decode_step]
 
     def model_dir(self) -> Path:
         """The base model and tokenizer saved for a server process (`--base-model DIR`)."""

@@ -40,6 +40,7 @@ class Server:
         return ["--base-model", str(self.assets.model_dir()), "--adapter-dir", str(self.assets.store),
                 "--host", "127.0.0.1", "--port", str(self.port), "--admin-token", ADMIN_TOKEN,
                 "--device", "cuda" if self.cfg.device.startswith("cuda") else "cpu",
+                "--dtype", str(self.cfg.dtype).replace("torch.", ""),
                 "--max-batch-size", "32", "--max-loras", "16", "--log-level", "warning"]
 
     def start(self, timeout: float = 180.0) -> None:

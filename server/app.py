@@ -39,6 +39,7 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     manifest = Manifest(s.store.adapter_dir)
     routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
     engine = build_engine(s.engine, s.routing, resident, state.registry, gate_source=routing, observer=state.metrics)
+    await asyncio.to_thread(engine.warm_up)  # compiles the static step (logged) before /ready says 200
     worker = EngineWorker(engine)
     worker.start()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank, resident.dtype)

@@ -16,7 +16,7 @@ class ModelSettings(BaseSettings):
     model_config = _ENV
     base_model: str = Field("gpt2", description="hub id (from the local HF cache) or a local folder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA; on CPU bf16 where the CPU computes it natively (AVX-512 BF16/AMX), else fp32")
 
 
 class StoreSettings(BaseSettings):
@@ -34,6 +34,7 @@ class EngineSettings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request is cancelled")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
     torch_threads: int = Field(0, ge=0, description="CPU threads per torch op; 0 = torch's default (one per core)")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="decode with the static-shape step compiled by torch.compile (inductor C++ on CPU, CUDA graphs on GPU), warmed up before /ready; auto = off (it has not measured faster here yet; see docs/performance.md)")
 
 
 class RoutingSettings(BaseSettings):

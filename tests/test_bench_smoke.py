@@ -57,6 +57,22 @@ def test_sections_have_their_figures(bench_out):
             stats = decode[batch][method]
             assert stats["tok_s"] > 0 and stats["ms_per_step"] >= 0 and stats["ttft_ms"] > 0
     assert decode["b1"]["engine_routed"]["reroutes"] > 0  # it really re-routed
+    # the floor: a bandwidth measured in this run, a floor per method, each step as a multiple of it
+    bw = decode["bandwidth"]
+    assert bw["gb_s"] == max(bw["copy_gb_s"], bw["matvec_gb_s"]) > 0
+    for batch in ("b1", "b8"):
+        blk = decode[batch]
+        for method in ("hf_generate", "engine_fixed", "engine_routed"):
+            x = blk[method]
+            assert x["floor_ms"] > 0 and x["vs_floor"] == round(x["ms_per_step"] / x["floor_ms"], 2)
+            assert len(x["all_tok_s"]) == decode["repeats"] and x["spread_pct"] >= 0
+        # reading 4 adapters' factors costs more bytes than reading one
+        assert blk["engine_routed"]["floor_ms"] > blk["engine_fixed"]["floor_ms"]
+        # HF generate: measured in fp32 and bf16 on CPU, the faster one is the baseline
+        variants = blk["hf_variants"]
+        assert set(variants) == {"float32", "bfloat16"}
+        assert blk["hf_generate"]["seconds"] == min(v["seconds"] for v in variants.values())
+    assert results["ratios"]["routed_vs_floor_b1"] == decode["b1"]["engine_routed"]["vs_floor"]
     assert decode["b8"]["peft_remerge"]["merges"] > 0
     serving = results["serving"]
     for level in serving["levels"].values():

@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from router_core import store_rules
 from router_core.store_rules import StoreRuleError, base_fingerprint
+from server.engine import cpu_linear
 from server.engine.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on CUDA; on CPU bf16 where the CPU computes it natively (decode streams half
+    the bytes, see `cpu_linear.native_bf16`), fp32 elsewhere."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_linear.native_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from server.engine import gpt2
+from server.engine import gpt2, static_step
 from server.engine.base_model import LORA_TARGETS, ResidentModel
 from server.engine.errors import (
     ContextTooLong,
@@ -52,6 +52,9 @@ class EngineConfig:
     max_batch_size: int = 32
     max_queue: int = 256
     hidden_window: int | None = 32
+    # "eager": gpt2.forward; "static": the fixed-shape step (static_step) run eagerly;
+    # "compiled": that step through torch.compile (CUDA graphs on GPU)
+    decode_step: str = "eager"
 
 
 class GateSource(Protocol):
@@ -85,6 +88,8 @@ class Engine:
         self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype)
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,
                              resident.dtype, resident.device)
+        self.static = None if config.decode_step == "eager" else static_step.build(
+            resident.model, self.cache, self.slots, self.ctx, compiled=config.decode_step == "compiled")
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] owns cache row i
@@ -109,6 +114,11 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or not self.inbox.empty())
+
+    def warm_up(self) -> float:
+        """Compile (or first-run) the static decode step for every batch bucket before serving;
+        seconds taken (0 with the eager step). Call before the engine thread starts."""
+        return self.static.warm_up([1, self.config.max_batch_size]) if self.static is not None else 0.0
 
     # -- the step function ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -384,6 +394,8 @@ class Engine:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
+        if self.static is not None and ids.shape[1] == 1 and row == 0 and last is None:  # a decode step
+            return self.static.step(ids, pos)
         logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last)
         assert logits is not None
         return logits, hidden

@@ -27,6 +27,19 @@ def lm_head(model: GPT2LMHeadModel, h: torch.Tensor) -> torch.Tensor:  # h [B, d
     return model.lm_head(h)
 
 
+# GPT-2's activation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): HF computes it as seven
+# element-wise ops in Python (`NewGELUActivation`); this is the same function in one kernel.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def mlp(block: Any, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The block's MLP (dropout is off in eval)."""
+    m = block.mlp
+    if activation in TANH_GELU:
+        return m.c_proj(F.gelu(m.c_fc(h), approximate="tanh"))
+    return m(h)
+
+
 def forward(
     model: GPT2LMHeadModel,
     input_ids: torch.Tensor,  # [B, T]
@@ -78,7 +91,7 @@ def forward(
                                                scale=attn.scaling)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_embd)  # [B, T, d]
         x = x + attn.c_proj(y)
-        x = x + block.mlp(block.ln_2(x))
+        x = x + mlp(block, block.ln_2(x), cfg.activation_function)
     hidden = tr.ln_f(x)  # [B, T, d]
     if not logits:
         return None, hidden

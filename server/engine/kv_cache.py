@@ -21,6 +21,7 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self._alloc(rows, min(positions, max_positions))
 
+    @torch.inference_mode()  # always inference tensors, wherever it grows: a compiled step's guards see one kind
     def _alloc(self, rows: int, positions: int) -> None:
         shape = (rows, self.n_head, positions, self.head_dim)
         old_k, old_v = self.keys, self.values

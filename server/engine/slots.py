@@ -26,12 +26,24 @@ class SlotManager:
         self.slot_version: list[AdapterVersion | None] = [None] * num_slots
         self.last_used: list[float] = [0.0] * num_slots
         self.loads = 0  # installs into a slot, for tests and metrics
+        # per slot, changed by every install and eviction: keys caches of what is in the slots
+        self.epoch: list[int] = [0] * num_slots
+        self._epochs = 0
 
     def slot_of(self, version: AdapterVersion) -> int | None:
         for i, v in enumerate(self.slot_version):
             if v is version:
                 return i
         return None
+
+    def rank_of(self, slot: int) -> int:
+        version = self.slot_version[slot]
+        assert version is not None, f"slot {slot} is empty"
+        return version.weights.rank
+
+    def _touch(self, slot: int) -> None:
+        self._epochs += 1
+        self.epoch[slot] = self._epochs
 
     def resident(self) -> list[AdapterVersion]:
         return [v for v in self.slot_version if v is not None]
@@ -75,11 +87,13 @@ class SlotManager:
                 layer.set_slot(slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
         self.slot_version[slot] = version
         self.loads += 1
+        self._touch(slot)
 
     def evict(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.set_slot(slot, None, None)
         self.slot_version[slot] = None
+        self._touch(slot)
 
     def evict_retired(self) -> None:
         """Free slots of replaced/removed versions that no request holds any more."""
