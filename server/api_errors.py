@@ -44,6 +44,7 @@ def _described(*codes: int) -> dict[int | str, dict]:
 ERROR_RESPONSES = _described(400, 404, 413, 429, 500, 503, 504)
 ADMIN_RESPONSES = _described(400, 401, 403, 404, 409, 413, 500, 503, 504)
 READY_RESPONSES = _described(503)
+MODEL_RESPONSES = _described(404, 503)
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -67,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        if request.url.path == "/v1/completions":  # refused before the route ran: count it here
+        if request.url.path in ("/v1/completions", "/v1/chat/completions"):  # refused before the route ran
             request.app.state.switchboard.metrics.requests.labels("invalid", "400").inc()
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ())]

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from server import ui
+from server import edges, ui
 from server.adapters import AdapterService
 from server.api_errors import install_error_handlers
 from server.body_limit import BodyLimit
@@ -20,7 +20,7 @@ from server.engine.registry import AdapterRegistry
 from server.example_centroids import centroids_from_examples
 from server.manifest import Manifest
 from server.metrics import Metrics
-from server.routes import admin, completions, health, models
+from server.routes import admin, chat, completions, health, models
 from server.routing import RoutingService
 from server.settings import Settings
 from server.state import AppState, Services
@@ -76,7 +76,8 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
     app.state.switchboard = state
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.server.max_body_bytes)
-    for module in (health, models, completions, admin):
+    edges.install(app, settings)  # after BodyLimit: CORS and the API key sit outside it
+    for module in (health, models, completions, chat, admin):
         app.include_router(module.router)
     ui.install(app)  # /, /playground, and /docs + /redoc without a CDN
     return app

@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         from server.demo import run as run_demo
 
         return run_demo(settings, resident, quick)
-    app = create_app(settings, resident=resident)
+    try:
+        app = create_app(settings, resident=resident)
+    except ValueError as e:  # e.g. a --chat-template that is neither a file nor a template
+        sys.stderr.write(f"switchboard: {e}\n")
+        return 2
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level.lower())
     return 0
 

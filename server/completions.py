@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -20,8 +20,9 @@ from server.engine.errors import (
     RequestTimeout,
 )
 from server.engine.registry import AdapterRegistry
-from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
+from server.logprobs import LogprobTrack, completion_logprobs
+from server.request_fields import check_fields, sampling_params
 from server.schemas import CompletionRequest
 from server.state import Services
 
@@ -33,8 +34,9 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     tokens: int = 0
-    logprobs: list[float] | None = None
-    token_texts: list[str] | None = None
+    lp: LogprobTrack | None = None  # when the request asked for log-probs
+    echo: bool = False  # the prompt is returned before the completion
+    copy: int = 0  # which of the prompt's `n` choices this is
 
 
 def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, list[str]]:
@@ -72,11 +74,9 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
     if isinstance(req.prompt, str):
         texts = [req.prompt]
     elif req.prompt and all(isinstance(p, int) for p in req.prompt):
-        vocab = len(tok)
-        if any(not 0 <= int(p) < vocab for p in req.prompt):
-            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="prompt")
-        ids = [int(p) for p in req.prompt]
-        return [(str(tok.decode(ids)), ids)]
+        return [_token_prompt(req.prompt, tok)]  # type: ignore[arg-type]
+    elif req.prompt and all(isinstance(p, list) for p in req.prompt):
+        return [_token_prompt(p, tok) for p in req.prompt]  # type: ignore[arg-type]
     else:
         texts = [str(p) for p in req.prompt] or [""]
     out = []
@@ -88,6 +88,14 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
         ids = tok.encode(text) or [tok.eos_token_id]  # an empty prompt starts from <|endoftext|>
         out.append((text, ids))
     return out
+
+
+def _token_prompt(ids: list[int], tok) -> tuple[str, list[int]]:
+    vocab = len(tok)
+    if not ids or any(not 0 <= int(p) < vocab for p in ids):
+        raise InvalidRequest(f"a token-id prompt needs at least one id, each in [0, {vocab})", param="prompt")
+    ids = [int(p) for p in ids]
+    return str(tok.decode(ids)), ids
 
 
 def _logit_bias(req: CompletionRequest, state: Services) -> tuple[tuple[int, float], ...]:
@@ -109,10 +117,7 @@ def build_choices(req: CompletionRequest, state: Services,
     submitted). Tokenising is the heavy part: the route runs this on a worker thread, passing
     its event loop. The request owns the references until `submit` hands them to the engine;
     if anything here fails, the ones taken so far are released before the error leaves."""
-    if req.n != 1:
-        raise InvalidRequest("only n=1 is supported; send several prompts instead", param="n")
-    if req.echo:
-        raise InvalidRequest("echo is not supported", param="echo")
+    check_fields(req, req.n)
     limits = state.settings.server
     stop = validation.check_stop((req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
                                  limits.max_stop_chars)
@@ -127,28 +132,31 @@ def build_choices(req: CompletionRequest, state: Services,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{len(ids) + req.max_tokens} tokens ({len(ids)} in the prompt, {req.max_tokens} in the completion).",
                 param="max_tokens")
-    sampling = SamplingParams(req.temperature, req.top_p, req.top_k, req.seed, _logit_bias(req, state))
-    loop = loop or asyncio.get_running_loop()
     tok = state.resident.tokenizer
+    sampling = sampling_params(req, _logit_bias(req, state), req.logprobs or 0, len(tok), tok.eos_token_id)
+    loop = loop or asyncio.get_running_loop()
     deadline = time.monotonic() + state.settings.engine.request_timeout
     choices: list[Choice] = []
     try:
         for text, ids in prompts:
-            versions = state.registry.acquire(adapters)
-            try:
-                queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-                seq = Sequence(
-                    prompt_ids=ids, max_tokens=req.max_tokens, sampling=sampling, routing=spec,
-                    decode=lambda t: str(tok.decode(t, skip_special_tokens=True)),
-                    emit=_emitter(loop, queue),
-                    stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
-                    versions={v.name: v for v in versions}, deadline=deadline,
-                )
-            except BaseException:
-                state.registry.release(versions)
-                raise
-            choices.append(Choice(seq, queue, logprobs=[] if req.logprobs is not None else None,
-                                  token_texts=[] if req.logprobs is not None else None))
+            for copy in range(req.n):
+                versions = state.registry.acquire(adapters)
+                try:
+                    queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+                    seq = Sequence(
+                        prompt_ids=ids, max_tokens=req.max_tokens,
+                        sampling=replace(sampling, seed=sampling.seed + copy) if sampling.seed is not None else sampling,
+                        routing=spec, decode=lambda t: str(tok.decode(t, skip_special_tokens=True)),
+                        emit=_emitter(loop, queue),
+                        stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
+                        versions={v.name: v for v in versions}, deadline=deadline,
+                        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                    )
+                except BaseException:
+                    state.registry.release(versions)
+                    raise
+                choices.append(Choice(seq, queue, lp=LogprobTrack() if req.logprobs is not None else None,
+                                      echo=req.echo, copy=copy))
     except BaseException:
         release(choices, state)
         raise
@@ -187,11 +195,12 @@ def _apply(choice: Choice, ev: TokenEvent, state: Services) -> None:
     if ev.error is not None:
         raise ev.error
     choice.text += ev.text
+    if choice.lp is not None and ev.token_index == 0 and choice.seq.prompt_scores is not None and not choice.lp.entries:
+        choice.lp.add_prompt(choice.seq.prompt_ids, choice.seq.prompt_scores)
     if ev.token_id is not None:
         choice.tokens += 1
-        if choice.logprobs is not None and choice.token_texts is not None and ev.logprob is not None:
-            choice.logprobs.append(ev.logprob)
-            choice.token_texts.append(str(state.resident.tokenizer.decode([ev.token_id])))
+        if choice.lp is not None and ev.logprob is not None:
+            choice.lp.add(ev.token_id, ev.logprob, ev.top)
     choice.finish_reason = ev.finish_reason
 
 
@@ -222,15 +231,17 @@ class ClientGone(Exception):
     """The client disconnected; its rows are cancelled."""
 
 
-def _logprobs_body(c: Choice) -> dict | None:
-    if c.logprobs is None:
-        return None
-    return {"tokens": c.token_texts, "token_logprobs": [round(x, 6) for x in c.logprobs], "top_logprobs": None,
-            "text_offset": None}
+def token_decoder(state: Services) -> Callable[[int], str]:
+    tok = state.resident.tokenizer
+    return lambda token_id: str(tok.decode([token_id]))
+
+
+def _logprobs_body(c: Choice, state: Services) -> dict | None:
+    return None if c.lp is None else completion_logprobs(token_decoder(state), c.lp.entries)[0]
 
 
 def _usage(choices: list[Choice]) -> dict:
-    prompt = sum(len(c.seq.prompt_ids) for c in choices)
+    prompt = sum(len(c.seq.prompt_ids) for c in choices if c.copy == 0)
     completion = sum(c.tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -247,13 +258,15 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: Service
         raise
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model,
-        "choices": [{"index": i, "text": c.text, "logprobs": _logprobs_body(c), "finish_reason": c.finish_reason,
+        "choices": [{"index": i, "text": (c.seq.prompt_text if c.echo else "") + c.text,
+                     "logprobs": _logprobs_body(c, state), "finish_reason": c.finish_reason,
                      "routing": c.seq.segments()} for i, c in enumerate(choices)],
         "usage": _usage(choices),
     }
 
 
-async def stream(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> AsyncIterator[str]:
+async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
+                 request: Request) -> AsyncGenerator[str, None]:
     """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`.
     Errors propagate; the route wraps this in `streaming.guarded`, which ends the stream with an
     error event and `[DONE]`."""
@@ -263,12 +276,32 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
     def chunk(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
+    decode = token_decoder(state)
+
+    def logprobs(c: Choice) -> dict | None:  # the tokens this chunk adds
+        if c.lp is None:
+            return None
+        body, c.lp.offset = completion_logprobs(decode, c.lp.unsent(), c.lp.offset)
+        return body
+
+    def echo_logprobs(c: Choice) -> dict | None:  # the prompt's tokens, sent before the first token's
+        if c.lp is None:
+            return None
+        head = c.lp.entries[: len(c.seq.prompt_ids)]
+        c.lp.sent = len(head)
+        body, c.lp.offset = completion_logprobs(decode, head, 0)
+        return body
+
     try:
         for i, c in enumerate(choices):
             while c.finish_reason is None:
                 ev = await _next_event(c, request, deadline)
                 _apply(c, ev, state)  # an error event raises: `streaming.guarded` ends the stream
-                choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason,
+                if c.echo and ev.token_index == 0:  # the prompt first, with its log-probs
+                    yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                                 "choices": [{"index": i, "text": c.seq.prompt_text, "logprobs": echo_logprobs(c),
+                                              "finish_reason": None}]})
+                choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": logprobs(c), "finish_reason": ev.finish_reason,
                           "routing": {"token_index": ev.token_index, "weights": {k: round(v, 4) for k, v in ev.weights.items()}}}
                 if ev.finish_reason is not None:
                     choice["routing"]["segments"] = c.seq.segments()

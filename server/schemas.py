@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.request_fields import SamplingFields
+
 
 class RoutingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -18,11 +20,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="allow")  # unknown fields: logged once (see request_fields)
     model: str
-    prompt: str | list[str] | list[int] = ""
-    max_tokens: int = Field(16, ge=1, le=4096)
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    max_tokens: int = Field(16, ge=0, le=4096, description="0 with echo: score the prompt only")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy; otherwise at least 0.01")
     top_p: float = Field(1.0, ge=0.001, le=1)
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 = off")
@@ -31,7 +33,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
     echo: bool = False
     user: str | None = None

@@ -63,6 +63,9 @@ class ServerSettings(BaseSettings):
     max_prompts: int = Field(256, ge=1, description="prompts in one completion request (as many as max_queue holds); more get 413")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies larger than this get 413 before they are parsed")
     max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters; longer get 400")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on the /v1/* inference routes (as vLLM's --api-key)")
+    allowed_origins: str = Field("", description="CORS: comma-separated origins allowed to call the API, or `*`; empty = no CORS")
+    chat_template: str | None = Field(None, description="chat template (Jinja file or string) for tokenizers without their own")
 
 
 class Settings(BaseModel):

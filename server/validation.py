@@ -41,8 +41,8 @@ def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
 
 
 def check_prompt_count(prompt: object, limit: int) -> None:
-    """A list of strings is one request per prompt; bound it before tokenising any."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) > limit:
+    """A list of strings (or of token-id lists) is one request per prompt; bound it before tokenising any."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > limit:
         raise PayloadTooLarge(f"{len(prompt)} prompts in one request; the limit is {limit}", param="prompt")
 
 

@@ -179,8 +179,8 @@ def test_symlink_out_of_store_refused(app_client, store, tmp_path):
     ({"model": "auto", "prompt": "x", "routing": {"weights": {"alpha": 0}}}, 400, "routing.weights"),
     ({"model": "alpha", "prompt": "x", "routing": {"weights": {"alpha": 1}}}, 400, "routing"),
     ({"model": "auto", "prompt": "x", "routing": {"router": "nope"}}, 404, "routing.router"),
-    ({"model": "alpha", "prompt": "x", "n": 2}, 400, "n"),
-    ({"model": "alpha", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "alpha", "prompt": "x", "n": 17}, 400, "n"),
+    ({"model": "alpha", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "alpha", "prompt": "x", "max_tokens": 200}, 400, "max_tokens"),
     ({"model": "alpha", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "alpha", "prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -188,7 +188,15 @@ def test_symlink_out_of_store_refused(app_client, store, tmp_path):
     ({"model": "alpha", "prompt": [1, 2, 10**9]}, 400, "prompt"),
     ({"model": "alpha", "prompt": "x" * 200_000}, 413, "prompt"),
     ({"prompt": "x"}, 400, "model"),
-    ({"model": "alpha", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "alpha", "prompt": "x", "suffix": "y"}, 400, "suffix"),
+    ({"model": "alpha", "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": "alpha", "prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+    ({"model": "alpha", "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "alpha", "prompt": "x", "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
+    ({"model": "alpha", "prompt": "x", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
+    ({"model": "alpha", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "alpha", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": "alpha", "prompt": [[]]}, 400, "prompt"),
 ])
 def test_bad_completion_requests(app_client, body, status, param):
     err = _error(app_client.post("/v1/completions", json=body), status)

@@ -77,3 +77,11 @@ def test_flags_and_env_reach_settings(monkeypatch):
     assert s.routing.reroute_every == 4  # the flag wins over the environment
     assert s.engine.max_batch_size == 7 and s.store.scan_on_start is False
     assert s.server.host == "127.0.0.1" and s.server.admin_token is None
+
+
+def test_bad_chat_template_refuses_to_start(tmp_path, tiny_model_dir):
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model_dir),
+                           "--adapter-dir", str(tmp_path / "store"), "--chat-template", str(tmp_path / "missing.jinja")],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--chat-template" in proc.stderr and "Traceback" not in proc.stderr

@@ -36,9 +36,10 @@ from server.engine.errors import (
     Unavailable,
 )
 from server.engine.kv_cache import KVCache
+from server.engine.logprobs import score_prompt
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.registry import AdapterRegistry, AdapterVersion
-from server.engine.sampling import sample_batch
+from server.engine.sampling import Pick, Top, sample_batch
 from server.engine.sequence import Sequence, TokenEvent
 from server.engine.slots import SlotManager
 
@@ -102,7 +103,8 @@ class Engine:
     def submit(self, seq: Sequence) -> None:
         if self.queue_depth() >= self.config.max_queue:
             raise Overloaded(f"the request queue is full ({self.config.max_queue} waiting)", retry_after=1.0)
-        if len(seq.prompt_ids) >= self.resident.max_positions:
+        room = self.resident.max_positions - (1 if seq.max_tokens else 0)  # a scoring-only row may fill the context
+        if len(seq.prompt_ids) > room:
             raise ContextTooLong(
                 f"the prompt has {len(seq.prompt_ids)} tokens; the model's context is {self.resident.max_positions}",
                 param="prompt")
@@ -301,7 +303,20 @@ class Engine:
         fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.hidden_tail is None else None
                                             for i, seq in enumerate(seqs)]
         try:
-            self._take_tokens(seqs, logits, fresh)
+            for i, seq in enumerate(seqs):  # echo + logprobs: the prompt's log-probs, from this same pass
+                if seq.prompt_logprobs is not None:
+                    try:
+                        seq.prompt_scores = score_prompt(self.resident.model, hidden[i, : len(seq.prompt_ids)],
+                                                         seq.prompt_ids, seq.prompt_logprobs)
+                    except Exception as e:
+                        self._end(seq, _row_error(e, "scoring the prompt"))
+            take = [i for i, seq in enumerate(seqs) if seq.max_tokens > 0 and seq in self.running]
+            if take:
+                rows = logits if len(take) == len(seqs) else logits[take]
+                self._take_tokens([seqs[i] for i in take], rows, [fresh[i] for i in take])
+            for seq in seqs:  # max_tokens 0: only the prompt was wanted
+                if seq.max_tokens == 0 and seq in self.running:
+                    self._leave(seq, "length")
         except Exception as e:  # these rows are running now: end them here, never retry them in _admit
             for seq in [s for s in seqs if s in self.running]:
                 self._end(seq, _row_error(e, "prefill"))
@@ -395,26 +410,29 @@ class Engine:
         """Hidden states only (no LM head): the router's pass over the prompt."""
         return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False)[1]
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, float] | Exception]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
         """Next token and its log-probability per row of `logits` [B, V]; if the batched call
         fails, each row is sampled alone and a row that still fails gets its error back."""
         states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
         try:
-            return list(sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs]))
+            return list(sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                                     [(s.prompt_ids, s.generated) for s in seqs]))
         except Exception:
             for seq, state in zip(seqs, states, strict=True):  # rows sampled before the failure: same draw again
                 if seq.generator is not None and state is not None:
                     seq.generator.set_state(state)
-            out: list[tuple[int, float] | Exception] = []
+            out: list[Pick | Exception] = []
             for i, seq in enumerate(seqs):
                 try:
-                    out.append(sample_batch(logits[i:i + 1], [seq.sampling], [seq.generator])[0])
+                    out.append(sample_batch(logits[i:i + 1], [seq.sampling], [seq.generator],
+                                            [(seq.prompt_ids, seq.generated)])[0])
                 except Exception as e:
                     out.append(e)
             return out
 
-    def _accept(self, seq: Sequence, token: int, logprob: float) -> bool:
-        """Record and emit the chosen token; returns whether the sequence finished."""
+    def _accept(self, seq: Sequence, token: int, logprob: float, top: Top | None = None) -> bool:
+        """Record and emit the chosen token (with the alternatives the request asked for); returns
+        whether the sequence finished."""
         index = len(seq.generated)
         seq.trace.record(index, seq.gates)
         delta = seq.push_token(token, self.resident.max_positions)
@@ -422,7 +440,7 @@ class Engine:
         if self.observer:  # before the timestamps move: it measures from the previous token
             self.observer.on_token(seq, now)
         seq.last_token_at = now
-        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason))
+        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason, top=top))
         return seq.finish_reason is not None
 
     # -- leaving the batch -------------------------------------------------------------------------------

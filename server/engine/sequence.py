@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from router_core.policy import RoutingTrace
+from server.engine.logprobs import PromptScores
 from server.engine.registry import AdapterRegistry, AdapterVersion
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, Top
 
 _ids = itertools.count(1)
 _release_lock = threading.Lock()
@@ -41,6 +42,7 @@ class TokenEvent:
     weights: dict[str, float]
     finish_reason: str | None = None
     error: Exception | None = None
+    top: Top | None = None  # the top-N alternatives, when the request asked for log-probs
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Sequence:
     deadline: float | None = None  # time.monotonic() after which the engine ends it with a timeout
     generator: torch.Generator | None = field(init=False, default=None)
     references_released: bool = field(init=False, default=False)
+    prompt_logprobs: int | None = None  # score the prompt (echo + logprobs) with this many alternatives
+    prompt_scores: PromptScores | None = None  # set before the first event is emitted
 
     def __post_init__(self) -> None:
         self.generator = self.sampling.make_generator()
@@ -111,14 +115,15 @@ class Sequence:
     def push_token(self, token: int, max_positions: int) -> str:
         """Record a sampled token; returns the text that is now safe to emit (stop strings held back)."""
         self.generated.append(token)
-        if token == self.eos_token_id:
+        if (token == self.eos_token_id and not self.sampling.ignore_eos) or token in self.sampling.stop_token_ids:
+            self.text = self.decode(self.generated[:-1])  # the stop token itself is not part of the text
             self.finish_reason = "stop"
             return self._flush()
         text = self.decode(self.generated)
         if text.endswith("\ufffd") and len(self.generated) < self.max_tokens:
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self.text = text
-        if self.stop:
+        if self.stop and len(self.generated) >= self.sampling.min_tokens:  # vLLM: no stop before min_tokens
             start = max(0, self.emitted_chars - max(len(s) for s in self.stop))
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:

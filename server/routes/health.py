@@ -9,12 +9,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD
 async def health() -> dict:
     return {"status": "ok"}
 
 
 @router.get("/ready", responses={503: {"description": "the model is still loading",
                                       "content": {"application/json": {"schema": {"type": "object"}}}}})
+@router.head("/ready", include_in_schema=False)  # load balancers probe with HEAD
 async def ready(state: State) -> JSONResponse:
     if not state.ready or state.services is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})

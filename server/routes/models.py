@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api_errors import READY_RESPONSES
+from server.api_errors import MODEL_RESPONSES, READY_RESPONSES
 from server.deps import ReadyState
+from server.engine.errors import AdapterNotFound
 
 router = APIRouter(tags=["models"])
 
@@ -22,3 +23,12 @@ async def list_models(state: ReadyState) -> dict:
                      "rank": v.weights.rank, "target_modules": v.weights.target_modules,
                      "routable": name in routable})
     return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{model_id:path}", responses=MODEL_RESPONSES)
+async def retrieve_model(model_id: str, state: ReadyState) -> dict:
+    """One entry of the list (OpenAI's `models.retrieve`); 404 in OpenAI's shape otherwise."""
+    for entry in (await list_models(state))["data"]:
+        if entry["id"] == model_id:
+            return entry
+    raise AdapterNotFound(f"The model {model_id!r} does not exist", param="model", code="model_not_found")

@@ -1,0 +1,161 @@
+"""`POST /v1/chat/completions`: a conversation rendered by the chat template into a prompt, then
+served as a completion (same engine, routing and sampling); only the response shape differs.
+
+`model: "auto"` routes on the rendered conversation exactly as on a completions prompt: the first
+decision embeds all of it (up to `route_prompt_tokens`), re-routes its last `route_window` tokens
+(which by then include the reply so far). The template's role labels are part of what is embedded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from server import chat_template, completions
+from server.engine.errors import InvalidRequest, PayloadTooLarge
+from server.logprobs import chat_logprobs, token_bytes
+from server.request_fields import SamplingFields, check_fields
+from server.schemas import CompletionRequest, RoutingOptions, StreamOptions
+from server.state import Services
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: not used by the templates here
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="allow")  # unknown fields: logged once (see request_fields)
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096, description="OpenAI's newer name for max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="vLLM extension; 0 = off")
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    routing: RoutingOptions | None = None
+
+
+def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, list):
+            parts = []
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)",
+                                         param=f"messages.{i}.content")
+                parts.append(part.text)
+            content = "\n".join(parts)
+        else:
+            content = m.content or ""
+        out.append({"role": m.role, "content": content})
+    return out
+
+
+def to_completion(req: ChatCompletionRequest, state: Services, template: chat_template.ChatTemplate) -> CompletionRequest:
+    """The equivalent completions request: the rendered conversation as a token-id prompt."""
+    check_fields(req, req.n)
+    if req.top_logprobs and not req.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    tok = state.resident.tokenizer
+    text = chat_template.render(tok, template, _messages(req))
+    if len(text) > state.settings.server.max_prompt_chars:
+        raise PayloadTooLarge(f"the conversation has {len(text)} characters; the limit is "
+                              f"{state.settings.server.max_prompt_chars}", param="messages")
+    ids = tok.encode(text, add_special_tokens=False) or [tok.eos_token_id]
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stop += [s for s in template.stop if s not in stop][: max(0, 4 - len(stop))]
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, state.resident.max_positions - len(ids))
+    fields = {name: getattr(req, name) for name in SamplingFields.model_fields}
+    return CompletionRequest.model_construct(
+        model=req.model, prompt=ids, max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, n=req.n, stop=stop or None,
+        stream=req.stream, stream_options=req.stream_options, seed=req.seed,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None, logit_bias=req.logit_bias, echo=False,
+        user=req.user, routing=req.routing, **fields)
+
+
+async def complete(creq: CompletionRequest, choices: list[completions.Choice], state: Services,
+                   request: Request) -> dict:
+    body = await completions.complete(creq, choices, state, request)
+    decode, to_bytes = completions.token_decoder(state), token_bytes(state.resident.tokenizer)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": body["created"],
+        "model": creq.model,
+        "choices": [{"index": ch["index"], "message": {"role": "assistant", "content": ch["text"]},
+                     "logprobs": chat_logprobs(decode, c.lp.entries, to_bytes) if c.lp is not None else None,
+                     "finish_reason": ch["finish_reason"], "routing": ch["routing"]}
+                    for ch, c in zip(body["choices"], choices, strict=True)],
+        "usage": body["usage"],
+    }
+
+
+async def stream(creq: CompletionRequest, choices: list[completions.Choice], state: Services,
+                 request: Request) -> AsyncIterator[str]:
+    """The completions stream re-shaped into chat chunks: the first chunk of each choice carries
+    the assistant role, each later one a content delta with its log-probs and routing weights."""
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    decode, to_bytes = completions.token_decoder(state), token_bytes(state.resident.tokenizer)
+    sent = [0] * len(choices)  # chat log-prob entries already sent, per choice
+    started = [False] * len(choices)
+
+    def chunk(choice: dict[str, Any] | None, usage: dict | None = None) -> str:
+        body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": creq.model,
+                                "choices": [choice] if choice is not None else []}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    frames = completions.stream(creq, choices, state, request)
+    try:
+        async for frame in frames:
+            payload = frame.removeprefix("data: ").strip()
+            if payload == "[DONE]":
+                yield frame
+                continue
+            body = json.loads(payload)
+            if "error" in body:
+                yield frame
+                continue
+            if not body["choices"]:
+                yield chunk(None, body.get("usage"))
+                continue
+            ch = body["choices"][0]
+            i = ch["index"]
+            if not started[i]:
+                started[i] = True
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            lp = None
+            c = choices[i]
+            if c.lp is not None:
+                lp = chat_logprobs(decode, c.lp.entries[sent[i]:], to_bytes)
+                sent[i] = len(c.lp.entries)
+            yield chunk({"index": i, "delta": {"content": ch["text"]} if ch["text"] else {}, "logprobs": lp,
+                         "finish_reason": ch["finish_reason"], "routing": ch["routing"]})
+    finally:  # a client that went away: the inner stream's cleanup cancels the rows now, not at GC
+        await frames.aclose()

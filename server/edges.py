@@ -1,0 +1,80 @@
+"""What sits around the API for clients: CORS, the inference API key, the 404 that names the
+inference endpoints, and the chat template chosen at start.
+
+`--api-key` (SWITCHBOARD_API_KEY) guards the `/v1/*` inference routes the way vLLM's
+`--api-key` does: `Authorization: Bearer <key>` or a 401. The vLLM-style admin aliases under
+`/v1/` keep the admin token instead, and /health, /ready, /metrics, /version stay open for
+probes and scrapers. CORS is off unless `--allowed-origins` lists origins (or `*`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from server.api_errors import error_body
+from server.chat_template import load_template
+from server.settings import Settings
+
+INFERENCE_ENDPOINTS = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+                       "GET /v1/models/{id}")
+ADMIN_ALIASES = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+
+
+class ApiKeyMiddleware:
+    """Plain ASGI (not BaseHTTPMiddleware), so streaming and disconnect detection pass through."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and path.startswith("/v1/") \
+                and path not in ADMIN_ALIASES:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
+                response = JSONResponse(
+                    error_body("a valid API key is required: `Authorization: Bearer <api key>`",
+                               "authentication_error", None, "invalid_api_key"),
+                    401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def origins(value: str) -> list[str]:
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Middleware, the 404 handler and /version; the chat template is loaded (and a bad one
+    refused, with ValueError) here, at start."""
+    s = settings.server
+    app.state.chat_template = load_template(s.chat_template)
+    if s.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=s.api_key)
+    if origins(s.allowed_origins):  # added last = outermost: preflights are answered before the key check
+        app.add_middleware(CORSMiddleware, allow_origins=origins(s.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in origins(s.allowed_origins))
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+        detail = getattr(exc, "detail", "Not Found")
+        if detail != "Not Found":  # a route's own 404
+            return JSONResponse(error_body(str(detail), "not_found_error"), 404)
+        message = (f"{request.method} {request.url.path} is not an endpoint of this server. Inference endpoints: "
+                   f"{', '.join(INFERENCE_ENDPOINTS)}")
+        return JSONResponse(error_body(message, "not_found_error", None, "unknown_endpoint"), 404)
+
+    @app.get("/version", tags=["health"])
+    async def version() -> dict:
+        try:
+            return {"version": importlib.metadata.version("lora-switchboard")}
+        except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+            return {"version": app.version}

@@ -1,0 +1,89 @@
+"""The sampling fields OpenAI and vLLM clients send beyond the basics, and what happens to fields
+this server does not implement.
+
+Policy (vLLM's): a field nobody here knows is accepted and logged once, so a client that sends
+some new vendor option keeps working; a field that is known but not implemented (beam search,
+guided decoding, tools, `suffix`, ...) is a 400 naming it whenever its value would change the
+output, because silently ignoring it would return something the client did not ask for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from server.engine.errors import InvalidRequest
+from server.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_N = 16  # choices per prompt (n); each one is a batch row
+
+# known but not implemented: the values that leave the output unchanged are accepted
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "early_stopping": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "structured_outputs": (None,),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "prompt_logprobs": (None,), "min_p": (None, 0.0),
+    "allowed_token_ids": (None,), "bad_words": (None, []),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,), "logits_processors": (None, []),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "continue_final_message": (None, False), "echo": (None, False), "add_generation_prompt": (None, True),
+    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None, []),
+}
+_logged: set[str] = set()
+
+
+class SamplingFields(BaseModel):
+    """Penalties and stop controls shared by completions and chat (None = the default)."""
+
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this for every token already generated")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this times the token's count so far")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM/transformers: divides positive logits of seen tokens")
+    min_tokens: int | None = Field(None, ge=0, le=4096, description="vLLM: no EOS / stop token before this many tokens")
+    ignore_eos: bool | None = Field(None, description="vLLM: keep generating past EOS")
+    stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM: token ids that end the completion")
+    best_of: int | None = Field(None, ge=1, description="accepted when equal to n (no re-ranking)")
+
+
+def check_fields(req: BaseModel, n: int) -> None:
+    """400 for a known-but-unsupported field with an effective value; log unknown ones once."""
+    for name, value in (req.model_extra or {}).items():
+        if name in UNSUPPORTED:
+            if value not in UNSUPPORTED[name]:
+                raise InvalidRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")
+        elif name not in _logged:
+            _logged.add(name)
+            log.warning("ignoring unknown request field %r (logged once per field)", name)
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"n must be between 1 and {MAX_N}", param="n")
+    best_of = getattr(req, "best_of", None)
+    if best_of is not None and best_of != n:
+        raise InvalidRequest("best_of must equal n: candidates are not re-ranked here", param="best_of",
+                             code="unsupported_parameter")
+
+
+def sampling_params(req: Any, logit_bias: tuple[tuple[int, float], ...], top_logprobs: int, vocab: int,
+                    eos_token_id: int | None) -> SamplingParams:
+    """SamplingParams from a validated completions or chat request (`req` has the sampling fields)."""
+    stop_ids = tuple(req.stop_token_ids or ())
+    bad = [t for t in stop_ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequest(f"stop_token_ids {bad} are not token ids in [0, {vocab})", param="stop_token_ids")
+    min_tokens = req.min_tokens or 0
+    if min_tokens > req.max_tokens:
+        raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed max_tokens ({req.max_tokens})", param="min_tokens")
+    return SamplingParams(
+        req.temperature, req.top_p, req.top_k, req.seed, logit_bias,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+        min_tokens=min_tokens, ignore_eos=bool(req.ignore_eos), stop_token_ids=stop_ids,
+        eos_token_id=eos_token_id, top_logprobs=top_logprobs)
