@@ -233,6 +233,7 @@ def test_playground_in_chromium(browser, store, tiny_model_dir, tmp_path):
         for name, examples in (("alpha", CODE_EXAMPLES), ("beta", PROSE_EXAMPLES)):
             page.fill("#reg-name", name)
             page.fill("#reg-path", name)
+            page.fill("#reg-k", "1")  # one mean centroid: the routing asserted below was recorded with it
             page.fill("#reg-examples", "\n".join(e.replace("\n", " ") for e in examples))
             page.click("#register")
             page.wait_for_function(f"document.getElementById('admin-log').textContent.includes('({name})')")

@@ -241,7 +241,7 @@ async function adminAction(title, fn) {
 function adminRegister(event) {
   event.preventDefault();
   const examples = $("reg-examples").value.split("\n").map((s) => s.trim()).filter(Boolean);
-  const body = {name: $("reg-name").value.trim(), path: $("reg-path").value.trim(), centroids: Number($("reg-k").value || 1),
+  const body = {name: $("reg-name").value.trim(), path: $("reg-path").value.trim(), centroids: Number($("reg-k").value || 64),
                 pinned: $("reg-pinned").checked};
   if (examples.length) body.examples = examples;
   return adminAction(`POST /admin/adapters (${body.name})`, () => api("admin/adapters", {method: "POST", body, admin: true}));
