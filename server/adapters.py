@@ -28,6 +28,7 @@ class ReloadReport:
     replaced: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
 
 
 class AdapterService:
@@ -39,6 +40,7 @@ class AdapterService:
         self.on_change: list = []  # callbacks (e.g. the routing service rebuilding its centroids)
         # used when a load brings no `prepare` of its own: the app fills in centroids from examples.jsonl
         self.default_prepare = None
+        self._refused: dict[str, tuple[str, float | None]] = {}  # store watch: name -> (path, mtime) refused
 
     # -- load / replace ---------------------------------------------------------------------------
     async def load(self, name: str, path: str, *, pinned: bool = False, replace: bool = True,
@@ -54,20 +56,27 @@ class AdapterService:
         async with self._lock:
             if not replace and name in self.registry:
                 raise Conflict(f"adapter {name!r} is already loaded; set load_inplace to replace it", param="lora_name")
-            start = time.perf_counter()
-            try:
-                weights = await asyncio.to_thread(read_adapter, name, folder, self.spec, self.store)
-                if prepare is not None:
-                    await prepare(weights)
-            except SwitchboardError:
-                self.metrics.adapter_events.labels("fail").inc()
-                raise
-            new, old = self.registry.register(weights, pinned=pinned)
-            self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
-            self.metrics.adapter_events.labels("replace" if old else "load").inc()
+            return await self._load_locked(name, folder, pinned, prepare, record=True)
+
+    async def _load_locked(self, name: str, folder: Path, pinned: bool, prepare=None, *,
+                           record: bool) -> tuple[AdapterVersion, AdapterVersion | None]:
+        """The one validation and registration path (API, rescan and store watch). `record` writes the
+        change to the manifest; the store watch applies the manifest and so never writes it."""
+        start = time.perf_counter()
+        try:
+            weights = await asyncio.to_thread(read_adapter, name, folder, self.spec, self.store)
+            if prepare is not None:
+                await prepare(weights)
+        except SwitchboardError:
+            self.metrics.adapter_events.labels("fail").inc()
+            raise
+        new, old = self.registry.register(weights, pinned=pinned)
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        self.metrics.adapter_events.labels("replace" if old else "load").inc()
+        if record:
             self.manifest.set_adapter(name, str(folder.relative_to(self.store.resolve())), pinned)
-            self._changed()
-            return new, old
+        self._changed()
+        return new, old
 
     async def unload(self, name: str, *, wait: bool = True, timeout: float = 30.0) -> AdapterVersion:
         """Remove `name` for new requests; wait (bounded) for in-flight requests holding it,
@@ -122,6 +131,64 @@ class AdapterService:
                 report.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
                 log.warning("store scan: %s refused", name, exc_info=True)
         return report
+
+    # -- store watch -----------------------------------------------------------------------------------
+    async def converge(self) -> tuple[ReloadReport, list[AdapterVersion]]:
+        """Make the registry what the store's manifest says: register the names it added, replace
+        the ones whose path, pin or folder changed, remove the ones it dropped.
+
+        This is the store watch's half of the admin API, through the same validation path: a
+        refused folder leaves the registry as it was (and is retried once its folder changes);
+        removed versions stay with the requests that hold them, exactly as after DELETE. The
+        manifest is read, never written: writing it is the admin API's job. Returns the report and
+        the removed versions (the caller may wait for them to drain).
+        """
+        report, removed = ReloadReport(), list[AdapterVersion]()
+        async with self._lock:
+            if not self.manifest.refresh():
+                return report, removed  # no readable manifest: nothing to converge on (never "remove all")
+            wanted = dict(self.manifest.adapters)
+            current = self.registry.snapshot()
+            for name in sorted(set(current) - set(wanted)):
+                version = self.registry.remove(name)
+                self.metrics.adapter_events.labels("unload").inc()
+                report.removed.append(name)
+                removed.append(version)
+            if removed:
+                self._changed()
+            for name, entry in sorted(wanted.items()):
+                path, pinned = entry["path"], entry["pinned"]
+                try:
+                    folder = resolve_in_store(self.store, path)
+                    mtime = _mtime(folder)
+                except (SwitchboardError, OSError) as e:
+                    self._refuse(report, name, (path, None), getattr(e, "message", str(e)))
+                    continue
+                have = current.get(name)
+                if have is not None and have.weights.path == folder and have.pinned == pinned and mtime <= have.created:
+                    report.unchanged.append(name)
+                    self._refused.pop(name, None)
+                    continue
+                if self._refused.get(name) == (path, mtime):
+                    continue  # refused as it is now: wait for the folder or the manifest to change
+                try:
+                    _, old = await self._load_locked(name, folder, pinned, self.default_prepare, record=False)
+                except SwitchboardError as e:
+                    self._refuse(report, name, (path, mtime), e.message)
+                    continue
+                except Exception as e:  # any other bad file is refused too, as in a rescan
+                    self._refuse(report, name, (path, mtime), f"{type(e).__name__}: {str(e)[:200]}")
+                    continue
+                (report.replaced if old else report.loaded).append(name)
+                self._refused.pop(name, None)
+        return report, removed
+
+    def _refuse(self, report: ReloadReport, name: str, state: tuple[str, float | None], error: str) -> None:
+        """Report a refusal once per state of the folder, not at every poll."""
+        if self._refused.get(name) != state:
+            report.failed[name] = error
+            log.warning("store watch: %s refused: %s", name, error)
+        self._refused[name] = state
 
     def _changed(self) -> None:
         self.metrics.adapters_loaded.set(len(self.registry.names()))

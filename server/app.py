@@ -24,6 +24,7 @@ from server.routes import admin, chat, completions, health, models
 from server.routing import RoutingService
 from server.settings import Settings
 from server.state import AppState, Services
+from server.store_watch import StoreWatcher
 from server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,17 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await start(state, resident)
+        watcher = None
+        if settings.store.watch_store and state.services is not None:
+            watcher = StoreWatcher(state.services, settings.store.watch_store)
+            watcher.start()
+        app.state.store_watcher = watcher
         try:
             yield
         finally:
             state.ready = False
+            if watcher is not None:
+                await watcher.stop()
             if state.services is not None:
                 await state.services.worker.drain(settings.engine.shutdown_grace)
 

@@ -52,6 +52,7 @@ class RoutingService:
         self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.route_window}"
         self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
         self.mlp: dict[str, MLPRouter] = {}
+        self.mlp_paths: dict[str, str] = {}  # name -> store path it was loaded from
         self._lock = threading.Lock()
         self._centroid = CentroidRouter([], [])
         self._analyzer = None
@@ -124,7 +125,9 @@ class RoutingService:
         return name, list(router.adapter_names)
 
     # -- MLP routers ------------------------------------------------------------------------------------
-    def load_mlp(self, name: str, path: str | None = None) -> MLPRouter:
+    def load_mlp(self, name: str, path: str | None = None, *, record: bool = True) -> MLPRouter:
+        """Load (or replace) an MLP router; `record` writes it to the manifest (the store watch,
+        which applies the manifest, does not)."""
         check_name(name)
         path = path or f"{ROUTERS_DIR}/{name}"
         folder = resolve_in_store(self.store, path)
@@ -144,15 +147,19 @@ class RoutingService:
             self.analyzer()
         with self._lock:
             self.mlp = {**self.mlp, name: router}
-        self.manifest.set_router(name, path)
+            self.mlp_paths[name] = path
+        if record:
+            self.manifest.set_router(name, path)
         return router
 
-    def unload_mlp(self, name: str) -> None:
+    def unload_mlp(self, name: str, *, record: bool = True) -> None:
         with self._lock:
             if name not in self.mlp:
                 raise AdapterNotFound(f"router {name!r} is not loaded", param="name", code="router_not_found")
             self.mlp = {k: v for k, v in self.mlp.items() if k != name}
-        self.manifest.drop_router(name)
+            self.mlp_paths.pop(name, None)
+        if record:
+            self.manifest.drop_router(name)
 
     def scan_routers(self, scan_folders: bool = True) -> dict[str, str]:
         """Load the manifest's routers and (with `scan_folders`) every folder in `_routers/`;

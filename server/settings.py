@@ -24,6 +24,7 @@ class StoreSettings(BaseSettings):
     adapter_dir: Path = Field(Path("adapters"), description="the adapter store (PEFT folders, routers, manifest)")
     max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
     scan_on_start: bool = Field(True, description="with no manifest in the store, register every adapter folder at start (a manifest is always restored)")
+    watch_store: float = Field(0.0, ge=0, description="every N seconds apply the store manifest's changes (made through any server sharing the store); 0 = off")
 
 
 class EngineSettings(BaseSettings):
