@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from server import ray_cli
 from server.engine.errors import ModelLoadError
 from server.settings import Settings
 
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train starter adapters if the store has none, then serve with auto routing")
     demo.add_argument("--quick", action="store_true", help="a much smaller training budget (a smoke run)")
     _add_flags(demo)
+    serve_ray = sub.add_parser("serve-ray", help="serve on Ray Serve: N replicas or autoscaling (needs the `ray` extra)")
+    _add_flags(serve_ray)
+    ray_cli.add_ray_flags(serve_ray)
     train = sub.add_parser("train", help="the offline training package (same as switchboard-train)", add_help=False)
     train.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         parser.error(str(e))
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if command == "serve-ray":
+        return ray_cli.run(args, settings)
     import uvicorn
 
     from server.app import create_app

@@ -84,10 +84,14 @@ def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto"
     model.to(dev).eval()  # type: ignore[arg-type]  # (transformers' stub for .to is too narrow)
     model.requires_grad_(False)
     log.info("loaded %s on %s as %s", name_or_path, dev, dt)
-    model_id = name_or_path.rstrip("/").rsplit("/", 1)[-1] if "/" in name_or_path else name_or_path
-    resident = resident_model(model_id, model, tokenizer, dev, dt)
+    resident = resident_model(model_id_of(name_or_path), model, tokenizer, dev, dt)
     resident.source = name_or_path
     return resident
+
+
+def model_id_of(name_or_path: str) -> str:
+    """The name the API lists the base model under: a hub id as given, a folder by its last part."""
+    return name_or_path.rstrip("/").rsplit("/", 1)[-1] if "/" in name_or_path else name_or_path
 
 
 def resident_model(model_id: str, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase,
