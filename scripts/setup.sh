@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install Switchboard with every extra. Safe to run again.
+# Create .venv and install Switchboard with every extra (ray included: CI runs the Ray Serve test). Safe to run again.
 # torch is pinned and installed first: a bare `torch` requirement would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,5 +7,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/pip install -q -e '.[routing,train,dev]'
+.venv/bin/pip install -q -e '.[routing,train,dev,ray]'
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"

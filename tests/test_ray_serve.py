@@ -90,9 +90,10 @@ def test_adapter_registered_once_is_served_by_both_replicas(cluster, tiny_model_
             break
     assert len(seen) == 2, f"40 mixtures all went to {set(seen)}"
     assert len(set(seen.values())) == 1  # the same adapter weights on both
-    tokens = httpx.get(f"{base}/metrics", timeout=10).text
-    for replica in seen:
-        assert re.search(rf'switchboard_generated_tokens_total{{adapter="gamma",replica="{replica}"}} [1-9]', tokens)
+    # every replica's routing metrics reach one scrape, each under its replica label (pushed every second)
+    wait_until(lambda: all(re.search(rf'switchboard_generated_tokens_total{{adapter="gamma",replica="{r}"}} [1-9]',
+                                     httpx.get(f"{base}/metrics", timeout=10).text) for r in seen),
+               timeout=30, what="gamma's tokens from both replicas in the merged metrics")
 
 
 def test_requests_for_an_adapter_go_to_the_replica_holding_it(cluster):
@@ -113,7 +114,8 @@ def test_killed_replica_heals_and_loses_no_unstarted_request(cluster):
     import ray
 
     base, _ = cluster
-    expected = _complete(base, model="alpha").json()["choices"][0]["text"]
+    long = {**PROMPT, "model": "alpha", "max_tokens": 100}
+    expected = httpx.post(f"{base}/v1/completions", json=long, timeout=60).json()["choices"][0]["text"]
     holder = _complete(base, model="alpha").headers[REPLICA]
     actors = _replica_actors()
     assert holder in actors and len(actors) == 2
@@ -126,10 +128,12 @@ def test_killed_replica_heals_and_loses_no_unstarted_request(cluster):
                 lines = stream.aiter_lines()
                 async for line in lines:
                     if line.startswith("data: {"):
-                        break  # streaming has started on the holder: now kill it
+                        break  # streaming has started on the holder
+                # requests that have not started streaming (non-streaming ones answer at the end), sent to
+                # the holder of alpha; the kill lands while they run there or wait to be routed
+                burst = [asyncio.create_task(client.post("/v1/completions", json=long)) for _ in range(8)]
+                await asyncio.sleep(0.3)
                 ray.kill(ray.get_actor(actors[holder], namespace="serve"), no_restart=True)
-                burst = [asyncio.create_task(client.post("/v1/completions", json={**PROMPT, "model": "alpha"}))
-                         for _ in range(8)]
                 tail = [line async for line in lines]
             return tail, await asyncio.gather(*burst)
 
@@ -140,7 +144,7 @@ def test_killed_replica_heals_and_loses_no_unstarted_request(cluster):
     assert [r.status_code for r in burst] == [200] * 8, [r.text for r in burst if r.status_code != 200]
     assert {r.json()["choices"][0]["text"] for r in burst} == {expected}
     retried = sum(int(r.headers.get("x-switchboard-tries", "1")) > 1 for r in burst)
-    print(f"burst after the kill: {retried}/8 retried on another replica")
+    print(f"burst after the kill: {retried}/8 retried on another replica; the started stream ended with {tail[-1][:60]!r}")
     # Ray Serve replaces the replica; the new one restores the store and serves
     wait_until(lambda: len(_replica_actors()) == 2 and holder not in _replica_actors(), timeout=120,
                what="Ray Serve starting a replacement replica")
