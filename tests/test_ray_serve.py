@@ -38,8 +38,9 @@ def cluster(tmp_path_factory, tiny_model_dir):
     store.mkdir()
     make_adapter(tiny_model_dir, store / "alpha", seed=1, rank=4)
     make_adapter(tiny_model_dir, store / "beta", seed=2, rank=8, targets=("c_attn", "c_fc"))
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    # Ray's own control-plane ports follow Ray's defaults (token-authenticated); the proxy and all
+    # of this test's traffic stay on 127.0.0.1.
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
