@@ -111,7 +111,7 @@ class SwitchboardReplica:
         name = serve.get_multiplexed_model_id()
         if name:
             if name not in self._state.registry and self.app.state.store_watcher is not None:
-                await self.app.state.store_watcher.poll()  # registered elsewhere since the last poll?
+                await self.app.state.store_watcher.refresh()  # registered elsewhere since the last poll?
             if name in self._state.registry:
                 await self._hold(name)
         async for message in stream_asgi(self.app, request, extra_headers=[(REPLICA_HEADER.encode(), self.replica.encode())]):
@@ -128,7 +128,7 @@ class SwitchboardReplica:
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose check fails: not ready, or its engine thread died."""
         services = self._state.services
-        if not self._state.ready or services is None or not services.worker._thread.is_alive():
+        if not self._state.ready or services is None or not services.worker.alive():
             raise RuntimeError("switchboard engine is not running")
 
     async def __del__(self) -> None:
@@ -178,6 +178,9 @@ class Ingress:
                 log.warning("replica lost before answering %s %s (try %d/%d): %s", call.method, call.path,
                             attempt, tries, type(e).__name__)
                 continue
+            except Exception:  # a replica-side failure outside the app's own error handling
+                log.exception("replica failed on %s %s", call.method, call.path)
+                return _error(500, "the replica failed to answer", "replica_error")
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
             headers["x-switchboard-tries"] = str(attempt)
             return StreamingResponse(self._rest(first, stream, start), status_code=start["status"], headers=headers)
@@ -195,17 +198,23 @@ class Ingress:
 
     @staticmethod
     async def _rest(first: dict | None, stream, start: dict) -> AsyncIterator[bytes]:
-        if first is not None:
-            yield first["body"]
+        finished = False
         try:
+            if first is not None:
+                yield first["body"]
             async for message in stream:
                 yield message["body"]
-        except _RETRYABLE as e:  # the replica died mid-stream: end the stream with an error the client can see
+            finished = True
+        except Exception as e:  # the replica died mid-stream: end the stream with an error the client can see
+            finished = True
             log.warning("replica lost mid-stream: %s", type(e).__name__)
             if any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start["headers"]):
                 error = {"message": "the replica serving this stream was lost", "type": "server_error",
                          "param": None, "code": "replica_lost"}
                 yield f"data: {json.dumps({'error': error})}\n\n".encode()
+        finally:
+            if not finished:  # the client went away: stop the replica's generation (it releases the rows)
+                stream.cancel()
 
 
 # -- building the application ----------------------------------------------------------------------------

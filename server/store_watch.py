@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from server.engine.errors import SwitchboardError
 from server.engine.registry import AdapterVersion
@@ -26,6 +27,8 @@ class StoreWatcher:
         self._refused_routers: dict[str, str] = {}  # name -> path refused (retried when it changes)
         self._draining: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
+        self._polling: asyncio.Task | None = None
+        self._last_poll = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-watch")
@@ -44,9 +47,24 @@ class StoreWatcher:
             except Exception:  # a bad poll must not end the watch; the next one tries again
                 log.exception("store watch: poll failed")
 
+    async def refresh(self, min_age: float = 0.5) -> None:
+        """Poll now, on demand (a request named an adapter this server does not know): joins a poll
+        already running, and does nothing if the last one started under `min_age` seconds ago, so
+        a flood of requests for a missing name cannot turn into a flood of store scans."""
+        if self._polling is None and time.monotonic() - self._last_poll < min_age:
+            return
+        if self._polling is None:
+            self._polling = asyncio.create_task(self.poll())
+            self._polling.add_done_callback(lambda _: setattr(self, "_polling", None))
+        try:
+            await asyncio.shield(self._polling)
+        except Exception:  # the request goes on with what the server has (a 404 if still unknown)
+            log.exception("store watch: on-demand poll failed")
+
     async def poll(self) -> dict:
         """One convergence step: adapters first (routers name them), then routers."""
         s = self.services
+        self._last_poll = time.monotonic()
         report, removed = await s.adapters.converge()
         for version in removed:
             self._drain(version)

@@ -32,6 +32,10 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        """The engine thread is running (a health check's question)."""
+        return self._thread.is_alive()
+
     def submit(self, seq: Sequence) -> None:
         if not self.accepting:
             raise Unavailable("the server is shutting down")

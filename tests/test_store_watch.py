@@ -124,3 +124,30 @@ def test_changes_through_both_servers_both_survive(tiny_model_dir, store):
         for base in (a, b):
             wait_until(lambda base=base: set(_adapters(base)) == {"alpha", "beta", "gamma", "delta"}, timeout=30,
                        what=f"{base} converging")
+
+
+def test_on_demand_refresh_between_polls(tiny_model_dir, store):
+    """A server asked for an adapter it does not know can poll at once (what a Ray replica does
+    before answering 404), but not more often than `min_age` however many requests ask."""
+    import asyncio
+
+    make_adapter(tiny_model_dir, store / "v" / "gamma", seed=3)
+    make_adapter(tiny_model_dir, store / "v" / "delta", seed=4)
+    settings = app_settings(tiny_model_dir, store, store={"watch_store": 3600})  # no periodic poll in this test
+    with ExitStack() as stack:
+        (a, _), (b, app_b) = [stack.enter_context(live_server(settings)) for _ in range(2)]
+        watcher, registry = app_b.state.store_watcher, app_b.state.switchboard.registry
+        loop = watcher._task.get_loop()
+
+        def refresh(min_age: float) -> None:
+            asyncio.run_coroutine_threadsafe(watcher.refresh(min_age), loop).result(60)
+
+        assert httpx.post(f"{a}/admin/adapters", headers=ADMIN, json={"name": "gamma", "path": "v/gamma"}).status_code == 200
+        assert "gamma" not in registry
+        refresh(0)
+        assert "gamma" in registry
+        assert httpx.post(f"{a}/admin/adapters", headers=ADMIN, json={"name": "delta", "path": "v/delta"}).status_code == 200
+        refresh(3600)  # the last poll is too recent: nothing happens
+        assert "delta" not in registry
+        refresh(0)
+        assert "delta" in registry
