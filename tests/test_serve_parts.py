@@ -106,3 +106,21 @@ def test_app_builder_reads_settings_and_scaling(tiny_model_dir, store):
     assert settings["model"]["base_model"] == str(tiny_model_dir)
     with pytest.raises(ValueError, match="max_lora"):
         app_builder({"max_lora": 3})
+
+
+def test_shipped_serve_config_builds(tiny_model_dir, store):
+    """docker/ray-serve.yaml names the builder and only settings it accepts."""
+    pytest.importorskip("ray.serve", reason="the `ray` extra is not installed")
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker" / "ray-serve.yaml").read_text())
+    (app,) = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    args = {**app["args"], "base_model": str(tiny_model_dir), "adapter_dir": str(store), "device": "cpu"}
+    built = builder(args)._bound_deployment.init_args[0]._bound_deployment
+    assert built._deployment_config.autoscaling_config.max_replicas == app["args"]["max_replicas"]
+    assert built.ray_actor_options["num_gpus"] == app["args"]["num_gpus"]
