@@ -62,7 +62,8 @@ def settings_to_dict(settings) -> dict[str, dict[str, Any]]:
 
 
 # -- the metrics hub -------------------------------------------------------------------------------------
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})  # a push per replica per second
 class MetricsHub:
     def __init__(self) -> None:
         self.latest: dict[str, tuple[str, float]] = {}
