@@ -50,15 +50,14 @@ _COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
 
 def settings_from_dict(groups: dict[str, dict[str, Any]]):
     """Rebuild `Settings` in a replica from plain data (what crosses Ray's process boundary)."""
-    from server.cli import GROUPS
     from server.settings import Settings
 
-    built: dict[str, Any] = {name: cls(**groups.get(name, {})) for name, cls in GROUPS.items()}
+    built: dict[str, Any] = {name: cls(**groups.get(name, {})) for name, cls in Settings.groups().items()}
     return Settings(**built)
 
 
 def settings_to_dict(settings) -> dict[str, dict[str, Any]]:
-    return {name: getattr(settings, name).model_dump(mode="json", exclude_unset=False) for name in settings.GROUPS}
+    return {name: getattr(settings, name).model_dump(mode="json") for name in settings.groups()}
 
 
 # -- the metrics hub -------------------------------------------------------------------------------------
@@ -254,15 +253,15 @@ def app_builder(args: dict[str, Any]):
     """For `serve run` / a Serve config file: `import_path: server.ray_serve:app_builder`, `args`
     holding the settings by name (as `SWITCHBOARD_*` without the prefix, lower case) and
     `replicas`, `min_replicas`, `max_replicas`, `target_ongoing_requests`, `num_cpus`, `num_gpus`."""
-    from server.cli import GROUPS
     from server.settings import Settings
 
+    groups_of = Settings.groups()
     args = dict(args)
     build_args = {k: args.pop(k) for k in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
                                            "num_cpus", "num_gpus", "max_ongoing_requests") if k in args}
     groups: dict[str, Any] = {name: cls(**{k: v for k, v in args.items() if k in cls.model_fields})
-                              for name, cls in GROUPS.items()}
-    unknown = set(args) - {k for cls in GROUPS.values() for k in cls.model_fields}
+                              for name, cls in groups_of.items()}
+    unknown = set(args) - {k for cls in groups_of.values() for k in cls.model_fields}
     if unknown:
         raise ValueError(f"unknown Switchboard settings in the Serve config: {sorted(unknown)}")
     return build_app(Settings(**groups), **build_args)
