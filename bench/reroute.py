@@ -24,7 +24,8 @@ def measure(embedder: str, batch: int, new_tokens: int, repeats: int, every: int
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bench.common import BenchConfig, build_tokenizer
-    from bench.rig import resident_from, routing_service
+    from bench.rig import resident_from
+    from server.build import build_routing
     from server.engine.adapter_store import AdapterWeights
     from server.engine.engine import Engine, EngineConfig
     from server.engine.registry import AdapterRegistry
@@ -39,7 +40,7 @@ def measure(embedder: str, batch: int, new_tokens: int, repeats: int, every: int
     resident = resident_from(model, tok, BenchConfig.make(device="cpu", threads=torch.get_num_threads()))
     registry = AdapterRegistry()
     store = Path(tempfile.mkdtemp(prefix="switchboard-reroute-"))
-    routing = routing_service(RoutingSettings(embedder=embedder), resident, registry, store)
+    routing, gater = build_routing(RoutingSettings(embedder=embedder), resident, registry, store)
     rank = 16
     for i in range(4):
         tensors = {p: (torch.randn(d_in, rank) * 0.01, torch.randn(rank, d_out) * 0.01)
@@ -48,7 +49,7 @@ def measure(embedder: str, batch: int, new_tokens: int, repeats: int, every: int
         registry.register(AdapterWeights(f"a{i}", store, rank, 32, 2.0, ["c_attn", "c_proj"], tensors,
                                          centroids=centroid, centroid_embedder=routing.embedder_id))
     routing.rebuild()
-    engine = Engine(resident, registry, EngineConfig(max_loras=8, max_batch_size=batch), gate_source=routing)
+    engine = Engine(resident, registry, EngineConfig(max_loras=8, max_batch_size=batch), gate_source=gater)
     gen = torch.Generator().manual_seed(1)
     prompts = [[int(x) for x in torch.randint(1, vocab, (64,), generator=gen)] for _ in range(batch)]
 

@@ -35,27 +35,20 @@ def base_spec(resident, max_rank: int = 64):
     return BaseSpec(resident.module_shapes, resident.fingerprint, max_rank)
 
 
-def routing_service(settings, resident, registry, store: Path):
-    """`RoutingService` built as `server.app` builds it."""
-    from server.manifest import Manifest
-    from server.routing import RoutingService
-
-    return RoutingService(settings, resident, registry, store, Manifest(store))
-
-
 @dataclass
 class EngineRig:
     engine: object
     registry: object
-    routing: object | None
+    routing: object | None  # the router catalogue
     resident: object
     warm_up_s: float = 0.0
+    gater: object | None = None  # the engine's gate source, reading `routing`
 
 
 def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras: int = 16,
                 max_batch_size: int = 32, routed: bool = True, store: Path | None = None,
                 decode_step: str = "eager") -> EngineRig:
-    from server.build import build_engine
+    from server.build import build_engine, build_routing
     from server.engine.adapter_store import read_adapter
     from server.engine.registry import AdapterRegistry
     from server.settings import EngineSettings
@@ -64,13 +57,13 @@ def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras:
     spec = base_spec(resident)
     for name, folder in folders.items():
         registry.register(read_adapter(name, folder, spec))
-    routing = None
+    routing = gater = None
     settings = routing_settings()
     if routed:
-        routing = routing_service(settings, resident, registry, store or next(iter(folders.values())).parent)
+        routing, gater = build_routing(settings, resident, registry, store or next(iter(folders.values())).parent)
     limits = EngineSettings(max_loras=max_loras, max_batch_size=max_batch_size, max_queue=1024)
-    engine = build_engine(limits, settings, resident, registry, gate_source=routing, decode_step=decode_step)
-    return EngineRig(engine, registry, routing, resident)
+    engine = build_engine(limits, settings, resident, registry, gate_source=gater, decode_step=decode_step)
+    return EngineRig(engine, registry, routing, resident, gater=gater)
 
 
 def engine_generate(rig: EngineRig, prompts: torch.Tensor, new_tokens: int, specs: list) -> dict:

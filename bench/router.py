@@ -48,13 +48,13 @@ def run(cfg: BenchConfig, assets, step_ms: float | None = None) -> dict:
     out: dict = {"adapters": N_ROUTED, "route_window": window, "text_chars": len(TEXT)}
     out["centroid_base"] = time_call(lambda: centroid.route(pool_hidden(hidden)), cfg.router_calls)
 
-    # The same through the server's RoutingService (pooling, router, hysteresis, weights dict).
+    # The same through the server's Gater (pooling, router, hysteresis, gates).
     versions = rig.registry.acquire(names)
     seq = Sequence(prompt_ids=[1, 2, 3], max_tokens=4, sampling=SamplingParams(temperature=0.0),
                    routing=RoutingSpec("auto", router="centroid"), decode=lambda t: "", emit=lambda e: None,
                    versions={v.name: v for v in versions}, prompt_text=TEXT)
     seq.hidden_tail = hidden[0]
-    out["centroid_base_service"] = time_call(lambda: rig.routing.route([seq]), cfg.router_calls)
+    out["centroid_base_service"] = time_call(lambda: rig.gater.route([seq]), cfg.router_calls)
     rig.registry.release(versions)
 
     try:

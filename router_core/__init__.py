@@ -30,7 +30,7 @@ from router_core.embedders import (
     pool_hidden,
 )
 from router_core.mlp import MLPRouter, MLPRouterNet, load_balance_loss
-from router_core.policy import ReroutePolicy, RoutingTrace, weights_dict
+from router_core.policy import ReroutePolicy, RoutingTrace, last_reroute, reroute_due, weights_dict
 
 __all__ = [
     "FEATURE_NAMES",
@@ -51,12 +51,14 @@ __all__ = [
     "encoder_id",
     "encoder_name_from_path",
     "fit_centroids",
+    "last_reroute",
     "load_balance_loss",
     "load_centroids",
     "load_router",
     "load_sentence_encoder",
     "load_spacy_pipeline",
     "pool_hidden",
+    "reroute_due",
     "save_centroids",
     "save_router",
     "weights_dict",

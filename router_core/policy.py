@@ -14,6 +14,25 @@ import torch
 from torch import Tensor
 
 
+def last_reroute(n_generated: int, every: int) -> int:
+    """The generated-token index at which the gates in force for token `n_generated` were
+    decided: 0 (the prompt) when `every == 0`, else the last multiple of `every` at or before it.
+
+    This is the one statement of the re-route cadence: decisions at 0, N, 2N, ... make trace
+    segments `[0, N)`, `[N, 2N)`, ... The engine (`reroute_due`), the routed-perplexity
+    evaluation and `ReroutePolicy.due` all derive from it.
+    """
+    if n_generated < 0:
+        raise ValueError(f"n_generated must be >= 0, got {n_generated}")
+    return 0 if every <= 0 else (n_generated // every) * every
+
+
+def reroute_due(n_generated: int, every: int) -> bool:
+    """Whether to route before generating the token at index `n_generated`: always at 0 (the
+    prompt); afterwards every `every` tokens, never when `every == 0`."""
+    return last_reroute(n_generated, every) == n_generated
+
+
 class ReroutePolicy:
     """Re-routing cadence plus a hysteresis rule against flapping top adapters."""
 
@@ -26,16 +45,9 @@ class ReroutePolicy:
         self.hysteresis = float(hysteresis)
 
     def due(self, n_generated: int) -> bool:
-        """Whether to route before generating the token at index `n_generated`.
-
-        Always at 0 (the prompt); afterwards every `every` tokens, never when `every == 0`.
-        Decisions at 0, N, 2N, ... make trace segments `[0, N)`, `[N, 2N)`, ...
-        """
-        if n_generated < 0:
-            raise ValueError(f"n_generated must be >= 0, got {n_generated}")
-        if n_generated == 0:
-            return True
-        return self.every > 0 and n_generated % self.every == 0
+        """Whether to route before generating the token at index `n_generated`
+        (`reroute_due` with this policy's `every`)."""
+        return reroute_due(n_generated, self.every)
 
     def stabilise(self, previous: Tensor | None, proposed: Tensor) -> Tensor:
         """Keep `previous` when the proposal only switches the top adapter by a hair.

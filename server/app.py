@@ -13,7 +13,7 @@ from server import edges, ui
 from server.adapters import AdapterService
 from server.api_errors import install_error_handlers
 from server.body_limit import BodyLimit
-from server.build import build_engine
+from server.build import build_engine, build_routing
 from server.engine.adapter_store import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
 from server.engine.registry import AdapterRegistry
@@ -21,7 +21,6 @@ from server.example_centroids import centroids_from_examples
 from server.manifest import Manifest
 from server.metrics import Metrics
 from server.routes import admin, chat, completions, health, models
-from server.routing import RoutingService
 from server.settings import Settings
 from server.state import AppState, Services
 from server.store_watch import StoreWatcher
@@ -38,8 +37,8 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
         resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype)
     s.store.adapter_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(s.store.adapter_dir)
-    routing = RoutingService(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
-    engine = build_engine(s.engine, s.routing, resident, state.registry, gate_source=routing, observer=state.metrics)
+    routing, gater = build_routing(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
+    engine = build_engine(s.engine, s.routing, resident, state.registry, gate_source=gater, observer=state.metrics)
     await asyncio.to_thread(engine.warm_up)  # compiles the static step (logged) before /ready says 200
     worker = EngineWorker(engine)
     worker.start()

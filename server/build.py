@@ -1,24 +1,35 @@
-"""Building the engine from settings: what `server.app` starts and what the benchmarks run
-in-process, so both get the same wiring (the routing window the engine keeps hidden states
-for is the router's `route_window`, the queue and slot limits come from `EngineSettings`)."""
+"""Building the engine and the routing from settings: what `server.app` starts and what the
+benchmarks run in-process, so both get the same wiring (the routing window the engine keeps
+hidden states for is the router's `route_window`, the queue and slot limits come from
+`EngineSettings`, the gater reads the catalogue the admin routes change)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from server.engine.base_model import ResidentModel
 from server.engine.engine import Engine, EngineConfig, EngineObserver, GateSource
 from server.engine.registry import AdapterRegistry
 from server.engine.static_step import decode_step as step_for
+from server.gater import Gater
+from server.manifest import Manifest
+from server.routing import RouterCatalogue, prompt_window
 from server.settings import EngineSettings, RoutingSettings
+
+
+def build_routing(settings: RoutingSettings, resident: ResidentModel, registry: AdapterRegistry, store: Path,
+                  manifest: Manifest | None = None) -> tuple[RouterCatalogue, Gater]:
+    """The router catalogue over `store` and the gater the engine calls, reading it."""
+    catalogue = RouterCatalogue(settings, resident, registry, store, manifest or Manifest(store))
+    return catalogue, Gater(catalogue, settings)
 
 
 def build_engine(engine: EngineSettings, routing: RoutingSettings, resident: ResidentModel,
                  registry: AdapterRegistry, gate_source: GateSource | None = None,
                  observer: EngineObserver | None = None, decode_step: str | None = None) -> Engine:
     """`decode_step` overrides what `engine.compile` selects (the benchmarks compare all three)."""
-    # The first decision pools the prompt's last `route_prompt_tokens` (0 = the route window).
-    prompt_window = min(routing.route_prompt_tokens or routing.route_window, resident.max_positions)
     config = EngineConfig(max_loras=engine.max_loras, max_batch_size=engine.max_batch_size,
                           max_queue=engine.max_queue, hidden_window=routing.route_window,
-                          prompt_window=prompt_window,
+                          prompt_window=prompt_window(routing, resident.max_positions),
                           decode_step=decode_step or step_for(engine.compile, resident.device))
     return Engine(resident, registry, config, gate_source=gate_source, observer=observer)

@@ -1,8 +1,11 @@
-"""The server's side of routing: turns router_core's pure routers into per-sequence gates.
+"""The router catalogue: which routers `model: "auto"` can use, and their lifecycle.
 
-It owns the active embedder (the resident model's hidden states, or a sentence encoder), the
-centroid router rebuilt whenever the adapter set changes, and the MLP routers loaded from the
-store. The engine calls `route()` on its own thread, for the rows that are due.
+`RouterCatalogue` owns the active embedder (the resident model's hidden states, or a sentence
+encoder), the centroid router rebuilt whenever the adapter set changes, and the MLP routers
+loaded from the store (recorded in the manifest). Everything in it lives in the embedder's
+space, so embedding an adapter's examples into centroids happens here too. It changes on the
+event loop (admin routes, reload, start-up); the per-step gates the engine asks for on its own
+threads are computed by `server.gater.Gater`, which only reads the catalogue.
 """
 
 from __future__ import annotations
@@ -22,15 +25,13 @@ from router_core.artifacts import (
 )
 from router_core.calibration import calibrated
 from router_core.centroid import CentroidRouter
-from router_core.embedders import BaseEmbedder, SentenceEncoder, pool_hidden
+from router_core.embedders import BaseEmbedder, SentenceEncoder
 from router_core.mlp import MLPRouter
-from router_core.policy import ReroutePolicy, weights_dict
 from router_core.store_rules import ROUTERS_DIR
 from server.engine.adapter_store import check_name, file_in_store, resolve_in_store
 from server.engine.base_model import ResidentModel
 from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
 from server.engine.registry import AdapterRegistry
-from server.engine.sequence import Sequence
 from server.manifest import Manifest
 from server.routing_help import no_routable_message
 from server.settings import RoutingSettings
@@ -43,14 +44,27 @@ def _family(embedder_id: str | None) -> str:
     return (embedder_id or "").split(":", 1)[0] if (embedder_id or "").startswith("base") else (embedder_id or "")
 
 
-class RoutingService:
+Router = CentroidRouter | MLPRouter
+
+
+def prompt_window(settings: RoutingSettings, max_positions: int) -> int:
+    """Prompt tokens the first decision embeds: the last `route_prompt_tokens` (0 = the route
+    window), at most the resident model's context. A sentence encoder then applies its own
+    limit, keeping the newest of them. Counted in token ids, so a chat prompt is routed on the
+    text its ids decode to, whatever `prompt_text` holds."""
+    return min(settings.route_prompt_tokens or settings.route_window, max_positions)
+
+
+class RouterCatalogue:
+    """The embedder, the centroid router and the loaded MLP routers. Routers are replaced, never
+    mutated (`mlp` is a new dict on every change), so the gater reads them without a lock."""
+
     def __init__(self, settings: RoutingSettings, resident: ResidentModel, registry: AdapterRegistry,
                  store: Path, manifest: Manifest) -> None:
         self.settings, self.resident, self.registry, self.store = settings, resident, registry, store
         self.manifest = manifest
         self.encoder: SentenceEncoder | None = self._load_encoder(settings.embedder)
         self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.route_window}"
-        self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
         self.mlp: dict[str, MLPRouter] = {}
         self.mlp_paths: dict[str, str] = {}  # name -> store path it was loaded from
         self._lock = threading.Lock()
@@ -100,6 +114,10 @@ class RoutingService:
     @property
     def dim(self) -> int:
         return self.encoder.dim if self.encoder else int(self.resident.model.config.n_embd)
+
+    def router(self, name: str | None) -> Router | None:
+        """The router a request named (`centroid` or an MLP router's name), or None if it is gone."""
+        return self._centroid if name == "centroid" else self.mlp.get(name or "")
 
     def router_names(self) -> list[str]:
         return ["centroid", *sorted(self.mlp)]
@@ -194,58 +212,11 @@ class RoutingService:
             self._analyzer = ComplexityAnalyzer(self.settings.spacy_pipeline)
         return self._analyzer
 
-    # -- GateSource (engine thread) -----------------------------------------------------------------------
-    def needs_hidden(self, seq: Sequence) -> bool:
-        return self.encoder is None
-
     @property
     def prompt_window(self) -> int:
-        """Prompt tokens the first decision embeds: the last `route_prompt_tokens` (0 = the route
-        window), at most the resident model's context. A sentence encoder then applies its own
-        limit, keeping the newest of them. Counted in token ids, so a chat prompt is routed on
-        the text its ids decode to, whatever `prompt_text` holds."""
-        return min(self.settings.route_prompt_tokens or self.settings.route_window, self.resident.max_positions)
-
-    def window(self, seq: Sequence) -> int:
-        """The first decision sees the prompt (up to `prompt_window`), re-routes the sliding window."""
-        return self.prompt_window if not seq.generated else self.settings.route_window
-
-    def contexts(self, seqs: list[Sequence]) -> list[str]:
-        """The text each sequence is routed on (see `window`)."""
-        return [s.context_text(self.window(s)) for s in seqs]
-
-    def embed(self, seqs: list[Sequence], contexts: list[str] | None = None) -> torch.Tensor:
-        if self.encoder is not None:
-            return self.encoder.embed_texts(contexts if contexts is not None else self.contexts(seqs))  # [B, d]
-        tails = [s.hidden_tail for s in seqs if s.hidden_tail is not None]
-        return torch.cat([pool_hidden(t[None].float()) for t in tails])  # [B, d]
-
-    def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
-        """Weights per sequence. `contexts` (from `contexts()`) lets the engine route on a
-        snapshot taken on its thread while this runs on another."""
-        contexts = contexts if contexts is not None else (self.contexts(seqs) if self.encoder else None)
-        embeddings = self.embed(seqs, contexts)  # [B, d]
-        out: list[dict[str, float]] = []
-        for i, seq in enumerate(seqs):
-            spec = seq.routing
-            router = self._centroid if spec.router == "centroid" else self.mlp.get(spec.router or "")
-            if router is None:  # unloaded while the request ran: keep the weights it has
-                out.append(seq.gates)
-                continue
-            complexity = None
-            if isinstance(router, MLPRouter) and router.needs_complexity:
-                text = contexts[i] if contexts is not None else seq.context_text(self.window(seq))
-                complexity = self.analyzer().vectors([text])
-            proposed = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
-                                    top_k=spec.top_k)[0]  # [n]
-            names = tuple(router.adapter_names)
-            if seq.route_vector is not None and seq.route_names == names:
-                proposed = self.policy.stabilise(seq.route_vector, proposed)
-            seq.route_vector, seq.route_names = proposed, names
-            weights = {n: w for n, w in weights_dict(names, proposed).items() if n in seq.versions}
-            total = sum(weights.values())
-            out.append({n: w / total for n, w in weights.items()} if total > 0 else {})
-        return out
+        """Prompt tokens a first decision embeds (and examples are embedded with): see
+        `prompt_window`."""
+        return prompt_window(self.settings, self.resident.max_positions)
 
     # -- centroids from examples ----------------------------------------------------------------------------
     def base_embedder(self) -> BaseEmbedder:

@@ -11,7 +11,7 @@ from server.engine.base_model import ResidentModel
 from server.engine.engine import Engine
 from server.engine.registry import AdapterRegistry
 from server.metrics import Metrics
-from server.routing import RoutingService
+from server.routing import RouterCatalogue
 from server.settings import Settings
 from server.worker import EngineWorker
 
@@ -27,7 +27,7 @@ class Services:
     engine: Engine
     worker: EngineWorker
     adapters: AdapterService
-    routing: RoutingService
+    routing: RouterCatalogue  # the router catalogue (the engine holds the gater that reads it)
 
     async def engine_call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread with no adapter gates set (a plain base-model forward)."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from router_core.policy import last_reroute
 from training.lm import LMDataset, mean_token_nll, perplexity
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,12 @@ def context_length(pos: int, prompt_len: int, every: int, total: int) -> int:
     Prefill (positions ``< prompt_len - 1``, and the last prompt position, which predicts
     generated token 0) uses the prompt's routing. The forward at position ``pos`` produces
     generated token ``n = pos - prompt_len + 1``; the server last routed before token
-    ``n' = (n // every) * every``, on the prompt plus ``n'`` generated tokens. ``every == 0``
-    routes once on the prompt.
+    ``n' = last_reroute(n, every)`` (the server's cadence, ``router_core.policy``), on the
+    prompt plus ``n'`` generated tokens. ``every == 0`` routes once on the prompt.
     """
-    if pos < prompt_len - 1 or every <= 0:
+    if pos < prompt_len - 1:
         return prompt_len
-    n = pos - prompt_len + 1
-    return min(prompt_len + (n // every) * every, total)
+    return min(prompt_len + last_reroute(pos - prompt_len + 1, every), total)
 
 
 def position_gates(ev: Any, rut: Any, domain: str) -> tuple[list[Tensor], float]:

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from router_core.policy import reroute_due
 from server.engine import gpt2, static_step
 from server.engine.base_model import LORA_TARGETS, ResidentModel
 from server.engine.errors import (
@@ -59,7 +60,7 @@ class EngineConfig:
 
 
 class GateSource(Protocol):
-    """Computes routed gates; implemented by the server's routing service."""
+    """Computes routed gates for the rows that are due; implemented by `server.gater.Gater`."""
 
     def needs_hidden(self, seq: Sequence) -> bool: ...
 
@@ -193,8 +194,7 @@ class Engine:
         source = self.gate_source
         if source is None:
             return
-        upcoming = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
-                    and (len(s.generated) + 1) % s.routing.reroute_every == 0
+        upcoming = [s for s in self.running if _reroute_due(s, ahead=1)
                     and s.id not in self._prefetched and not source.needs_hidden(s)]
         if upcoming:
             try:
@@ -322,8 +322,7 @@ class Engine:
                 self._end(seq, _row_error(e, "prefill"))
 
     def _decode(self) -> None:
-        due = [s for s in self.running if s.routing.mode == "auto" and s.routing.reroute_every > 0
-               and len(s.generated) % s.routing.reroute_every == 0]
+        due = [s for s in self.running if _reroute_due(s)]
         failed = self._route(due)
         for seq in [s for s in self.running if s.id in failed]:  # before the forward: rows may move
             self._end(seq, _row_error(failed[seq.id], "routing"))
@@ -505,6 +504,11 @@ class Engine:
                 log.exception("could not compact row %s on shutdown", seq.id)
                 self.running.remove(seq)
                 self._finish(seq, reason)
+
+
+def _reroute_due(seq: Sequence, ahead: int = 0) -> bool:
+    """Whether an auto-routed `seq` is re-routed before its next token (`ahead=1`: the one after)."""
+    return seq.routing.mode == "auto" and reroute_due(len(seq.generated) + ahead, seq.routing.reroute_every)
 
 
 def _expired(seq: Sequence, now: float) -> bool:
