@@ -13,6 +13,17 @@ from server.deps import Admin, ReadyState
 from server.engine.adapter_store import AdapterWeights
 from server.engine.errors import InvalidAdapter, InvalidRequest, PayloadTooLarge
 from server.engine.registry import AdapterVersion
+from server.responses import (
+    AdapterList,
+    AdapterLoaded,
+    AdapterUnloaded,
+    ReloadReport,
+    RouterList,
+    RouterLoaded,
+    RouterUnloaded,
+    VLLMAdapterLoaded,
+    VLLMAdapterUnloaded,
+)
 from server.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
 from server.state import Services
 
@@ -63,24 +74,24 @@ async def _load(state: Services, name: str, path: str, examples=None, k: int = 1
             "replaced_version": old.version if old else None}
 
 
-@router.get("/admin/adapters", responses=ADMIN_RESPONSES)
+@router.get("/admin/adapters", responses=ADMIN_RESPONSES, response_model=AdapterList, response_model_exclude_unset=True)
 async def list_adapters(_: Admin, state: ReadyState) -> dict:
     return {"adapters": [describe(v, state) for _, v in sorted(state.registry.snapshot().items())],
             "max_loras": state.settings.engine.max_loras}
 
 
-@router.post("/admin/adapters", responses=ADMIN_RESPONSES)
+@router.post("/admin/adapters", responses=ADMIN_RESPONSES, response_model=AdapterLoaded, response_model_exclude_unset=True)
 async def load_adapter(body: LoadAdapterRequest, _: Admin, state: ReadyState) -> dict:
     return await _load(state, body.name, body.path, body.examples, body.centroids, body.pinned)
 
 
-@router.delete("/admin/adapters/{name}", responses=ADMIN_RESPONSES)
+@router.delete("/admin/adapters/{name}", responses=ADMIN_RESPONSES, response_model=AdapterUnloaded, response_model_exclude_unset=True)
 async def unload_adapter(name: str, _: Admin, state: ReadyState, wait: bool = True) -> dict:
     version = await state.adapters.unload(name, wait=wait, timeout=state.settings.engine.request_timeout)
     return {"status": "unloaded", "name": name, "version": version.version}
 
 
-@router.post("/admin/reload", responses=ADMIN_RESPONSES)
+@router.post("/admin/reload", responses=ADMIN_RESPONSES, response_model=ReloadReport, response_model_exclude_unset=True)
 async def reload_store(_: Admin, state: ReadyState) -> dict:
     report = await state.adapters.reload()
     failed_routers = state.routing.scan_routers()
@@ -88,7 +99,7 @@ async def reload_store(_: Admin, state: ReadyState) -> dict:
             "failed": report.failed, "routers": state.routing.router_names(), "failed_routers": failed_routers}
 
 
-@router.get("/admin/routers", responses=ADMIN_RESPONSES)
+@router.get("/admin/routers", responses=ADMIN_RESPONSES, response_model=RouterList, response_model_exclude_unset=True)
 async def list_routers(_: Admin, state: ReadyState) -> dict:
     centroid = state.routing._centroid
     return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(centroid.adapter_names),
@@ -97,26 +108,26 @@ async def list_routers(_: Admin, state: ReadyState) -> dict:
                for n, r in sorted(state.routing.mlp.items())], "embedder": state.routing.embedder_id}
 
 
-@router.post("/admin/routers", responses=ADMIN_RESPONSES)
+@router.post("/admin/routers", responses=ADMIN_RESPONSES, response_model=RouterLoaded, response_model_exclude_unset=True)
 async def load_router(body: RouterLoadRequest, _: Admin, state: ReadyState) -> dict:
     r = state.routing.load_mlp(body.name, body.path)
     return {"status": "loaded", "name": body.name, "kind": r.kind, "adapters": list(r.adapter_names)}
 
 
-@router.delete("/admin/routers/{name}", responses=ADMIN_RESPONSES)
+@router.delete("/admin/routers/{name}", responses=ADMIN_RESPONSES, response_model=RouterUnloaded, response_model_exclude_unset=True)
 async def unload_router(name: str, _: Admin, state: ReadyState) -> dict:
     state.routing.unload_mlp(name)
     return {"status": "unloaded", "name": name}
 
 
 # -- vLLM-compatible aliases -------------------------------------------------------------------------------
-@router.post("/v1/load_lora_adapter", responses=ADMIN_RESPONSES)
+@router.post("/v1/load_lora_adapter", responses=ADMIN_RESPONSES, response_model=VLLMAdapterLoaded, response_model_exclude_unset=True)
 async def vllm_load(body: VLLMLoadRequest, _: Admin, state: ReadyState) -> dict:
     result = await _load(state, body.lora_name, body.lora_path, replace=body.load_inplace)
     return {**result, "message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}
 
 
-@router.post("/v1/unload_lora_adapter", responses=ADMIN_RESPONSES)
+@router.post("/v1/unload_lora_adapter", responses=ADMIN_RESPONSES, response_model=VLLMAdapterUnloaded, response_model_exclude_unset=True)
 async def vllm_unload(body: VLLMUnloadRequest, _: Admin, state: ReadyState) -> dict:
     await state.adapters.unload(body.lora_name, timeout=state.settings.engine.request_timeout)
     return {"status": "unloaded", "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}

@@ -9,6 +9,7 @@ from server import completions, streaming
 from server.api_errors import ERROR_RESPONSES
 from server.deps import ReadyState
 from server.engine.errors import SwitchboardError
+from server.responses import Completion
 from server.schemas import CompletionRequest
 
 router = APIRouter(tags=["completions"])
@@ -31,7 +32,10 @@ async def _build_off_loop(body: CompletionRequest, state: ReadyState) -> list[co
         raise
 
 
-@router.post("/v1/completions", responses=ERROR_RESPONSES)
+@router.post("/v1/completions", response_model=Completion, response_model_exclude_unset=True,
+             responses={**ERROR_RESPONSES, 200: {"description": "a completion; with `stream: true`, server-sent "
+                                                 "events (one chunk per token, then `data: [DONE]`)",
+                                                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def create_completion(body: CompletionRequest, request: Request, state: ReadyState):
     label = body.model if body.model == "auto" or body.model in state.registry else "base"
     try:

@@ -4,18 +4,18 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.deps import State
+from server.responses import Health, Loading, Ready
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 @router.head("/health", include_in_schema=False)  # load balancers probe with HEAD
 async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "the model is still loading",
-                                      "content": {"application/json": {"schema": {"type": "object"}}}}})
+@router.get("/ready", response_model=Ready, responses={503: {"model": Loading, "description": "the model is still loading"}})
 @router.head("/ready", include_in_schema=False)  # load balancers probe with HEAD
 async def ready(state: State) -> JSONResponse:
     if not state.ready or state.services is None:

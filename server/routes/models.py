@@ -5,11 +5,12 @@ from fastapi import APIRouter
 from server.api_errors import MODEL_RESPONSES, READY_RESPONSES
 from server.deps import ReadyState
 from server.engine.errors import AdapterNotFound
+from server.responses import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", responses=READY_RESPONSES)
+@router.get("/v1/models", responses=READY_RESPONSES, response_model=ModelList, response_model_exclude_unset=True)
 async def list_models(state: ReadyState) -> dict:
     base = state.resident.model_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "switchboard", "root": base, "parent": None}]
@@ -25,7 +26,8 @@ async def list_models(state: ReadyState) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.get("/v1/models/{model_id:path}", responses=MODEL_RESPONSES)
+@router.get("/v1/models/{model_id:path}", responses=MODEL_RESPONSES, response_model=ModelCard,
+            response_model_exclude_unset=True)
 async def retrieve_model(model_id: str, state: ReadyState) -> dict:
     """One entry of the list (OpenAI's `models.retrieve`); 404 in OpenAI's shape otherwise."""
     for entry in (await list_models(state))["data"]:

@@ -1,0 +1,177 @@
+"""Response bodies, so that /openapi.json describes what clients get.
+
+The routes keep building plain dicts; FastAPI validates them against these models
+(`response_model=`, with `response_model_exclude_unset` so a field an entry does not carry,
+such as `routers` on an adapter's model card, stays absent rather than becoming null).
+Every model allows extra fields: a body may carry more than is described here (new fields are
+added without breaking a client that validates against an older schema), and the schema says so.
+OpenAI's field names where OpenAI has them; Switchboard's own fields are documented below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Open(BaseModel):
+    """A response object that may carry fields beyond the ones described."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# -- health -------------------------------------------------------------------------------------------------
+class Health(Open):
+    status: Literal["ok"]
+
+
+class Ready(Open):
+    status: Literal["ready"]
+    model: str = Field(description="the resident model's id")
+    adapters: int = Field(description="registered adapters")
+
+
+class Loading(Open):
+    status: Literal["loading"]
+
+
+# -- models -------------------------------------------------------------------------------------------------
+class ModelCard(Open):
+    """One entry of /v1/models: the base model, `auto` (when a router exists), or an adapter."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    routers: list[str] | None = Field(None, description="`auto` only: the routers it can use")
+    version: int | None = Field(None, description="adapters only: the registered version")
+    rank: int | None = Field(None, description="adapters only: LoRA rank")
+    target_modules: list[str] | None = Field(None, description="adapters only")
+    routable: bool | None = Field(None, description="adapters only: some router of `auto` can pick it")
+
+
+class ModelList(Open):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+# -- completions --------------------------------------------------------------------------------------------
+class RoutingSegment(Open):
+    """Generated tokens [start_token, end_token) and the gates in force for them."""
+
+    start_token: int
+    end_token: int
+    weights: dict[str, float]
+
+
+class CompletionLogprobs(Open):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int] | None
+
+
+class CompletionChoice(Open):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str
+    routing: list[RoutingSegment] = Field(description="the routing trace of this choice")
+
+
+class Usage(Open):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(Open):
+    """The body of a non-streaming completion (a streaming one is `text/event-stream`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+# -- admin: adapters ----------------------------------------------------------------------------------------
+class AdapterInfo(Open):
+    name: str
+    version: int
+    path: str = Field(description="the adapter's folder name in the store")
+    rank: int
+    alpha: int | float
+    scale: float
+    target_modules: list[str]
+    pinned: bool
+    resident: bool = Field(description="whether its factors are in a compute slot now")
+    in_flight: int = Field(description="requests holding this version")
+    bytes: int
+    centroids: list[int] | None = Field(description="the centroid tensor's shape [m, d], if any")
+    centroid_embedder: str | None
+    meta: dict[str, Any]
+
+
+class AdapterList(Open):
+    adapters: list[AdapterInfo]
+    max_loras: int
+
+
+class AdapterLoaded(Open):
+    status: Literal["loaded", "replaced"]
+    adapter: AdapterInfo
+    replaced_version: int | None
+
+
+class VLLMAdapterLoaded(AdapterLoaded):
+    message: str
+
+
+class AdapterUnloaded(Open):
+    status: Literal["unloaded"]
+    name: str
+    version: int
+
+
+class VLLMAdapterUnloaded(Open):
+    status: Literal["unloaded"]
+    message: str
+
+
+class ReloadReport(Open):
+    loaded: list[str]
+    replaced: list[str]
+    unchanged: list[str]
+    failed: dict[str, str] = Field(description="adapter -> why it was refused")
+    routers: list[str]
+    failed_routers: dict[str, str] = Field(description="router -> why it was refused")
+
+
+# -- admin: routers -----------------------------------------------------------------------------------------
+class RouterInfo(Open):
+    name: str
+    kind: str = Field(description="centroid | mlp")
+    adapters: list[str]
+    embedder: str | None = Field(None, description="MLP routers: the embedder it was trained on")
+
+
+class RouterList(Open):
+    routers: list[RouterInfo]
+    embedder: str = Field(description="the server's embedder id")
+
+
+class RouterLoaded(Open):
+    status: Literal["loaded"]
+    name: str
+    kind: str
+    adapters: list[str]
+
+
+class RouterUnloaded(Open):
+    status: Literal["unloaded"]
+    name: str
