@@ -141,6 +141,8 @@ class RemergeLoop:
         """Decode `measure` tokens (≤ `new_tokens`); beyond that, extrapolate the per-token cost."""
         from transformers import DynamicCache
 
+        from router_core.policy import reroute_due
+
         model = self.model
         ids = prompts.to(cfg.device)
         batch = ids.shape[0]
@@ -159,7 +161,7 @@ class RemergeLoop:
         sync(cfg)
         first = time.perf_counter() - start
         for i in range(1, measure):
-            if i % REROUTE_EVERY == 0:
+            if reroute_due(i, REROUTE_EVERY):  # the engine's cadence
                 names = self._merge(self._route(tail), names)
                 extra = {"adapter_names": names} if batch > 1 else {}
             out = model(input_ids=token, past_key_values=cache, use_cache=True, output_hidden_states=True, **extra)
