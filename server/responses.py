@@ -99,6 +99,45 @@ class Completion(Open):
     usage: Usage
 
 
+# -- chat completions ---------------------------------------------------------------------------------------
+class ChatMessage(Open):
+    role: Literal["assistant"]
+    content: str
+
+
+class TopLogprob(Open):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's raw bytes")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Open):
+    content: list[ChatTokenLogprob]
+
+
+class ChatChoice(Open):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str
+    routing: list[RoutingSegment] = Field(description="the routing trace of this choice")
+
+
+class ChatCompletion(Open):
+    """The body of a non-streaming chat completion (a streaming one is `text/event-stream`)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
 # -- admin: adapters ----------------------------------------------------------------------------------------
 class AdapterInfo(Open):
     name: str

@@ -13,7 +13,8 @@ from server.app import create_app
 from tests.conftest import ADMIN
 from tests.tiny import app_settings
 
-JSON_ROUTES = {("get", "/health"), ("get", "/ready"), ("get", "/v1/models"), ("post", "/v1/completions"),
+JSON_ROUTES = {("get", "/health"), ("get", "/ready"), ("get", "/v1/models"), ("get", "/v1/models/{model_id}"),
+               ("post", "/v1/completions"), ("post", "/v1/chat/completions"),
                ("get", "/admin/adapters"), ("post", "/admin/adapters"), ("delete", "/admin/adapters/{name}"),
                ("post", "/admin/reload"), ("get", "/admin/routers"), ("post", "/admin/routers"),
                ("delete", "/admin/routers/{name}"), ("post", "/v1/load_lora_adapter"),
@@ -46,8 +47,9 @@ def test_every_json_route_has_a_response_model(client):
     for method, path in JSON_ROUTES:
         content = schema["paths"][path][method]["responses"]["200"]["content"]
         assert "$ref" in content["application/json"]["schema"], (method, path)
-    streaming = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
-    assert set(streaming) == {"application/json", "text/event-stream"}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        streaming = schema["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(streaming) == {"application/json", "text/event-stream"}
     assert schema["paths"]["/ready"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]["$ref"] \
         .endswith("/Loading")
 
@@ -88,6 +90,10 @@ def test_real_answers_match_the_published_schema(client):
         out = call("POST", "/v1/completions", json=body)
         assert out["object"] == "text_completion" and len(out["choices"]) == (2 if isinstance(body["prompt"], list)
                                                                               and isinstance(body["prompt"][0], str) else 1)
+    call("GET", "/v1/models/gamma", "/v1/models/{model_id}")
+    chat = call("POST", "/v1/chat/completions", json={"model": "auto", "max_tokens": 3, "logprobs": True, "top_logprobs": 2,
+                                                      "messages": [{"role": "user", "content": "def g():"}]})
+    assert chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     routed = client.post("/v1/completions", json={"model": "auto", "prompt": "def g():", "max_tokens": 4}).json()
     segment = routed["choices"][0]["routing"][0]
     assert segment["start_token"] == 0 and set(segment["weights"]) <= {"gamma", "delta"}

@@ -10,12 +10,16 @@ from server.api_errors import ERROR_RESPONSES
 from server.chat_template import resolve
 from server.deps import ReadyState
 from server.engine.errors import SwitchboardError
+from server.responses import ChatCompletion
 from server.routes.completions import _build_off_loop
 
 router = APIRouter(tags=["chat"])
 
 
-@router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_unset=True,
+             responses={**ERROR_RESPONSES, 200: {"description": "a chat completion; with `stream: true`, server-sent "
+                                                 "events (one chunk per token, then `data: [DONE]`)",
+                                                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def create_chat_completion(body: chat.ChatCompletionRequest, request: Request, state: ReadyState):
     label = body.model if body.model == "auto" or body.model in state.registry else "base"
     try:
