@@ -3,7 +3,7 @@
 The store and its `_manifest.json` are the source of truth (Triton's `--model-control-mode=poll`
 is the model). An admin change on any server writes the manifest; every server that watches the
 same store polls it and applies what changed through the admin API's own path
-(`AdapterService.converge`, `RoutingService.load_mlp`): the same validation, a refused folder
+(`AdapterService.converge`, `RouterCatalogue.load_mlp`): the same validation, a refused folder
 changes nothing, and a removed adapter stays with the requests that hold it until they finish.
 So N servers on one store agree within one interval, without talking to each other.
 """
