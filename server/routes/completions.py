@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -11,6 +13,7 @@ from server.deps import ReadyState
 from server.engine.errors import SwitchboardError
 from server.responses import Completion
 from server.schemas import CompletionRequest
+from server.state import Services
 
 router = APIRouter(tags=["completions"])
 
@@ -37,14 +40,31 @@ async def _build_off_loop(body: CompletionRequest, state: ReadyState) -> list[co
                                                  "events (one chunk per token, then `data: [DONE]`)",
                                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def create_completion(body: CompletionRequest, request: Request, state: ReadyState):
-    label = body.model if body.model == "auto" or body.model in state.registry else "base"
+    async def prepare() -> CompletionRequest:
+        return body
+
+    return await serve(body.model, prepare, completions.complete, completions.stream, state, request)
+
+
+Finish = Callable[[CompletionRequest, list[completions.Choice], Services, Request], Awaitable[dict]]
+Stream = Callable[[CompletionRequest, list[completions.Choice], Services, Request], AsyncIterator[str]]
+
+
+async def serve(model: str, prepare: Callable[[], Awaitable[CompletionRequest]], finish: Finish, stream: Stream,
+                state: Services, request: Request) -> Any:
+    """The one request lifecycle behind `/v1/completions` and `/v1/chat/completions` (they differ
+    only in how the request becomes a `CompletionRequest` and in the response's shape): build the
+    rows off the event loop, submit them, then answer as a stream or a body, counting the outcome
+    (including 499 for a client that left) in the requests metric exactly once."""
+    label = model if model == "auto" or model in state.registry else "base"
     try:
-        choices = await _build_off_loop(body, state)
+        creq = await prepare()
+        choices = await _build_off_loop(creq, state)
         completions.submit(choices, state)
     except SwitchboardError as e:
         state.metrics.requests.labels("unknown" if e.status_code == 404 else label, str(e.status_code)).inc()
         raise
-    if body.stream:
+    if creq.stream:
         def cancel() -> None:
             for c in choices:
                 if c.finish_reason is None:
@@ -53,11 +73,11 @@ async def create_completion(body: CompletionRequest, request: Request, state: Re
         def outcome(status: str) -> None:
             state.metrics.requests.labels(label, status).inc()
 
-        return StreamingResponse(streaming.guarded(completions.stream(body, choices, state, request), cancel, outcome),
+        return StreamingResponse(streaming.guarded(stream(creq, choices, state, request), cancel, outcome),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        result = await completions.complete(body, choices, state, request)
+        result = await finish(creq, choices, state, request)
     except SwitchboardError as e:
         state.metrics.requests.labels(label, str(e.status_code)).inc()
         raise
