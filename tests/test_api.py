@@ -5,24 +5,17 @@ from __future__ import annotations
 import json
 
 import torch
-from peft import PeftModel
-from transformers import AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoTokenizer
 
 from tests.conftest import ADMIN
+from tests.tiny import peft_reference
 
 PROMPT = "def add(a, b):"
 
 
 def _peft_greedy(tiny_model_dir, store, weights: dict[str, float], n: int) -> str:
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
-    names = list(weights)
-    model = PeftModel.from_pretrained(base, store / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(store / name, adapter_name=name)
-    if len(names) > 1 or weights[names[0]] != 1.0:
-        model.add_weighted_adapter(names, list(weights.values()), "mix", combination_type="cat")
-        model.set_adapter("mix")
+    model = peft_reference(tiny_model_dir, store, weights)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id,

@@ -7,24 +7,10 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import GPT2LMHeadModel
+
+from tests.tiny import peft_reference
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 250, 11, 64], [7, 1, 300, 2, 9]]
-
-
-def _peft(store, tiny_model_dir, weights: dict[str, float] | None):
-    base = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
-    if not weights:
-        return base
-    names = list(weights)
-    model = PeftModel.from_pretrained(base, store / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(store / name, adapter_name=name)
-    if len(names) > 1 or weights[names[0]] != 1.0:
-        model.add_weighted_adapter(names, list(weights.values()), "mix", combination_type="cat")
-        model.set_adapter("mix")
-    return model.eval()
 
 
 @pytest.mark.parametrize("model,weights", [("alpha", {"alpha": 1.0}), ("auto", {"alpha": 0.3, "beta": 0.7}),
@@ -37,7 +23,7 @@ def test_prompt_logprobs_equal_hf_log_softmax(app_client, store, tiny_model_dir,
         body["model"] = tiny_model_dir.name
     r = app_client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    ref_model = _peft(store, tiny_model_dir, weights)
+    ref_model = peft_reference(tiny_model_dir, store, weights)
     tok = app_client.app.state.switchboard.services.resident.tokenizer
     for ids, choice in zip(PROMPTS, r.json()["choices"], strict=True):
         assert choice["finish_reason"] == "length"

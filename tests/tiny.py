@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 TINY_CONFIG = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, n_ctx=128)
@@ -78,6 +78,23 @@ def make_adapter(
     data["base_model_name_or_path"] = "tiny-gpt2"
     cfg_path.write_text(json.dumps(data, indent=2))
     return out_dir
+
+
+def peft_reference(model_dir: Path, store: Path, weights: dict[str, float] | None) -> torch.nn.Module:
+    """The PEFT reference for a fixed adapter or mixture: the base model alone (no weights), one
+    adapter as saved (weight 1.0), or `add_weighted_adapter(combination_type="cat")` over several,
+    which is what the engine's per-row mixture must reproduce."""
+    base = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    if not weights:
+        return base
+    names = list(weights)
+    model = PeftModel.from_pretrained(base, store / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(store / name, adapter_name=name)
+    if len(names) > 1 or weights[names[0]] != 1.0:
+        model.add_weighted_adapter(names, list(weights.values()), "mix", combination_type="cat")
+        model.set_adapter("mix")
+    return model.eval()
 
 
 def app_settings(model_dir: Path, store_dir: Path, **overrides):
