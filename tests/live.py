@@ -63,3 +63,20 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+
+def assert_abandoned_stream_cancelled(base: str, app, max_tokens: int, admin: dict[str, str]) -> None:
+    """After a client dropped a stream of `max_tokens`: its row leaves the engine, it stopped
+    short of `max_tokens`, and no adapter reference is left held."""
+    import httpx
+
+    engine = app.state.switchboard.services.engine
+    deadline = time.monotonic() + 10
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.running == []
+    generated = sum(float(line.split()[-1]) for line in httpx.get(f"{base}/metrics").text.splitlines()
+                    if line.startswith("switchboard_generated_tokens_total{"))
+    assert generated < max_tokens  # cancelled, not run to the end
+    adapters = httpx.get(f"{base}/admin/adapters", headers=admin).json()["adapters"]
+    assert all(a["in_flight"] == 0 for a in adapters)

@@ -11,7 +11,7 @@ import time
 import httpx
 
 from tests.conftest import ADMIN
-from tests.live import engine_paused, live_server, wait_until
+from tests.live import assert_abandoned_stream_cancelled, engine_paused, live_server, wait_until
 from tests.tiny import app_settings, make_adapter
 
 PROMPTS = ["def add(a, b):", "It is a truth universally", "Natalia sold clips", "for i in range(10):",
@@ -137,20 +137,11 @@ def test_full_queue_answers_429(tiny_model_dir, store):
 def test_disconnect_frees_the_row(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store)
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.services.engine
         with httpx.stream("POST", f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 110,
                                                                  "stream": True}, timeout=60) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
-        deadline = time.monotonic() + 10
-        while engine.running and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine.running == []
-        generated = sum(float(line.split()[-1]) for line in httpx.get(f"{base}/metrics").text.splitlines()
-                        if line.startswith("switchboard_generated_tokens_total{"))
-        assert generated < 110
-        adapters = httpx.get(f"{base}/admin/adapters", headers=ADMIN).json()["adapters"]
-        assert all(a["in_flight"] == 0 for a in adapters)
+        assert_abandoned_stream_cancelled(base, app, 110, ADMIN)
 
 
 def _stream_lines(base: str, body: dict, out: dict) -> None:
