@@ -61,11 +61,12 @@ def test_timeouts_end_streams_with_an_error_event_and_done(tiny_model_dir, store
         assert json.loads(result["lines"][-2][6:])["error"]["type"] == "timeout_error"
         # 2) tokens keep arriving, but the total time is bounded
         _slow_engine(app, monkeypatch)
-        status, lines = _sse(base, {"model": "alpha", "prompt": "x", "max_tokens": 110})
+        status, lines = _sse(base, {"model": "alpha", "prompt": "x", "max_tokens": 110, "ignore_eos": True})
         assert status == 200 and lines[-1] == "data: [DONE]"
         assert json.loads(lines[-2][6:])["error"]["code"] == "timeout"
         assert 0 < len(lines) - 2 < 110  # tokens came, then the deadline cut it
-        r = httpx.post(f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110}, timeout=60)
+        r = httpx.post(f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110, "ignore_eos": True},
+                       timeout=60)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
         wait_until(lambda: _idle(app), what="the engine to drop the timed-out rows")
         assert _metric(base, 'switchboard_requests_total{model="alpha",status="504"}') == 2
@@ -77,7 +78,8 @@ def test_abandoned_requests_are_cancelled_and_counted_499(tiny_model_dir, store,
         engine = app.state.switchboard.services.engine
         # non-streaming: the client gives up; the server notices while tokens are still arriving
         try:
-            httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 110}, timeout=0.6)
+            httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 110, "ignore_eos": True},
+                       timeout=0.6)
             raise AssertionError("the request should have outlasted the client's timeout")
         except httpx.ReadTimeout:
             pass
@@ -86,7 +88,7 @@ def test_abandoned_requests_are_cancelled_and_counted_499(tiny_model_dir, store,
         wait_until(lambda: _metric(base, 'switchboard_requests_total{model="alpha",status="499"}') == 1,
                    timeout=10, what="the abandoned request to be counted as 499")
         # streaming: read one token, then hang up
-        with httpx.stream("POST", f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110,
+        with httpx.stream("POST", f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110, "ignore_eos": True,
                                                                  "stream": True}, timeout=60) as r:
             next(line for line in r.iter_lines() if line.startswith("data: {"))
         wait_until(lambda: _idle(app), timeout=20, what="the abandoned stream to be cancelled")
