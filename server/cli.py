@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from server import ray_cli
+from server.chat_template import load_template
 from server.engine.errors import ModelLoadError
 from server.settings import Settings
 
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         parser.error(str(e))
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # refuse a bad --chat-template before anything slow (loading the model, demo training, Ray)
+        load_template(settings.server.chat_template)
+    except ValueError as e:
+        sys.stderr.write(f"switchboard: {e}\n")
+        return 2
     if command == "serve-ray":
         return ray_cli.run(args, settings)
     import uvicorn

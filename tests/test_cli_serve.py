@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from server.local import free_port, wait_ready
 
@@ -79,9 +80,12 @@ def test_flags_and_env_reach_settings(monkeypatch):
     assert s.server.host == "127.0.0.1" and s.server.admin_token is None
 
 
-def test_bad_chat_template_refuses_to_start(tmp_path, tiny_model_dir):
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model_dir),
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_bad_chat_template_refuses_to_start(tmp_path, tiny_model_dir, command):
+    """Refused before the model loads or the demo trains anything: one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "server.cli", command, "--base-model", str(tiny_model_dir),
                            "--adapter-dir", str(tmp_path / "store"), "--chat-template", str(tmp_path / "missing.jinja")],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--chat-template" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())  # the demo trained nothing

@@ -112,15 +112,16 @@ def browser():
 class Offline:
     """Lets the page reach only `base`; anything else is aborted and recorded (and fails the test)."""
 
-    def __init__(self, page, base: str) -> None:
+    def __init__(self, page, base: str, allowed_status: int = 400) -> None:
         self.base, self.refused, self.errors = base, [], []
+        self.allowed = f"status of {allowed_status}"
         page.route("**/*", self._route)
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.on("console", self._console)
 
     def _console(self, message) -> None:
-        # the browser logs every 4xx response; the test provokes exactly one (a 400), which the page must show
-        if message.type == "error" and "status of 400" not in message.text:
+        # the browser logs every 4xx response; each test provokes one kind (a 400, or a 401), which the page must show
+        if message.type == "error" and self.allowed not in message.text:
             self.errors.append(message.text)
 
     def _route(self, route) -> None:
@@ -316,3 +317,24 @@ def test_playground_in_chromium(browser, store, tiny_model_dir, tmp_path):
         page.wait_for_selector(".opblock-summary-path[data-path='/v1/completions']")
         assert offline.refused == [], f"the pages tried to reach the network: {offline.refused}"
         assert offline.errors == [], offline.errors
+
+
+@pytest.mark.slow
+def test_playground_sends_the_api_key(browser, store, tiny_model_dir):
+    """With `--api-key` the page says the key is needed, then lists the models and streams a
+    completion once the user enters it (sent on /v1/* only, as the server checks it)."""
+    settings = app_settings(tiny_model_dir, store, server={"api_key": "K"})
+    with live_server(settings) as (base, _app):
+        page = browser.new_page()
+        offline = Offline(page, base, allowed_status=401)
+        page.goto(f"{base}/playground")
+        page.wait_for_function("document.getElementById('server-status').textContent === 'API key needed'")
+        assert page.eval_on_selector_all("#model option", "ns => ns.length") == 0
+        page.fill("#api-key", "K")
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_function("document.getElementById('server-status').textContent === 'ready'")
+        page.select_option("#model", "alpha")
+        page.fill("#max-tokens", "4")
+        _generate(page)
+        assert len(_tokens(page)) == 4
+        assert offline.refused == [] and offline.errors == [], (offline.refused, offline.errors)

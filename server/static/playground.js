@@ -19,6 +19,7 @@ const state = {
   adapters: [],        // names, sorted
   colours: new Map(),  // adapter -> colour, stable for the page's life
   token: "",
+  apiKey: "",          // the server's --api-key, for /v1/* (empty: none sent)
   controller: null,
   history: [],         // [{at, tokens}] of recent polls, for tokens/s over the last RATE_WINDOW_MS
 };
@@ -75,10 +76,16 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// The server's --api-key guards /v1/* (as vLLM's does); admin routes take the admin token instead.
+function apiKeyHeader() {
+  return state.apiKey ? {authorization: `Bearer ${state.apiKey}`} : {};
+}
+
 async function api(path, {method = "GET", body, admin = false} = {}) {
   const headers = {};
   if (body !== undefined) headers["content-type"] = "application/json";
   if (admin) headers["authorization"] = `Bearer ${state.token}`;
+  else Object.assign(headers, apiKeyHeader());
   const r = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
   const text = await r.text();
   let data = null;
@@ -100,7 +107,7 @@ async function loadModels() {
     $("server-status").textContent = "ready";
     $("server-status").className = "pill ok";
   } catch (e) {
-    $("server-status").textContent = e.status === 503 ? "loading…" : "unreachable";
+    $("server-status").textContent = e.status === 503 ? "loading…" : e.status === 401 ? "API key needed" : "unreachable";
     $("server-status").className = "pill bad";
     return;
   }
@@ -445,7 +452,7 @@ async function generate() {
   $("generate").disabled = true;
   $("stop").disabled = false;
   try {
-    const response = await fetch("v1/completions", {method: "POST", headers: {"content-type": "application/json"},
+    const response = await fetch("v1/completions", {method: "POST", headers: {"content-type": "application/json", ...apiKeyHeader()},
                                                      body: JSON.stringify(body), signal: state.controller.signal});
     if (!response.ok) {
       const data = await response.json().catch(() => null);
@@ -539,6 +546,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("admin-token").addEventListener("input", () => {
     clearTimeout(tokenTimer);
     tokenTimer = setTimeout(() => { state.token = $("admin-token").value.trim(); loadModels(); }, 300);
+  });
+  let keyTimer = null;
+  $("api-key").addEventListener("input", () => {
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(() => { state.apiKey = $("api-key").value.trim(); loadModels(); }, 300);
   });
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); });
   setAdminState(false, $("admin-state").textContent);
