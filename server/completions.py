@@ -36,7 +36,13 @@ class Choice:
     tokens: int = 0
     lp: LogprobTrack | None = None  # when the request asked for log-probs
     echo: bool = False  # the prompt is returned before the completion
-    copy: int = 0  # which of the prompt's `n` choices this is
+    copy: int = 0  # which of the prompt's candidates (`best_of`, else `n`) this is
+    cumulative_logprob: float = 0.0  # of the sampled tokens: how `best_of` ranks the candidates
+
+
+def candidates(req: CompletionRequest) -> int:
+    """Rows sampled per prompt: `best_of` when it asks for more than `n` (validated), else `n`."""
+    return max(req.n, getattr(req, "best_of", None) or req.n)
 
 
 def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, list[str]]:
@@ -117,7 +123,7 @@ def build_choices(req: CompletionRequest, state: Services,
     submitted). Tokenising is the heavy part: the route runs this on a worker thread, passing
     its event loop. The request owns the references until `submit` hands them to the engine;
     if anything here fails, the ones taken so far are released before the error leaves."""
-    check_fields(req, req.n)
+    check_fields(req, req.n, ranks_candidates=True)
     limits = state.settings.server
     stop = validation.check_stop((req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
                                  limits.max_stop_chars)
@@ -139,7 +145,7 @@ def build_choices(req: CompletionRequest, state: Services,
     choices: list[Choice] = []
     try:
         for text, ids in prompts:
-            for copy in range(req.n):
+            for copy in range(candidates(req)):
                 versions = state.registry.acquire(adapters)
                 try:
                     queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -199,6 +205,7 @@ def _apply(choice: Choice, ev: TokenEvent, state: Services) -> None:
         choice.lp.add_prompt(choice.seq.prompt_ids, choice.seq.prompt_scores)
     if ev.token_id is not None:
         choice.tokens += 1
+        choice.cumulative_logprob += ev.logprob or 0.0
         if choice.lp is not None and ev.logprob is not None:
             choice.lp.add(ev.token_id, ev.logprob, ev.top)
     choice.finish_reason = ev.finish_reason
@@ -256,13 +263,26 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: Service
         for c in choices:
             state.worker.cancel(c.seq)
         raise
+    usage = _usage(choices)  # every candidate's tokens count, as OpenAI bills best_of
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model,
         "choices": [{"index": i, "text": (c.seq.prompt_text if c.echo else "") + c.text,
                      "logprobs": _logprobs_body(c, state), "finish_reason": c.finish_reason,
-                     "routing": c.seq.segments()} for i, c in enumerate(choices)],
-        "usage": _usage(choices),
+                     "routing": c.seq.segments()} for i, c in enumerate(best(choices, req.n, candidates(req)))],
+        "usage": usage,
     }
+
+
+def best(choices: list[Choice], n: int, per_prompt: int) -> list[Choice]:
+    """The `n` of each prompt's `per_prompt` candidates (consecutive in `choices`) with the highest
+    cumulative log-probability, in prompt order (vLLM's `best_of` ranking; ties keep sampling
+    order). With no extra candidates, all of them as they are."""
+    if per_prompt <= n:
+        return choices
+    out: list[Choice] = []
+    for start in range(0, len(choices), per_prompt):
+        out += sorted(choices[start:start + per_prompt], key=lambda c: -c.cumulative_logprob)[:n]
+    return out
 
 
 async def stream(req: CompletionRequest, choices: list[Choice], state: Services,

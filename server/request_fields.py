@@ -51,11 +51,13 @@ class SamplingFields(BaseModel):
     min_tokens: int | None = Field(None, ge=0, le=4096, description="vLLM: no EOS / stop token before this many tokens")
     ignore_eos: bool | None = Field(None, description="vLLM: keep generating past EOS")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM: token ids that end the completion")
-    best_of: int | None = Field(None, ge=1, description="accepted when equal to n (no re-ranking)")
+    best_of: int | None = Field(None, ge=1, description="completions: sample this many candidates per prompt and "
+                                "return the n with the highest cumulative log-probability (not with stream)")
 
 
-def check_fields(req: BaseModel, n: int) -> None:
-    """400 for a known-but-unsupported field with an effective value; log unknown ones once."""
+def check_fields(req: BaseModel, n: int, ranks_candidates: bool = False) -> None:
+    """400 for a known-but-unsupported field with an effective value; log unknown ones once.
+    `ranks_candidates`: the endpoint implements `best_of` > n (legacy completions do, chat does not)."""
     for name, value in (req.model_extra or {}).items():
         if name in UNSUPPORTED:
             if value not in UNSUPPORTED[name]:
@@ -66,9 +68,16 @@ def check_fields(req: BaseModel, n: int) -> None:
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"n must be between 1 and {MAX_N}", param="n")
     best_of = getattr(req, "best_of", None)
-    if best_of is not None and best_of != n:
-        raise InvalidRequest("best_of must equal n: candidates are not re-ranked here", param="best_of",
+    if best_of is None or best_of == n:
+        return
+    if not ranks_candidates:
+        raise InvalidRequest("best_of is a /v1/completions field; here it must equal n", param="best_of",
                              code="unsupported_parameter")
+    if not n <= best_of <= MAX_N:
+        raise InvalidRequest(f"best_of must be between n ({n}) and {MAX_N}", param="best_of")
+    if getattr(req, "stream", False):
+        raise InvalidRequest("best_of cannot be used with stream (the best candidates are known only at the end)",
+                             param="best_of")
 
 
 def sampling_params(req: Any, logit_bias: tuple[tuple[int, float], ...], top_logprobs: int, vocab: int,

@@ -108,6 +108,26 @@ def test_n_choices_and_best_of(app_client):
     assert r.json()["usage"]["prompt_tokens"] == 2  # each prompt counted once
 
 
+def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(app_client):
+    """best_of 4, n 2: the same seeded candidates as n 4 (whose token log-probs give the
+    reference ranking), of which the two with the highest sum come back; usage bills all four."""
+    body = {"model": "alpha", "prompt": ["a", "def f"], "max_tokens": 4, "temperature": 1.0, "seed": 3,
+            "ignore_eos": True}
+    all4 = app_client.post("/v1/completions", json={**body, "n": 4, "logprobs": 0}).json()["choices"]
+    r = app_client.post("/v1/completions", json={**body, "n": 2, "best_of": 4})
+    assert r.status_code == 200, r.text
+    got = [c["text"] for c in r.json()["choices"]]
+    want = []
+    for start in (0, 4):
+        group = all4[start:start + 4]
+        assert len({c["text"] for c in group}) > 1  # the candidates differ, so the ranking decides
+        ranked = sorted(group, key=lambda c: -sum(c["logprobs"]["token_logprobs"]))
+        want += [c["text"] for c in ranked[:2]]
+    assert got == want
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2, 3]
+    assert r.json()["usage"]["completion_tokens"] == 2 * 4 * 4
+
+
 def test_a_full_context_window_can_be_scored(app_client):
     limit = app_client.app.state.switchboard.services.resident.max_positions
     window = [(7 * i) % 300 + 1 for i in range(limit)]
