@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import DATA
 from tests.tiny import make_adapter, save_model
 
-SAMPLE_DATA = Path(__file__).resolve().parent / "data"
+SAMPLE_DATA = DATA
 
 
 @pytest.fixture()

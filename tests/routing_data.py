@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data" / "routing"
+from tests import paths
+
+DATA = paths.DATA / "routing"
 DOMAINS = ("code", "literature")
 
 

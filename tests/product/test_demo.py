@@ -19,9 +19,8 @@ import httpx
 import pytest
 
 from server.local import free_port
+from tests.paths import REPO
 from training.data import DataError, load_dataset, starter_names
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_demo(cwd: Path, model_dir: Path, port: int) -> tuple[str, dict, dict]:

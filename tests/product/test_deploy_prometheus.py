@@ -25,11 +25,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.local import NotReady, free_port, wait_ready
+from tests.paths import REPO
 from tests.tiny import make_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
-DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "switchboard.json"
+PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
+DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "switchboard.json"
 COMPOSE_TARGET = "switchboard:8000"
 TOKEN = "scrape-test-token"
 START_TIMEOUT = 90.0  # server: import torch, load the tiny model
@@ -158,7 +158,7 @@ def test_prometheus_scrapes_routing_metrics(tmp_path, tiny_model_dir):
                 [sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model_dir),
                  "--adapter-dir", str(store), "--host", "127.0.0.1", "--port", str(port),
                  "--admin-token", TOKEN, "--embedder", "base", "--no-scan-on-start", "--log-level", "warning"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         wait_for(f"{base}/ready", server, server_log, START_TIMEOUT, "switchboard serve")
         print(f"server ready after {time.monotonic() - t0:.1f} s")
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILES = {"cpu": ROOT / "docker" / "Dockerfile", "cuda": ROOT / "docker" / "Dockerfile.cuda"}
-PROMETHEUS = ROOT / "docker" / "prometheus" / "prometheus.yml"
-GRAFANA = ROOT / "docker" / "grafana"
+from tests.paths import REPO
+
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "cuda": REPO / "docker" / "Dockerfile.cuda"}
+PROMETHEUS = REPO / "docker" / "prometheus" / "prometheus.yml"
+GRAFANA = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "switchboard.json"
-DOC = ROOT / "docs" / "deploy.md"
+DOC = REPO / "docs" / "deploy.md"
 ENV_NAME = re.compile(r"SWITCHBOARD_[A-Z0-9_]+")
 
 
@@ -40,11 +41,11 @@ def pyproject() -> dict:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "docker" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "docker" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -101,7 +102,7 @@ def metric_info() -> tuple[dict[str, set[str]], set[str]]:
 def host_path(source: str) -> Path | None:
     """The host side of a short-syntax volume, or None for a named volume."""
     if source.startswith((".", "/", "~")):
-        return (ROOT / source).resolve() if not source.startswith("/") else Path(source)
+        return (REPO / source).resolve() if not source.startswith("/") else Path(source)
     return None
 
 
@@ -128,7 +129,7 @@ def test_compose_paths_exist():
         build = service.get("build")
         if build is not None:
             build = {"context": build} if isinstance(build, str) else build
-            context = ROOT / build.get("context", ".")
+            context = REPO / build.get("context", ".")
             assert context.is_dir(), f"{name}: build context {context} missing"
             assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"{name}: dockerfile missing"
         for volume in service.get("volumes", []):
@@ -138,7 +139,7 @@ def test_compose_paths_exist():
                 assert source in named, f"{name}: named volume {source!r} is not declared"
             else:
                 assert path.exists(), f"{name}: mounted host path {source} does not exist"
-                assert ROOT in path.parents or path == ROOT, f"{name}: {source} is outside the repository"
+                assert REPO in path.parents or path == REPO, f"{name}: {source} is outside the repository"
 
 
 def test_compose_and_dockerfiles_use_only_real_settings():
@@ -209,12 +210,12 @@ def test_dockerfile_runtime_contract(kind):
     assert all(exec_form(c) == [] for c in by.get("CMD", [])), "CMD would append arguments to `serve`"
 
     # The torch pin is the one scripts/setup.sh installs.
-    setup_pin = re.search(r"TORCH_VERSION:-([0-9.]+)", (ROOT / "scripts" / "setup.sh").read_text()).group(1)
+    setup_pin = re.search(r"TORCH_VERSION:-([0-9.]+)", (REPO / "scripts" / "setup.sh").read_text()).group(1)
     assert args["TORCH_VERSION"] == setup_pin
 
 
 def dockerignore() -> list[str]:
-    return [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
 
 
@@ -244,7 +245,7 @@ def test_dockerfile_copies_exist_in_the_build_context(kind):
     for args in copies:
         parts = [p for p in shlex.split(args) if not p.startswith("--")]
         for source in parts[:-1]:
-            assert (ROOT / source).exists(), f"COPY {source}: missing"
+            assert (REPO / source).exists(), f"COPY {source}: missing"
             assert not ignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
     for package in ("server", "router_core"):
         assert any(a.split()[0] == package for a in copies), f"{package} is not copied into the image"
@@ -264,10 +265,10 @@ def test_deps_script_reads_pyproject():
     if sys.version_info < (3, 11):
         pytest.skip("docker/deps_from_pyproject.py runs on the images' Python (>= 3.11: tomllib)")
     deps = load_script("deps_from_pyproject")
-    assert deps.requirements(str(ROOT / "pyproject.toml"), "routing") == (
+    assert deps.requirements(str(REPO / "pyproject.toml"), "routing") == (
         project["dependencies"] + project["optional-dependencies"]["routing"])
     with pytest.raises(SystemExit):
-        deps.requirements(str(ROOT / "pyproject.toml"), "no-such-extra")
+        deps.requirements(str(REPO / "pyproject.toml"), "no-such-extra")
 
 
 def test_entrypoint_is_the_console_script_ci_runs():
@@ -276,7 +277,7 @@ def test_entrypoint_is_the_console_script_ci_runs():
     # The installed console script (what the image runs) has the `serve` command with every flag.
     script = Path(sys.executable).with_name("switchboard")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
-    out = subprocess.run([*command, "serve", "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run([*command, "serve", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     for row in gen.settings_rows():
         assert row["flag"].split(" / ")[0] in out.stdout, row["flag"]
@@ -442,7 +443,7 @@ def test_deploy_doc_covers_every_setting_and_metric():
 
 
 def test_ci_installs_prometheus_without_failing_on_it():
-    run = (ROOT / ".ci" / "run").read_text()
+    run = (REPO / ".ci" / "run").read_text()
     line = next(line for line in run.splitlines() if "apt-get install" in line)
     assert "prometheus" in line
     assert "||" in run.split("apt-get install", 1)[1].split("\n.venv", 1)[0], "a failed install must not stop CI"

@@ -4,17 +4,17 @@ import that closes a cycle still ties two modules together (and breaks when one 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
+
 PACKAGES = ("server", "router_core", "training", "bench")
 
 
 def import_graph() -> dict[str, set[str]]:
     files = {}
     for package in PACKAGES:
-        for f in (ROOT / package).rglob("*.py"):
-            name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
+        for f in (REPO / package).rglob("*.py"):
+            name = ".".join(f.relative_to(REPO).with_suffix("").parts)
             files[name.removesuffix(".__init__")] = f
     graph: dict[str, set[str]] = {}
     for name, f in files.items():

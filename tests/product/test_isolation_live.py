@@ -14,7 +14,7 @@ import httpx
 
 from tests.conftest import ADMIN
 from tests.live import engine_paused, live_server, wait_until
-from tests.test_isolation_api import REPRODUCTIONS
+from tests.server.test_isolation_api import REPRODUCTIONS
 from tests.tiny import app_settings
 
 

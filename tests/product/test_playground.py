@@ -26,10 +26,11 @@ import pytest
 
 from tests.conftest import ADMIN
 from tests.live import live_server
+from tests.paths import REPO
 from tests.tiny import app_settings
 
-STATIC = Path(__file__).resolve().parents[1] / "server" / "static"
-DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
+STATIC = REPO / "server" / "static"
+DOCS_SCREENSHOT = REPO / "docs" / "playground.png"
 CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 CODE_EXAMPLES = ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i)",
@@ -89,7 +90,7 @@ def test_pages_and_assets_are_served_from_the_package(app_client):
 def test_pages_are_package_data():
     """A non-editable install must ship server/static: pyproject declares it as package data."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = project["tool"]["setuptools"]["package-data"]["server"]
     shipped = {p.relative_to(STATIC.parent).as_posix() for pattern in patterns for p in STATIC.parent.glob(pattern)}
     assert {f"static/{f.name}" for f in STATIC.iterdir()} <= shipped

@@ -14,7 +14,7 @@ from router_core.artifacts import save_router
 from router_core.mlp import MLPRouter, MLPRouterNet
 from server.app import create_app
 from tests.conftest import ADMIN, require_minilm
-from tests.test_router_realdata import code_prompts, literature_prompts, math_prompts
+from tests.router_core.test_router_realdata import code_prompts, literature_prompts, math_prompts
 from tests.tiny import app_settings, build_tokenizer, make_adapter
 
 N_EXAMPLES, N_HELD_OUT = 40, 100

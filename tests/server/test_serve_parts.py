@@ -12,6 +12,7 @@ from server.asgi_stream import HTTPRequest, stream_asgi
 from server.metrics import Metrics
 from server.metrics_merge import merge_expositions
 from tests.conftest import ADMIN
+from tests.paths import REPO
 from tests.tiny import app_settings
 
 
@@ -115,11 +116,10 @@ def test_shipped_serve_config_builds(tiny_model_dir, store):
     """docker/ray-serve.yaml names the builder and only settings it accepts."""
     pytest.importorskip("ray.serve", reason="the `ray` extra is not installed")
     import importlib
-    from pathlib import Path
 
     import yaml
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker" / "ray-serve.yaml").read_text())
+    config = yaml.safe_load((REPO / "docker" / "ray-serve.yaml").read_text())
     (app,) = config["applications"]
     module, _, name = app["import_path"].partition(":")
     builder = getattr(importlib.import_module(module), name)

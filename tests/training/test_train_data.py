@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import REPO
 from training import data as D
 
 
@@ -106,7 +107,7 @@ def test_examples_roundtrip(tmp_path: Path, sample_data: Path) -> None:
 
 def test_training_never_imports_server() -> None:
     """Static check over every module (an import test would cost seconds of transformers import)."""
-    root = Path(__file__).resolve().parents[1] / "training"
+    root = REPO / "training"
     offenders = []
     for f in sorted(root.glob("*.py")):
         for node in ast.walk(ast.parse(f.read_text())):

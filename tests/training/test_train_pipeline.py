@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.paths import DATA
 from training.cli import main
 
 CODE = "codealpaca/code_alpaca_2k.json"
@@ -203,7 +204,7 @@ def test_eval_writes_report_with_plots(
     args = ["eval", "--base-model", str(tiny_model_dir), "--adapter-dir", str(trained), "--router", "mlp"]
     args += ["--data", f"code={sample_data / CODE}", f"lit={sample_data / LIT}", "--limit", "6"]
     args += ["--max-length", "64", "--reroute-every", "4", "--out", str(out), "-q"]
-    routing_data = Path(__file__).parent / "data" / "routing"
+    routing_data = DATA / "routing"
     args += ["--held-out", f"code={routing_data / 'heldout_code.jsonl'}", f"lit={routing_data / 'heldout_literature.jsonl'}"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())

@@ -21,7 +21,7 @@ from server.engine.adapter_store import BaseSpec, read_adapter
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
-from tests.test_engine_parity import PROMPT, _hold, _seq, _tokens
+from tests.server.engine.test_engine_parity import PROMPT, _hold, _seq, _tokens
 from tests.tiny import run_engine
 
 

@@ -18,7 +18,7 @@ from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.engine.static_step import StaticDecoder, bucket
-from tests.test_engine_parity import PROMPT, _hold, _seq, _tokens
+from tests.server.engine.test_engine_parity import PROMPT, _hold, _seq, _tokens
 from tests.tiny import make_adapter, run_engine
 
 
