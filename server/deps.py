@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.engine.errors import AuthError, Forbidden, Unavailable
-from server.state import AppState, Services
+from server.state import AppState, Services, app_state
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.switchboard
+    return app_state(request.app)
 
 
 def get_services(request: Request) -> Services:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.adapters import AdapterService
 from server.engine.base_model import ResidentModel
@@ -14,6 +14,9 @@ from server.metrics import Metrics
 from server.routing import RouterCatalogue
 from server.settings import Settings
 from server.worker import EngineWorker
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 @dataclass
@@ -47,3 +50,10 @@ class AppState:
     registry: AdapterRegistry
     services: Services | None = None
     ready: bool = False
+
+
+def app_state(app: FastAPI) -> AppState:
+    """The state `create_app` attached to `app`, typed: what the route dependencies and the tests
+    reach through instead of spelling out `app.state.switchboard`."""
+    state: AppState = app.state.switchboard
+    return state
