@@ -11,6 +11,7 @@ import uvicorn
 
 from server.app import create_app
 from server.local import NotReady, free_port, wait_ready
+from tests.handle import AppHandle
 
 
 @contextmanager
@@ -40,7 +41,7 @@ def live_server(settings, timeout: float = 60.0):
 def engine_paused(app, timeout: float = 30.0):
     """Hold the engine thread between steps (nothing is admitted or decoded) until the block exits,
     so a test can line requests up without racing the engine."""
-    worker = app.state.switchboard.services.worker
+    worker = AppHandle(app).worker
     entered, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -57,6 +58,12 @@ def engine_paused(app, timeout: float = 30.0):
         done.result(timeout)
 
 
+def begin_shutdown(app) -> None:
+    """Start a live_server's graceful shutdown from inside a test: it stops accepting connections
+    while the requests in flight continue (what SIGTERM does to `switchboard serve`)."""
+    app.state.uvicorn_server.should_exit = True
+
+
 def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -70,7 +77,7 @@ def assert_abandoned_stream_cancelled(base: str, app, max_tokens: int, admin: di
     short of `max_tokens`, and no adapter reference is left held."""
     import httpx
 
-    engine = app.state.switchboard.services.engine
+    engine = AppHandle(app).engine
     deadline = time.monotonic() + 10
     while engine.running and time.monotonic() < deadline:
         time.sleep(0.02)

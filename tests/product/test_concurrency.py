@@ -11,7 +11,14 @@ import time
 import httpx
 
 from tests.conftest import ADMIN
-from tests.live import assert_abandoned_stream_cancelled, engine_paused, live_server, wait_until
+from tests.handle import AppHandle
+from tests.live import (
+    assert_abandoned_stream_cancelled,
+    begin_shutdown,
+    engine_paused,
+    live_server,
+    wait_until,
+)
 from tests.tiny import app_settings, make_adapter
 
 PROMPTS = ["def add(a, b):", "It is a truth universally", "Natalia sold clips", "for i in range(10):",
@@ -37,7 +44,7 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[int, str]:
 
 def test_concurrent_mixed_requests_equal_sequential(tiny_model_dir, store):
     with live_server(app_settings(tiny_model_dir, store)) as (base, app):
-        base_id = app.state.switchboard.services.resident.model_id
+        base_id = AppHandle(app).resident.model_id
         bodies = [_body(i) for i in range(16)]
         for b in bodies:
             if b["model"] == "tiny-gpt2":
@@ -63,7 +70,7 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, store):
     make_adapter(tiny_model_dir, store / "alpha_v2", seed=77)
     settings = app_settings(tiny_model_dir, store)
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.services.engine
+        engine = AppHandle(app).engine
         body = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
         v1 = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         httpx.post(f"{base}/admin/adapters", json={"name": "alpha", "path": "alpha_v2"}, headers=ADMIN, timeout=60)
@@ -118,7 +125,7 @@ def test_hot_swap_under_streaming_load(tiny_model_dir, store):
 def test_full_queue_answers_429(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store, engine={"max_batch_size": 1, "max_queue": 1})
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.services.engine
+        engine = AppHandle(app).engine
         results: dict = {}
         with engine_paused(app):
             queued = threading.Thread(target=lambda: results.setdefault("queued", httpx.post(
@@ -161,7 +168,7 @@ def _completed(result: dict) -> bool:
 def test_unload_in_use_waits_or_conflicts(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store)
     with live_server(settings) as (base, app):
-        registry = app.state.switchboard.registry
+        registry = AppHandle(app).registry
         result: dict = {}
         with engine_paused(app) as release:
             thread = threading.Thread(target=_stream_lines, args=(base, {"model": "alpha", "prompt": "x",
@@ -205,13 +212,13 @@ def test_graceful_shutdown_finishes_in_flight(tiny_model_dir, store):
     settings = app_settings(tiny_model_dir, store, engine={"shutdown_grace": 30})
     result: dict = {}
     with live_server(settings) as (base, app):
-        engine = app.state.switchboard.services.engine
+        engine = AppHandle(app).engine
         with engine_paused(app):
             thread = threading.Thread(target=_stream_lines, args=(base, {"model": "alpha", "prompt": "x",
                                                                         "max_tokens": 60}, result))
             thread.start()
             wait_until(lambda: engine.queue_depth() == 1, what="the stream to queue")
-            app.state.uvicorn_server.should_exit = True  # stop accepting; in-flight work continues
+            begin_shutdown(app)  # stop accepting; in-flight work continues
             time.sleep(0.2)
     thread.join(timeout=60)
     assert _completed(result)

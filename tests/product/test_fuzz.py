@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ADMIN
+from tests.handle import AppHandle
 from tests.live import live_server, wait_until
 from tests.tiny import app_settings
 
@@ -63,11 +64,6 @@ def _check_stream(r: httpx.Response) -> None:
 
 def _registry(base: str) -> dict[str, int]:
     return {a["name"]: a["version"] for a in httpx.get(f"{base}/admin/adapters", headers=ADMIN).json()["adapters"]}
-
-
-def _idle(app) -> bool:
-    state = app.state.switchboard
-    return not state.services.engine.has_work() and all(v.refcount == 0 for v in state.registry.snapshot().values())
 
 
 class Background:
@@ -136,7 +132,7 @@ def test_fuzz_completions(server):
 
     with Background(base):
         one()
-    wait_until(lambda: _idle(app), what="in_flight back to 0 after the fuzz run")
+    wait_until(lambda: AppHandle(app).idle(), what="in_flight back to 0 after the fuzz run")
 
 
 names = st.one_of(st.sampled_from(["gamma", "evil\n", "auto", "Base", "a" * 65, "x:y", "../alpha", ""]), texts)
@@ -183,7 +179,7 @@ def test_fuzz_admin(server):
 
     with Background(base):
         one()
-    wait_until(lambda: _idle(app), what="in_flight back to 0 after the admin fuzz run")
+    wait_until(lambda: AppHandle(app).idle(), what="in_flight back to 0 after the admin fuzz run")
     assert {"alpha", "beta"} <= set(_registry(base))
 
 
@@ -215,4 +211,4 @@ def test_schemathesis_openapi(server):
             case.call_and_validate(headers=ADMIN, checks=checks)
 
         one()
-    wait_until(lambda: _idle(app), what="in_flight back to 0 after schemathesis")
+    wait_until(lambda: AppHandle(app).idle(), what="in_flight back to 0 after schemathesis")

@@ -13,6 +13,7 @@ import time
 import httpx
 
 from tests.conftest import ADMIN
+from tests.handle import AppHandle
 from tests.live import engine_paused, live_server, wait_until
 from tests.server.test_isolation_api import REPRODUCTIONS
 from tests.tiny import app_settings
@@ -20,7 +21,7 @@ from tests.tiny import app_settings
 
 def _slow_engine(app, monkeypatch, seconds: float = 0.03) -> None:
     """Every forward takes at least `seconds`, so a long generation outlasts a short timeout."""
-    engine = app.state.switchboard.services.engine
+    engine = AppHandle(app).engine
     real = engine._forward
 
     def slow(*args, **kwargs):
@@ -38,11 +39,6 @@ def _sse(base: str, body: dict, timeout: float = 60) -> tuple[int, list[str]]:
 def _metric(base: str, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in httpx.get(f"{base}/metrics").text.splitlines()
                if line.startswith(prefix))
-
-
-def _idle(app) -> bool:
-    state = app.state.switchboard
-    return not state.services.engine.has_work() and all(v.refcount == 0 for v in state.registry.snapshot().values())
 
 
 def test_timeouts_end_streams_with_an_error_event_and_done(tiny_model_dir, store, monkeypatch):
@@ -68,14 +64,14 @@ def test_timeouts_end_streams_with_an_error_event_and_done(tiny_model_dir, store
         r = httpx.post(f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110, "ignore_eos": True},
                        timeout=60)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
-        wait_until(lambda: _idle(app), what="the engine to drop the timed-out rows")
+        wait_until(lambda: AppHandle(app).idle(), what="the engine to drop the timed-out rows")
         assert _metric(base, 'switchboard_requests_total{model="alpha",status="504"}') == 2
 
 
 def test_abandoned_requests_are_cancelled_and_counted_499(tiny_model_dir, store, monkeypatch):
     with live_server(app_settings(tiny_model_dir, store)) as (base, app):
         _slow_engine(app, monkeypatch)
-        engine = app.state.switchboard.services.engine
+        engine = AppHandle(app).engine
         # non-streaming: the client gives up; the server notices while tokens are still arriving
         try:
             httpx.post(f"{base}/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 110, "ignore_eos": True},
@@ -83,7 +79,7 @@ def test_abandoned_requests_are_cancelled_and_counted_499(tiny_model_dir, store,
             raise AssertionError("the request should have outlasted the client's timeout")
         except httpx.ReadTimeout:
             pass
-        wait_until(lambda: _idle(app), timeout=20, what="the abandoned non-streaming row to be cancelled")
+        wait_until(lambda: AppHandle(app).idle(), timeout=20, what="the abandoned non-streaming row to be cancelled")
         assert _metric(base, "switchboard_generated_tokens_total{") < 110
         wait_until(lambda: _metric(base, 'switchboard_requests_total{model="alpha",status="499"}') == 1,
                    timeout=10, what="the abandoned request to be counted as 499")
@@ -91,7 +87,7 @@ def test_abandoned_requests_are_cancelled_and_counted_499(tiny_model_dir, store,
         with httpx.stream("POST", f"{base}/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 110, "ignore_eos": True,
                                                                  "stream": True}, timeout=60) as r:
             next(line for line in r.iter_lines() if line.startswith("data: {"))
-        wait_until(lambda: _idle(app), timeout=20, what="the abandoned stream to be cancelled")
+        wait_until(lambda: AppHandle(app).idle(), timeout=20, what="the abandoned stream to be cancelled")
         wait_until(lambda: _metric(base, 'switchboard_requests_total{model="beta",status="499"}') == 1,
                    timeout=10, what="the abandoned stream to be counted as 499")
         assert engine.running == []
@@ -134,7 +130,7 @@ def test_done_when_reproductions_refused_while_six_streams_finish(tiny_model_dir
         async def scenario():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
                 running = [asyncio.create_task(_stream(client, body)) for body in streams]
-                engine = app.state.switchboard.services.engine
+                engine = AppHandle(app).engine
                 while len(engine.running) < 6:
                     await asyncio.sleep(0.01)
                 refused = []
@@ -157,6 +153,6 @@ def test_done_when_reproductions_refused_while_six_streams_finish(tiny_model_dir
         assert [lines for _, lines in results] != [], results
         texts = [[json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1]] for _, lines in results]
         assert texts == [[json.loads(x[6:])["choices"][0]["text"] for x in lines[:-1]] for _, lines in idle]
-        wait_until(lambda: _idle(app), what="every reference to be released")
+        wait_until(lambda: AppHandle(app).idle(), what="every reference to be released")
         adapters = httpx.get(f"{base}/admin/adapters", headers=ADMIN).json()["adapters"]
         assert {a["name"]: a["in_flight"] for a in adapters} == {"alpha": 0, "beta": 0}

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.chat_template import DEFAULT_TEMPLATE, load_template
 from tests.conftest import ADMIN
+from tests.handle import AppHandle
 from tests.tiny import app_settings, build_tokenizer, save_model
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"},
@@ -115,7 +116,7 @@ def _client(model_dir, store, **server):
 def test_template_precedence(tmp_path, store, tiny_model_dir):
     setting = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
     with _client(tiny_model_dir, store, chat_template=setting) as client:  # no template of its own: the setting
-        tok = client.app.state.switchboard.services.resident.tokenizer
+        tok = AppHandle(client.app).tokenizer
         r = _chat(client, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
         assert r.json()["usage"]["prompt_tokens"] == len(tok.encode("<user>hi<assistant>"))
     own = save_model(tmp_path / "with-template")

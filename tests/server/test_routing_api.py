@@ -14,6 +14,7 @@ from router_core.artifacts import save_router
 from router_core.mlp import MLPRouter, MLPRouterNet
 from server.app import create_app
 from tests.conftest import ADMIN, require_minilm
+from tests.handle import AppHandle
 from tests.router_core.test_router_realdata import code_prompts, literature_prompts, math_prompts
 from tests.tiny import app_settings, build_tokenizer, make_adapter
 
@@ -134,7 +135,7 @@ def test_stream_switches_adapter_when_context_changes_domain(domain_store, long_
 
 def _count_forwards(client) -> list[int]:
     calls = [0]
-    model = client.app.state.switchboard.services.resident.model
+    model = AppHandle(client.app).model
     model.transformer.wte.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     return calls
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from tests.conftest import ADMIN, require_minilm
+from tests.handle import AppHandle
 from tests.routing_data import DOMAINS, examples, held_out
 from tests.tiny import app_settings, make_adapter
 
@@ -104,7 +105,7 @@ def test_first_decision_sees_the_whole_prompt(domain_store, long_model_dir):
         routing = {"embedder": "minilm"} | ({} if prompt_tokens is None else {"route_prompt_tokens": prompt_tokens})
         with TestClient(create_app(app_settings(long_model_dir, domain_store, routing=routing))) as client:
             _register_domains(client)
-            tok = client.app.state.switchboard.services.resident.tokenizer
+            tok = AppHandle(client.app).tokenizer
             assert len(tok.encode(TAIL)) > 32
             (weights,) = _first_decisions(client, [prompt])
             assert _top(weights) == expected, (prompt_tokens, weights)

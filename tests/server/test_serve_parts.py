@@ -12,6 +12,7 @@ from server.asgi_stream import HTTPRequest, stream_asgi
 from server.metrics import Metrics
 from server.metrics_merge import merge_expositions
 from tests.conftest import ADMIN
+from tests.handle import AppHandle
 from tests.paths import REPO
 from tests.tiny import app_settings
 
@@ -60,7 +61,7 @@ def test_closing_the_stream_cancels_the_request_and_releases_its_adapter(tiny_mo
     body = {"model": "alpha", "prompt": "x", "max_tokens": 100, "temperature": 0, "stream": True}
 
     async def scenario(app):
-        registry = app.state.switchboard.registry
+        registry = AppHandle(app).registry
         version = registry.get("alpha")
         stream = stream_asgi(app, _post("/v1/completions", body))
         start = await anext(stream)
@@ -69,7 +70,7 @@ def test_closing_the_stream_cancels_the_request_and_releases_its_adapter(tiny_mo
         await stream.aclose()  # the client went away
         metrics = ""
         for _ in range(500):
-            metrics = app.state.switchboard.metrics.exposition().decode()
+            metrics = AppHandle(app).metrics.exposition().decode()
             if version.refcount == 0 and 'status="499"' in metrics:
                 break
             await asyncio.sleep(0.01)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from tests.handle import AppHandle
 from tests.tiny import peft_reference
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 250, 11, 64], [7, 1, 300, 2, 9]]
@@ -24,7 +25,7 @@ def test_prompt_logprobs_equal_hf_log_softmax(app_client, store, tiny_model_dir,
     r = app_client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     ref_model = peft_reference(tiny_model_dir, store, weights)
-    tok = app_client.app.state.switchboard.services.resident.tokenizer
+    tok = AppHandle(app_client.app).tokenizer
     for ids, choice in zip(PROMPTS, r.json()["choices"], strict=True):
         assert choice["finish_reason"] == "length"
         assert choice["text"] == tok.decode(ids)  # echo: the prompt, and nothing generated
@@ -86,7 +87,7 @@ def test_stream_chunks_carry_logprobs(app_client):
 
 
 def test_token_id_list_prompts_equal_text_prompts(app_client):
-    tok = app_client.app.state.switchboard.services.resident.tokenizer
+    tok = AppHandle(app_client.app).tokenizer
     texts = ["def add(a, b):", "Mr. Holmes"]
     by_text = app_client.post("/v1/completions", json={"model": "alpha", "prompt": texts, "max_tokens": 5,
                                                         "temperature": 0}).json()
@@ -129,7 +130,7 @@ def test_best_of_returns_the_candidates_with_the_highest_cumulative_logprob(app_
 
 
 def test_a_full_context_window_can_be_scored(app_client):
-    limit = app_client.app.state.switchboard.services.resident.max_positions
+    limit = AppHandle(app_client.app).resident.max_positions
     window = [(7 * i) % 300 + 1 for i in range(limit)]
     r = app_client.post("/v1/completions", json={"model": "alpha", "prompt": window, "max_tokens": 0, "echo": True,
                                                   "logprobs": 0})

@@ -18,6 +18,7 @@ from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.engine.static_step import StaticDecoder, bucket
+from tests.handle import AppHandle
 from tests.server.engine.test_engine_parity import PROMPT, _hold, _seq, _tokens
 from tests.tiny import make_adapter, run_engine
 
@@ -194,7 +195,7 @@ def test_server_warms_the_step_up_before_ready_and_serves_through_it(store, tiny
         assert client.get("/ready").status_code == 200
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
-        engine = client.app.state.switchboard.services.engine
+        engine = AppHandle(client.app).engine
         assert engine.static is not None and engine.static.calls > 1
         assert r.json()["choices"][0]["text"] == reference
 
