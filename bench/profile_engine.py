@@ -12,7 +12,8 @@ factors computed in the same oneDNN call as the base projection (`fused_rank`), 
 low-rank products computed in fp32 (`fp32_factors`), each alone and both. It times the decode
 forward alone (`gpt2.forward`, one token per row, 4 routed rank-16 adapters on c_attn/c_proj) on
 one model, the paths switched step by step, plus the same forward without adapters, and prints
-current ÷ candidate for every round (of each path's median step).
+baseline ÷ candidate for every round (of each path's median step), the baseline being the
+two-call path in the model's dtype (the engine's path before either candidate).
 
 Run it with `--threads 1` on a shared machine: two OpenMP threads on two busy cores turn every
 small op into a wait for the other thread, and the figures become noise.
@@ -120,7 +121,7 @@ def _hf_stepper(model, batch: int, vocab: int, cfg: BenchConfig):
 
 
 def fused_lora(dtype: torch.dtype, batches: tuple[int, ...], rounds: int, steps: int, tiny: bool = False) -> dict:
-    """Decode forward ms/step of the current LoRA path, the candidates and no adapters, on one
+    """Decode forward ms/step of the baseline LoRA path, the candidates and no adapters, on one
     model, interleaved step by step so machine load hits them alike; ratios are per round."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -146,8 +147,8 @@ def fused_lora(dtype: torch.dtype, batches: tuple[int, ...], rounds: int, steps:
                     torch.device("cpu"))
     result: dict = {"dtype": str(dtype).removeprefix("torch."), "rounds": rounds, "steps_per_round": steps}
 
-    # (fused A rows, fp32 factors) per mode; fp32 factors only differ from the current path in bf16
-    modes = {"current": (False, dtype), "fused": (True, dtype)}
+    # (fused A rows, fp32 factors) per mode; fp32 factors only differ from the baseline in bf16
+    modes = {"baseline": (False, dtype), "fused": (True, dtype)}
     if dtype != torch.float32:
         modes |= {"fp32_factors": (False, torch.float32), "fused_fp32_factors": (True, torch.float32)}
 
@@ -169,7 +170,7 @@ def fused_lora(dtype: torch.dtype, batches: tuple[int, ...], rounds: int, steps:
         pos = torch.full((batch, 1), prompt)
         logits = {}
         with torch.inference_mode():
-            set_mode("current", gates)
+            set_mode("baseline", gates)
             gpt2.forward(model, ids, torch.arange(prompt).expand(batch, prompt), cache)  # prefill
             for mode in modes:
                 set_mode(mode, gates)
@@ -191,19 +192,19 @@ def fused_lora(dtype: torch.dtype, batches: tuple[int, ...], rounds: int, steps:
                     times[mode].append(sorted(ms)[len(ms) // 2])
                     best[mode] = min(best[mode], *ms)
         ctx.clear()
-        ratios = {mode: [round(c / t, 3) for c, t in zip(times["current"], times[mode], strict=True)]
-                  for mode in modes if mode != "current"}
+        ratios = {mode: [round(c / t, 3) for c, t in zip(times["baseline"], times[mode], strict=True)]
+                  for mode in modes if mode != "baseline"}
         result[f"b{batch}"] = {
             "ms_per_step": {k: [round(v, 2) for v in vs] for k, vs in times.items()},
             "median_ms": {k: round(sorted(vs)[len(vs) // 2], 2) for k, vs in times.items()},
             "best_ms": {k: round(v, 2) for k, v in best.items()},
-            "current_over_candidate_per_round": ratios,
-            "max_abs_logit_diff": {mode: round(float((logits["current"] - logits[mode]).abs().max()), 5)
-                                   for mode in modes if mode != "current"},
+            "baseline_over_candidate_per_round": ratios,
+            "max_abs_logit_diff": {mode: round(float((logits["baseline"] - logits[mode]).abs().max()), 5)
+                                   for mode in modes if mode != "baseline"},
         }
         log(f"fused_lora {result['dtype']} b{batch}: median ms {result[f'b{batch}']['median_ms']}, "
             f"best ms {result[f'b{batch}']['best_ms']}, "
-            f"current/candidate per round {ratios}")
+            f"baseline/candidate per round {ratios}")
     return result
 
 
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--candidate", choices=("fused_lora",), default=None,
-                   help="instead of the profile, compare a candidate engine change against the current path")
+                   help="instead of the profile, compare candidate engine changes against a baseline path")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of a candidate comparison")
     p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of a candidate comparison")
     args = p.parse_args(argv)

@@ -169,3 +169,18 @@ def test_reserved_rows_keep_the_conv1d_shape_values_and_state_dict():
     assert torch.equal(layer.bias_ext[N_OUT:], torch.zeros(16))  # the reserved rows add no bias
     for key, value in conv.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_the_bench_comparison_runs_every_path_on_a_whole_model():
+    """`python -m bench.profile_engine --candidate fused_lora` on a tiny GPT-2: every path decodes,
+    and their logits agree with the baseline's (bf16: within bf16 rounding of logits of order 1)."""
+    from bench.profile_engine import fused_lora
+
+    for dtype, modes, tol in ((torch.float32, {"fused"}, 1e-4),
+                              (torch.bfloat16, {"fused", "fp32_factors", "fused_fp32_factors"}, 0.1)):
+        result = fused_lora(dtype, (1, 3), rounds=1, steps=1, tiny=True)
+        for batch in ("b1", "b3"):
+            assert set(result[batch]["baseline_over_candidate_per_round"]) == modes
+            assert set(result[batch]["median_ms"]) == {"baseline", "no_adapters", *modes}
+            for mode, diff in result[batch]["max_abs_logit_diff"].items():
+                assert diff <= tol, (dtype, batch, mode, diff)

@@ -6,9 +6,10 @@ a batch whose rows each use a different weighted mixture of adapters:
     y = base(x) + Σ_k G[:, k] · s_k · (x A_k) B_k
 
 The scale `s_k` is folded into `B_k` when a slot is filled, and the active slots' factors are
-concatenated along the rank axis, so a step costs two matmuls per layer whatever the number of
-adapters in the mixture (the `cat` combination of `add_weighted_adapter`, but per row and
-without materialising a merged adapter).
+concatenated along the rank axis, so a step costs two low-rank matmuls per layer whatever the
+number of adapters in the mixture (the `cat` combination of `add_weighted_adapter`, but per row
+and without materialising a merged adapter). With bf16 weights on CPU those two are computed in
+fp32; optionally the first shares the base projection's call (see `MultiLoRAConv1D`).
 """
 
 from __future__ import annotations
@@ -58,22 +59,26 @@ class MultiLoRAConv1D(nn.Module):
 
     Fused path (CPU with oneDNN, `fused_rank` > 0): the base weight lives in the first `out` rows
     of an `[out + fused_rank, in]` buffer. When the active stack of A factors fits, it is written
-    (transposed, `[R, in]`) into the rows below the weight once per stack, and one linear over the
+    (transposed, `[R, in]`) into the rows below the weight once per active set, and one linear over the
     first `out + R` rows yields `x W + b` and `x A` together: one matmul call per layer fewer, and
     no per-adapter-set copy of the weight. Stacks that do not fit take the two-call path.
 
     fp32 factors (CPU with oneDNN, bf16 weights, `fp32_factors`): the active stacks are kept in
     fp32 and the two low-rank products computed in fp32 (MKL), the delta added to the bf16 base
-    output in one rounding. On CPUs without AMX a bf16 matmul of LoRA's shapes costs a fixed
-    20-30 µs in oneDNN, several times the fp32 product of the same shape; the bytes read grow by
-    the size of the active factors (a few hundred KB per layer for four rank-16 adapters).
+    output in one rounding. On this project's CPU (AVX-512 BF16, no AMX) a bf16 matmul of LoRA's
+    shapes costs 20-30 µs in oneDNN, several times MKL's fp32 product of the same shape; the bytes
+    read grow by the size of the active factors (a few hundred KB per layer for four rank-16
+    adapters).
     """
 
     max_cached_stacks = 8
-    # Rows reserved under each base weight for the fused path (0 = off). The default covers four
-    # rank-16 adapters in one batch; memory cost `fused_rank x in` per wrapped layer.
+    # Rows reserved under each base weight for the fused path (0 = off, the default: it measured
+    # no faster in fp32 and at most ~0.5 % on top of fp32 factors in bf16, docs/performance.md).
+    # 64 would cover four rank-16 adapters at a memory cost of `64 x in` values per wrapped layer.
     fused_rank = 0
-    fp32_factors = False
+    # On by default: 2-5 % faster bf16 decode steps at batch 1 on this project's CPU, and the
+    # delta is rounded once instead of three times (docs/performance.md).
+    fp32_factors = True
 
     def __init__(self, base: nn.Module, num_slots: int, ctx: LoRABatchContext, fused_rank: int | None = None) -> None:
         super().__init__()
