@@ -4,8 +4,8 @@
   linear yielding `x W + b` and `x A` together (`fused_rank`);
 - fp32 factors: in bf16, the low-rank products computed in fp32 and added once (`fp32_factors`).
 
-Each is checked against the current path and against a float64 reference, through the changes
-serving makes: the active set changing (so the reserved rows are rewritten), a hot swap
+Each is checked against the baseline (the two-call path in the model's dtype) and against a
+float64 reference, through the changes serving makes: the active set changing (so the reserved rows are rewritten), a hot swap
 (`set_slot` on an active slot), rows without adapters (`ctx.rows`), prefill shapes (T > 1), a slot
 whose adapter does not target the layer, and a stack too large for the reserved rows.
 
@@ -13,8 +13,8 @@ Tolerances: fp32, 1e-5 (the paths differ only in the order of fp32 sums). bf16 k
 significant bits; both paths round `x A` and the output to bf16 but may order the fp32
 accumulation inside the kernels differently, so they may differ by a few units in the last place
 of the output: at most 2^-6 of its largest magnitude (4 ulps). Against float64 a bf16 path must be
-no less accurate than the current bf16 path (within twice its error, as tests/test_engine_bf16.py
-asks of the engine against PEFT).
+no less accurate than the bf16 baseline (within twice its error, as
+tests/server/engine/test_engine_bf16.py asks of the engine against PEFT).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _factors(seed: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Rig:
-    """One Conv1D wrapped four ways (current, fused, fp32 factors, both) over one shared context,
+    """One Conv1D wrapped four ways (baseline, fused, fp32 factors, both) over one shared context,
     with the same adapters installed in each, and a float64 reference of what they compute."""
 
     def __init__(self, dtype: torch.dtype, reserve: int = 16) -> None:
@@ -53,12 +53,12 @@ class Rig:
         self.dtype = dtype
         self.ctx = LoRABatchContext()
         self.layers = {
-            "current": MultiLoRAConv1D(copy.deepcopy(self.conv), 3, self.ctx, fused_rank=0),
+            "baseline": MultiLoRAConv1D(copy.deepcopy(self.conv), 3, self.ctx, fused_rank=0),
             "fused": MultiLoRAConv1D(copy.deepcopy(self.conv), 3, self.ctx, fused_rank=reserve),
             "fp32_factors": MultiLoRAConv1D(copy.deepcopy(self.conv), 3, self.ctx, fused_rank=0),
             "both": MultiLoRAConv1D(copy.deepcopy(self.conv), 3, self.ctx, fused_rank=reserve),
         }
-        for name in ("current", "fused"):
+        for name in ("baseline", "fused"):
             self.layers[name].set_factor_dtype(dtype)
         for name in ("fp32_factors", "both"):
             self.layers[name].set_factor_dtype(torch.float32)
@@ -98,22 +98,22 @@ class Rig:
     def check(self, x: torch.Tensor, active: tuple[int, ...], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.run(x, active, gates)
         ref = self.reference(x, active, gates.to(self.dtype))
-        current = out["current"]
+        baseline = out["baseline"]
         if self.dtype == torch.float32:
             for name in ("fused", "fp32_factors", "both"):
-                torch.testing.assert_close(out[name], current, rtol=1e-5, atol=1e-5, msg=name)
+                torch.testing.assert_close(out[name], baseline, rtol=1e-5, atol=1e-5, msg=name)
         else:
-            ulps = 2.0 ** -6 * float(current.abs().max())
-            err_current = float((current - ref).abs().max())
+            ulps = 2.0 ** -6 * float(baseline.abs().max())
+            err_baseline = float((baseline - ref).abs().max())
             for name in ("fused", "fp32_factors", "both"):
-                assert float((out[name] - current).abs().max()) <= ulps, name
-                assert float((out[name] - ref).abs().max()) <= 2 * err_current, name
-            torch.testing.assert_close(current, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+                assert float((out[name] - baseline).abs().max()) <= ulps, name
+                assert float((out[name] - ref).abs().max()) <= 2 * err_baseline, name
+            torch.testing.assert_close(baseline, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
         return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_and_fp32_factor_paths_match_the_current_one_through_serving_changes(dtype):
+def test_fused_and_fp32_factor_paths_match_the_baseline_through_serving_changes(dtype):
     rig = Rig(dtype)
     gen = torch.Generator().manual_seed(1)
     x1 = torch.randn(3, 1, N_IN, generator=gen).to(dtype)  # a decode step: 3 rows, one token each
@@ -128,9 +128,9 @@ def test_fused_and_fp32_factor_paths_match_the_current_one_through_serving_chang
     # a hot swap of an active slot (a new version, another rank): the rows must follow
     rig.install(0, _factors(10, 6))
     rig.check(x1, (0, 1), gates)
-    # rows without any adapter (ctx.rows set): the current path adds to the other rows only
+    # rows without any adapter (ctx.rows set): the baseline adds to the other rows only
     out = rig.check(x1, (0, 1), torch.tensor([[0.0, 0.0], [0.4, 0.6], [0.0, 0.0]]))
-    base = rig.run(x1, (2,), torch.ones(3, 1))["current"]  # only an adapter this layer lacks: the base
+    base = rig.run(x1, (2,), torch.ones(3, 1))["baseline"]  # only an adapter this layer lacks: the base
     for name, y in out.items():
         assert torch.equal(y[[0, 2]], base[[0, 2]]), name  # exactly the base output where no adapter is used
     # a prefill (T > 1), some rows without adapters
