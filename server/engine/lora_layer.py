@@ -73,10 +73,10 @@ class MultiLoRAConv1D(nn.Module):
 
     max_cached_stacks = 8
     # Rows reserved under each base weight for the fused path (0 = off, the default: it measured
-    # no faster in fp32 and at most ~0.5 % on top of fp32 factors in bf16, docs/performance.md).
+    # no faster in fp32 and ~0.4 % on top of fp32 factors in bf16, docs/performance.md).
     # 64 would cover four rank-16 adapters at a memory cost of `64 x in` values per wrapped layer.
     fused_rank = 0
-    # On by default: 2-5 % faster bf16 decode steps at batch 1 on this project's CPU, and the
+    # On by default: 2-6 % faster bf16 decode steps at batch 1 on this project's CPU, and the
     # delta is rounded once instead of three times (docs/performance.md).
     fp32_factors = True
 
