@@ -8,6 +8,12 @@ makes the mixture as sharp as the examples justify: a soft mixture (temperature 
 scores a few tenths apart) blends in the wrong adapter and was measured worse than the matching
 adapter alone, while a calibrated one keeps the right adapter dominant and mixes only where
 the examples really overlap.
+
+The switch margin (`fit_switch_margin`) is the second number fitted here. A re-route sees only
+the last `route_window` tokens, far less text than the whole prompt the first decision saw, and
+at a fitted temperature its weights are nearly one-hot, so one misleading window flips the whole
+mixture to the wrong adapter. The margin makes the server keep its current adapter unless the
+window's score for another beats it by a fraction of what a typical example's does.
 """
 
 from __future__ import annotations
@@ -59,8 +65,42 @@ def fit_temperature(router: CentroidRouter, scores: Tensor | None = None, labels
     return best
 
 
+# A window must beat the current adapter by this fraction of the median example margin to take
+# over. Measured on the small routed-perplexity run (docs/routing.md): 1/4 still let misleading
+# 32-token literature windows flip to code; 1/2 removed them while real topic changes still
+# switch within a few re-routes (tests/test_router_calibration.py).
+SWITCH_FRACTION = 0.5
+
+
+def example_margins(router: CentroidRouter) -> Tensor | None:
+    """Each example's leave-one-out score for its own adapter minus its best score for another
+    (`[M]`, positive = routed right), or None when the router does not vote."""
+    loo = leave_one_out_scores(router)
+    if loo is None:
+        return None
+    scores, labels = loo
+    own = scores.gather(1, labels[:, None]).squeeze(1)  # [M]
+    other = scores.scatter(1, labels[:, None], float("-inf")).max(1).values  # [M]
+    return own - other
+
+
+def fit_switch_margin(router: CentroidRouter, fraction: float = SWITCH_FRACTION) -> float | None:
+    """`fraction` of the examples' median leave-one-out margin (`example_margins`): in the
+    router's own score units, so it carries over to any embedder. None when there is nothing
+    to fit on."""
+    margins = example_margins(router)
+    if margins is None or margins.numel() == 0:
+        return None
+    return fraction * max(float(margins.median()), 0.0)
+
+
 def calibrated(router: CentroidRouter, fallback: float = 1.0) -> CentroidRouter:
     """`router` with its temperature fitted on its own examples (`fallback` when it cannot be)."""
     t = fit_temperature(router)
-    return CentroidRouter(list(router.adapter_names), router.centroids, t if t is not None else fallback,
-                          router.top_boost, router.top_k, router.min_similarity, router.vote, router.baseline)
+    return router.with_options(temperature=t if t is not None else fallback)
+
+
+def with_fitted_switch_margin(router: CentroidRouter) -> CentroidRouter:
+    """`router` with its switch margin fitted on its own examples (0, i.e. off, when it cannot be)."""
+    m = fit_switch_margin(router)
+    return router.with_options(switch_margin=m if m is not None else 0.0)

@@ -100,6 +100,11 @@ class CentroidRouter:
     give 0.57/0.43, then 0.84/0.16 after the boost), which is the paper's point: blend experts,
     let the best one dominate. Lower it for near one-hot routing.
 
+    `switch_margin` (score units, 0 = off) is how much a re-route's score for a new top adapter
+    must beat the current top adapter's score by before the server switches to it
+    (`router_core.policy.ReroutePolicy.stabilise`); `router_core.calibration.fit_switch_margin`
+    fits it from the examples.
+
     Immutable: a changed adapter set means a new router (`with_adapters`, or the server's
     rebuild), so the server swaps a reference atomically while in-flight requests keep the one
     they started with.
@@ -117,10 +122,13 @@ class CentroidRouter:
         min_similarity: float | None = None,
         vote: int = 5,
         baseline: float = 0.5,
+        switch_margin: float = 0.0,
     ) -> None:
         _check_options(temperature, top_boost, top_k)
         if vote < 1:
             raise ValueError(f"vote must be >= 1, got {vote}")
+        if not switch_margin >= 0:
+            raise ValueError(f"switch_margin must be >= 0, got {switch_margin}")
         if len(adapter_names) != len(centroids):
             raise ValueError(f"{len(adapter_names)} adapter names but {len(centroids)} centroid sets")
         if len(set(adapter_names)) != len(adapter_names):
@@ -149,6 +157,7 @@ class CentroidRouter:
         self.min_similarity = min_similarity
         self.vote = int(vote)
         self.baseline = float(baseline)
+        self.switch_margin = float(switch_margin)
         self._centroids = torch.cat(rows) if rows else torch.zeros(0, 0)  # [M, d]
         self._owner = torch.tensor(owner, dtype=torch.long)  # [M]
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -249,11 +258,20 @@ class CentroidRouter:
         """A new router over exactly `names`/`centroids`, with this router's options."""
         return CentroidRouter(
             list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity,
-            self.vote, self.baseline,
+            self.vote, self.baseline, self.switch_margin,
+        )
+
+    def with_options(self, *, temperature: float | None = None, switch_margin: float | None = None) -> CentroidRouter:
+        """A new router over the same rows with a fitted `temperature` / `switch_margin`."""
+        return CentroidRouter(
+            list(self.adapter_names), self.centroids, self.temperature if temperature is None else temperature,
+            self.top_boost, self.top_k, self.min_similarity, self.vote, self.baseline,
+            self.switch_margin if switch_margin is None else switch_margin,
         )
 
     def __repr__(self) -> str:
         return (
             f"CentroidRouter(adapters={list(self.adapter_names)}, temperature={self.temperature}, "
-            f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity}, vote={self.vote}, baseline={self.baseline})"
+            f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity}, vote={self.vote}, baseline={self.baseline}, "
+            f"switch_margin={self.switch_margin})"
         )

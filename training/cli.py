@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", default=None, help="sentence-encoder folder when centroids/routers use one")
     p.add_argument("--reroute-every", type=int, default=2)
     p.add_argument("--hysteresis", type=float, default=0.05, help="top-1 switch margin, as the server's")
+    p.add_argument("--route-window", type=int, default=32, help="tokens a re-route embeds, as the server's")
+    p.add_argument("--route-prompt-tokens", type=int, default=1024,
+                   help="prompt tokens the first decision embeds, as the server's")
+    p.add_argument("--switch-margin", type=float, default=None,
+                   help="centroid router's score margin for a re-route to switch adapter; default fitted on "
+                        "the examples, as the server; 0 = off")
     p.add_argument("--limit", type=int, default=32, help="examples per domain")
     p.add_argument("--split", choices=["validation", "all"], default="validation")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -258,7 +264,8 @@ def run(a: argparse.Namespace) -> int:
         ecfg = EvalConfig(
             adapter_dir=a.adapter_dir, base_model=a.base_model, data=_pairs(a.data), out=a.out, routers=a.router,
             centroid=not a.no_centroid, embedder=a.embedder, reroute_every=a.reroute_every,
-            hysteresis=a.hysteresis, limit=a.limit,
+            hysteresis=a.hysteresis, route_window=a.route_window, route_prompt_tokens=a.route_prompt_tokens,
+            switch_margin=a.switch_margin, limit=a.limit,
             split=a.split, val_fraction=a.val_fraction, seed=a.seed, max_length=a.max_length,
             context_tokens=a.context_tokens, temperature=a.temperature, top_boost=a.top_boost,
             held_out=_pairs(a.held_out) if a.held_out else {},

@@ -1,14 +1,16 @@
 """Per-domain perplexity of base, each adapter, and routed mixtures re-routed every N tokens.
 
 The routed mixture is what the server computes during generation: the prompt is routed
-once (prefill), then before generated token ``n`` with ``n % N == 0`` the router sees the
-context so far (:func:`context_length`), with the server's hysteresis against flapping. Here the whole text is scored in one
+once (prefill) on its last ``route_prompt_tokens`` tokens, then before generated token ``n``
+with ``n % N == 0`` the router sees the last ``route_window`` tokens of the context so far
+(:func:`context_length`, :func:`routing_spans`), with the server's hysteresis and switch margin
+against flapping. Here the whole text is scored in one
 teacher-forced forward with per-position gates; as attention is causal and a position's
 gates only change its own computation, that equals KV-cached decoding where earlier
 positions keep the gates they were computed with. For the ``base`` embedder the context
-embeddings of every prefix come from one forward of the base model (mean of the first L
-hidden states, ``router_core.embedders.pool_hidden``), as the server reuses its hidden
-states; other embedders embed the decoded prefix text.
+embeddings come from one forward of the base model (the mean of the span's hidden states,
+``router_core.embedders.pool_hidden``), as the server reuses its hidden states; other
+embedders embed the span's decoded text.
 """
 
 from __future__ import annotations
@@ -39,32 +41,44 @@ def context_length(pos: int, prompt_len: int, every: int, total: int) -> int:
     return min(prompt_len + last_reroute(pos - prompt_len + 1, every), total)
 
 
+def routing_spans(prompt_len: int, lengths: list[int], prompt_window: int, route_window: int) -> list[tuple[int, int]]:
+    """The token span ``[start, end)`` each decision embeds, as the server's gater does: the
+    first decision (on the prompt, ``end == prompt_len``) its last ``prompt_window`` tokens,
+    every re-route the last ``route_window`` tokens of the context so far."""
+    return [(max(0, n - (prompt_window if n == prompt_len else route_window)), n) for n in lengths]
+
+
 def position_gates(ev: Any, rut: Any, domain: str) -> tuple[list[Tensor], float]:
     """Per-example ``[T, K_r]`` gates re-routed every N tokens, and mean top-1 switches."""
+    from router_core.centroid import CentroidRouter
     from router_core.embedders import BaseEmbedder, pool_hidden
+    from training.embedding import embed
 
-    n_every = ev.cfg.reroute_every
+    cfg = ev.cfg
+    centroid = isinstance(rut.router, CentroidRouter)
     gates, switches = [], 0
     for item, ex in zip(ev.datasets[domain].items, ev.datasets[domain].examples, strict=True):
         ids = item["input_ids"]
         t = len(ids)
-        p = item["prompt_len"] if ex.completion else min(ev.cfg.context_tokens, t)
+        p = item["prompt_len"] if ex.completion else min(cfg.context_tokens, t)
         p = max(1, min(p, t))
-        ctx = [context_length(pos, p, n_every, t) for pos in range(t)]
+        ctx = [context_length(pos, p, cfg.reroute_every, t) for pos in range(t)]
         lengths = sorted(set(ctx))
         if isinstance(rut.embedder, BaseEmbedder) and not rut.needs_complexity:
+            spans = routing_spans(p, lengths, cfg.route_prompt_tokens, rut.embedder.window or cfg.route_window)
             with torch.no_grad():
                 body = ev.model.transformer
                 x = torch.tensor([ids], device=ev.device)  # [1, T]
                 hidden = body(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state  # [1, T, d]
-            lens = torch.tensor(lengths)
-            emb = pool_hidden(
-                hidden.expand(len(lengths), -1, -1), lens.to(hidden.device), rut.embedder.window
-            )
-            w = rut.router.route(emb.cpu())
+            emb = torch.cat([pool_hidden(hidden[:, :end], window=end - start) for start, end in spans]).cpu()
+            w = rut.router.route(emb)
         else:
-            w = ev.route(rut, [ev.tokenizer.decode(ids[:n]) for n in lengths])
-        w = stabilise(w, ev.cfg.hysteresis)
+            spans = routing_spans(p, lengths, cfg.route_prompt_tokens, cfg.route_window)
+            texts = [ev.tokenizer.decode(ids[start:end]) for start, end in spans]
+            emb = embed(rut.embedder, texts)
+            w = ev.route(rut, texts, emb)
+        scores = rut.router.scores(emb) if centroid else None
+        w = stabilise(w, cfg.hysteresis, scores, rut.router.switch_margin if centroid else 0.0)
         row = {n: i for i, n in enumerate(lengths)}
         g = w[[row[c] for c in ctx]]  # [T, K_r]
         top = w.argmax(-1)
@@ -73,14 +87,15 @@ def position_gates(ev: Any, rut: Any, domain: str) -> tuple[list[Tensor], float]
     return gates, switches / max(len(gates), 1)
 
 
-def stabilise(weights: Tensor, hysteresis: float) -> Tensor:
-    """Apply the server's anti-flapping rule (``ReroutePolicy.stabilise``) along the re-routes."""
+def stabilise(weights: Tensor, hysteresis: float, scores: Tensor | None = None, switch_margin: float = 0.0) -> Tensor:
+    """Apply the server's anti-flapping rule (``ReroutePolicy.stabilise``) along the re-routes
+    (``scores``: the centroid router's scores behind each row, for its switch margin)."""
     from router_core.policy import ReroutePolicy
 
     policy = ReroutePolicy(every=1, hysteresis=hysteresis)
     rows = [weights[0]]
-    for proposed in weights[1:]:
-        rows.append(policy.stabilise(rows[-1], proposed))
+    for k in range(1, weights.shape[0]):
+        rows.append(policy.stabilise(rows[-1], weights[k], None if scores is None else scores[k], switch_margin))
     return torch.stack(rows)
 
 

@@ -9,7 +9,8 @@ should serve the domain) it measures
 * per-domain perplexity of the base model, of each adapter alone, and of each router's
   routed mixture *re-routed every N tokens the way the server does*: the prompt (or, for
   plain text, its first ``context_tokens`` tokens) is routed once, then before generated
-  token ``n`` with ``n % N == 0`` the router sees the context so far; the mixture weights
+  token ``n`` with ``n % N == 0`` the router sees the last ``route_window`` tokens of the
+  context so far, kept or switched by the server's rule; the mixture weights
   apply per position through :class:`training.mixture.LoraMixture`, all with teacher
   forcing over the same tokens, so the numbers are directly comparable.
 
@@ -58,6 +59,9 @@ class EvalConfig:
     embedder: str | None = None
     reroute_every: int = 2
     hysteresis: float = 0.05
+    route_window: int = 32  # tokens a re-route embeds (the server's route_window)
+    route_prompt_tokens: int = 1024  # prompt tokens the first decision embeds (the server's)
+    switch_margin: float | None = None  # centroid router; None = fitted on the examples, as the server does
     limit: int | None = 32
     split: str = "validation"
     val_fraction: float = 0.1
@@ -166,7 +170,7 @@ class Evaluator:
                 )
             centroid = CentroidRouter(
                 self.domains, cents, temperature=self.cfg.temperature or 1.0, top_boost=self.cfg.top_boost,
-                vote=self.cfg.vote,
+                vote=self.cfg.vote, switch_margin=self.cfg.switch_margin or 0.0,
             )
             embedder = self.embedder_for(emb_id)
             if not self.cfg.temperature:
@@ -176,6 +180,10 @@ class Evaluator:
                 if fitted.temperature != centroid.temperature:  # the uncalibrated default, for comparison
                     out.append(RouterUnderTest("centroid@T=1", "centroid", centroid, embedder, self.domains))
                 centroid = fitted
+            if self.cfg.switch_margin is None:
+                from router_core.calibration import with_fitted_switch_margin
+
+                centroid = with_fitted_switch_margin(centroid)
             out.insert(0, RouterUnderTest("centroid", "centroid", centroid, embedder, self.domains))
         for name in self.cfg.routers:
             router = load_router(self.cfg.adapter_dir / ROUTERS_DIR / name)
@@ -185,9 +193,9 @@ class Evaluator:
             out.append(RouterUnderTest(f"mlp/{name}", "mlp", router, emb, list(router.adapter_names)))
         return out
 
-    def route(self, rut: RouterUnderTest, texts: list[str]) -> Tensor:
-        """Weights ``[n, len(rut.adapters)]`` for ``texts``."""
-        emb = embed(rut.embedder, texts)
+    def route(self, rut: RouterUnderTest, texts: list[str], emb: Tensor | None = None) -> Tensor:
+        """Weights ``[n, len(rut.adapters)]`` for ``texts`` (``emb``: their embeddings, if known)."""
+        emb = embed(rut.embedder, texts) if emb is None else emb
         cvec = self.analyzer.vectors(texts) if rut.needs_complexity else None
         return rut.router.route(emb, cvec)
 
@@ -234,6 +242,7 @@ class Evaluator:
             out["complexity_mse"] = mse_sum / mse_n
         if rut.kind == "centroid":
             out["temperature"] = rut.router.temperature
+            out["switch_margin"] = rut.router.switch_margin
         if self.held_out:
             out["held_out"] = self.held_out_accuracy(rut)
         return out

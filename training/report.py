@@ -176,6 +176,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Centroid temperatures: " + ", ".join(f"{k} {t:g}" for k, t in temps.items())
                   + " (`centroid` is fitted on the adapters' examples, leave-one-out, as the server does). "
                   "✓ = routed perplexity ≤ the best single adapter's."]
+    margins = {k: r["switch_margin"] for k, r in report["routing"].items() if "switch_margin" in r}
+    if margins:
+        lines += ["", "Centroid switch margins: " + ", ".join(f"{k} {m:.3f}" for k, m in margins.items())
+                  + " (score a re-route's new top adapter must win by; `centroid`'s is half the examples' "
+                  "median leave-one-out margin, as the server fits it; 0 = off)."]
     lines += ["", "Mean top-1 switches per example while re-routing:", ""]
     for key, r in report["routing"].items():
         stats = ", ".join(f"{d}: {v:.2f}" for d, v in r.get("mean_top1_switches", {}).items())

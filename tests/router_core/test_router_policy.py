@@ -122,3 +122,21 @@ def test_weights_dict() -> None:
     assert weights_dict(["a", "b", "c"], torch.tensor([0.75, 0.0, 0.25])) == {"a": 0.75, "c": 0.25}
     with pytest.raises(ValueError):
         weights_dict(["a"], torch.tensor([0.5, 0.5]))
+
+
+def test_switch_margin_on_scores() -> None:
+    """A boosted, nearly one-hot proposal always clears the weight hysteresis; the switch margin
+    on the router's scores is what keeps a slim lead from taking the mixture over."""
+    policy = ReroutePolicy(hysteresis=0.05)
+    prev = torch.tensor([0.95, 0.05])
+    proposed = torch.tensor([0.05, 0.95])  # a full switch in weights
+    slim = torch.tensor([0.30, 0.34])  # b's score leads by 0.04
+    assert torch.equal(policy.stabilise(prev, proposed, slim), proposed)  # no margin: switch
+    assert torch.equal(policy.stabilise(prev, proposed, slim, switch_margin=0.1), prev)
+    clear = torch.tensor([0.20, 0.34])  # b leads by 0.14
+    assert torch.equal(policy.stabilise(prev, proposed, clear, switch_margin=0.1), proposed)
+    same_top = torch.tensor([0.9, 0.1])  # no switch: the margin does not apply
+    assert torch.equal(policy.stabilise(prev, same_top, torch.tensor([0.3, 0.29]), switch_margin=0.1), same_top)
+    rows = policy.stabilise(torch.stack([prev, prev]), torch.stack([proposed, proposed]),
+                            torch.stack([slim, clear]), switch_margin=0.1)  # per row
+    assert torch.equal(rows, torch.stack([prev, proposed]))
