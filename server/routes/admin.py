@@ -103,7 +103,8 @@ async def reload_store(_: Admin, state: ReadyState) -> dict:
 async def list_routers(_: Admin, state: ReadyState) -> dict:
     centroid = state.routing._centroid
     return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(centroid.adapter_names),
-                         "temperature": centroid.temperature, "voting": centroid.voting}]
+                         "temperature": centroid.temperature, "voting": centroid.voting,
+                         "switch_margin": centroid.switch_margin}]
             + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id}
                for n, r in sorted(state.routing.mlp.items())], "embedder": state.routing.embedder_id}
 

@@ -80,7 +80,7 @@ def test_held_out_sources_route_to_their_domain_with_defaults(domain_store, long
             else:
                 _register_domains(client)
                 router = client.get("/admin/routers", headers=ADMIN).json()["routers"][0]
-                assert router["voting"] and 0 < router["temperature"] < 1
+                assert router["voting"] and 0 < router["temperature"] < 1 and router["switch_margin"] > 0
             results[label] = _accuracy(client)
     for label, (acc, by_source) in results.items():
         print(f"\nheld-out top-1 ({label}): {acc} | per source: {by_source}")
