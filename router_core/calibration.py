@@ -68,7 +68,7 @@ def fit_temperature(router: CentroidRouter, scores: Tensor | None = None, labels
 # A window must beat the current adapter by this fraction of the median example margin to take
 # over. Measured on the small routed-perplexity run (docs/routing.md): 1/4 still let misleading
 # 32-token literature windows flip to code; 1/2 removed them while real topic changes still
-# switch within a few re-routes (tests/test_router_calibration.py).
+# switch, later (tests/router_core/test_router_calibration.py).
 SWITCH_FRACTION = 0.5
 
 

@@ -11,7 +11,7 @@ from server.engine.base_model import load_base_model
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
 from server.settings import RoutingSettings
-from tests.test_reroute_cadence import _registry
+from tests.server.engine.test_reroute_cadence import _registry
 
 
 def _gated(gater, seq: Sequence, embedding: torch.Tensor) -> str:
