@@ -73,8 +73,9 @@ class Gater:
                                   top_k=spec.top_k)[0]  # [n]: the route vector
             names = tuple(router.adapter_names)
             if seq.route_vector is not None and seq.route_names == names:
-                scores = router.scores(embeddings[i:i + 1])[0] if isinstance(router, CentroidRouter) else None
-                margin = router.switch_margin if isinstance(router, CentroidRouter) else 0.0
+                scores, margin = None, 0.0
+                if isinstance(router, CentroidRouter) and router.switch_margin > 0:
+                    scores, margin = router.scores(embeddings[i:i + 1])[0], router.switch_margin  # [n]
                 vector = self.policy.stabilise(seq.route_vector, vector, scores, margin)
             seq.route_vector, seq.route_names = vector, names
             gates = {n: w for n, w in weights_dict(names, vector).items() if n in seq.versions}
