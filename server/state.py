@@ -37,8 +37,8 @@ class Services:
         engine = self.engine
 
         def job() -> Any:
-            engine.ctx.clear()
-            return fn()
+            with engine.ctx.applied():
+                return fn()
 
         return await self.worker.call(job)
 

@@ -205,19 +205,18 @@ class Engine:
             for i, seq in enumerate(upcoming):
                 self._prefetched[seq.id] = (future, i)
 
-    def _set_gates(self, seqs: list[Sequence]) -> None:
-        """Point the LoRA layers at the slots these rows use, with a [B, active] gate matrix."""
+    def _gates(self, seqs: list[Sequence]) -> tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
+        """The slots these rows use (filled here) and their [B, active] gate matrix, for `ctx.applied`."""
         versions: list[AdapterVersion] = []
-        column: dict[int, int] = {}
+        column: dict[int, int] = {}  # AdapterVersion.version -> column of the gate matrix
         for seq in seqs:
             for name, w in seq.gates.items():
                 v = seq.versions[name]
-                if w != 0.0 and id(v) not in column:
-                    column[id(v)] = len(versions)
+                if w != 0.0 and v.version not in column:
+                    column[v.version] = len(versions)
                     versions.append(v)
         if not versions:
-            self.ctx.clear()
-            return
+            return (), None, None
         slots = self.slots.ensure(versions)
         gates = torch.zeros(len(seqs), len(versions), dtype=self.resident.dtype)  # [B, active]
         largest = torch.finfo(self.resident.dtype).max
@@ -226,10 +225,10 @@ class Engine:
                 if not abs(w) <= largest:  # NaN or beyond the serving dtype: this row's fault
                     raise ValueError(f"gate {w!r} for adapter {name!r} is not finite in {self.resident.dtype}")
                 if w != 0.0:
-                    gates[row, column[id(seq.versions[name])]] = w
+                    gates[row, column[seq.versions[name].version]] = w
         used = gates.ne(0).any(dim=1)  # [B]
         rows = None if bool(used.all()) else used.nonzero().flatten().to(self.resident.device)
-        self.ctx.set(tuple(slots), gates.to(self.resident.device), rows)
+        return tuple(slots), gates.to(self.resident.device), rows
 
     # -- prefill and decode ---------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -280,11 +279,11 @@ class Engine:
             # The first decision embeds the base model's view of the prompt (its last
             # `prompt_window` tokens): one ungated pass over those, into rows the real prefill
             # overwrites below. All of it is kept for this decision; decode trims it to `window`.
-            self.ctx.clear()
             first = self.config.prompt_window
             tails = [s.prompt_ids[-first:] if first else s.prompt_ids for s in embed]
             ids, pos, _ = self._padded(tails)
-            hidden = self._hidden(ids, pos, row)  # [b, Tp, d]
+            with self.ctx.applied():
+                hidden = self._hidden(ids, pos, row)  # [b, Tp, d]
             for i, seq in enumerate(embed):
                 seq.keep_hidden(hidden[i, : len(tails[i])], None)
         for seq in seqs:
@@ -296,9 +295,10 @@ class Engine:
         for seq in embed:  # re-routes pool the sliding window only
             if seq.hidden_tail is not None and window:
                 seq.hidden_tail = seq.hidden_tail[-window:]
-        self._set_gates(seqs)
+        gates = self._gates(seqs)
         ids, pos, last = self._padded([s.prompt_ids for s in seqs])
-        logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
+        with self.ctx.applied(*gates):
+            logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
         self.running.extend(seqs)  # rows row.. of the cache are theirs from here on
         fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.hidden_tail is None else None
                                             for i, seq in enumerate(seqs)]
@@ -333,16 +333,16 @@ class Engine:
         ids = torch.tensor([[s.generated[-1]] for s in seqs], device=self.resident.device)  # [B, 1]
         pos = torch.tensor([[s.position] for s in seqs], device=self.resident.device)  # [B, 1]
         try:
-            self._set_gates(seqs)
-            logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
+            with self.ctx.applied(*self._gates(seqs)):
+                logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
         except Exception as e:  # one row's gates or inputs broke the shared step: retry each alone
             log.warning("batched decode of %d rows failed (%r); retrying them one at a time", len(seqs), e)
             rows: list[torch.Tensor | Exception] = []
             tails: list[torch.Tensor | None] = []
             for row, seq in enumerate(seqs):
                 try:
-                    self._set_gates([seq])
-                    one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row)
+                    with self.ctx.applied(*self._gates([seq])):
+                        one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row)
                     rows.append(one[0])
                     tails.append(h[0])
                 except Exception as err:

@@ -14,6 +14,8 @@ fp32; optionally the first shares the base projection's call (see `MultiLoRAConv
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -25,9 +27,12 @@ from server.engine import cpu_linear
 
 @dataclass
 class LoRABatchContext:
-    """What every wrapped layer needs for the current forward; set by the engine before each step.
+    """What every wrapped layer needs for the current forward.
 
-    One object is shared by all layers, so setting the gates once covers the whole model.
+    One object is shared by all layers, so setting the gates once covers the whole model. The
+    engine sets it for one forward at a time with `applied` (a scope, as PEFT's
+    `_enable_peft_forward_hooks` scopes its per-call adapter names), so gates never outlive the
+    forward they were built for, even when that forward raises.
     """
 
     active: tuple[int, ...] = ()  # slot indices used by at least one row of the batch
@@ -42,6 +47,26 @@ class LoRABatchContext:
     def clear(self) -> None:
         self.active, self.gates, self.rows = (), None, None
         self._expanded = {}
+
+    @contextmanager
+    def applied(self, active: tuple[int, ...] = (), gates: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> Iterator[LoRABatchContext]:
+        """Set `active`/`gates`/`rows` for the forwards inside the `with` (no arguments: no
+        adapters, the base model alone), and put back what was there before on the way out,
+        however it is left (in the engine: nothing, so no gates are left behind for the next
+        caller)."""
+        old_active, old_gates, old_rows = self.active, self.gates, self.rows
+        if gates is None:
+            self.clear()
+        else:
+            self.set(active, gates, rows)
+        try:
+            yield self
+        finally:
+            if old_gates is None:
+                self.clear()
+            else:
+                self.set(old_active, old_gates, old_rows)
 
     def gates_for(self, cols: torch.Tensor) -> torch.Tensor:
         """Gates expanded to rank columns, [B, R]: computed once per step for all the layers

@@ -4,6 +4,9 @@ Owned by the engine thread alone. At most `num_slots` versions are resident; whe
 one that is not, the least recently used slot that this step does not need (and whose adapter
 is not pinned) is given to it. Retired versions (replaced or removed) leave their slot as soon
 as no request holds them.
+
+Versions are told apart by `AdapterVersion.version`, a number the registry never reuses, not by
+`id()`: an id can be reused by a new object once the old one is freed.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class SlotManager:
 
     def slot_of(self, version: AdapterVersion) -> int | None:
         for i, v in enumerate(self.slot_version):
-            if v is version:
+            if v is not None and v.version == version.version:
                 return i
         return None
 
@@ -50,7 +53,7 @@ class SlotManager:
 
     def ensure(self, versions: list[AdapterVersion]) -> list[int]:
         """Make every version resident; returns their slots in the same order."""
-        needed = {id(v) for v in versions}
+        needed = {v.version for v in versions}
         if len(needed) > self.num_slots:
             raise Unavailable(f"a step needs {len(needed)} adapters but only {self.num_slots} slots exist (max_loras)")
         slots = []
@@ -70,7 +73,7 @@ class SlotManager:
                 return i
         candidates = [
             i for i, v in enumerate(self.slot_version)
-            if v is not None and id(v) not in needed and not v.pinned
+            if v is not None and v.version not in needed and not v.pinned
         ]
         if not candidates:
             raise Unavailable("every adapter slot is in use by this step or pinned; raise max_loras")

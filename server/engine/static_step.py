@@ -296,14 +296,10 @@ class StaticDecoder:
         without adapters, before the server says it is ready; returns the seconds it took. Writes
         only cache rows no sequence holds yet (the engine warms up before admitting any)."""
         start = time.perf_counter()
-        active, gates, rows = self.ctx.active, self.ctx.gates, self.ctx.rows
-        self.ctx.clear()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.ctx.applied():  # no adapters; whatever was set comes back after
             for n in sorted({bucket(b) for b in batch_sizes}):
                 zeros = torch.zeros(n, 1, dtype=torch.long, device=self.wte.device)
                 self.step(zeros, zeros)
-        if gates is not None:
-            self.ctx.set(active, gates, rows)
         seconds = time.perf_counter() - start
         log.info("decode step %s for batch buckets %s in %.1f s", "compiled" if self.compiled else "warmed up",
                  sorted({bucket(b) for b in batch_sizes}), seconds)
