@@ -99,7 +99,7 @@ def engine_generate(rig: EngineRig, prompts: torch.Tensor, new_tokens: int, spec
     end = time.perf_counter()
     ttfts = [first[s.id] - start for s in seqs]
     return {"seconds": end - start, "ttft": statistics.mean(ttfts), "all_first": max(first.values()) - start,
-            "tokens": count["tokens"], "reroutes": sum(s.reroutes for s in seqs),
+            "tokens": count["tokens"], "reroutes": sum(s.route.reroutes for s in seqs),
             "generated": [list(s.generated) for s in seqs]}
 
 

@@ -53,7 +53,7 @@ def run(cfg: BenchConfig, assets, step_ms: float | None = None) -> dict:
     seq = Sequence(prompt_ids=[1, 2, 3], max_tokens=4, sampling=SamplingParams(temperature=0.0),
                    routing=RoutingSpec("auto", router="centroid"), decode=lambda t: "", emit=lambda e: None,
                    versions={v.name: v for v in versions}, prompt_text=TEXT)
-    seq.hidden_tail = hidden[0]
+    seq.route.hidden_tail = hidden[0]
     out["centroid_base_service"] = time_call(lambda: rig.gater.route([seq]), cfg.router_calls)
     rig.registry.release(versions)
 

@@ -49,7 +49,7 @@ class Gater:
         encoder = self.catalogue.encoder
         if encoder is not None:
             return encoder.embed_texts(contexts if contexts is not None else self.contexts(seqs))  # [B, d]
-        tails = [s.hidden_tail for s in seqs if s.hidden_tail is not None]
+        tails = [s.route.hidden_tail for s in seqs if s.route.hidden_tail is not None]
         return torch.cat([pool_hidden(t[None].float()) for t in tails])  # [B, d]
 
     def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
@@ -63,7 +63,7 @@ class Gater:
             spec = seq.routing
             router = self.catalogue.router(spec.router)
             if router is None:  # unloaded while the request ran: keep the gates it has
-                out.append(seq.gates)
+                out.append(seq.route.gates)
                 continue
             complexity = None
             if isinstance(router, MLPRouter) and router.needs_complexity:
@@ -72,12 +72,13 @@ class Gater:
             vector = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
                                   top_k=spec.top_k)[0]  # [n]: the route vector
             names = tuple(router.adapter_names)
-            if seq.route_vector is not None and seq.route_names == names:
+            state = seq.route
+            if state.route_vector is not None and state.route_names == names:
                 scores, margin = None, 0.0
                 if isinstance(router, CentroidRouter) and router.switch_margin > 0:
                     scores, margin = router.scores(embeddings[i:i + 1])[0], router.switch_margin  # [n]
-                vector = self.policy.stabilise(seq.route_vector, vector, scores, margin)
-            seq.route_vector, seq.route_names = vector, names
+                vector = self.policy.stabilise(state.route_vector, vector, scores, margin)
+            state.route_vector, state.route_names = vector, names
             gates = {n: w for n, w in weights_dict(names, vector).items() if n in seq.versions}
             total = sum(gates.values())
             out.append({n: w / total for n, w in gates.items()} if total > 0 else {})

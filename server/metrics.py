@@ -64,7 +64,7 @@ class Metrics:
         self.queue_depth.set(queue_depth)
 
     def on_token(self, seq: Sequence, now: float) -> None:
-        self.generated_tokens.labels(seq.top_adapter).inc()
+        self.generated_tokens.labels(seq.route.top_adapter).inc()
         if seq.last_token_at is None:
             self.ttft.observe(now - seq.created)
         else:
@@ -72,7 +72,7 @@ class Metrics:
 
     def on_route(self, seq: Sequence, weights: dict[str, float], switched: bool, seconds: float) -> None:
         router = seq.routing.router or "auto"
-        self.route_decisions.labels(router, seq.top_adapter).inc()
+        self.route_decisions.labels(router, seq.route.top_adapter).inc()
         self.router_latency.labels(router).observe(seconds)
         for name, w in weights.items():
             self.route_weight.labels(name).observe(w)

@@ -182,10 +182,7 @@ class Engine:
         return failed
 
     def _apply_route(self, seq: Sequence, weights: dict[str, float], elapsed: float) -> None:
-        before = seq.top_adapter if seq.gates else None
-        seq.gates = weights
-        switched = before is not None and seq.top_adapter != before
-        seq.reroutes += 1
+        switched = seq.route.apply(weights)
         if self.observer:
             self.observer.on_route(seq, weights, switched, elapsed)
 
@@ -210,7 +207,7 @@ class Engine:
         versions: list[AdapterVersion] = []
         column: dict[int, int] = {}  # AdapterVersion.version -> column of the gate matrix
         for seq in seqs:
-            for name, w in seq.gates.items():
+            for name, w in seq.route.gates.items():
                 v = seq.versions[name]
                 if w != 0.0 and v.version not in column:
                     column[v.version] = len(versions)
@@ -221,7 +218,7 @@ class Engine:
         gates = torch.zeros(len(seqs), len(versions), dtype=self.resident.dtype)  # [B, active]
         largest = torch.finfo(self.resident.dtype).max
         for row, seq in enumerate(seqs):
-            for name, w in seq.gates.items():
+            for name, w in seq.route.gates.items():
                 if not abs(w) <= largest:  # NaN or beyond the serving dtype: this row's fault
                     raise ValueError(f"gate {w!r} for adapter {name!r} is not finite in {self.resident.dtype}")
                 if w != 0.0:
@@ -275,7 +272,7 @@ class Engine:
                  and self.gate_source.needs_hidden(s)]
         if embed:
             for seq in embed:
-                seq.hidden_tail = None  # a retried admission starts its window afresh
+                seq.route.hidden_tail = None  # a retried admission starts its window afresh
             # The first decision embeds the base model's view of the prompt (its last
             # `prompt_window` tokens): one ungated pass over those, into rows the real prefill
             # overwrites below. All of it is kept for this decision; decode trims it to `window`.
@@ -285,22 +282,22 @@ class Engine:
             with self.ctx.applied():
                 hidden = self._hidden(ids, pos, row)  # [b, Tp, d]
             for i, seq in enumerate(embed):
-                seq.keep_hidden(hidden[i, : len(tails[i])], None)
+                seq.route.keep_hidden(hidden[i, : len(tails[i])], None)
         for seq in seqs:
             if seq.routing.mode != "auto":
-                seq.gates = dict(seq.routing.weights)
+                seq.route.gates = dict(seq.routing.weights)
         failed = self._route([s for s in seqs if s.routing.mode == "auto"])
         if failed:  # raise so that _admit retries alone: the rows whose routing works still run
             raise next(iter(failed.values()))
         for seq in embed:  # re-routes pool the sliding window only
-            if seq.hidden_tail is not None and window:
-                seq.hidden_tail = seq.hidden_tail[-window:]
+            if seq.route.hidden_tail is not None and window:
+                seq.route.hidden_tail = seq.route.hidden_tail[-window:]
         gates = self._gates(seqs)
         ids, pos, last = self._padded([s.prompt_ids for s in seqs])
         with self.ctx.applied(*gates):
             logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
         self.running.extend(seqs)  # rows row.. of the cache are theirs from here on
-        fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.hidden_tail is None else None
+        fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.route.hidden_tail is None else None
                                             for i, seq in enumerate(seqs)]
         try:
             for i, seq in enumerate(seqs):  # echo + logprobs: the prompt's log-probs, from this same pass
@@ -384,7 +381,7 @@ class Engine:
                 try:
                     tail = tails[i]
                     if tail is not None:
-                        seq.keep_hidden(tail, self.config.hidden_window)
+                        seq.route.keep_hidden(tail, self.config.hidden_window)
                     self._accept(seq, *choice)
                 except Exception as e:
                     outcome[i] = _row_error(e, "handling its token (stop strings, detokenising)")
@@ -433,13 +430,13 @@ class Engine:
         """Record and emit the chosen token (with the alternatives the request asked for); returns
         whether the sequence finished."""
         index = len(seq.generated)
-        seq.trace.record(index, seq.gates)
+        seq.route.trace.record(index, seq.route.gates)
         delta = seq.push_token(token, self.resident.max_positions)
         now = time.monotonic()
         if self.observer:  # before the timestamps move: it measures from the previous token
             self.observer.on_token(seq, now)
         seq.last_token_at = now
-        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.gates), seq.finish_reason, top=top))
+        seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.route.gates), seq.finish_reason, top=top))
         return seq.finish_reason is not None
 
     # -- leaving the batch -------------------------------------------------------------------------------
@@ -480,7 +477,7 @@ class Engine:
                 if error is None and reason == "error":
                     error = Unavailable("the engine failed while running this request; retry it")
                 try:
-                    seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.gates),
+                    seq.emit(TokenEvent(seq.id, len(seq.generated), None, "", None, dict(seq.route.gates),
                                         seq.finish_reason, error=error))
                 except Exception:  # the client's event loop is gone: nobody to tell
                     log.debug("could not deliver the end of request %s", seq.id, exc_info=True)

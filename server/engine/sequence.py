@@ -1,4 +1,10 @@
-"""One request's state inside the engine: tokens, gates, routing trace, text and stop handling."""
+"""One request inside the engine: what it asked, how far it got, and (in `route`) what routing keeps.
+
+`Sequence` holds what the request asked (prompt, sampling, stop criteria, routing spec, the
+callbacks that detokenise and deliver its tokens, its deadline) and its progress (tokens, text,
+stop handling, how it ended). The gates in force and the rest of the routing state live apart,
+in `Sequence.route` (`server.engine.route_state.RouteState`).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from router_core.policy import RoutingTrace
 from server.engine.logprobs import PromptScores
 from server.engine.registry import AdapterRegistry, AdapterVersion
+from server.engine.route_state import RouteState
 from server.engine.sampling import SamplingParams, Top
 
 _ids = itertools.count(1)
@@ -47,6 +53,7 @@ class TokenEvent:
 
 @dataclass
 class Sequence:
+    # what the request asked
     prompt_ids: list[int]
     max_tokens: int
     sampling: SamplingParams
@@ -56,15 +63,14 @@ class Sequence:
     stop: tuple[str, ...] = ()
     eos_token_id: int | None = None
     prompt_text: str = ""
+    deadline: float | None = None  # time.monotonic() after which the engine ends it with a timeout
+    prompt_logprobs: int | None = None  # score the prompt (echo + logprobs) with this many alternatives
     id: int = field(default_factory=lambda: next(_ids))
     versions: dict[str, AdapterVersion] = field(default_factory=dict)  # held references
-    gates: dict[str, float] = field(default_factory=dict)  # weights in force
-    route_vector: torch.Tensor | None = None  # last router output, for hysteresis
-    route_names: tuple[str, ...] | None = None  # the adapters `route_vector` is over
-    hidden_tail: torch.Tensor | None = None  # [W, d] last hidden states, for the `base` embedder
+    # what routing keeps: the gates in force, the route vector, the routing window's hidden states
+    route: RouteState = field(default_factory=RouteState)
+    # progress, and how it ended
     generated: list[int] = field(default_factory=list)
-    trace: RoutingTrace = field(default_factory=RoutingTrace)  # weights in force per generated token
-    reroutes: int = 0
     text: str = ""
     emitted_chars: int = 0
     finish_reason: str | None = None
@@ -72,10 +78,8 @@ class Sequence:
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
-    deadline: float | None = None  # time.monotonic() after which the engine ends it with a timeout
     generator: torch.Generator | None = field(init=False, default=None)
     references_released: bool = field(init=False, default=False)
-    prompt_logprobs: int | None = None  # score the prompt (echo + logprobs) with this many alternatives
     prompt_scores: PromptScores | None = None  # set before the first event is emitted
 
     def __post_init__(self) -> None:
@@ -96,21 +100,12 @@ class Sequence:
         """Tokens already in the KV cache (the last generated token is not yet fed back)."""
         return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
 
-    @property
-    def top_adapter(self) -> str:
-        return max(self.gates, key=self.gates.__getitem__) if self.gates else "base"
-
     def context_text(self, window: int | None = None) -> str:
         """The text a router sees: prompt + generated so far, or only its last `window` tokens
         (the same window the `base` embedder pools over, so both embedders follow a topic change)."""
         if window is None:
             return self.prompt_text + self.text
         return self.decode((self.prompt_ids + self.generated)[-window:])
-
-    def keep_hidden(self, hidden: torch.Tensor, window: int | None) -> None:
-        """Append hidden states [T, d] of newly processed tokens, keeping the last `window`."""
-        tail = hidden if self.hidden_tail is None else torch.cat([self.hidden_tail, hidden])
-        self.hidden_tail = tail if window is None else tail[-window:]
 
     def push_token(self, token: int, max_positions: int) -> str:
         """Record a sampled token; returns the text that is now safe to emit (stop strings held back)."""
@@ -144,4 +139,4 @@ class Sequence:
 
     def segments(self) -> list[dict]:
         """Routing trace as segments: consecutive tokens with the same weights merged."""
-        return self.trace.segments(end_token=len(self.generated))
+        return self.route.trace.segments(end_token=len(self.generated))

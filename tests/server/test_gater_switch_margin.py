@@ -15,9 +15,9 @@ from tests.server.engine.test_reroute_cadence import _registry
 
 
 def _gated(gater, seq: Sequence, embedding: torch.Tensor) -> str:
-    seq.hidden_tail = embedding[None]  # [1, d]: the base embedder pools it to `embedding`
-    seq.gates = gater.route([seq])[0]
-    return max(seq.gates, key=seq.gates.__getitem__)
+    seq.route.hidden_tail = embedding[None]  # [1, d]: the base embedder pools it to `embedding`
+    seq.route.gates = gater.route([seq])[0]
+    return max(seq.route.gates, key=seq.route.gates.__getitem__)
 
 
 def test_gater_applies_the_fitted_switch_margin(store, tiny_model_dir, one_torch_thread):

@@ -99,7 +99,7 @@ def test_engine_routes_where_the_cadence_says_base_embedder(store, tiny_model_di
     for seq in rows:
         assert events[seq.id][-1].finish_reason == "length"
         assert log.at[seq.id] == _expected(seq), seq.routing.reroute_every
-        assert seq.reroutes == len(_expected(seq))
+        assert seq.route.reroutes == len(_expected(seq))
 
 
 def test_engine_routes_where_the_cadence_says_text_embedder(store, tiny_model_dir, one_torch_thread):

@@ -140,8 +140,8 @@ def test_no_recompile_after_warm_up_under_rerouting_and_hot_swaps(store, tiny_mo
         engine.step()
         step += 1
         for i, s in enumerate(engine.running):  # rotate the mixtures, as a re-route would
-            s.gates = {k: v for k, v in mixes[(i + step) % 3].items()}
-            s.versions.update({k: engine.registry.get(k) for k in s.gates if k not in s.versions})
+            s.route.gates = {k: v for k, v in mixes[(i + step) % 3].items()}
+            s.versions.update({k: engine.registry.get(k) for k in s.route.gates if k not in s.versions})
     # Hot swap: a new version of alpha under the same name, installed into a slot mid-serving.
     new_alpha, old = registry.register(read_adapter("alpha", store / "beta", spec))
     assert old is not None
