@@ -15,6 +15,7 @@ import torch
 from server.engine import gpt2
 from server.engine.adapter_store import BaseSpec, read_adapter
 from server.engine.base_model import load_base_model
+from server.engine.batch import padded
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.engine.static_step import StaticDecoder, bucket
@@ -44,7 +45,7 @@ def engines(store, tiny_model_dir):
 
 
 def _prefill(engine: Engine, prompts: list[list[int]]) -> None:
-    ids, pos, last = engine._padded(prompts)
+    ids, pos, last = padded(prompts, engine.resident.device)
     engine.cache.reserve(len(prompts), 128)
     with torch.inference_mode():
         gpt2.forward(engine.resident.model, ids, pos, engine.cache, last=last)

@@ -1,0 +1,112 @@
+"""From one forward's logits to each row's next token, every row on its own.
+
+After a forward the batch's rows part ways: each row's logits are checked (NaN/inf fail that
+row: its adapter mixture overflowed the serving dtype), sampled (a batched call that fails is
+redone row by row), and its token recorded, run through stop strings and detokenising, and
+emitted to its client. Whatever fails here fails its own row alone; `take_tokens` returns an
+outcome per row and the engine ends the rows that failed or finished afterwards, once every row
+has taken its token (moving a row into a hole copies its cache up to its position, which must
+already count the key/value this step wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from server.engine.errors import RowFailed, SwitchboardError
+from server.engine.sampling import Pick, Top, sample_batch
+from server.engine.sequence import Sequence, TokenEvent
+
+log = logging.getLogger(__name__)
+
+OnToken = Callable[[Sequence, float], None]
+
+
+def take_tokens(seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor | Exception],
+                tails: list[torch.Tensor | None], *, window: int | None, max_positions: int,
+                on_token: OnToken | None = None) -> list[SwitchboardError | None]:
+    """Sample and accept one token per row of `seqs` from `logits` (per row: [V], or the error
+    its forward raised), appending `tails` (per row: hidden states [T, d] of the tokens just
+    processed, or None) to the row's routing window of `window` tokens. Returns per row the
+    error it failed with, or None (it took its token; it may have finished)."""
+    outcome: list[SwitchboardError | None] = [None] * len(seqs)
+    if isinstance(logits, torch.Tensor):
+        ok, block = list(range(len(seqs))), logits  # [B, V]
+    else:
+        for i, r in enumerate(logits):
+            if isinstance(r, Exception):
+                outcome[i] = row_error(r, "the forward pass")
+        ok = [i for i, r in enumerate(logits) if not isinstance(r, Exception)]
+        block = torch.stack([logits[i] for i in ok]) if ok else torch.empty(0)  # type: ignore[misc]
+    if not ok:
+        return outcome
+    finite = torch.isfinite(block).all(dim=-1).tolist()  # [b]: NaN/inf logits fail their row alone
+    good = [i for i, f in zip(ok, finite, strict=True) if f]
+    for i, f in zip(ok, finite, strict=True):
+        if not f:
+            outcome[i] = RowFailed("the model produced non-finite logits for this request "
+                                   "(its adapter mixture overflows the serving dtype)")
+    if len(good) < len(ok):
+        block = block[[ok.index(i) for i in good]]
+    chosen = sample_rows([seqs[i] for i in good], block) if good else []
+    for i, choice in zip(good, chosen, strict=True):
+        seq = seqs[i]
+        if isinstance(choice, Exception):
+            outcome[i] = row_error(choice, "sampling")
+            continue
+        try:
+            tail = tails[i]
+            if tail is not None:
+                seq.route.keep_hidden(tail, window)
+            accept(seq, *choice, max_positions=max_positions, on_token=on_token)
+        except Exception as e:
+            outcome[i] = row_error(e, "handling its token (stop strings, detokenising)")
+    return outcome
+
+
+def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
+    """Next token and its log-probability per row of `logits` [B, V]; if the batched call
+    fails, each row is sampled alone and a row that still fails gets its error back."""
+    states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
+    try:
+        return list(sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                                 [(s.prompt_ids, s.generated) for s in seqs]))
+    except Exception:
+        for seq, state in zip(seqs, states, strict=True):  # rows sampled before the failure: same draw again
+            if seq.generator is not None and state is not None:
+                seq.generator.set_state(state)
+        out: list[Pick | Exception] = []
+        for i, seq in enumerate(seqs):
+            try:
+                out.append(sample_batch(logits[i:i + 1], [seq.sampling], [seq.generator],
+                                        [(seq.prompt_ids, seq.generated)])[0])
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+def accept(seq: Sequence, token: int, logprob: float, top: Top | None = None, *, max_positions: int,
+           on_token: OnToken | None = None) -> bool:
+    """Record and emit the chosen token (with the alternatives the request asked for); returns
+    whether the sequence finished."""
+    index = len(seq.generated)
+    seq.route.trace.record(index, seq.route.gates)
+    delta = seq.push_token(token, max_positions)
+    now = time.monotonic()
+    if on_token:  # before the timestamps move: it measures from the previous token
+        on_token(seq, now)
+    seq.last_token_at = now
+    seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.route.gates), seq.finish_reason, top=top))
+    return seq.finish_reason is not None
+
+
+def row_error(error: Exception, phase: str) -> SwitchboardError:
+    """The error a row's client gets: an engine error as it is, anything else as `RowFailed`."""
+    if isinstance(error, SwitchboardError):
+        return error
+    log.warning("one row failed during %s: %r", phase, error)
+    return RowFailed(f"this request failed in the engine during {phase}: {type(error).__name__}: {str(error)[:200]}")
