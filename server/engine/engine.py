@@ -85,7 +85,7 @@ class Engine:
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch(self.cache, resident.device)
-        self.routing = RouteStep(gate_source, observer.on_route if observer else None)
+        self.route_step = RouteStep(gate_source, observer.on_route if observer else None)
 
     @property
     def running(self) -> list[Sequence]:
@@ -163,13 +163,13 @@ class Engine:
         """Prefill `seqs` as one batch. Everything up to the forward is shared (a failure raises,
         and `_admit` retries row by row); from sampling on each row is handled alone."""
         row = self.batch.reserve(seqs, self.resident.max_positions)
-        embed = [s for s in seqs if self.routing.embeds_hidden(s)]
+        embed = [s for s in seqs if self.route_step.embeds_hidden(s)]
         if embed:
             self._embed_prompts(embed, row)
         for seq in seqs:
             if seq.routing.mode != "auto":
                 seq.route.gates = dict(seq.routing.weights)
-        failed = self.routing.route([s for s in seqs if s.routing.mode == "auto"])
+        failed = self.route_step.route([s for s in seqs if s.routing.mode == "auto"])
         if failed:  # raise so that _admit retries alone: the rows whose routing works still run
             raise next(iter(failed.values()))
         window = self.config.hidden_window
@@ -217,13 +217,13 @@ class Engine:
             seq.route.keep_hidden(hidden[i, : len(tails[i])], None)
 
     def _decode(self) -> None:
-        failed = self.routing.route([s for s in self.batch if is_due(s)])
+        failed = self.route_step.route([s for s in self.batch if is_due(s)])
         for seq in [s for s in self.batch if s.id in failed]:  # before the forward: rows may move
             self._end(seq, row_error(failed[seq.id], "routing"))
         if not len(self.batch):
             return
         seqs = self.batch.seqs
-        self.routing.prefetch(seqs)
+        self.route_step.prefetch(seqs)
         ids, pos = self.batch.decode_inputs()  # [B, 1] each
         try:
             with self.ctx.applied(*self._gates(seqs)):
@@ -300,7 +300,7 @@ class Engine:
         try:
             unreported = seq.finish_reason is None or seq.error is not None  # not ended by its own last token
             seq.finish_reason = seq.finish_reason or reason
-            self.routing.forget(seq)
+            self.route_step.forget(seq)
             if unreported:  # tell the waiting client, or it would wait for its timeout
                 error = seq.error
                 if error is None and reason == "error":
