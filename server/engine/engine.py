@@ -31,7 +31,7 @@ import torch
 
 from server.engine import gpt2, static_step
 from server.engine.base_model import LORA_TARGETS, ResidentModel
-from server.engine.batch import Batch, gate_matrix, padded
+from server.engine.batch import Batch, Gates, gate_matrix, padded
 from server.engine.errors import ContextTooLong, Overloaded, RequestTimeout, SwitchboardError, Unavailable
 from server.engine.kv_cache import KVCache
 from server.engine.logprobs import score_prompt
@@ -107,7 +107,7 @@ class Engine:
         return self.inbox.qsize() + len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(len(self.batch) or self.waiting or not self.inbox.empty())
+        return bool(self.batch or self.waiting or not self.inbox.empty())
 
     def warm_up(self) -> float:
         """Compile (or first-run) the static decode step for every batch bucket before serving;
@@ -122,7 +122,7 @@ class Engine:
         self._drop_cancelled()
         self.slots.evict_retired()
         self._admit()
-        if len(self.batch):
+        if self.batch:
             self._decode()
         if self.observer:
             self.observer.on_step(len(self.batch), self.queue_depth())
@@ -220,7 +220,7 @@ class Engine:
         failed = self.route_step.route([s for s in self.batch if is_due(s)])
         for seq in [s for s in self.batch if s.id in failed]:  # before the forward: rows may move
             self._end(seq, row_error(failed[seq.id], "routing"))
-        if not len(self.batch):
+        if not self.batch:
             return
         seqs = self.batch.seqs
         self.route_step.prefetch(seqs)
@@ -245,7 +245,7 @@ class Engine:
             return
         self._take_tokens(seqs, logits, list(hidden))
 
-    def _gates(self, seqs: list[Sequence]) -> tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
+    def _gates(self, seqs: list[Sequence]) -> Gates:
         """The slots these rows use and their [B, active] gate matrix, for `ctx.applied`."""
         return gate_matrix(seqs, self.slots, self.resident.dtype, self.resident.device)
 
