@@ -1,7 +1,7 @@
 """`switchboard demo` as a new user runs it: a fresh folder, a local base model, `--quick`.
 
 The first run trains the starter adapters from the data shipped in the package and ends serving
-`auto` over them; the second run finds them and trains nothing. No `../shared` is involved: the
+`auto` over them; the second run finds them and trains nothing. Nothing outside the repository is read: the
 process runs in an empty temporary folder with the repository only on its import path.
 """
 

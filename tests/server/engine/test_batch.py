@@ -20,6 +20,7 @@ from server.engine.lora_layer import LoRABatchContext
 from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
+from tests.server.engine.rows import held_row
 
 
 def _cleared(ctx: LoRABatchContext) -> bool:
@@ -59,13 +60,6 @@ def engine(store, tiny_model_dir, one_torch_thread):
     return Engine(resident, registry, EngineConfig(max_loras=4))
 
 
-def _seq(engine: Engine, prompt: list[int], weights: dict[str, float], max_tokens: int = 8) -> Sequence:
-    seq = Sequence(prompt_ids=list(prompt), max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0),
-                   routing=RoutingSpec("fixed", weights), decode=lambda ids: "x" * len(ids), emit=lambda ev: None)
-    seq.versions = {v.name: v for v in engine.registry.acquire(list(weights))}
-    return seq
-
-
 def test_engine_forward_that_raises_leaves_no_gates_behind(engine, monkeypatch) -> None:
     """The gates of a forward that fails are gone after it: the next caller (another step, a
     plain base-model call on the engine thread) never runs with a failed row's adapters."""
@@ -77,7 +71,7 @@ def test_engine_forward_that_raises_leaves_no_gates_behind(engine, monkeypatch) 
 
     monkeypatch.setattr(engine, "_forward", forward)
     events: list = []
-    seq = _seq(engine, [5, 17, 42], {"alpha": 1.0})
+    seq = held_row(engine, [5, 17, 42], {"alpha": 1.0})
     seq.emit = events.append
     engine.submit(seq)
     engine.step()
@@ -175,11 +169,11 @@ def test_gate_matrix_columns_are_adapter_versions(engine, store) -> None:
     """Two versions of one name (a hot swap mid-flight) get two columns and two slots; rows with
     no gate are left out of `rows`; a gate that does not fit the dtype is the row's error."""
     old = engine.registry.get("alpha")
-    a = _seq(engine, [1, 2], {"alpha": 1.0})  # holds the first version
+    a = held_row(engine, [1, 2], {"alpha": 1.0})  # holds the first version
     spec = BaseSpec(engine.resident.module_shapes, engine.resident.fingerprint, 64)
     new, _ = engine.registry.register(read_adapter("alpha", store / "beta", spec))
-    b = _seq(engine, [1, 2], {"alpha": 0.25, "beta": 0.75})  # the new version
-    base = _seq(engine, [1, 2], {})
+    b = held_row(engine, [1, 2], {"alpha": 0.25, "beta": 0.75})  # the new version
+    base = held_row(engine, [1, 2], {})
     for s in (a, b, base):
         s.route.gates = dict(s.routing.weights)
     active, gates, rows = gate_matrix([a, base, b], engine.slots, torch.float32, torch.device("cpu"))

@@ -21,7 +21,7 @@ from server.engine.adapter_store import BaseSpec, read_adapter
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
-from tests.server.engine.test_engine_parity import PROMPT, _hold, _seq, _tokens
+from tests.server.engine.rows import PROMPT, hold, row, token_ids
 from tests.tiny import run_engine
 
 
@@ -82,9 +82,9 @@ def test_bf16_greedy_tokens_agree_with_fp32(store, tiny_model_dir):
     agree = total = 0
     for prompt in prompts:
         for weights in ({"alpha": 1.0}, {"alpha": 0.5, "beta": 0.5}):
-            a = _hold(e32, _seq(prompt, weights, max_tokens=16))
-            b = _hold(e16, _seq(prompt, weights, max_tokens=16))
-            t32, t16 = _tokens(run_engine(e32, [a])[a.id]), _tokens(run_engine(e16, [b])[b.id])
+            a = hold(e32, row(prompt, weights, max_tokens=16))
+            b = hold(e16, row(prompt, weights, max_tokens=16))
+            t32, t16 = token_ids(run_engine(e32, [a])[a.id]), token_ids(run_engine(e16, [b])[b.id])
             same = next((i for i, (x, y) in enumerate(zip(t32, t16, strict=True)) if x != y), len(t32))
             agree, total = agree + same, total + len(t32)
             if same < len(t32):  # the fp32 margin at the first disagreement is within bf16 rounding

@@ -14,11 +14,9 @@ from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.errors import RequestTimeout, RowFailed
 from server.engine.registry import AdapterRegistry
-from server.engine.sampling import SamplingParams
-from server.engine.sequence import RoutingSpec, Sequence
+from server.engine.sequence import Sequence
+from tests.server.engine.rows import PROMPT, held_row, token_ids
 from tests.tiny import run_engine
-
-PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
 
 
 @pytest.fixture()
@@ -31,23 +29,10 @@ def engine(store, tiny_model_dir, one_torch_thread):
     return Engine(resident, registry, EngineConfig(max_loras=4))
 
 
-def _seq(engine: Engine, prompt, weights, max_tokens=10, decode=None, **sampling) -> Sequence:
-    seq = Sequence(prompt_ids=list(prompt), max_tokens=max_tokens,
-                   sampling=SamplingParams(**{"temperature": 0.0, **sampling}),
-                   routing=RoutingSpec("fixed", weights), decode=decode or (lambda ids: "x" * len(ids)),
-                   emit=lambda ev: None)
-    seq.versions = {v.name: v for v in engine.registry.acquire(list(weights))}
-    return seq
-
-
 def _good(engine: Engine) -> list[Sequence]:
     """Four healthy rows: greedy and seeded sampling, adapters, a mixture and the base model."""
-    return [_seq(engine, PROMPT, {"alpha": 1.0}), _seq(engine, PROMPT[:5], {"beta": 1.0}, temperature=0.8, seed=3),
-            _seq(engine, PROMPT[2:], {"alpha": 0.4, "beta": 0.6}, max_tokens=6), _seq(engine, [7, 7, 7], {})]
-
-
-def _tokens(events) -> list[int]:
-    return [e.token_id for e in events if e.token_id is not None]
+    return [held_row(engine, PROMPT, {"alpha": 1.0}), held_row(engine, PROMPT[:5], {"beta": 1.0}, temperature=0.8, seed=3),
+            held_row(engine, PROMPT[2:], {"alpha": 0.4, "beta": 0.6}, max_tokens=6), held_row(engine, [7, 7, 7], {})]
 
 
 def _refcounts(engine: Engine) -> dict[str, int]:
@@ -56,10 +41,10 @@ def _refcounts(engine: Engine) -> dict[str, int]:
 
 def _check_isolated(engine: Engine, bad: Sequence, expected_error: type) -> None:
     alone = run_engine(engine, _good(engine))
-    clean = [_tokens(evs) for evs in alone.values()]
+    clean = [token_ids(evs) for evs in alone.values()]
     good = _good(engine)
     events = run_engine(engine, [good[0], good[1], bad, good[2], good[3]])
-    assert [_tokens(events[s.id]) for s in good] == clean  # the other rows are untouched
+    assert [token_ids(events[s.id]) for s in good] == clean  # the other rows are untouched
     assert all(events[s.id][-1].finish_reason in ("length", "stop") for s in good)
     last = events[bad.id][-1]
     assert last.finish_reason == "error" and isinstance(last.error, expected_error), last
@@ -69,22 +54,22 @@ def _check_isolated(engine: Engine, bad: Sequence, expected_error: type) -> None
 
 def test_sampling_failure_fails_its_row_alone(engine):
     # temperature 1e-300 divides the logits into inf: softmax NaN, multinomial raises
-    _check_isolated(engine, _seq(engine, PROMPT, {"alpha": 1.0}, temperature=1e-300), RowFailed)
+    _check_isolated(engine, held_row(engine, PROMPT, {"alpha": 1.0}, temperature=1e-300), RowFailed)
 
 
 def test_top_p_underflow_fails_its_row_alone(engine):
     # 1e-300 is 0 in float32: every token is dropped, softmax NaN
-    _check_isolated(engine, _seq(engine, PROMPT, {}, temperature=1.0, top_p=1e-300, seed=1), RowFailed)
+    _check_isolated(engine, held_row(engine, PROMPT, {}, temperature=1.0, top_p=1e-300, seed=1), RowFailed)
 
 
 def test_huge_gate_fails_its_row_alone(engine):
     # a gate past the serving dtype breaks the shared gate matrix: the batch is retried row by row
-    _check_isolated(engine, _seq(engine, PROMPT, {"alpha": 1e300}), RowFailed)
+    _check_isolated(engine, held_row(engine, PROMPT, {"alpha": 1e300}), RowFailed)
 
 
 def test_non_finite_logits_fail_their_row_alone(engine):
     # 1e30 is finite in float32 but the LoRA delta times it is not: NaN/inf logits in that row only
-    _check_isolated(engine, _seq(engine, PROMPT, {"alpha": 1e30}), RowFailed)
+    _check_isolated(engine, held_row(engine, PROMPT, {"alpha": 1e30}), RowFailed)
 
 
 def test_detokenising_failure_fails_its_row_alone(engine):
@@ -93,11 +78,11 @@ def test_detokenising_failure_fails_its_row_alone(engine):
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "broken tokenizer")
         return "ok"
 
-    _check_isolated(engine, _seq(engine, PROMPT, {"beta": 1.0}, decode=decode), RowFailed)
+    _check_isolated(engine, held_row(engine, PROMPT, {"beta": 1.0}, decode=decode), RowFailed)
 
 
 def test_emit_failure_fails_its_row_alone(engine):
-    bad = _seq(engine, PROMPT, {"alpha": 1.0})
+    bad = held_row(engine, PROMPT, {"alpha": 1.0})
     calls = []
 
     def emit(ev):  # the client's loop closed under it: every delivery raises
@@ -131,7 +116,7 @@ def test_forward_failure_retries_rows_alone(engine, monkeypatch):
         return real(ids, pos, row, last)
 
     monkeypatch.setattr(engine, "_forward", forward)
-    bad = _seq(engine, PROMPT, {"alpha": 1.0})
+    bad = held_row(engine, PROMPT, {"alpha": 1.0})
     poisoned.append(bad)
     _check_isolated(engine, bad, RowFailed)
 
@@ -145,17 +130,17 @@ def test_prefill_failure_retries_rows_alone(engine, monkeypatch):
         return real(ids, pos, row, last)
 
     monkeypatch.setattr(engine, "_forward", forward)
-    _check_isolated(engine, _seq(engine, [399, 1, 2], {"beta": 1.0}), RowFailed)
+    _check_isolated(engine, held_row(engine, [399, 1, 2], {"beta": 1.0}), RowFailed)
 
 
 def test_deadline_ends_a_row_with_a_timeout(engine):
-    late = _seq(engine, PROMPT, {"alpha": 1.0}, max_tokens=50)
+    late = held_row(engine, PROMPT, {"alpha": 1.0}, max_tokens=50)
     late.deadline = 0.0  # long past
     _check_isolated(engine, late, RequestTimeout)
 
 
 def test_release_is_exactly_once(engine):
-    seq = _seq(engine, PROMPT, {"alpha": 1.0})
+    seq = held_row(engine, PROMPT, {"alpha": 1.0})
     assert engine.registry.get("alpha").refcount == 1
     seq.release_references(engine.registry)
     seq.release_references(engine.registry)

@@ -12,11 +12,8 @@ from server.engine.adapter_store import BaseSpec, read_adapter
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
-from server.engine.sampling import SamplingParams
-from server.engine.sequence import RoutingSpec, Sequence
+from tests.server.engine.rows import PROMPT, hold, row, token_ids
 from tests.tiny import make_adapter, run_engine
-
-PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
 
 
 @pytest.fixture()
@@ -76,20 +73,6 @@ def test_mixture_matches_peft_cat_merge(engine, peft_model, weights):
     assert (engine_logits(engine, weights) - ref).abs().max().item() <= 1e-4
 
 
-def _seq(prompt, weights, max_tokens=12, **sampling) -> Sequence:
-    return Sequence(prompt_ids=list(prompt), max_tokens=max_tokens, sampling=SamplingParams(**{"temperature": 0.0, **sampling}),
-                    routing=RoutingSpec("fixed", weights), decode=lambda ids: "", emit=lambda ev: None)
-
-
-def _hold(engine: Engine, seq: Sequence) -> Sequence:
-    seq.versions = {v.name: v for v in engine.registry.acquire(list(seq.routing.weights))}
-    return seq
-
-
-def _tokens(events) -> list[int]:
-    return [e.token_id for e in events if e.token_id is not None]
-
-
 def test_mixed_batch_rows_equal_rows_run_alone(engine):
     # Rows of different lengths that finish at different steps, so rows leave the batch (and the
     # last row is moved into the hole) while others are still decoding.
@@ -102,13 +85,13 @@ def test_mixed_batch_rows_equal_rows_run_alone(engine):
     ]
     alone, alone_lp = [], []
     for prompt, weights, n in specs:
-        seq = _hold(engine, _seq(prompt, weights, max_tokens=n))
+        seq = hold(engine, row(prompt, weights, max_tokens=n))
         events = run_engine(engine, [seq])[seq.id]
-        alone.append(_tokens(events))
+        alone.append(token_ids(events))
         alone_lp.append(torch.tensor([e.logprob for e in events]))
-    batch = [_hold(engine, _seq(p, w, max_tokens=n)) for p, w, n in specs]
+    batch = [hold(engine, row(p, w, max_tokens=n)) for p, w, n in specs]
     events = run_engine(engine, batch)
-    together = [_tokens(events[s.id]) for s in batch]
+    together = [token_ids(events[s.id]) for s in batch]
     assert together == alone
     assert [len(t) for t in alone] == [n for _, _, n in specs]
     for seq, ref in zip(batch, alone_lp, strict=True):  # the chosen tokens' log-probs, not just the argmax
@@ -122,17 +105,17 @@ def test_greedy_engine_matches_peft_generate(engine, peft_model):
     with torch.no_grad():
         ref = peft_model.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False,
                                   pad_token_id=0)[0, len(PROMPT):].tolist()
-    seq = _hold(engine, _seq(PROMPT, {"beta": 1.0}, max_tokens=10))
-    assert _tokens(run_engine(engine, [seq])[seq.id]) == ref
+    seq = hold(engine, row(PROMPT, {"beta": 1.0}, max_tokens=10))
+    assert token_ids(run_engine(engine, [seq])[seq.id]) == ref
 
 
 def test_seeded_sampling_is_reproducible(engine):
-    a = _hold(engine, _seq(PROMPT, {"alpha": 1.0}, temperature=0.9, top_p=0.9, top_k=50, seed=7))
-    b = _hold(engine, _seq(PROMPT, {"alpha": 1.0}, temperature=0.9, top_p=0.9, top_k=50, seed=7))
-    c = _hold(engine, _seq(PROMPT, {"alpha": 1.0}, temperature=0.9, top_p=0.9, top_k=50, seed=8))
+    a = hold(engine, row(PROMPT, {"alpha": 1.0}, temperature=0.9, top_p=0.9, top_k=50, seed=7))
+    b = hold(engine, row(PROMPT, {"alpha": 1.0}, temperature=0.9, top_p=0.9, top_k=50, seed=7))
+    c = hold(engine, row(PROMPT, {"alpha": 1.0}, temperature=0.9, top_p=0.9, top_k=50, seed=8))
     ev = run_engine(engine, [a, b, c])
-    assert _tokens(ev[a.id]) == _tokens(ev[b.id])
-    assert _tokens(ev[a.id]) != _tokens(ev[c.id])
+    assert token_ids(ev[a.id]) == token_ids(ev[b.id])
+    assert token_ids(ev[a.id]) != token_ids(ev[c.id])
 
 
 def test_slots_evict_lru_and_release_references(store, tiny_model_dir):
@@ -145,8 +128,8 @@ def test_slots_evict_lru_and_release_references(store, tiny_model_dir):
     small = Engine(resident, registry, EngineConfig(max_loras=2))
     outputs = {}
     for name in ("alpha", "beta", "gamma", "alpha"):
-        seq = _hold(small, _seq(PROMPT, {name: 1.0}, max_tokens=4))
-        outputs.setdefault(name, []).append(_tokens(run_engine(small, [seq])[seq.id]))
+        seq = hold(small, row(PROMPT, {name: 1.0}, max_tokens=4))
+        outputs.setdefault(name, []).append(token_ids(run_engine(small, [seq])[seq.id]))
     resident_names = {v.name for v in small.slots.resident()}
     assert resident_names == {"gamma", "alpha"}  # beta was least recently used when alpha came back
     assert small.slots.loads == 4  # alpha was evicted by gamma and re-installed
@@ -157,7 +140,7 @@ def test_slots_evict_lru_and_release_references(store, tiny_model_dir):
 def test_shutdown_outside_inference_mode_cancels_rows(engine):
     """The graceful-shutdown deadline cancels rows from outside `step()`: compacting rows must not
     trip over cache tensors made in inference mode (they grow inside `step()`)."""
-    seqs = [_hold(engine, _seq(PROMPT[: 3 + i], {"alpha": 1.0}, max_tokens=100)) for i in range(3)]  # cache grows
+    seqs = [hold(engine, row(PROMPT[: 3 + i], {"alpha": 1.0}, max_tokens=100)) for i in range(3)]  # cache grows
     events: dict[int, list] = {s.id: [] for s in seqs}
     for s in seqs:
         s.emit = events[s.id].append
@@ -173,13 +156,13 @@ def test_shutdown_outside_inference_mode_cancels_rows(engine):
 def test_engine_failure_reports_an_error_to_every_request(engine):
     """If a step fails (a bug), the worker cancels the batch with reason "error": every waiting
     client gets a terminal event carrying an error instead of waiting for its timeout."""
-    seqs = [_hold(engine, _seq(PROMPT, {"beta": 1.0}, max_tokens=20)) for _ in range(2)]
+    seqs = [hold(engine, row(PROMPT, {"beta": 1.0}, max_tokens=20)) for _ in range(2)]
     events: dict[int, list] = {s.id: [] for s in seqs}
     for s in seqs:
         s.emit = events[s.id].append
         engine.submit(s)
     engine.step()
-    late = _hold(engine, _seq(PROMPT, {"alpha": 1.0}))
+    late = hold(engine, row(PROMPT, {"alpha": 1.0}))
     events[late.id] = []
     late.emit = events[late.id].append
     engine.submit(late)

@@ -20,7 +20,7 @@ from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.engine.static_step import StaticDecoder, bucket
 from tests.handle import AppHandle
-from tests.server.engine.test_engine_parity import PROMPT, _hold, _seq, _tokens
+from tests.server.engine.rows import PROMPT, hold, row, token_ids
 from tests.tiny import make_adapter, run_engine
 
 
@@ -93,9 +93,9 @@ def test_static_engine_generates_what_the_eager_engine_does(engines):
              (PROMPT[2:], {"alpha": 0.3, "gamma": 0.7}, 5), ([1, 2, 3], {"alpha": 0.5, "beta": 0.5}, 14)]
     results = {}
     for name, engine in engines.items():
-        seqs = [_hold(engine, _seq(p, w, max_tokens=n)) for p, w, n in specs]
+        seqs = [hold(engine, row(p, w, max_tokens=n)) for p, w, n in specs]
         events = run_engine(engine, seqs)
-        results[name] = ([_tokens(events[s.id]) for s in seqs],
+        results[name] = ([token_ids(events[s.id]) for s in seqs],
                          [torch.tensor([e.logprob for e in events[s.id]]) for s in seqs])
     assert results["static"][0] == results["eager"][0]
     for got, ref in zip(results["static"][1], results["eager"][1], strict=True):
@@ -127,13 +127,13 @@ def test_no_recompile_after_warm_up_under_rerouting_and_hot_swaps(store, tiny_mo
     assert warm >= 1
     # Batches of 1, 3 and 5 rows (buckets 1, 4, 8), fixed adapters and routed mixtures, long enough
     # to cross length buckets (64 -> 128) and grow the cache.
-    seqs = [_hold(engine, _seq(PROMPT, {"alpha": 1.0}, max_tokens=70))]
+    seqs = [hold(engine, row(PROMPT, {"alpha": 1.0}, max_tokens=70))]
     run_engine(engine, seqs)
     mixes = [{"alpha": 0.5, "beta": 0.5}, {"gamma": 1.0}, {"alpha": 0.2, "beta": 0.3, "gamma": 0.5}, {}, {"beta": 1.0}]
-    seqs = [_hold(engine, _seq(PROMPT[: 3 + i], mixes[i % len(mixes)], max_tokens=10 + 5 * i)) for i in range(5)]
+    seqs = [hold(engine, row(PROMPT[: 3 + i], mixes[i % len(mixes)], max_tokens=10 + 5 * i)) for i in range(5)]
     run_engine(engine, seqs)
     # Re-routing: the same rows with other gates every step (what the router does).
-    seqs = [_hold(engine, _seq(PROMPT, mixes[i], max_tokens=12)) for i in range(3)]
+    seqs = [hold(engine, row(PROMPT, mixes[i], max_tokens=12)) for i in range(3)]
     for s in seqs:
         engine.submit(s)
     step = 0
@@ -146,7 +146,7 @@ def test_no_recompile_after_warm_up_under_rerouting_and_hot_swaps(store, tiny_mo
     # Hot swap: a new version of alpha under the same name, installed into a slot mid-serving.
     new_alpha, old = registry.register(read_adapter("alpha", store / "beta", spec))
     assert old is not None
-    seqs = [_hold(engine, _seq(PROMPT, {"alpha": 1.0}, max_tokens=6)), _hold(engine, _seq(PROMPT, {"gamma": 1.0}))]
+    seqs = [hold(engine, row(PROMPT, {"alpha": 1.0}, max_tokens=6)), hold(engine, row(PROMPT, {"gamma": 1.0}))]
     run_engine(engine, seqs)
     assert engine.static.calls > 100
     assert counter.compiles == warm, f"{counter.compiles - warm} recompiles after warm-up"
@@ -164,9 +164,9 @@ def test_inductor_compiled_step_matches_eager(engines, store, tiny_model_dir):
     specs = [(PROMPT, {"alpha": 1.0}, 8), (PROMPT[:4], {"beta": 0.5, "gamma": 0.5}, 5), ([7, 7, 7], {}, 6)]
     out = {}
     for name, engine in (("eager", engines["eager"]), ("compiled", compiled)):
-        seqs = [_hold(engine, _seq(p, w, max_tokens=n)) for p, w, n in specs]
+        seqs = [hold(engine, row(p, w, max_tokens=n)) for p, w, n in specs]
         events = run_engine(engine, seqs)
-        alone = _hold(engine, _seq(PROMPT, {"alpha": 0.7, "beta": 0.3}, max_tokens=5))
+        alone = hold(engine, row(PROMPT, {"alpha": 0.7, "beta": 0.3}, max_tokens=5))
         events.update(run_engine(engine, [alone]))
         out[name] = [[(e.token_id, e.logprob) for e in events[s.id] if e.token_id is not None] for s in [*seqs, alone]]
     for got, ref in zip(out["compiled"], out["eager"], strict=True):

@@ -1,0 +1,38 @@
+"""Engine rows for the engine's tests: a fixed-mixture sequence, the references it must hold
+before `Engine.submit`, and the token ids out of its events (one copy, shared by the parity,
+bf16, static-step, isolation and batch tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from server.engine.engine import Engine
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import RoutingSpec, Sequence
+
+PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
+
+
+def row(prompt: list[int], weights: dict[str, float], max_tokens: int = 12,
+        decode: Callable[[list[int]], str] | None = None, **sampling) -> Sequence:
+    """A sequence on a fixed mixture (`{}` = the base model), greedy unless `sampling` says
+    otherwise; it holds no adapter references yet (see `hold`)."""
+    return Sequence(prompt_ids=list(prompt), max_tokens=max_tokens,
+                    sampling=SamplingParams(**{"temperature": 0.0, **sampling}),
+                    routing=RoutingSpec("fixed", weights), decode=decode or (lambda ids: "x" * len(ids)),
+                    emit=lambda ev: None)
+
+
+def hold(engine: Engine, seq: Sequence) -> Sequence:
+    """Take the references on the adapters `seq` uses, as a request does before it submits."""
+    seq.versions = {v.name: v for v in engine.registry.acquire(list(seq.routing.weights))}
+    return seq
+
+
+def held_row(engine: Engine, prompt: list[int], weights: dict[str, float], max_tokens: int = 12,
+             decode: Callable[[list[int]], str] | None = None, **sampling) -> Sequence:
+    return hold(engine, row(prompt, weights, max_tokens, decode, **sampling))
+
+
+def token_ids(events) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
