@@ -224,8 +224,7 @@ class StaticDecoder:
         self._stacks[key] = stack
         return stack
 
-    def _no_adapters(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-        R = MIN_RANK_BUCKET
+    def _no_adapters(self, R: int = MIN_RANK_BUCKET) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         if R not in self._zero:
             first = self.projections[0].weight
             self._zero[R] = ([torch.zeros(p.weight.shape[1], R, dtype=first.dtype, device=first.device)
@@ -234,9 +233,10 @@ class StaticDecoder:
                               for p in self.projections])
         return self._zero[R]
 
-    def inputs(self, ids: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
+    def inputs(self, ids: torch.Tensor, pos: torch.Tensor, rank: int = MIN_RANK_BUCKET) -> dict[str, Any]:
         """The step's arguments for cache rows 0..n-1 decoding `ids` [n, 1] at positions `pos` [n, 1],
-        padded to the batch bucket, with the gates the engine set in the shared LoRA context."""
+        padded to the batch bucket, with the gates the engine set in the shared LoRA context
+        (`rank`: the width of the zero factors when no adapter is active; the warm-up varies it)."""
         n = ids.shape[0]
         Bb = bucket(n)
         cap_rows, cap_pos = self.cache.capacity
@@ -265,8 +265,8 @@ class StaticDecoder:
             gates[:n] = g
         else:
             none: list[torch.Tensor | None] = [None] * len(self.projections)
-            a, b = self._no_adapters() if self.compiled else (none, none)
-            gates = torch.zeros(Bb, MIN_RANK_BUCKET, dtype=dtype, device=dev)
+            a, b = self._no_adapters(rank) if self.compiled else (none, none)
+            gates = torch.zeros(Bb, rank, dtype=dtype, device=dev)
         if self.compiled:
             for t in (*self.cache.keys, *self.cache.values):
                 _dynamic(t, 0, 2)  # [Bcap, H, Pcap, hd]
@@ -292,14 +292,20 @@ class StaticDecoder:
         return logits[:n], hidden[:n, None]
 
     def warm_up(self, batch_sizes: list[int]) -> float:
-        """Run (and so compile) the step for each batch bucket up to the largest given, with and
-        without adapters, before the server says it is ready; returns the seconds it took. Writes
-        only cache rows no sequence holds yet (the engine warms up before admitting any)."""
+        """Run (and so compile) the step for each batch bucket up to the largest given, with zero
+        factors at two rank buckets, before the server says it is ready; returns the seconds it
+        took. Writes only cache rows no sequence holds yet (the engine warms up before admitting any)."""
         start = time.perf_counter()
+        # Two rank buckets per batch bucket: a graph compiled at one rank only may keep a bound on
+        # it (inductor added `R <= 16` to the batch-1 graph), and the first mixture past it would
+        # compile mid-serving; a second rank makes the graph generic in R.
+        ranks = (MIN_RANK_BUCKET, 2 * MIN_RANK_BUCKET) if self.compiled else (MIN_RANK_BUCKET,)
         with torch.inference_mode(), self.ctx.applied():  # no adapters; whatever was set comes back after
             for n in sorted({bucket(b) for b in batch_sizes}):
                 zeros = torch.zeros(n, 1, dtype=torch.long, device=self.wte.device)
-                self.step(zeros, zeros)
+                self.cache.reserve(n, 1)
+                for rank in ranks:
+                    self._step(**self.inputs(zeros, zeros, rank))
         seconds = time.perf_counter() - start
         log.info("decode step %s for batch buckets %s in %.1f s", "compiled" if self.compiled else "warmed up",
                  sorted({bucket(b) for b in batch_sizes}), seconds)

@@ -148,7 +148,48 @@ def test_no_recompile_after_warm_up_under_rerouting_and_hot_swaps(store, tiny_mo
     assert old is not None
     seqs = [hold(engine, row(PROMPT, {"alpha": 1.0}, max_tokens=6)), hold(engine, row(PROMPT, {"gamma": 1.0}))]
     run_engine(engine, seqs)
+    # Mixtures whose ranks add up past the smallest rank bucket (16 + 8 -> 32, as 4 routed r16
+    # adapters give 64), alone (batch 1, a graph of its own) and beside other rows.
+    make_adapter(tiny_model_dir, store / "delta", seed=4, rank=16, alpha=16, targets=("c_attn", "c_proj"))
+    registry.register(read_adapter("delta", store / "delta", spec))
+    run_engine(engine, [hold(engine, row(PROMPT, {"delta": 0.5, "beta": 0.5}, max_tokens=6))])
+    run_engine(engine, [hold(engine, row(PROMPT[: 4 + i], {"delta": 0.7, "alpha": 0.3}, max_tokens=5)) for i in range(3)])
     assert engine.static.calls > 100
+    assert counter.compiles == warm, f"{counter.compiles - warm} recompiles after warm-up"
+
+
+class _CountingInductor:
+    """Inductor, counting compilations: the guards inductor adds while lowering (e.g. a bound on a
+    size it saw only once) decide recompiles too, and the counting backend above never adds them."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        return compile_fx(gm, example_inputs)
+
+
+@pytest.mark.slow
+def test_no_inductor_recompile_when_a_mixture_outgrows_the_smallest_rank_bucket(store, tiny_model_dir):
+    """The benchmark's case (4 routed r16 adapters: rank 64) after a warm-up without adapters: a
+    batch-1 graph compiled at rank 16 alone carried `R <= 16` and recompiled mid-serving."""
+    torch._dynamo.reset()
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    registry, spec = _registry(store, tiny_model_dir, resident)
+    engine = Engine(resident, registry, EngineConfig(max_loras=4, max_batch_size=8))
+    counter = _CountingInductor()
+    engine.static = StaticDecoder(resident.model, engine.cache, engine.slots, engine.ctx, compile=True,
+                                  backend=counter)
+    engine.static.warm_up([1, 8])
+    warm = counter.compiles
+    make_adapter(tiny_model_dir, store / "delta", seed=4, rank=16, alpha=16, targets=("c_attn", "c_proj"))
+    registry.register(read_adapter("delta", store / "delta", spec))
+    run_engine(engine, [hold(engine, row(PROMPT, {"delta": 0.5, "beta": 0.5}, max_tokens=6))])
+    run_engine(engine, [hold(engine, row(PROMPT[: 4 + i], {"delta": 0.7, "alpha": 0.3}, max_tokens=5))
+                        for i in range(3)])
     assert counter.compiles == warm, f"{counter.compiles - warm} recompiles after warm-up"
 
 
