@@ -23,7 +23,10 @@ class KVCache:
 
     @torch.inference_mode()  # always inference tensors, wherever it grows: a compiled step's guards see one kind
     def _alloc(self, rows: int, positions: int) -> None:
-        shape = (rows, self.n_head, positions, self.head_dim)
+        # One position more than the capacity: the static step attends up to a length bucket that
+        # is at most the capacity, so that length never equals the tensors' own. Inductor guards a
+        # compiled graph on whichever of `==` / `!=` it saw, and the other one recompiled mid-serving.
+        shape = (rows, self.n_head, positions + 1, self.head_dim)
         old_k, old_v = self.keys, self.values
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layer)]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layer)]
@@ -34,7 +37,8 @@ class KVCache:
 
     @property
     def capacity(self) -> tuple[int, int]:
-        return self.keys[0].shape[0], self.keys[0].shape[2]
+        """(rows, positions) that fit; the tensors hold one unused position more (see `_alloc`)."""
+        return self.keys[0].shape[0], self.keys[0].shape[2] - 1
 
     def reserve(self, rows: int, positions: int) -> None:
         """Grow (by doubling) so that `rows` rows of `positions` positions fit."""

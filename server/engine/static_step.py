@@ -296,9 +296,10 @@ class StaticDecoder:
         factors at two rank buckets, before the server says it is ready; returns the seconds it
         took. Writes only cache rows no sequence holds yet (the engine warms up before admitting any)."""
         start = time.perf_counter()
-        # Two rank buckets per batch bucket: a graph compiled at one rank only may keep a bound on
-        # it (inductor added `R <= 16` to the batch-1 graph), and the first mixture past it would
-        # compile mid-serving; a second rank makes the graph generic in R.
+        # Inductor guards a graph on sizes it saw while lowering: the batch-1 graph compiled at
+        # rank 16 kept `R <= 16`, one compiled at 32 keeps `R >= 17`, and the first mixture on the
+        # other side compiled mid-serving. So each batch bucket is compiled at both rank buckets.
+        # (The attended length never equals the cache tensors' length: see `KVCache._alloc`.)
         ranks = (MIN_RANK_BUCKET, 2 * MIN_RANK_BUCKET) if self.compiled else (MIN_RANK_BUCKET,)
         with torch.inference_mode(), self.ctx.applied():  # no adapters; whatever was set comes back after
             for n in sorted({bucket(b) for b in batch_sizes}):

@@ -1,16 +1,32 @@
-"""Engine rows for the engine's tests: a fixed-mixture sequence, the references it must hold
-before `Engine.submit`, and the token ids out of its events (one copy, shared by the parity,
-bf16, static-step, isolation and batch tests)."""
+"""Engines and rows for the engine's tests: an fp32 engine on the tiny model with the store's
+adapters, a fixed-mixture sequence, the references it must hold before `Engine.submit`, and the
+token ids out of its events (one copy, shared by the parity, bf16, static-step, isolation and
+batch tests)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from server.engine.engine import Engine
+from server.engine.adapter_store import BaseSpec, read_adapter
+from server.engine.base_model import load_base_model
+from server.engine.engine import Engine, EngineConfig
+from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
 
 PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
+
+
+def tiny_engine(store: Path, model_dir: Path, names: tuple[str, ...] = ("alpha", "beta"),
+                **config) -> Engine:
+    """An fp32 engine on the tiny model with `names` from `store` registered (`config`: EngineConfig)."""
+    resident = load_base_model(str(model_dir), "cpu", "float32")
+    registry = AdapterRegistry()
+    spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
+    for name in names:
+        registry.register(read_adapter(name, store / name, spec))
+    return Engine(resident, registry, EngineConfig(**{"max_loras": 4, **config}))
 
 
 def row(prompt: list[int], weights: dict[str, float], max_tokens: int = 12,

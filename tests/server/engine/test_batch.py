@@ -11,16 +11,13 @@ import pytest
 import torch
 
 from server.engine.adapter_store import BaseSpec, read_adapter
-from server.engine.base_model import load_base_model
 from server.engine.batch import Batch, gate_matrix
-from server.engine.engine import Engine, EngineConfig
 from server.engine.errors import RowFailed
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext
-from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
-from tests.server.engine.rows import held_row
+from tests.server.engine.rows import held_row, tiny_engine
 
 
 def _cleared(ctx: LoRABatchContext) -> bool:
@@ -52,12 +49,7 @@ def test_applied_context_nests_and_restores() -> None:
 
 @pytest.fixture()
 def engine(store, tiny_model_dir, one_torch_thread):
-    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
-    registry = AdapterRegistry()
-    spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
-    for name in ("alpha", "beta"):
-        registry.register(read_adapter(name, store / name, spec))
-    return Engine(resident, registry, EngineConfig(max_loras=4))
+    return tiny_engine(store, tiny_model_dir)
 
 
 def test_engine_forward_that_raises_leaves_no_gates_behind(engine, monkeypatch) -> None:

@@ -11,22 +11,16 @@ import pytest
 
 from server.engine.adapter_store import BaseSpec, read_adapter
 from server.engine.base_model import load_base_model
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import Engine
 from server.engine.errors import RequestTimeout, RowFailed
-from server.engine.registry import AdapterRegistry
 from server.engine.sequence import Sequence
-from tests.server.engine.rows import PROMPT, held_row, token_ids
+from tests.server.engine.rows import PROMPT, held_row, tiny_engine, token_ids
 from tests.tiny import run_engine
 
 
 @pytest.fixture()
 def engine(store, tiny_model_dir, one_torch_thread):
-    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
-    registry = AdapterRegistry()
-    spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
-    for name in ("alpha", "beta"):
-        registry.register(read_adapter(name, store / name, spec))
-    return Engine(resident, registry, EngineConfig(max_loras=4))
+    return tiny_engine(store, tiny_model_dir)
 
 
 def _good(engine: Engine) -> list[Sequence]:

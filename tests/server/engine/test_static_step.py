@@ -114,16 +114,22 @@ class _CountingBackend:
         return gm.forward
 
 
-def test_no_recompile_after_warm_up_under_rerouting_and_hot_swaps(store, tiny_model_dir):
+def _warmed_up(store, tiny_model_dir, backend) -> tuple[Engine, AdapterRegistry, BaseSpec, int]:
+    """An engine whose static step compiles through `backend`, warmed up for batch buckets 1 and 8;
+    with the compile count the warm-up left."""
     torch._dynamo.reset()
     resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
     registry, spec = _registry(store, tiny_model_dir, resident)
     engine = Engine(resident, registry, EngineConfig(max_loras=4, max_batch_size=8))
-    counter = _CountingBackend()
     engine.static = StaticDecoder(resident.model, engine.cache, engine.slots, engine.ctx, compile=True,
-                                  backend=counter)
+                                  backend=backend)
     engine.static.warm_up([1, 8])
-    warm = counter.compiles
+    return engine, registry, spec, backend.compiles
+
+
+def test_no_recompile_after_warm_up_under_rerouting_and_hot_swaps(store, tiny_model_dir):
+    counter = _CountingBackend()
+    engine, registry, spec, warm = _warmed_up(store, tiny_model_dir, counter)
     assert warm >= 1
     # Batches of 1, 3 and 5 rows (buckets 1, 4, 8), fixed adapters and routed mixtures, long enough
     # to cross length buckets (64 -> 128) and grow the cache.
@@ -176,20 +182,18 @@ class _CountingInductor:
 def test_no_inductor_recompile_when_a_mixture_outgrows_the_smallest_rank_bucket(store, tiny_model_dir):
     """The benchmark's case (4 routed r16 adapters: rank 64) after a warm-up without adapters: a
     batch-1 graph compiled at rank 16 alone carried `R <= 16` and recompiled mid-serving."""
-    torch._dynamo.reset()
-    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
-    registry, spec = _registry(store, tiny_model_dir, resident)
-    engine = Engine(resident, registry, EngineConfig(max_loras=4, max_batch_size=8))
     counter = _CountingInductor()
-    engine.static = StaticDecoder(resident.model, engine.cache, engine.slots, engine.ctx, compile=True,
-                                  backend=counter)
-    engine.static.warm_up([1, 8])
-    warm = counter.compiles
+    engine, registry, spec, warm = _warmed_up(store, tiny_model_dir, counter)
     make_adapter(tiny_model_dir, store / "delta", seed=4, rank=16, alpha=16, targets=("c_attn", "c_proj"))
     registry.register(read_adapter("delta", store / "delta", spec))
     run_engine(engine, [hold(engine, row(PROMPT, {"delta": 0.5, "beta": 0.5}, max_tokens=6))])
     run_engine(engine, [hold(engine, row(PROMPT[: 4 + i], {"delta": 0.7, "alpha": 0.3}, max_tokens=5))
                         for i in range(3)])
+    # Long rows: the cache grows past the attended length (64 of 128 positions), then the length
+    # bucket catches up with it (128 of 128), at batch 1 and 3, with small and large mixtures.
+    for weights in ({"alpha": 1.0}, {"delta": 0.5, "beta": 0.5}):
+        run_engine(engine, [hold(engine, row(PROMPT, weights, max_tokens=100))])
+        run_engine(engine, [hold(engine, row(PROMPT[: 4 + i], weights, max_tokens=90)) for i in range(3)])
     assert counter.compiles == warm, f"{counter.compiles - warm} recompiles after warm-up"
 
 
