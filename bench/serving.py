@@ -19,7 +19,7 @@ import threading
 import time
 
 from bench.common import BenchConfig, log, percentile, ratio
-from server.local import NotReady, free_port, wait_ready
+from server.local import NotReady, free_port, stop_process, wait_ready
 
 ADMIN_TOKEN = "bench-admin-token"
 
@@ -92,12 +92,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
         if self.uvicorn is not None:
             self.uvicorn.should_exit = True
             self.thread.join(timeout=20)

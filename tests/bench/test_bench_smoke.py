@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("httpx")
+pytest.importorskip("matplotlib", reason="the benchmark's plots need matplotlib (the `train` extra)")
+pytest.importorskip("httpx", reason="the benchmark's HTTP clients need httpx (the `dev` extra)")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from server.local import free_port, wait_ready
+from server.local import free_port, stop_process, wait_ready
 
 
 def _env() -> dict:
@@ -33,11 +33,7 @@ def test_serve_subprocess_end_to_end(tiny_model_dir, store):
         assert httpx.get(f"{base}/admin/adapters").status_code == 401
         assert httpx.get(f"{base}/admin/adapters", headers={"Authorization": "Bearer T"}).status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGTERM, timeout=30)
     output = proc.stdout.read()
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit -15 is the normal outcome)
     assert proc.returncode in (0, -signal.SIGTERM), output

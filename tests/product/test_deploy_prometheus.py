@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.local import NotReady, free_port, wait_ready
+from server.local import NotReady, free_port, stop_process, wait_ready
 from tests.paths import REPO
 from tests.tiny import make_adapter
 
@@ -50,17 +50,6 @@ def prometheus_binary() -> str:
         pytest.skip("the `prometheus` binary is not installed (Debian: `apt-get install -y prometheus`; "
                     ".ci/run installs it), so the real scrape test cannot run here")
     return found
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def tail(path: Path, chars: int = 3000) -> str:
@@ -227,5 +216,6 @@ def test_prometheus_scrapes_routing_metrics(tmp_path, tiny_model_dir):
             "query": "sum by (adapter) (switchboard_generated_tokens_total)"}).json()["data"]["result"]
         assert {s["metric"]["adapter"] for s in tokens} >= {"alpha", "beta"}
     finally:
-        stop(prom_proc)
-        stop(server)
+        for proc in (prom_proc, server):
+            if proc is not None:
+                stop_process(proc, timeout=15)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.paths import REPO
+from tests.paths import REPO, pyproject
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "cuda": REPO / "docker" / "Dockerfile.cuda"}
@@ -34,14 +34,6 @@ GRAFANA = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "switchboard.json"
 DOC = REPO / "docs" / "deploy.md"
 ENV_NAME = re.compile(r"SWITCHBOARD_[A-Z0-9_]+")
-
-
-def pyproject() -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        tomllib = pytest.importorskip("tomli")
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def load_script(name: str):

