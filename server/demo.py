@@ -81,8 +81,8 @@ def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> l
     else:
         missing = [n for n in STARTERS if n not in routable]
     if not missing:
-        print(f"Using {len(routable)} routable adapter(s) already in {store}: {', '.join(routable)} "
-              "(nothing to train).", flush=True)
+        log.info("using %d routable adapter(s) already in %s: %s (nothing to train)", len(routable), store,
+                 ", ".join(routable))
         return routable
     taken = [n for n in missing if n in present or (store / n).exists()]
     if taken:
@@ -155,7 +155,7 @@ def run(settings: Settings, resident: ResidentModel, quick: bool) -> int:
         async def startup(self, sockets=None) -> None:  # noqa: ANN001 (uvicorn's signature)
             await super().startup(sockets)
             if not self.should_exit:
-                print(text, flush=True)
+                log.info("%s", text)
 
     app = create_app(settings, resident=resident)
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,

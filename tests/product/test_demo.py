@@ -8,18 +8,18 @@ process runs in an empty temporary folder with the repository only on its import
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from server.local import free_port
-from tests.paths import REPO
+from server.local import free_port, stop_process, wait_ready
+from tests.paths import REPO, pyproject
 from training.data import DataError, load_dataset, starter_names
 
 
@@ -33,17 +33,8 @@ def _run_demo(cwd: Path, model_dir: Path, port: int) -> tuple[str, dict, dict]:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the demo did not start serving in 400 s")
+        wait_ready(f"{base}/ready", 400, interval=0.5,
+                   dead=lambda: None if proc.poll() is None else (proc.stdout.read() if proc.stdout else ""))
         models = {m["id"]: m for m in httpx.get(f"{base}/v1/models").json()["data"]}
         r = httpx.post(f"{base}/v1/completions", timeout=60, json={
             "model": "auto", "prompt": "def fibonacci(n):", "max_tokens": 6, "temperature": 0,
@@ -51,11 +42,7 @@ def _run_demo(cwd: Path, model_dir: Path, port: int) -> tuple[str, dict, dict]:
         assert r.status_code == 200, r.text
         completion = r.json()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGINT, timeout=30)
     output = proc.stdout.read() if proc.stdout else ""
     return output, models, completion
 
@@ -122,9 +109,8 @@ def test_starter_data_ships_with_sources_and_loads_by_name():
 
 
 def test_starter_data_is_package_data():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    cfg = pyproject()
     patterns = cfg["tool"]["setuptools"]["package-data"]["training"]
     folder = REPO / "training"
     shipped = {p.relative_to(folder).as_posix() for pat in patterns for p in folder.glob(pat)}
@@ -138,7 +124,7 @@ def _settings(model_dir: Path, store: Path):
     return app_settings(model_dir, store)
 
 
-def test_store_with_routable_user_adapters_trains_nothing(store, tiny_model_dir, capsys):
+def test_store_with_routable_user_adapters_trains_nothing(store, tiny_model_dir, caplog):
     from server.demo import prepare_store, routable_adapters
     from server.engine.base_model import load_base_model
 
@@ -146,8 +132,9 @@ def test_store_with_routable_user_adapters_trains_nothing(store, tiny_model_dir,
     assert routable_adapters(store, resident, "base") == []  # alpha, beta: no centroid, no examples
     (store / "alpha" / "examples.jsonl").write_text(json.dumps({"prompt": "def f(): pass"}) + "\n")
     assert routable_adapters(store, resident, "base") == ["alpha"]
-    assert prepare_store(_settings(tiny_model_dir, store), resident, quick=True) == ["alpha"]
-    assert "nothing to train" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="server.demo"):
+        assert prepare_store(_settings(tiny_model_dir, store), resident, quick=True) == ["alpha"]
+    assert "nothing to train" in caplog.text
     # trained for another base model: not routable here, whatever it carries
     (store / "alpha" / "switchboard.json").write_text(json.dumps({"base_fingerprint": "0" * 64}))
     assert routable_adapters(store, resident, "base") == []
