@@ -50,7 +50,7 @@ def _median(xs: list[float]) -> float:
 
 
 def register_latency(cfg: BenchConfig, assets, rig) -> dict:
-    from server.engine.adapter_store import read_adapter
+    from server.store.folder import read_adapter
 
     spec = base_spec(rig.resident)
     engine, registry = rig.engine, rig.registry
@@ -109,7 +109,7 @@ def memory(cfg: BenchConfig, assets, rig) -> dict:
     adapter; the same for PEFT (`load_adapter`); and the engine's stacked-factor cache (the
     concatenated A/B of each active set, kept per layer) after the decode section's runs.
     Tensor accounting, not RSS: the allocator reuses freed memory, so RSS deltas say little here."""
-    from server.engine.adapter_store import read_adapter
+    from server.store.folder import read_adapter
 
     count = 4 if cfg.tiny else 16
     rank_name = "r16" if "r16" in assets.rank_folders else next(iter(assets.rank_folders))
@@ -157,8 +157,8 @@ def resident_sweep(cfg: BenchConfig, assets) -> dict:
     adapters (row i → adapter i mod N), and rows routed over all N with top-2 truncation.
     Prompts are short (16 tokens): the figure is the decode step, prefill excluded. The counts
     run round-robin `repeats` times (fastest counts), re-registering the first N adapters each time."""
-    from server.engine.adapter_store import read_adapter
     from server.engine.sequence import RoutingSpec
+    from server.store.folder import read_adapter
 
     counts = cfg.resident_counts
     resident = resident_from(clone(assets.base), assets.tokenizer, cfg)

@@ -26,7 +26,7 @@ def measure(embedder: str, batch: int, new_tokens: int, repeats: int, every: int
     from bench.common import BenchConfig, build_tokenizer
     from bench.rig import resident_from
     from server.build import build_routing
-    from server.engine.adapter_store import AdapterWeights
+    from server.engine.adapter_weights import AdapterWeights
     from server.engine.engine import Engine, EngineConfig
     from server.engine.registry import AdapterRegistry
     from server.engine.sampling import SamplingParams

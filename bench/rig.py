@@ -30,7 +30,7 @@ def resident_from(model, tokenizer, cfg: BenchConfig, model_id: str = "gpt2-rand
 
 
 def base_spec(resident, max_rank: int = 64):
-    from server.engine.adapter_store import BaseSpec
+    from server.engine.adapter_weights import BaseSpec
 
     return BaseSpec(resident.module_shapes, resident.fingerprint, max_rank)
 
@@ -49,9 +49,9 @@ def make_engine(resident, folders: dict[str, Path], cfg: BenchConfig, max_loras:
                 max_batch_size: int = 32, routed: bool = True, store: Path | None = None,
                 decode_step: str = "eager") -> EngineRig:
     from server.build import build_engine, build_routing
-    from server.engine.adapter_store import read_adapter
     from server.engine.registry import AdapterRegistry
     from server.settings import EngineSettings
+    from server.store.folder import read_adapter
 
     registry = AdapterRegistry()
     spec = base_spec(resident)

@@ -47,7 +47,7 @@ class Server:
         if self.mode == "subprocess":
             env = {**os.environ, "OMP_NUM_THREADS": str(self.cfg.threads), "MKL_NUM_THREADS": str(self.cfg.threads),
                    "TOKENIZERS_PARALLELISM": "false"}
-            self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *self.flags()],
+            self.proc = subprocess.Popen([sys.executable, "-m", "server.commands.cli", "serve", *self.flags()],
                                          stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
                                          cwd=str(self.assets.root))
         else:
@@ -62,7 +62,7 @@ class Server:
         from bench.common import clone
         from bench.rig import resident_from
         from server.app import create_app
-        from server.cli import _add_flags, settings_from_args
+        from server.commands.cli import _add_flags, settings_from_args
 
         parser = argparse.ArgumentParser()
         _add_flags(parser)

@@ -9,21 +9,21 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from server import edges, ui
-from server.adapters import AdapterService
-from server.api_errors import install_error_handlers
-from server.body_limit import BodyLimit
+from server.api import edges, ui
+from server.api.body_limit import BodyLimit
+from server.api.http_errors import install_error_handlers
+from server.api.routes import admin, chat, completions, health, models
 from server.build import build_engine, build_routing
-from server.engine.adapter_store import BaseSpec
+from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
 from server.engine.registry import AdapterRegistry
-from server.example_centroids import centroids_from_examples
-from server.manifest import Manifest
 from server.metrics import Metrics
-from server.routes import admin, chat, completions, health, models
 from server.settings import Settings
 from server.state import AppState, Services
-from server.store_watch import StoreWatcher
+from server.store.adapters import AdapterService
+from server.store.example_centroids import centroids_from_examples
+from server.store.manifest import Manifest
+from server.store.watch import StoreWatcher
 from server.worker import EngineWorker
 
 log = logging.getLogger(__name__)

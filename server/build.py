@@ -11,10 +11,10 @@ from server.engine.base_model import ResidentModel
 from server.engine.engine import Engine, EngineConfig, EngineObserver, GateSource
 from server.engine.registry import AdapterRegistry
 from server.engine.static_step import decode_step as step_for
-from server.gater import Gater
-from server.manifest import Manifest
-from server.routing import RouterCatalogue, prompt_window
+from server.routing.catalogue import RouterCatalogue, prompt_window
+from server.routing.gater import Gater
 from server.settings import EngineSettings, RoutingSettings
+from server.store.manifest import Manifest
 
 
 def build_routing(settings: RoutingSettings, resident: ResidentModel, registry: AdapterRegistry, store: Path,

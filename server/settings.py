@@ -1,5 +1,5 @@
 """Settings, one pydantic-settings class per concern. Every field is an environment variable
-`SWITCHBOARD_<NAME>` and a `switchboard serve --<name>` flag (see `server.cli`)."""
+`SWITCHBOARD_<NAME>` and a `switchboard serve --<name>` flag (see `server.commands.cli`)."""
 
 from __future__ import annotations
 

@@ -6,13 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.adapters import AdapterService
 from server.engine.base_model import ResidentModel
 from server.engine.engine import Engine
 from server.engine.registry import AdapterRegistry
 from server.metrics import Metrics
-from server.routing import RouterCatalogue
+from server.routing.catalogue import RouterCatalogue
 from server.settings import Settings
+from server.store.adapters import AdapterService
 from server.worker import EngineWorker
 
 if TYPE_CHECKING:

@@ -34,8 +34,8 @@ from server.engine.base_model import LORA_TARGETS, ResidentModel
 from server.engine.batch import Batch, Gates, gate_matrix, padded
 from server.engine.errors import ContextTooLong, Overloaded, RequestTimeout, SwitchboardError, Unavailable
 from server.engine.kv_cache import KVCache
-from server.engine.logprobs import score_prompt
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
+from server.engine.prompt_logprobs import score_prompt
 from server.engine.registry import AdapterRegistry
 from server.engine.route_step import GateSource, RouteStep, is_due
 from server.engine.sequence import Sequence, TokenEvent

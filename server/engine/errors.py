@@ -1,4 +1,4 @@
-"""Engine-level errors. Each carries the HTTP status and OpenAI error `type`/`code` it maps to,
+"""The errors the engine and the services raise. Each carries the HTTP status and OpenAI error `type`/`code` it maps to,
 so the single handler at the API edge can answer without knowing engine internals."""
 
 from __future__ import annotations
@@ -31,18 +31,6 @@ class AdapterNotFound(SwitchboardError):
     code = "adapter_not_found"
 
 
-class AuthError(SwitchboardError):
-    status_code = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-
-
-class Forbidden(SwitchboardError):
-    status_code = 403
-    error_type = "permission_error"
-    code = "forbidden"
-
-
 class Conflict(SwitchboardError):
     status_code = 409
     error_type = "conflict_error"
@@ -51,11 +39,6 @@ class Conflict(SwitchboardError):
 
 class ContextTooLong(SwitchboardError):
     code = "context_length_exceeded"
-
-
-class PayloadTooLarge(SwitchboardError):
-    status_code = 413
-    code = "prompt_too_large"
 
 
 class RequestTimeout(SwitchboardError):

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from server.engine.adapter_store import AdapterWeights
+from server.engine.adapter_weights import AdapterWeights
 from server.engine.errors import AdapterNotFound
 
 _version_counter = itertools.count(1)

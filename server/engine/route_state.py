@@ -4,7 +4,7 @@ A request asks for a prompt, sampling, stop criteria and a routing spec (`Sequen
 then keeps, per sequence, the gates in force, the router's last route vector (for hysteresis),
 the hidden states of its routing window (for the `base` embedder), the trace of the gates per
 generated token and how many decisions it took. The engine's routing step
-(`server.engine.route_step`) and the gater (`server.gater`) read and write this; the request
+(`server.engine.route_step`) and the gater (`server.routing.gater`) read and write this; the request
 side never changes once the sequence is submitted.
 """
 

@@ -1,6 +1,6 @@
 """The engine's side of routing within a step: which rows are due, and putting their new gates in force.
 
-The gater (`GateSource`, `server.gater.Gater`) computes gates; this decides when to ask it and
+The gater (`GateSource`, `server.routing.gater.Gater`) computes gates; this decides when to ask it and
 copes when it fails. An auto-routed row is re-routed before the tokens of the re-route cadence
 (`router_core.policy.reroute_due`). Text-encoder re-routes are started one step early on a side
 thread, so they overlap the decode forward (their context lacks the newest token); the step
@@ -20,7 +20,7 @@ from server.engine.sequence import Sequence
 
 
 class GateSource(Protocol):
-    """Computes routed gates for the rows that are due; implemented by `server.gater.Gater`."""
+    """Computes routed gates for the rows that are due; implemented by `server.routing.gater.Gater`."""
 
     def needs_hidden(self, seq: Sequence) -> bool: ...
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.logprobs import PromptScores
+from server.engine.prompt_logprobs import PromptScores
 from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.engine.route_state import RouteState
 from server.engine.sampling import SamplingParams, Top

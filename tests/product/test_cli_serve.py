@@ -19,7 +19,7 @@ def _env() -> dict:
 
 def test_serve_subprocess_end_to_end(tiny_model_dir, store):
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model_dir), "--adapter-dir", str(store),
+    cmd = [sys.executable, "-m", "server.commands.cli", "serve", "--base-model", str(tiny_model_dir), "--adapter-dir", str(store),
            "--admin-token", "T", "--port", str(port), "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -41,7 +41,7 @@ def test_serve_subprocess_end_to_end(tiny_model_dir, store):
 
 
 def test_missing_model_names_both_ways_to_supply_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--base-model", str(tmp_path / "no-such-model"),
+    proc = subprocess.run([sys.executable, "-m", "server.commands.cli", "serve", "--base-model", str(tmp_path / "no-such-model"),
                            "--adapter-dir", str(tmp_path / "store")], env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Hugging Face cache" in proc.stderr and "--base-model /path/to/folder" in proc.stderr
@@ -50,7 +50,7 @@ def test_missing_model_names_both_ways_to_supply_it(tmp_path):
 
 def test_default_gpt2_offline_gives_clear_error(tmp_path):
     env = {**_env(), "HF_HOME": str(tmp_path / "empty-cache")}
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--adapter-dir", str(tmp_path / "store")],
+    proc = subprocess.run([sys.executable, "-m", "server.commands.cli", "serve", "--adapter-dir", str(tmp_path / "store")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "'gpt2'" in proc.stderr and "Hugging Face cache" in proc.stderr
@@ -59,7 +59,7 @@ def test_default_gpt2_offline_gives_clear_error(tmp_path):
 def test_flags_and_env_reach_settings(monkeypatch):
     import argparse
 
-    from server.cli import (
+    from server.commands.cli import (
         _add_flags,
         main,  # noqa: F401  (the parser is what is under test)
         settings_from_args,
@@ -79,7 +79,7 @@ def test_flags_and_env_reach_settings(monkeypatch):
 @pytest.mark.parametrize("command", ["serve", "demo"])
 def test_bad_chat_template_refuses_to_start(tmp_path, tiny_model_dir, command):
     """Refused before the model loads or the demo trains anything: one line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "server.cli", command, "--base-model", str(tiny_model_dir),
+    proc = subprocess.run([sys.executable, "-m", "server.commands.cli", command, "--base-model", str(tiny_model_dir),
                            "--adapter-dir", str(tmp_path / "store"), "--chat-template", str(tmp_path / "missing.jinja")],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

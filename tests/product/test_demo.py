@@ -28,7 +28,7 @@ def _run_demo(cwd: Path, model_dir: Path, port: int) -> tuple[str, dict, dict]:
     (output, /v1/models by id, the completion)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "server.cli", "demo", "--base-model", str(model_dir), "--quick", "--port", str(port),
+    cmd = [sys.executable, "-m", "server.commands.cli", "demo", "--base-model", str(model_dir), "--quick", "--port", str(port),
            "--device", "cpu", "--torch-threads", "1"]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -82,7 +82,7 @@ def test_demo_trains_then_serves_routed_and_a_second_run_trains_nothing(tmp_path
 def test_demo_without_a_base_model_names_both_ways(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO),
            "HF_HOME": str(tmp_path / "empty-cache")}
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "demo", "--quick"], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-m", "server.commands.cli", "demo", "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "'gpt2'" in proc.stderr and "Hugging Face cache" in proc.stderr and "--base-model" in proc.stderr
@@ -125,14 +125,14 @@ def _settings(model_dir: Path, store: Path):
 
 
 def test_store_with_routable_user_adapters_trains_nothing(store, tiny_model_dir, caplog):
-    from server.demo import prepare_store, routable_adapters
+    from server.commands.demo import prepare_store, routable_adapters
     from server.engine.base_model import load_base_model
 
     resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
     assert routable_adapters(store, resident, "base") == []  # alpha, beta: no centroid, no examples
     (store / "alpha" / "examples.jsonl").write_text(json.dumps({"prompt": "def f(): pass"}) + "\n")
     assert routable_adapters(store, resident, "base") == ["alpha"]
-    with caplog.at_level(logging.INFO, logger="server.demo"):
+    with caplog.at_level(logging.INFO, logger="server.commands.demo"):
         assert prepare_store(_settings(tiny_model_dir, store), resident, quick=True) == ["alpha"]
     assert "nothing to train" in caplog.text
     # trained for another base model: not routable here, whatever it carries
@@ -141,7 +141,7 @@ def test_store_with_routable_user_adapters_trains_nothing(store, tiny_model_dir,
 
 
 def test_starter_name_taken_by_an_unroutable_adapter_is_not_overwritten(store, tiny_model_dir):
-    from server.demo import prepare_store
+    from server.commands.demo import prepare_store
     from server.engine.base_model import load_base_model
 
     resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
@@ -158,9 +158,9 @@ def test_interrupted_first_run_trains_only_the_missing_starters(store, tiny_mode
     import shutil
 
     import training.starter
-    from server.demo import prepare_store
+    from server.commands.demo import prepare_store
     from server.engine.base_model import load_base_model
-    from server.manifest import Manifest
+    from server.store.manifest import Manifest
 
     resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
     (store / "alpha").rename(store / "code")

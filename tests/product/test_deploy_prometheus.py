@@ -144,7 +144,7 @@ def test_prometheus_scrapes_routing_metrics(tmp_path, tiny_model_dir):
     try:
         with server_log.open("wb") as out:
             server = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", "--base-model", str(tiny_model_dir),
+                [sys.executable, "-m", "server.commands.cli", "serve", "--base-model", str(tiny_model_dir),
                  "--adapter-dir", str(store), "--host", "127.0.0.1", "--port", str(port),
                  "--admin-token", TOKEN, "--embedder", "base", "--no-scan-on-start", "--log-level", "warning"],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -265,10 +265,10 @@ def test_deps_script_reads_pyproject():
 
 def test_entrypoint_is_the_console_script_ci_runs():
     scripts = pyproject()["project"]["scripts"]
-    assert scripts["switchboard"] == "server.cli:main"
+    assert scripts["switchboard"] == "server.commands.cli:main"
     # The installed console script (what the image runs) has the `serve` command with every flag.
     script = Path(sys.executable).with_name("switchboard")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "server.commands.cli"]
     out = subprocess.run([*command, "serve", "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     for row in gen.settings_rows():

@@ -29,7 +29,7 @@ from tests.live import live_server
 from tests.paths import REPO, pyproject
 from tests.tiny import app_settings
 
-STATIC = REPO / "server" / "static"
+STATIC = REPO / "server" / "api" / "static"
 DOCS_SCREENSHOT = REPO / "docs" / "playground.png"
 CHROMIUM = os.environ.get("SWITCHBOARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -88,9 +88,9 @@ def test_pages_and_assets_are_served_from_the_package(app_client):
 
 
 def test_pages_are_package_data():
-    """A non-editable install must ship server/static: pyproject declares it as package data."""
+    """A non-editable install must ship server/api/static: pyproject declares it as package data."""
     project = pyproject()
-    patterns = project["tool"]["setuptools"]["package-data"]["server"]
+    patterns = project["tool"]["setuptools"]["package-data"]["server.api"]
     shipped = {p.relative_to(STATIC.parent).as_posix() for pattern in patterns for p in STATIC.parent.glob(pattern)}
     assert {f"static/{f.name}" for f in STATIC.iterdir()} <= shipped
 

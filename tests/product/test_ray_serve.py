@@ -32,7 +32,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
     import ray
     from ray import serve
 
-    from server.ray_serve import build_app
+    from server.commands.ray_serve import build_app
 
     store = tmp_path_factory.mktemp("ray-store") / "adapters"
     store.mkdir()

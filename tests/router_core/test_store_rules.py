@@ -28,8 +28,8 @@ def test_refused_names(name: object) -> None:
 
 
 def test_server_and_training_raise_their_own_errors_with_the_same_message() -> None:
-    from server.engine.adapter_store import check_name as server_check
     from server.engine.errors import InvalidRequest
+    from server.store.folder import check_name as server_check
     from training.store import TrainingError
     from training.store import check_name as training_check
 

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.chat_template import DEFAULT_TEMPLATE, load_template
+from server.serving.chat_template import DEFAULT_TEMPLATE, load_template
 from tests.conftest import ADMIN
 from tests.handle import AppHandle
 from tests.tiny import app_settings, build_tokenizer, save_model
@@ -141,7 +141,7 @@ def test_chat_template_setting_file_string_and_refusal(tmp_path):
 
 
 def test_token_bytes_are_exact_for_partial_characters():
-    from server.logprobs import token_bytes
+    from server.serving.logprobs import token_bytes
 
     tok = build_tokenizer()
     to_bytes = token_bytes(tok)

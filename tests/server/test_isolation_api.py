@@ -88,7 +88,7 @@ def test_body_over_the_limit_is_413_before_parsing(store, tiny_model_dir):
 
 
 def test_heavy_validation_runs_off_the_event_loop(app_client, monkeypatch):
-    from server import completions
+    from server.serving import completion_service as completions
 
     threads = []
     real = completions.build_choices

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from server.asgi_stream import HTTPRequest, stream_asgi
+from server.commands.asgi_stream import HTTPRequest, stream_asgi
+from server.commands.metrics_merge import merge_expositions
 from server.metrics import Metrics
-from server.metrics_merge import merge_expositions
 from tests.conftest import ADMIN
 from tests.handle import AppHandle
 from tests.paths import REPO
@@ -98,7 +98,7 @@ def test_merged_metrics_label_every_replica():
 
 def test_app_builder_reads_settings_and_scaling(tiny_model_dir, store):
     pytest.importorskip("ray.serve", reason="the `ray` extra is not installed")
-    from server.ray_serve import app_builder
+    from server.commands.ray_serve import app_builder
 
     app = app_builder({"base_model": str(tiny_model_dir), "adapter_dir": str(store), "device": "cpu",
                        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4, "num_cpus": 2})

@@ -106,8 +106,9 @@ def test_server_store_reader_accepts_the_adapters(trained: Path, tiny_model_dir:
     from transformers import AutoModelForCausalLM
 
     from router_core.store_rules import base_fingerprint
-    from server.engine.adapter_store import BaseSpec, read_adapter
+    from server.engine.adapter_weights import BaseSpec
     from server.engine.base_model import targetable_modules
+    from server.store.folder import read_adapter
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     spec = BaseSpec(module_shapes=targetable_modules(base), fingerprint=base_fingerprint(base), max_rank=64)

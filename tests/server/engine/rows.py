@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from server.engine.adapter_store import BaseSpec, read_adapter
+from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
+from server.store.folder import read_adapter
 
 PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.adapter_store import BaseSpec, read_adapter
+from server.engine.adapter_weights import BaseSpec
 from server.engine.batch import Batch, gate_matrix
 from server.engine.errors import RowFailed
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
+from server.store.folder import read_adapter
 from tests.server.engine.rows import held_row, tiny_engine
 
 

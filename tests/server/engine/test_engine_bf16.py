@@ -17,10 +17,11 @@ from peft import PeftModel
 from transformers import GPT2LMHeadModel
 
 from server.engine import gpt2
-from server.engine.adapter_store import BaseSpec, read_adapter
+from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
+from server.store.folder import read_adapter
 from tests.server.engine.rows import PROMPT, hold, row, token_ids
 from tests.tiny import run_engine
 

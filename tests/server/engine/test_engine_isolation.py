@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.adapter_store import BaseSpec, read_adapter
+from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine
 from server.engine.errors import RequestTimeout, RowFailed
 from server.engine.sequence import Sequence
+from server.store.folder import read_adapter
 from tests.server.engine.rows import PROMPT, held_row, tiny_engine, token_ids
 from tests.tiny import run_engine
 

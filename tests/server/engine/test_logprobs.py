@@ -142,14 +142,14 @@ def test_a_full_context_window_can_be_scored(app_client):
 
 def test_unknown_fields_are_accepted_and_logged_once(app_client, caplog):
     body = {"model": "alpha", "prompt": "x", "max_tokens": 1, "some_vendor_option_xyz": 1}
-    with caplog.at_level("WARNING", logger="server.request_fields"):
+    with caplog.at_level("WARNING", logger="server.serving.request_fields"):
         for _ in range(3):
             assert app_client.post("/v1/completions", json=body).status_code == 200
     assert sum("some_vendor_option_xyz" in rec.getMessage() for rec in caplog.records) == 1
 
 
 def test_prompt_scores_in_chunks_equal_one_pass(monkeypatch):
-    from server.engine import logprobs as engine_logprobs
+    from server.engine import prompt_logprobs as engine_logprobs
     from tests.tiny import build_model
 
     model, _ = build_model()

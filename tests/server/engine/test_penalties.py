@@ -115,7 +115,8 @@ def test_stop_token_ids_end_the_completion(app_client, peft_alpha, tok):
 def test_a_failing_row_fails_alone(store, tiny_model_dir):
     """A row whose logits processing raises (here: a repetition penalty transformers refuses)
     finishes with its own error; the other rows of the same batch complete normally."""
-    from server.engine.adapter_store import BaseSpec, read_adapter
+    from server.engine.adapter_weights import BaseSpec
+    from server.store.folder import read_adapter
 
     resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
     registry = AdapterRegistry()

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 from router_core.policy import ReroutePolicy, last_reroute, reroute_due
 from server.build import build_routing
-from server.engine.adapter_store import BaseSpec, read_adapter
+from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
 from server.settings import RoutingSettings
+from server.store.folder import read_adapter
 from tests.tiny import run_engine
 from training.eval_perplexity import context_length
 

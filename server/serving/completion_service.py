@@ -12,18 +12,17 @@ from typing import Any
 
 from fastapi import Request
 
-from server import validation
+from server.api.schemas import CompletionRequest
 from server.engine.errors import (
     ContextTooLong,
     InvalidRequest,
-    PayloadTooLarge,
     RequestTimeout,
 )
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
-from server.logprobs import LogprobTrack, completion_logprobs
-from server.request_fields import check_fields, sampling_params
-from server.schemas import CompletionRequest
+from server.serving import validation
+from server.serving.logprobs import LogprobTrack, completion_logprobs
+from server.serving.request_fields import check_fields, sampling_params
 from server.state import Services
 
 
@@ -89,7 +88,7 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
     for text in texts:
         validation.check_text(text, "prompt")
         if len(text) > state.settings.server.max_prompt_chars:
-            raise PayloadTooLarge(f"prompt has {len(text)} characters; the limit is "
+            raise validation.PayloadTooLarge(f"prompt has {len(text)} characters; the limit is "
                                   f"{state.settings.server.max_prompt_chars}", param="prompt")
         ids = tok.encode(text) or [tok.eos_token_id]  # an empty prompt starts from <|endoftext|>
         out.append((text, ids))

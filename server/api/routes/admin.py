@@ -6,14 +6,9 @@ from fastapi import APIRouter
 
 from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
-from server import validation
-from server.adapters import AdapterService
-from server.api_errors import ADMIN_RESPONSES
-from server.deps import Admin, ReadyState
-from server.engine.adapter_store import AdapterWeights
-from server.engine.errors import InvalidAdapter, InvalidRequest, PayloadTooLarge
-from server.engine.registry import AdapterVersion
-from server.responses import (
+from server.api.deps import Admin, ReadyState
+from server.api.http_errors import ADMIN_RESPONSES
+from server.api.responses import (
     AdapterList,
     AdapterLoaded,
     AdapterUnloaded,
@@ -24,8 +19,13 @@ from server.responses import (
     VLLMAdapterLoaded,
     VLLMAdapterUnloaded,
 )
-from server.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
+from server.api.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
+from server.engine.adapter_weights import AdapterWeights
+from server.engine.errors import InvalidAdapter, InvalidRequest
+from server.engine.registry import AdapterVersion
+from server.serving import validation
 from server.state import Services
+from server.store.adapters import AdapterService
 
 router = APIRouter(tags=["admin"])
 
@@ -51,7 +51,7 @@ def _centroids_from(examples: list[str] | None, k: int, state: Services):
     for text in examples:
         validation.check_text(text, "examples")
         if len(text) > limit:
-            raise PayloadTooLarge(f"an example has {len(text)} characters; the limit is {limit}", param="examples")
+            raise validation.PayloadTooLarge(f"an example has {len(text)} characters; the limit is {limit}", param="examples")
 
     async def prepare(weights: AdapterWeights) -> None:
         emb = await state.routing.embed_examples(examples, state.engine_call)  # [n, d]

@@ -11,9 +11,9 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from server import ray_cli
-from server.chat_template import load_template
+from server.commands import ray_cli
 from server.engine.errors import ModelLoadError
+from server.serving.chat_template import load_template
 from server.settings import Settings
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"switchboard: {e}\n")  # one clear line for the operator, no traceback
         return 2
     if command == "demo":
-        from server.demo import run as run_demo
+        from server.commands.demo import run as run_demo
 
         return run_demo(settings, resident, quick)
     try:

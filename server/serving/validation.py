@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import re
 
-from server.engine.errors import InvalidRequest, PayloadTooLarge
+from server.engine.errors import InvalidRequest, SwitchboardError
 
 MIN_TEMPERATURE = 0.01  # 0 is greedy; between 0 and this, logits / T overflows float32
 MIN_TOP_P = 1e-3  # below float32's resolution near 0 top_p drops every token
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_MIXTURE_WEIGHT = 10.0  # a gate this large times a bounded adapter scale stays finite in fp16
 TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also accepts '²'
+
+
+class PayloadTooLarge(SwitchboardError):
+    status_code = 413
+    code = "prompt_too_large"
 
 
 def check_text(text: str, param: str) -> str:

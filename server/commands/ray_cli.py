@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ImportError:
         sys.stderr.write("switchboard serve-ray needs Ray Serve: pip install 'lora-switchboard[ray]'\n")
         return 2
-    from server.ray_serve import build_app
+    from server.commands.ray_serve import build_app
 
     gpus = args.replica_gpus or (1.0 if settings.model.device == "cuda" else 0.0)
     autoscale = args.min_replicas is not None or args.max_replicas is not None

@@ -6,7 +6,7 @@ row's routing window with the catalogue's embedder, asks the row's router for a 
 keeps the previous top adapter unless the new one wins by the hysteresis margin (for the
 centroid router also by its switch margin on the scores), and turns the
 vector into the row's gates over the adapters the request holds. It reads the catalogue
-(`server.routing.RouterCatalogue`) and never changes it.
+(`server.routing.catalogue.RouterCatalogue`) and never changes it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from router_core.embedders import pool_hidden
 from router_core.mlp import MLPRouter
 from router_core.policy import ReroutePolicy, weights_dict
 from server.engine.sequence import Sequence
-from server.routing import RouterCatalogue
+from server.routing.catalogue import RouterCatalogue
 from server.settings import RoutingSettings
 
 

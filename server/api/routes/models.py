@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api_errors import MODEL_RESPONSES, READY_RESPONSES
-from server.deps import ReadyState
+from server.api.deps import ReadyState
+from server.api.http_errors import MODEL_RESPONSES, READY_RESPONSES
+from server.api.responses import ModelCard, ModelList
 from server.engine.errors import AdapterNotFound
-from server.responses import ModelCard, ModelList
 
 router = APIRouter(tags=["models"])
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
-from server.engine.adapter_store import AdapterWeights, file_in_store
+from server.engine.adapter_weights import AdapterWeights
+from server.store.folder import file_in_store
 
 log = logging.getLogger(__name__)
 EXAMPLES_FILE = "examples.jsonl"

@@ -5,7 +5,7 @@ encoder), the centroid router rebuilt whenever the adapter set changes, and the 
 loaded from the store (recorded in the manifest). Everything in it lives in the embedder's
 space, so embedding an adapter's examples into centroids happens here too. It changes on the
 event loop (admin routes, reload, start-up); the per-step gates the engine asks for on its own
-threads are computed by `server.gater.Gater`, which only reads the catalogue.
+threads are computed by `server.routing.gater.Gater`, which only reads the catalogue.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from router_core.centroid import CentroidRouter
 from router_core.embedders import BaseEmbedder, SentenceEncoder
 from router_core.mlp import MLPRouter
 from router_core.store_rules import ROUTERS_DIR
-from server.engine.adapter_store import check_name, file_in_store, resolve_in_store
 from server.engine.base_model import ResidentModel
 from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
 from server.engine.registry import AdapterRegistry
-from server.manifest import Manifest
-from server.routing_help import no_routable_message
+from server.routing.dead_end import no_routable_message
 from server.settings import RoutingSettings
+from server.store.folder import check_name, file_in_store, resolve_in_store
+from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

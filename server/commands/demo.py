@@ -17,8 +17,8 @@ from pathlib import Path
 
 from router_core.artifacts import ArtifactError, load_centroids
 from server.engine.base_model import ResidentModel
-from server.manifest import Manifest
 from server.settings import Settings
+from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 STARTERS = ("code", "prose", "math")

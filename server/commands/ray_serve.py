@@ -3,7 +3,7 @@
 Three deployments, one application:
 
 - `SwitchboardReplica` (N replicas, or autoscaled on ongoing requests): one Switchboard engine
-  each, the unchanged FastAPI app driven in-process (`server.asgi_stream`). Every replica watches
+  each, the unchanged FastAPI app driven in-process (`server.commands.asgi_stream`). Every replica watches
   the adapter store (`--watch-store`), so an admin change made through any replica reaches all of
   them: one mechanism, the same as for plain servers. A request for a named adapter carries the
   name as Ray Serve's multiplexed model id (`serve.get_multiplexed_model_id`); Ray's router sends
@@ -36,8 +36,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from server.asgi_stream import HTTPRequest, stream_asgi
-from server.metrics_merge import merge_expositions
+from server.commands.asgi_stream import HTTPRequest, stream_asgi
+from server.commands.metrics_merge import merge_expositions
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-switchboard-replica"
@@ -250,7 +250,7 @@ def _deployment(cls: Any) -> Any:
 
 
 def app_builder(args: dict[str, Any]):
-    """For `serve run` / a Serve config file: `import_path: server.ray_serve:app_builder`, `args`
+    """For `serve run` / a Serve config file: `import_path: server.commands.ray_serve:app_builder`, `args`
     holding the settings by name (as `SWITCHBOARD_*` without the prefix, lower case) and
     `replicas`, `min_replicas`, `max_replicas`, `target_ongoing_requests`, `num_cpus`, `num_gpus`."""
     from server.settings import Settings

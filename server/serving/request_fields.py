@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from server.engine.errors import InvalidRequest
 from server.engine.sampling import SamplingParams
@@ -40,19 +40,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None, []),
 }
 _logged: set[str] = set()
-
-
-class SamplingFields(BaseModel):
-    """Penalties and stop controls shared by completions and chat (None = the default)."""
-
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this for every token already generated")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this times the token's count so far")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM/transformers: divides positive logits of seen tokens")
-    min_tokens: int | None = Field(None, ge=0, le=4096, description="vLLM: no EOS / stop token before this many tokens")
-    ignore_eos: bool | None = Field(None, description="vLLM: keep generating past EOS")
-    stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM: token ids that end the completion")
-    best_of: int | None = Field(None, ge=1, description="completions: sample this many candidates per prompt and "
-                                "return the n with the highest cumulative log-probability (not with stream)")
 
 
 def check_fields(req: BaseModel, n: int, ranks_candidates: bool = False) -> None:

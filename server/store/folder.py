@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from router_core import store_rules
 from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FILE, META_FILE, StoreRuleError
+from server.engine.adapter_weights import AdapterWeights, BaseSpec
 from server.engine.errors import InvalidAdapter, InvalidRequest
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
@@ -72,35 +72,6 @@ def file_in_store(path: Path, store: Path) -> Path:
     if root not in target.parents:
         raise InvalidAdapter(f"{path.parent.name}/{path.name} links outside the adapter store")
     return target
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    """What an adapter is validated against: the resident model's LoRA-targetable modules."""
-
-    module_shapes: dict[str, tuple[int, int]]  # module path -> (in, out)
-    fingerprint: str
-    max_rank: int
-    dtype: torch.dtype = torch.float32  # the serving dtype: scaled weights must stay finite in it
-
-
-@dataclass
-class AdapterWeights:
-    name: str
-    path: Path
-    rank: int
-    alpha: float
-    scale: float
-    target_modules: list[str]
-    # module path -> (A [in, r], B·scale [r, out]) on CPU, ready to copy into a slot
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    meta: dict = field(default_factory=dict)
-    centroids: torch.Tensor | None = None  # [m, d]
-    centroid_embedder: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.tensors.values())
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -17,8 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from server.api_errors import error_body
-from server.chat_template import load_template
+from server.api.http_errors import error_body
+from server.serving.chat_template import load_template
 from server.settings import Settings
 
 INFERENCE_ENDPOINTS = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",

@@ -14,6 +14,18 @@ from server.engine.errors import SwitchboardError
 
 log = logging.getLogger(__name__)
 
+
+class AuthError(SwitchboardError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(SwitchboardError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.logprobs import PromptScores
+from server.engine.prompt_logprobs import PromptScores
 from server.engine.sampling import Top
 
 Entry = tuple[int, float | None, Top | None]  # token id, its log-prob, the alternatives

@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.engine.errors import AuthError, Forbidden, Unavailable
+from server.api.http_errors import AuthError, Forbidden
+from server.engine.errors import Unavailable
 from server.state import AppState, Services, app_state
 
 

@@ -13,8 +13,8 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from server.completions import ClientGone
 from server.engine.errors import SwitchboardError
+from server.serving.completion_service import ClientGone
 
 log = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.adapter_store import BaseSpec, check_name, read_adapter, resolve_in_store
+from server.engine.adapter_weights import BaseSpec
 from server.engine.errors import Conflict, InvalidAdapter, SwitchboardError
 from server.engine.registry import AdapterRegistry, AdapterVersion
-from server.manifest import Manifest
 from server.metrics import Metrics
+from server.store.folder import check_name, read_adapter, resolve_in_store
+from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from server.deps import State
-from server.responses import Health, Loading, Ready
+from server.api.deps import State
+from server.api.responses import Health, Loading, Ready
 
 router = APIRouter(tags=["health"])
 

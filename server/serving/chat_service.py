@@ -12,50 +12,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
 
-from server import chat_template, completions
-from server.engine.errors import InvalidRequest, PayloadTooLarge
-from server.logprobs import chat_logprobs, token_bytes
-from server.request_fields import SamplingFields, check_fields
-from server.schemas import CompletionRequest, RoutingOptions, StreamOptions
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.engine.errors import InvalidRequest
+from server.serving import chat_template, validation
+from server.serving import completion_service as completions
+from server.serving.logprobs import chat_logprobs, token_bytes
+from server.serving.request_fields import check_fields
 from server.state import Services
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: not used by the templates here
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatCompletionRequest(SamplingFields):
-    model_config = ConfigDict(extra="allow")  # unknown fields: logged once (see request_fields)
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=4096, description="default: the rest of the context")
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096, description="OpenAI's newer name for max_tokens")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="vLLM extension; 0 = off")
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    routing: RoutingOptions | None = None
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -83,7 +50,7 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
     tok = state.resident.tokenizer
     text = chat_template.render(tok, template, _messages(req))
     if len(text) > state.settings.server.max_prompt_chars:
-        raise PayloadTooLarge(f"the conversation has {len(text)} characters; the limit is "
+        raise validation.PayloadTooLarge(f"the conversation has {len(text)} characters; the limit is "
                               f"{state.settings.server.max_prompt_chars}", param="messages")
     ids = tok.encode(text, add_special_tokens=False) or [tok.eos_token_id]
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

@@ -1,21 +1,21 @@
+"""The one request lifecycle behind `/v1/completions` and `/v1/chat/completions`: the routes differ
+only in how their body becomes a `CompletionRequest` and in the response's shape."""
+
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from server import completions, streaming
-from server.api_errors import ERROR_RESPONSES
-from server.deps import ReadyState
+from server.api import streaming
+from server.api.deps import ReadyState
+from server.api.schemas import CompletionRequest
 from server.engine.errors import SwitchboardError
-from server.responses import Completion
-from server.schemas import CompletionRequest
+from server.serving import completion_service as completions
 from server.state import Services
-
-router = APIRouter(tags=["completions"])
 
 
 async def _build_off_loop(body: CompletionRequest, state: ReadyState) -> list[completions.Choice]:
@@ -33,17 +33,6 @@ async def _build_off_loop(body: CompletionRequest, state: ReadyState) -> list[co
 
         fut.add_done_callback(cleanup)
         raise
-
-
-@router.post("/v1/completions", response_model=Completion, response_model_exclude_unset=True,
-             responses={**ERROR_RESPONSES, 200: {"description": "a completion; with `stream: true`, server-sent "
-                                                 "events (one chunk per token, then `data: [DONE]`)",
-                                                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
-async def create_completion(body: CompletionRequest, request: Request, state: ReadyState):
-    async def prepare() -> CompletionRequest:
-        return body
-
-    return await serve(body.model, prepare, completions.complete, completions.stream, state, request)
 
 
 Finish = Callable[[CompletionRequest, list[completions.Choice], Services, Request], Awaitable[dict]]
