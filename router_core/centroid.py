@@ -197,9 +197,14 @@ class CentroidRouter:
         out = torch.full((b, n), float("-inf"), device=e.device)  # [B, n]
         return out.scatter_reduce(1, owner.expand(b, -1), sims, reduce="amax")  # [B, n]
 
-    def scores(self, embeddings: Tensor, leave_out: Tensor | None = None) -> Tensor:
+    @property
+    def needs_complexity(self) -> bool:
+        return False
+
+    def scores(self, embeddings: Tensor, complexity: Tensor | None = None, leave_out: Tensor | None = None) -> Tensor:
         """The routing scores `[B, n]` (see the class docstring): best similarity, or the
-        baseline-corrected vote when voting is on. `leave_out` `[B]` (long, -1 = none) excludes
+        baseline-corrected vote when voting is on. `complexity` is ignored (the
+        `Router` signature). `leave_out` `[B]` (long, -1 = none) excludes
         one centroid row per embedding, for leave-one-out scores of the examples themselves."""
         if not self.voting:
             if leave_out is not None:
@@ -240,8 +245,7 @@ class CentroidRouter:
         """Mixture weights `[B, n]`: rows sum to 1, or are all zero (= base model) when the best
         similarity is below `min_similarity`.
 
-        `complexity` is accepted (and ignored) so both router kinds share a call signature;
-        `temperature` / `top_k` override the router's own for one request.
+        `complexity` is ignored (the `Router` signature); `temperature` / `top_k` override the router's own for one request.
         """
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k

@@ -146,6 +146,18 @@ class MLPRouter:
             )
         return torch.cat([embeddings.float(), complexity.to(embeddings.device).float()], dim=-1)  # [B, d + c]
 
+    @property
+    def switch_margin(self) -> float:
+        """No score test: the MLP's re-routes are held back by the policy's weight hysteresis only."""
+        return 0.0
+
+    def scores(self, embeddings: Tensor, complexity: Tensor | None = None) -> Tensor:
+        """The net's logits `[B, n]`."""
+        x = self.features(embeddings, complexity)  # [B, d + c]
+        with torch.no_grad():
+            logits, _ = self.net(x.to(next(self.net.parameters()).device))  # [B, n]
+        return logits.float().to(embeddings.device)
+
     def route(
         self,
         embeddings: Tensor,
@@ -161,13 +173,8 @@ class MLPRouter:
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k
         check_route_options(temp, k)
-        x = self.features(embeddings, complexity)  # [B, d + c]
-        device = next(self.net.parameters()).device
-        with torch.no_grad():
-            logits, _ = self.net(x.to(device))  # [B, n]
-            probs = torch.softmax(logits.float() / temp, dim=-1)  # [B, n]
-            weights = boost_and_truncate(probs, probs.argmax(-1), 1.0, k)  # [B, n]
-        return weights.to(embeddings.device)
+        probs = torch.softmax(self.scores(embeddings, complexity) / temp, dim=-1)  # [B, n]
+        return boost_and_truncate(probs, probs.argmax(-1), 1.0, k)  # [B, n]
 
     def predict_complexity(self, embeddings: Tensor, complexity: Tensor | None = None) -> Tensor:
         """The regression head's complexity score `[B]` in [0, 1]."""

@@ -1,4 +1,5 @@
-"""When to re-route during generation, how to avoid flapping, and how decisions are reported.
+"""The re-route policy, the same for every router kind: when to re-route during generation, how to
+avoid flapping, which adapters a decision may use, and how decisions are reported.
 
 arXiv 2311.10847 found re-routing every 2 generated tokens best; 0 means "route once on the prompt".
 A hysteresis margin stops the top adapter from alternating between two near-equal choices,
@@ -9,11 +10,13 @@ mixture away from the adapter the whole prompt chose (that one costs perplexity)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from router_core.router import Router
 
 
 def last_reroute(n_generated: int, every: int) -> int:
@@ -35,8 +38,32 @@ def reroute_due(n_generated: int, every: int) -> bool:
     return last_reroute(n_generated, every) == n_generated
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One routing decision for one row: the route vector (after the anti-flapping rules), the
+    router's adapter order it is over, and the gates it gives the adapters the row holds."""
+
+    vector: Tensor  # [n]
+    names: tuple[str, ...]
+    gates: dict[str, float]
+
+
+def renormalise(gates: Mapping[str, float], held: Collection[str]) -> dict[str, float]:
+    """`gates` restricted to the adapters a row holds, rescaled to sum to 1 (empty = base model).
+    A row holds the adapters it acquired when it started; a router rebuilt since may name more."""
+    kept = {n: w for n, w in gates.items() if n in held and w > 0}
+    total = sum(kept.values())
+    return {n: w / total for n, w in kept.items()} if total > 0 else {}
+
+
 class ReroutePolicy:
-    """Re-routing cadence plus a hysteresis rule against flapping top adapters."""
+    """The re-route cadence and the rules that turn a router's proposal into a row's gates.
+
+    `every` is the server's default cadence (`--reroute-every`); a request may ask for its own
+    (`cadence`). `hysteresis` is a margin on the proposed weights, and a router's own
+    `switch_margin` a margin on its scores (`stabilise`). `decide` is the whole path from an
+    embedding to gates; the gater and the routed-perplexity evaluation both call it.
+    """
 
     def __init__(self, every: int = 2, hysteresis: float = 0.05) -> None:
         if every < 0:
@@ -46,10 +73,34 @@ class ReroutePolicy:
         self.every = int(every)
         self.hysteresis = float(hysteresis)
 
-    def due(self, n_generated: int) -> bool:
+    def cadence(self, requested: int | None = None) -> int:
+        """The re-route cadence of a request: its own `reroute_every` when it set one, else the
+        policy's default."""
+        if requested is not None and requested < 0:
+            raise ValueError(f"reroute_every must be >= 0, got {requested}")
+        return self.every if requested is None else int(requested)
+
+    def due(self, n_generated: int, every: int | None = None) -> bool:
         """Whether to route before generating the token at index `n_generated`
-        (`reroute_due` with this policy's `every`)."""
-        return reroute_due(n_generated, self.every)
+        (`reroute_due` at `cadence(every)`)."""
+        return reroute_due(n_generated, self.cadence(every))
+
+    def decide(self, router: Router, embedding: Tensor, held: Collection[str], *,
+               complexity: Tensor | None = None, previous: Tensor | None = None,
+               previous_names: tuple[str, ...] | None = None, temperature: float | None = None,
+               top_k: int | None = None) -> Decision:
+        """Route one row: `embedding` `[1, d]` (and its `complexity` `[1, c]` when the router
+        needs it) through `router`, keep the `previous` route vector when the switch is too
+        narrow (`stabilise`, with the router's switch margin on its scores), then the gates over
+        the adapters in `held`, renormalised. A previous vector over another adapter list (the
+        router was rebuilt) does not hold the new one back."""
+        vector = router.route(embedding, complexity, temperature=temperature, top_k=top_k)[0]  # [n]
+        names = tuple(router.adapter_names)
+        if previous is not None and previous_names == names:
+            margin = router.switch_margin
+            scores = router.scores(embedding, complexity)[0] if margin > 0 else None  # [n]
+            vector = self.stabilise(previous, vector, scores, margin)
+        return Decision(vector, names, renormalise(weights_dict(names, vector), held))
 
     def stabilise(self, previous: Tensor | None, proposed: Tensor, scores: Tensor | None = None,
                   switch_margin: float = 0.0) -> Tensor:

@@ -50,12 +50,11 @@ def routing_spans(prompt_len: int, lengths: list[int], prompt_window: int, route
 
 def position_gates(ev: Any, rut: Any, domain: str) -> tuple[list[Tensor], float]:
     """Per-example ``[T, K_r]`` gates re-routed every N tokens, and mean top-1 switches."""
-    from router_core.centroid import CentroidRouter
     from router_core.embedders import BaseEmbedder, pool_hidden
     from training.embedding import embed
 
     cfg = ev.cfg
-    centroid = isinstance(rut.router, CentroidRouter)
+    margin = rut.router.switch_margin  # 0 for routers without a score test
     gates, switches = [], 0
     for item, ex in zip(ev.datasets[domain].items, ev.datasets[domain].examples, strict=True):
         ids = item["input_ids"]
@@ -77,8 +76,8 @@ def position_gates(ev: Any, rut: Any, domain: str) -> tuple[list[Tensor], float]
             texts = [ev.tokenizer.decode(ids[start:end]) for start, end in spans]
             emb = embed(rut.embedder, texts)
             w = ev.route(rut, texts, emb)
-        scores = rut.router.scores(emb) if centroid else None
-        w = stabilise(w, cfg.hysteresis, scores, rut.router.switch_margin if centroid else 0.0)
+        scores = rut.router.scores(emb) if margin > 0 else None
+        w = stabilise(w, cfg.hysteresis, scores, margin)
         row = {n: i for i, n in enumerate(lengths)}
         g = w[[row[c] for c in ctx]]  # [T, K_r]
         top = w.argmax(-1)

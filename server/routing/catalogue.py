@@ -27,6 +27,8 @@ from router_core.calibration import calibrated, with_fitted_switch_margin
 from router_core.centroid import CentroidRouter
 from router_core.embedders import BaseEmbedder, SentenceEncoder
 from router_core.mlp import MLPRouter
+from router_core.policy import ReroutePolicy
+from router_core.router import Router
 from router_core.store_rules import ROUTERS_DIR
 from server.engine.base_model import ResidentModel
 from server.engine.errors import AdapterNotFound, InvalidAdapter, InvalidRequest
@@ -42,9 +44,6 @@ log = logging.getLogger(__name__)
 def _family(embedder_id: str | None) -> str:
     """`base:32` and `base` are the same space (different pooling windows); encoders must match exactly."""
     return (embedder_id or "").split(":", 1)[0] if (embedder_id or "").startswith("base") else (embedder_id or "")
-
-
-Router = CentroidRouter | MLPRouter
 
 
 def prompt_window(settings: RoutingSettings, max_positions: int) -> int:
@@ -63,6 +62,7 @@ class RouterCatalogue:
                  store: Path, manifest: Manifest) -> None:
         self.settings, self.resident, self.registry, self.store = settings, resident, registry, store
         self.manifest = manifest
+        self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
         self.encoder: SentenceEncoder | None = self._load_encoder(settings.embedder)
         self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.route_window}"
         self.mlp: dict[str, MLPRouter] = {}

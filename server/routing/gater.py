@@ -1,11 +1,10 @@
 """The per-step gater: the engine's `GateSource` for `model: "auto"` rows.
 
 The engine calls it on its own thread (and, for a sentence encoder, on a side thread one step
-ahead) for the rows whose re-route is due (`router_core.policy.reroute_due`). It embeds each
-row's routing window with the catalogue's embedder, asks the row's router for a route vector,
-keeps the previous top adapter unless the new one wins by the hysteresis margin (for the
-centroid router also by its switch margin on the scores), and turns the
-vector into the row's gates over the adapters the request holds. It reads the catalogue
+ahead) for the rows whose re-route is due (`router_core.policy.reroute_due`). The gater's job is
+the embedding: each row's routing window through the catalogue's embedder (and the complexity
+analyzer when the row's router needs it). Everything after that, whichever router kind the row
+uses, is the re-route policy's (`router_core.policy.ReroutePolicy.decide`). It reads the catalogue
 (`server.routing.catalogue.RouterCatalogue`) and never changes it.
 """
 
@@ -13,10 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from router_core.centroid import CentroidRouter
 from router_core.embedders import pool_hidden
-from router_core.mlp import MLPRouter
-from router_core.policy import ReroutePolicy, weights_dict
 from server.engine.sequence import Sequence
 from server.routing.catalogue import RouterCatalogue
 from server.settings import RoutingSettings
@@ -27,7 +23,7 @@ class Gater:
 
     def __init__(self, catalogue: RouterCatalogue, settings: RoutingSettings) -> None:
         self.catalogue, self.settings = catalogue, settings
-        self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
+        self.policy = catalogue.policy
 
     def needs_hidden(self, seq: Sequence) -> bool:
         """Whether `seq` is routed on the resident model's hidden states (the `base` embedder),
@@ -60,26 +56,18 @@ class Gater:
         embeddings = self.embed(seqs, contexts)  # [B, d]
         out: list[dict[str, float]] = []
         for i, seq in enumerate(seqs):
-            spec = seq.routing
+            spec, state = seq.routing, seq.route
             router = self.catalogue.router(spec.router)
             if router is None:  # unloaded while the request ran: keep the gates it has
-                out.append(seq.route.gates)
+                out.append(state.gates)
                 continue
             complexity = None
-            if isinstance(router, MLPRouter) and router.needs_complexity:
+            if router.needs_complexity:
                 text = contexts[i] if contexts is not None else seq.context_text(self.window(seq))
-                complexity = self.catalogue.analyzer().vectors([text])
-            vector = router.route(embeddings[i:i + 1], complexity, temperature=spec.temperature,
-                                  top_k=spec.top_k)[0]  # [n]: the route vector
-            names = tuple(router.adapter_names)
-            state = seq.route
-            if state.route_vector is not None and state.route_names == names:
-                scores, margin = None, 0.0
-                if isinstance(router, CentroidRouter) and router.switch_margin > 0:
-                    scores, margin = router.scores(embeddings[i:i + 1])[0], router.switch_margin  # [n]
-                vector = self.policy.stabilise(state.route_vector, vector, scores, margin)
-            state.route_vector, state.route_names = vector, names
-            gates = {n: w for n, w in weights_dict(names, vector).items() if n in seq.versions}
-            total = sum(gates.values())
-            out.append({n: w / total for n, w in gates.items()} if total > 0 else {})
+                complexity = self.catalogue.analyzer().vectors([text])  # [1, c]
+            decision = self.policy.decide(router, embeddings[i:i + 1], seq.versions, complexity=complexity,
+                                          previous=state.route_vector, previous_names=state.route_names,
+                                          temperature=spec.temperature, top_k=spec.top_k)
+            state.route_vector, state.route_names = decision.vector, decision.names
+            out.append(decision.gates)
         return out

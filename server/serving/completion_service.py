@@ -52,7 +52,7 @@ def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, 
         if opts is not None and opts.weights is not None:
             return RoutingSpec("fixed", _manual_mixture(opts.weights, registry)), list(opts.weights)
         router, adapters = state.routing.resolve(opts.router if opts else None)
-        every = opts.reroute_every if opts and opts.reroute_every is not None else state.settings.routing.reroute_every
+        every = state.routing.policy.cadence(opts.reroute_every if opts else None)
         return RoutingSpec("auto", router=router, reroute_every=every,
                            top_k=opts.top_k if opts else None, temperature=opts.temperature if opts else None), adapters
     if opts is not None and (opts.weights or opts.router):

@@ -140,3 +140,62 @@ def test_switch_margin_on_scores() -> None:
     rows = policy.stabilise(torch.stack([prev, prev]), torch.stack([proposed, proposed]),
                             torch.stack([slim, clear]), switch_margin=0.1)  # per row
     assert torch.equal(rows, torch.stack([prev, proposed]))
+
+
+# -- one routing interface: every router kind behind `Router`, one policy from embedding to gates --
+def _centroid(margin: float = 0.0):
+    from router_core.centroid import CentroidRouter
+
+    cents = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0]])]
+    return CentroidRouter(["a", "b", "c"], cents, temperature=0.1, switch_margin=margin)
+
+
+def _mlp():
+    from router_core.mlp import MLPRouter, MLPRouterNet
+
+    torch.manual_seed(0)
+    return MLPRouter(MLPRouterNet(3, 3, 0), ["a", "b", "c"], "base:32")
+
+
+def test_every_router_kind_implements_the_protocol() -> None:
+    from router_core.router import Router
+
+    for router in (_centroid(), _mlp()):
+        assert isinstance(router, Router), type(router).__name__
+        x = torch.randn(2, 3)
+        assert router.scores(x).shape == router.route(x).shape == (2, 3)
+        assert not router.needs_complexity
+    assert _mlp().switch_margin == 0.0 and _centroid(0.2).switch_margin == 0.2
+
+
+def test_decide_renormalises_over_the_adapters_a_row_holds() -> None:
+    policy = ReroutePolicy(hysteresis=0.0)
+    x = torch.tensor([[0.9, 0.5, 0.1]])
+    full = policy.decide(_centroid(), x, {"a", "b", "c"})
+    assert full.names == ("a", "b", "c") and abs(sum(full.gates.values()) - 1) < 1e-6
+    held = policy.decide(_centroid(), x, {"b", "c"})  # "a" was added after the row started
+    assert "a" not in held.gates and abs(sum(held.gates.values()) - 1) < 1e-6
+    expected = {n: full.gates[n] / (full.gates["b"] + full.gates["c"]) for n in ("b", "c")}
+    assert held.gates == pytest.approx(expected)
+    assert policy.decide(_centroid(), x, set()).gates == {}  # nothing held: the base model
+
+
+def test_decide_applies_the_routers_switch_margin() -> None:
+    policy = ReroutePolicy(hysteresis=0.0)
+    first = policy.decide(_centroid(0.5), torch.tensor([[1.0, 0.0, 0.0]]), {"a", "b", "c"})
+    assert max(first.gates, key=first.gates.get) == "a"
+    slim = torch.tensor([[0.70, 0.72, 0.0]])  # b leads a by a sliver of score
+    kept = policy.decide(_centroid(0.5), slim, {"a", "b", "c"}, previous=first.vector, previous_names=first.names)
+    assert torch.equal(kept.vector, first.vector)
+    switched = policy.decide(_centroid(0.0), slim, {"a", "b", "c"}, previous=first.vector, previous_names=first.names)
+    assert max(switched.gates, key=switched.gates.get) == "b"
+    other = policy.decide(_centroid(0.5), slim, {"a", "b", "c"}, previous=first.vector, previous_names=("x",))
+    assert max(other.gates, key=other.gates.get) == "b"  # the router was rebuilt: no holding back
+
+
+def test_cadence_is_the_request_s_or_the_policy_s() -> None:
+    policy = ReroutePolicy(every=4)
+    assert policy.cadence(None) == 4 and policy.cadence(0) == 0 and policy.cadence(3) == 3
+    assert [policy.due(n, 3) for n in range(4)] == [True, False, False, True]
+    with pytest.raises(ValueError):
+        policy.cadence(-1)
