@@ -7,14 +7,6 @@ The candidate changes it was used to measure (fused LoRA addmm, mask-free aligne
 batched prefill, a routing pass without the LM head, oneDNN instead of MKL for the base and
 LM-head matmuls on CPU) are now part of the engine.
 
-`--candidate fused_lora` measures the LoRA delta's two candidate paths (`MultiLoRAConv1D`): the A
-factors computed in the same oneDNN call as the base projection (`fused_rank`), and, in bf16, the
-low-rank products computed in fp32 (`fp32_factors`), each alone and both. It times the decode
-forward alone (`gpt2.forward`, one token per row, 4 routed rank-16 adapters on c_attn/c_proj) on
-one model, the paths switched step by step, plus the same forward without adapters, and prints
-baseline ÷ candidate for every round (of each path's median step), the baseline being the
-two-call path in the model's dtype (the engine's path before either candidate).
-
 Run it with `--threads 1` on a shared machine: two OpenMP threads on two busy cores turn every
 small op into a wait for the other thread, and the figures become noise.
 """
@@ -120,94 +112,6 @@ def _hf_stepper(model, batch: int, vocab: int, cfg: BenchConfig):
     return step
 
 
-def fused_lora(dtype: torch.dtype, batches: tuple[int, ...], rounds: int, steps: int, tiny: bool = False) -> dict:
-    """Decode forward ms/step of the baseline LoRA path, the candidates and no adapters, on one
-    model, interleaved step by step so machine load hits them alike; ratios are per round."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from bench.common import ADAPTER_RANK, ADAPTER_TARGETS, N_ROUTED, PROMPT_TOKENS
-    from server.engine import gpt2
-    from server.engine.base_model import LORA_TARGETS
-    from server.engine.kv_cache import KVCache
-    from server.engine.lora_layer import LoRABatchContext, wrap_targets
-
-    gen = torch.Generator().manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=128) if tiny else GPT2Config()
-    model = GPT2LMHeadModel(config).eval().to(dtype)
-    ctx = LoRABatchContext()
-    layers = wrap_targets(model, set(LORA_TARGETS), N_ROUTED, ctx, fused_rank=N_ROUTED * ADAPTER_RANK)
-    for slot in range(N_ROUTED):
-        for path, layer in layers.items():
-            if path.rsplit(".", 1)[-1] in ADAPTER_TARGETS:
-                a = torch.randn(layer.in_features, ADAPTER_RANK, generator=gen) / layer.in_features ** 0.5
-                b = torch.randn(ADAPTER_RANK, layer.out_features, generator=gen) * 0.02
-                layer.set_slot(slot, a.to(dtype), b.to(dtype))
-    prompt = 8 if tiny else PROMPT_TOKENS
-    cache = KVCache(config.n_layer, config.n_head, config.n_embd // config.n_head, config.n_positions, dtype,
-                    torch.device("cpu"))
-    result: dict = {"dtype": str(dtype).removeprefix("torch."), "rounds": rounds, "steps_per_round": steps}
-
-    # (fused A rows, fp32 factors) per mode; fp32 factors only differ from the baseline in bf16
-    modes = {"baseline": (False, dtype), "fused": (True, dtype)}
-    if dtype != torch.float32:
-        modes |= {"fp32_factors": (False, torch.float32), "fused_fp32_factors": (True, torch.float32)}
-
-    def set_mode(mode: str, gates: torch.Tensor) -> None:
-        fuse, factor_dtype = modes.get(mode, (False, dtype))
-        for layer in layers.values():
-            layer.fuse = fuse
-            layer.set_factor_dtype(factor_dtype)
-        if mode == "no_adapters":
-            ctx.clear()
-        else:
-            ctx.set(tuple(range(N_ROUTED)), gates, None)
-
-    for batch in batches:
-        cache.reserve(batch, prompt + 1)
-        ids = torch.randint(config.vocab_size, (batch, prompt), generator=gen)
-        gates = torch.softmax(torch.randn(batch, N_ROUTED, generator=gen), dim=1).to(dtype)  # routed mixtures
-        tok = torch.randint(config.vocab_size, (batch, 1), generator=gen)
-        pos = torch.full((batch, 1), prompt)
-        logits = {}
-        with torch.inference_mode():
-            set_mode("baseline", gates)
-            gpt2.forward(model, ids, torch.arange(prompt).expand(batch, prompt), cache)  # prefill
-            for mode in modes:
-                set_mode(mode, gates)
-                logits[mode] = gpt2.forward(model, tok, pos, cache)[0].float()
-            # modes alternate step by step (order flipped every step) so bursts of load from other
-            # processes hit all of them; a round's figure per mode is the median of its steps
-            times: dict[str, list[float]] = {mode: [] for mode in (*modes, "no_adapters")}
-            best = dict.fromkeys(times, float("inf"))
-            for _ in range(rounds):
-                samples: dict[str, list[float]] = {mode: [] for mode in times}
-                for i in range(steps + 1):
-                    for mode in list(times) if i % 2 == 0 else list(reversed(times)):
-                        set_mode(mode, gates)
-                        start = time.perf_counter()
-                        gpt2.forward(model, tok, pos, cache)
-                        if i:  # the first step of a round is a warm-up
-                            samples[mode].append(1000 * (time.perf_counter() - start))
-                for mode, ms in samples.items():
-                    times[mode].append(sorted(ms)[len(ms) // 2])
-                    best[mode] = min(best[mode], *ms)
-        ctx.clear()
-        ratios = {mode: [round(c / t, 3) for c, t in zip(times["baseline"], times[mode], strict=True)]
-                  for mode in modes if mode != "baseline"}
-        result[f"b{batch}"] = {
-            "ms_per_step": {k: [round(v, 2) for v in vs] for k, vs in times.items()},
-            "median_ms": {k: round(sorted(vs)[len(vs) // 2], 2) for k, vs in times.items()},
-            "best_ms": {k: round(v, 2) for k, v in best.items()},
-            "baseline_over_candidate_per_round": ratios,
-            "max_abs_logit_diff": {mode: round(float((logits["baseline"] - logits[mode]).abs().max()), 5)
-                                   for mode in modes if mode != "baseline"},
-        }
-        log(f"fused_lora {result['dtype']} b{batch}: median ms {result[f'b{batch}']['median_ms']}, "
-            f"best ms {result[f'b{batch}']['best_ms']}, "
-            f"baseline/candidate per round {ratios}")
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_engine", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -216,24 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--candidate", choices=("fused_lora",), default=None,
-                   help="instead of the profile, compare candidate engine changes against a baseline path")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of a candidate comparison")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of a candidate comparison")
     args = p.parse_args(argv)
     cfg = BenchConfig.make(tiny=args.tiny, device="cpu", threads=args.threads)
     cfg.new_tokens = args.new_tokens if not args.tiny else cfg.new_tokens
     cfg.batches = tuple(int(b) for b in args.batches.split(","))
     setup_torch(cfg.threads)
     result: dict = {"threads": cfg.threads, "new_tokens": cfg.new_tokens}
-    if args.candidate == "fused_lora":
-        result["fused_lora"] = [fused_lora(getattr(torch, d), cfg.batches, args.rounds, args.steps, tiny=args.tiny)
-                                for d in args.dtypes.split(",")]
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result["fused_lora"], indent=1))
-        return 0
     with tempfile.TemporaryDirectory(prefix="switchboard-profile-") as tmp:
         assets = Assets(cfg, Path(tmp))
         rig = assets.engine_rig()

@@ -9,9 +9,6 @@ at one row, and the tied LM head 26 -> 10 ms at 8 rows (`python -m bench.profile
 oneDNN wants the weight as a contiguous `[out, in]` matrix; GPT-2's `Conv1D` stores `[in, out]`.
 Rather than keep two copies, `transpose_storage` moves the values into `[out, in]` storage and
 leaves the Conv1D holding an `[in, out]` view of it: same shape, same values, same state_dict.
-`extended_storage` does the same inside a buffer with spare rows below the weight (and spare
-zero entries after the bias), so that one linear over `[W; Aᵀ]` computes both `x W` and a LoRA
-stack's `x A` (`MultiLoRAConv1D`'s fused path) without copying the weight per adapter set.
 """
 
 from __future__ import annotations
@@ -71,23 +68,3 @@ def transpose_storage(conv: nn.Module) -> torch.Tensor:
         weight_t = weight_t.contiguous()
         conv.weight = nn.Parameter(weight_t.t(), requires_grad=weight.requires_grad)  # [in, out] view
     return weight_t
-
-
-def extended_storage(conv: nn.Module, extra_rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Store a Conv1D's weight as the first `out` rows of a contiguous `[out + extra_rows, in]`
-    buffer and its bias as the first `out` entries of a `[out + extra_rows]` buffer whose tail is
-    zero; the Conv1D keeps `[in, out]` / `[out]` views (same shapes, values and state_dict).
-    Returns both buffers: the caller writes into the spare rows, never into the first `out`."""
-    weight = conv.weight  # [in, out]
-    bias = conv.bias
-    assert isinstance(weight, torch.Tensor)
-    n_in, n_out = weight.shape
-    ext = torch.zeros(n_out + extra_rows, n_in, dtype=weight.dtype, device=weight.device)  # [out + extra, in]
-    ext[:n_out] = weight.detach().t()
-    conv.weight = nn.Parameter(ext[:n_out].t(), requires_grad=weight.requires_grad)  # [in, out] view
-    bias_ext = None
-    if isinstance(bias, torch.Tensor):
-        bias_ext = torch.zeros(n_out + extra_rows, dtype=bias.dtype, device=bias.device)
-        bias_ext[:n_out] = bias.detach()
-        conv.bias = nn.Parameter(bias_ext[:n_out], requires_grad=bias.requires_grad)
-    return ext, bias_ext

@@ -9,7 +9,7 @@ The scale `s_k` is folded into `B_k` when a slot is filled, and the active slots
 concatenated along the rank axis, so a step costs two low-rank matmuls per layer whatever the
 number of adapters in the mixture (the `cat` combination of `add_weighted_adapter`, but per row
 and without materialising a merged adapter). With bf16 weights on CPU those two are computed in
-fp32; optionally the first shares the base projection's call (see `MultiLoRAConv1D`).
+fp32 (see `MultiLoRAConv1D`).
 """
 
 from __future__ import annotations
@@ -82,12 +82,6 @@ class LoRABatchContext:
 class MultiLoRAConv1D(nn.Module):
     """Wraps one `transformers.pytorch_utils.Conv1D` (weight `[in, out]`) with K LoRA slots.
 
-    Fused path (CPU with oneDNN, `fused_rank` > 0): the base weight lives in the first `out` rows
-    of an `[out + fused_rank, in]` buffer. When the active stack of A factors fits, it is written
-    (transposed, `[R, in]`) into the rows below the weight once per active set, and one linear over the
-    first `out + R` rows yields `x W + b` and `x A` together: one matmul call per layer fewer, and
-    no per-adapter-set copy of the weight. Stacks that do not fit take the two-call path.
-
     fp32 factors (CPU with oneDNN, bf16 weights, `fp32_factors`): the active stacks are kept in
     fp32 and the two low-rank products computed in fp32 (MKL), the delta added to the bf16 base
     output in one rounding. On this project's CPU (AVX-512 BF16, no AMX) a bf16 matmul of LoRA's
@@ -97,15 +91,11 @@ class MultiLoRAConv1D(nn.Module):
     """
 
     max_cached_stacks = 8
-    # Rows reserved under each base weight for the fused path (0 = off, the default: it measured
-    # no faster in fp32 and ~0.4 % on top of fp32 factors in bf16, docs/performance.md).
-    # 64 would cover four rank-16 adapters at a memory cost of `64 x in` values per wrapped layer.
-    fused_rank = 0
     # On by default: 2-6 % faster bf16 decode steps at batch 1 on this project's CPU, and the
     # delta is rounded once instead of three times (docs/performance.md).
     fp32_factors = True
 
-    def __init__(self, base: nn.Module, num_slots: int, ctx: LoRABatchContext, fused_rank: int | None = None) -> None:
+    def __init__(self, base: nn.Module, num_slots: int, ctx: LoRABatchContext) -> None:
         super().__init__()
         self.base = base
         weight: torch.Tensor = base.weight  # type: ignore[assignment]
@@ -118,22 +108,10 @@ class MultiLoRAConv1D(nn.Module):
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         # [out, in] storage of the base weight when oneDNN computes the base matmul (CPU), else None.
         self.weight_t: torch.Tensor | None = None
-        # Fused path: [out + reserve, in] / [out + reserve] buffers whose first `out` rows are
-        # weight_t / the bias, and the active set whose A factors the reserved rows hold now.
-        self.weight_ext: torch.Tensor | None = None
-        self.bias_ext: torch.Tensor | None = None
-        self._tail: tuple[int, ...] | None = None
-        self.fuse = False  # take the fused path when the stack fits (on when rows are reserved)
         # dtype of the cached stacks and of the low-rank products (see the class docstring)
         self.factor_dtype = weight.dtype
         if cpu_linear.onednn_available(weight.device, weight.dtype):
-            reserve = self.fused_rank if fused_rank is None else fused_rank
-            if reserve > 0:
-                self.weight_ext, self.bias_ext = cpu_linear.extended_storage(base, reserve)
-                self.weight_t = self.weight_ext[: self.out_features]
-                self.fuse = True
-            else:
-                self.weight_t = cpu_linear.transpose_storage(base)
+            self.weight_t = cpu_linear.transpose_storage(base)
             if self.fp32_factors and weight.dtype == torch.bfloat16:
                 self.set_factor_dtype(torch.float32)
 
@@ -148,27 +126,9 @@ class MultiLoRAConv1D(nn.Module):
             return cpu_linear.linear(x2, self.weight_t, bias)
         return torch.addmm(bias, x2, cast(torch.Tensor, self.base.weight))
 
-    def _fused(self, x2: torch.Tensor, active: tuple[int, ...],
-               stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """`[x W + b | x A]` [N, out + R] in one linear, or None when the stack does not fit the
-        reserved rows (or there are none). Writes the stack's A into those rows when the active
-        set changed (or a slot's content: `set_slot` forgets what the rows hold)."""
-        ext = self.weight_ext
-        a_cat = stack[0]
-        R = a_cat.shape[1]
-        if not self.fuse or ext is None or self.out_features + R > ext.shape[0]:
-            return None
-        end = self.out_features + R
-        if self._tail != active:  # R x in values, not the weight
-            with torch.no_grad():
-                ext[self.out_features:end].copy_(a_cat.t())
-            self._tail = active
-        return cpu_linear.linear(x2, ext[:end], None if self.bias_ext is None else self.bias_ext[:end])
-
     def set_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
         self.lora_a[slot], self.lora_b[slot] = a, b_scaled
         self._stacks.clear()
-        self._tail = None
 
     def _stack(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Concatenate the active slots' factors once per distinct active set (cached)."""
@@ -206,13 +166,9 @@ class MultiLoRAConv1D(nn.Module):
         gates = ctx.gates_for(cols)  # [B, R]
         if gates.dtype != b_cat.dtype and b_cat.dtype != torch.float32:  # fp32 factors take any gates as they are
             gates = gates.to(b_cat.dtype)
-        z = self._fused(x2, ctx.active, stack)  # [B*T, out + R] or None
-        rows = None if z is not None else ctx.rows  # fused: every row (zero gates give exactly 0)
-        if z is not None:
-            y, h = z[:, : self.out_features], z[:, self.out_features:]  # x W + b, x A
-        else:
-            y = self._base(x2)  # [B*T, out]
-            h = (x2 if rows is None else x[rows].reshape(-1, self.in_features)).to(a_cat.dtype) @ a_cat
+        rows = ctx.rows
+        y = self._base(x2)  # [B*T, out]
+        h = (x2 if rows is None else x[rows].reshape(-1, self.in_features)).to(a_cat.dtype) @ a_cat
         g = gates if rows is None else gates[rows]  # [b, R]
         h = h.to(b_cat.dtype)  # [b*T, R]
         h = h * g if T == 1 else (h.view(-1, T, h.shape[1]) * g[:, None, :]).view(-1, h.shape[1])
@@ -221,18 +177,15 @@ class MultiLoRAConv1D(nn.Module):
             return y.view(B, T, self.out_features).index_add(0, rows, delta)
         if b_cat.dtype != y.dtype:  # fp32 factors: the delta in fp32, rounded once into y
             return y.add_(h @ b_cat).view(B, T, self.out_features)
-        if z is not None:  # y is a view into z: write the sum to its own [N, out] tensor
-            return torch.addmm(y, h, b_cat).view(B, T, self.out_features)
         return y.addmm_(h, b_cat).view(B, T, self.out_features)  # y += h B, in place
 
 
-def wrap_targets(model: nn.Module, target_names: set[str], num_slots: int, ctx: LoRABatchContext,
-                 fused_rank: int | None = None) -> dict[str, MultiLoRAConv1D]:
+def wrap_targets(model: nn.Module, target_names: set[str], num_slots: int,
+                 ctx: LoRABatchContext) -> dict[str, MultiLoRAConv1D]:
     """Replace every Conv1D whose attribute name is in `target_names` by a MultiLoRAConv1D.
 
     Returns the wrappers by their full module path (e.g. `transformer.h.0.attn.c_attn`), the
-    same keys PEFT's safetensors use after `base_model.model.`. `fused_rank` overrides
-    `MultiLoRAConv1D.fused_rank` (rows reserved for the fused LoRA path; 0 = off).
+    same keys PEFT's safetensors use after `base_model.model.`.
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -240,7 +193,7 @@ def wrap_targets(model: nn.Module, target_names: set[str], num_slots: int, ctx: 
     for path, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in target_names and isinstance(child, Conv1D):
-                wrapper = MultiLoRAConv1D(child, num_slots, ctx, fused_rank)
+                wrapper = MultiLoRAConv1D(child, num_slots, ctx)
                 setattr(module, child_name, wrapper)
                 wrapped[f"{path}.{child_name}" if path else child_name] = wrapper
     return wrapped
