@@ -39,9 +39,16 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     manifest = Manifest(s.store.adapter_dir)
     routing, gater = build_routing(s.routing, resident, state.registry, s.store.adapter_dir, manifest)
     engine = build_engine(s.engine, s.routing, resident, state.registry, gate_source=gater, observer=state.metrics)
-    await asyncio.to_thread(engine.warm_up)  # compiles the static step (logged) before /ready says 200
+    # The warm-up runs on the engine thread, the thread that decodes afterwards: CUDA graph trees
+    # keep per-thread state, and a graph recorded on one thread then replayed on another asserts
+    # (pytorch#123177). It compiles the static step (logged) before /ready says 200.
     worker = EngineWorker(engine)
     worker.start()
+    try:
+        await worker.call(lambda: engine.warm_up(fallback=s.engine.compile == "auto"))
+    except BaseException:
+        await worker.drain(0.0)  # no thread left behind by a start-up that failed
+        raise
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, s.store.max_lora_rank, resident.dtype)
     adapters = AdapterService(s.store.adapter_dir, spec, state.registry, state.metrics, manifest)
     adapters.on_change.append(routing.rebuild)

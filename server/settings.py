@@ -35,7 +35,7 @@ class EngineSettings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request is cancelled")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight requests get to finish on shutdown")
     torch_threads: int = Field(0, ge=0, description="CPU threads per torch op; 0 = torch's default (one per core)")
-    compile: Literal["auto", "on", "off"] = Field("auto", description="decode with the static-shape step compiled by torch.compile (inductor C++ on CPU, CUDA graphs on GPU), warmed up before /ready; auto = off (it has not measured faster here yet; see docs/performance.md)")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="decode with the static-shape step compiled by torch.compile (inductor C++ on CPU, CUDA graphs on GPU), warmed up before /ready; auto = on for CUDA, off on CPU (where it measured no faster; see docs/performance.md)")
 
 
 class RoutingSettings(BaseSettings):

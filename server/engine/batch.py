@@ -93,10 +93,24 @@ class Batch:
 
     # -- inputs -------------------------------------------------------------------------------------
     def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's last token and its position, [B, 1] each, for one decode step."""
-        ids = torch.tensor([[s.generated[-1]] for s in self._seqs], device=self.device)  # [B, 1]
-        pos = torch.tensor([[s.position] for s in self._seqs], device=self.device)  # [B, 1]
-        return ids, pos
+        """Each row's last token and its position, [B, 1] each, for one decode step: built on the
+        host and sent in one copy (pinned and asynchronous on CUDA, see `to_device`)."""
+        both = to_device(torch.tensor([[s.generated[-1], s.position] for s in self._seqs]), self.device)  # [B, 2]
+        return both[:, :1], both[:, 1:]
+
+    def top_position(self) -> int:
+        """The furthest position any row decodes at, from the host (reading it off the device
+        tensor would sync)."""
+        return max(s.position for s in self._seqs)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To CUDA through page-locked memory with `non_blocking`: a copy
+    from pageable memory blocks the host until the GPU has drained its queue (a host sync per
+    step); from pinned memory it is queued behind the work already there, in stream order."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +122,7 @@ def padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor
         ids[row, : len(p)] = torch.tensor(p)
     pos = torch.arange(width).expand(len(prompts), width)  # [B, T]
     last = torch.tensor([len(p) - 1 for p in prompts])  # [B]
-    return ids.to(device), pos.to(device), last.to(device)
+    return to_device(ids, device), to_device(pos.contiguous(), device), to_device(last, device)
 
 
 def gate_matrix(seqs: list[Sequence], slots: SlotManager, dtype: torch.dtype, device: torch.device) -> Gates:
@@ -126,14 +140,14 @@ def gate_matrix(seqs: list[Sequence], slots: SlotManager, dtype: torch.dtype, de
     if not versions:
         return NO_GATES
     active = slots.ensure(versions)
-    gates = torch.zeros(len(seqs), len(versions), dtype=dtype)  # [B, active]
     largest = torch.finfo(dtype).max
+    table = [[0.0] * len(versions) for _ in seqs]  # [B, active], on the host: no tensor read back
     for row, seq in enumerate(seqs):
         for name, w in seq.route.gates.items():
             if not abs(w) <= largest:  # NaN or beyond the serving dtype
                 raise ValueError(f"gate {w!r} for adapter {name!r} is not finite in {dtype}")
             if w != 0.0:
-                gates[row, column[seq.versions[name].version]] = w
-    used = gates.ne(0).any(dim=1)  # [B]
-    rows = None if bool(used.all()) else used.nonzero().flatten().to(device)
-    return tuple(active), gates.to(device), rows
+                table[row][column[seq.versions[name].version]] = w
+    used = [row for row, gates in enumerate(table) if any(g != 0.0 for g in gates)]
+    rows = None if len(used) == len(seqs) else to_device(torch.tensor(used, dtype=torch.long), device)
+    return tuple(active), to_device(torch.tensor(table, dtype=dtype), device), rows

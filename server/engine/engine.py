@@ -57,6 +57,9 @@ class EngineConfig:
     # "compiled": that step through torch.compile (CUDA graphs on GPU)
     decode_step: str = "eager"
     prompt_window: int | None = None  # prompt tokens the first decision pools (None = all)
+    # allocate the KV cache for max_batch_size rows of the whole context up front, so it never
+    # moves under CUDA graphs (None: on CUDA)
+    full_cache: bool | None = None
 
 
 class EngineObserver(Protocol):
@@ -78,8 +81,10 @@ class Engine:
         self.ctx = LoRABatchContext()
         layers = wrap_targets(resident.model, set(LORA_TARGETS), config.max_loras, self.ctx)
         self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype)
+        full = resident.device.type == "cuda" if config.full_cache is None else config.full_cache
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,
-                             resident.dtype, resident.device)
+                             resident.dtype, resident.device, rows=static_step.bucket(config.max_batch_size) if full else 4,
+                             full=full)
         self.static = None if config.decode_step == "eager" else static_step.build(
             resident.model, self.cache, self.slots, self.ctx, compiled=config.decode_step == "compiled")
         self.inbox: queue.Queue[Sequence] = queue.Queue()
@@ -109,10 +114,21 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.batch or self.waiting or not self.inbox.empty())
 
-    def warm_up(self) -> float:
+    def warm_up(self, fallback: bool = False) -> float:
         """Compile (or first-run) the static decode step for every batch bucket before serving;
-        seconds taken (0 with the eager step). Call before the engine thread starts."""
-        return self.static.warm_up([1, self.config.max_batch_size]) if self.static is not None else 0.0
+        seconds taken (0 with the eager step). Call it on the thread that will run `step()` (the
+        engine thread): CUDA graph trees keep per-thread state. `fallback` (`--compile auto`): a
+        warm-up that fails logs why and decodes with the eager step instead of failing start-up."""
+        if self.static is None:
+            return 0.0
+        try:
+            return self.static.warm_up([1, self.config.max_batch_size])
+        except Exception:
+            if not fallback:
+                raise
+            log.exception("warming up the static decode step failed; decoding with the eager step")
+            self.static = None
+            return 0.0
 
     # -- the step function ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -227,7 +243,7 @@ class Engine:
         ids, pos = self.batch.decode_inputs()  # [B, 1] each
         try:
             with self.ctx.applied(*self._gates(seqs)):
-                logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
+                logits, hidden = self._forward(ids, pos, 0, top=self.batch.top_position())  # [B, V], [B, 1, d]
         except Exception as e:  # one row's gates or inputs broke the shared step: retry each alone
             log.warning("batched decode of %d rows failed (%r); retrying them one at a time", len(seqs), e)
             rows: list[torch.Tensor | Exception] = []
@@ -235,7 +251,7 @@ class Engine:
             for row, seq in enumerate(seqs):
                 try:
                     with self.ctx.applied(*self._gates([seq])):
-                        one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row)
+                        one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row, top=seq.position)
                     rows.append(one[0])
                     tails.append(h[0])
                 except Exception as err:
@@ -264,11 +280,12 @@ class Engine:
             elif seq.finish_reason is not None:
                 self._end(seq, None)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
-                 last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int, last: torch.Tensor | None = None,
+                 top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of each row's last token and hidden states [B, T, d] (`top`: the largest
+        position in `pos`, known on the host, for a decode step)."""
         if self.static is not None and ids.shape[1] == 1 and row == 0 and last is None:  # a decode step
-            return self.static.step(ids, pos)
+            return self.static.step(ids, pos, top)
         logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last)
         assert logits is not None
         return logits, hidden

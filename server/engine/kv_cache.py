@@ -13,13 +13,18 @@ import torch
 
 class KVCache:
     def __init__(self, n_layer: int, n_head: int, head_dim: int, max_positions: int,
-                 dtype: torch.dtype, device: torch.device, rows: int = 4, positions: int = 64) -> None:
+                 dtype: torch.dtype, device: torch.device, rows: int = 4, positions: int = 64,
+                 full: bool = False) -> None:
+        """`full`: allocate `rows` rows of the whole context now and never grow (the engine's
+        choice on CUDA, where CUDA graphs read the cache at a fixed address: a cache that moved
+        would re-record, or recompile, early in serving; GPT-2 124M in fp16, 32 rows: 1.2 GB)."""
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.max_positions = max_positions
         self.dtype, self.device = dtype, device
+        self.full = full
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._alloc(rows, min(positions, max_positions))
+        self._alloc(rows, max_positions if full else min(positions, max_positions))
 
     @torch.inference_mode()  # always inference tensors, wherever it grows: a compiled step's guards see one kind
     def _alloc(self, rows: int, positions: int) -> None:
@@ -47,6 +52,8 @@ class KVCache:
         cap_rows, cap_pos = self.capacity
         if rows <= cap_rows and positions <= cap_pos:
             return
+        if self.full:
+            raise ValueError(f"{rows} rows exceed the cache's fixed {cap_rows} (the engine's max_batch_size)")
         while cap_rows < rows:
             cap_rows *= 2
         while cap_pos < positions:

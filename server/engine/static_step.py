@@ -22,6 +22,7 @@ the engine still prefills with `gpt2.forward` into the same cache.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,19 +52,28 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 @dataclass
 class Projection:
-    """One wrapped Conv1D as the step uses it: an `[out, in]` weight (oneDNN's layout on CPU, a
-    transposed view elsewhere), its bias, and the wrapper that holds the adapter slots."""
+    """One wrapped Conv1D as the step uses it: the Conv1D's own weight parameter `[in, out]` (the
+    step computes `addmm(bias, x, weight)`, what Conv1D computes), the `[out, in]` copy oneDNN
+    wants for the eager CPU step (None elsewhere), its bias, and the wrapper that holds the
+    adapter slots. The step reads the parameter itself, not a `.t()` of it made here: under CUDA
+    graphs every tensor that is neither a per-step input nor a static address is copied into the
+    graph's own buffer on every replay (all 48 projection weights, ~170 MB a step in fp16)."""
 
-    weight: torch.Tensor  # [out, in]
+    weight: torch.Tensor  # [in, out], the Conv1D's parameter
+    weight_t: torch.Tensor | None  # [out, in] for oneDNN (CPU), sharing the parameter's storage
     bias: torch.Tensor  # [out]
     wrapper: MultiLoRAConv1D
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in)."""
+        return int(self.weight.shape[1]), int(self.weight.shape[0])
 
 
 def _projection(module: Any) -> Projection:
     assert isinstance(module, MultiLoRAConv1D), "wrap the model's targets before building the step"
     base: Any = module.base
-    weight = module.weight_t if module.weight_t is not None else base.weight.t()  # [out, in]
-    return Projection(weight, base.bias, module)
+    return Projection(base.weight, module.weight_t, base.bias, module)
 
 
 @dataclass
@@ -108,7 +118,8 @@ class StaticDecoder:
     max_cached_stacks = 8
 
     def __init__(self, model: GPT2LMHeadModel, cache: KVCache, slots: SlotManager, ctx: LoRABatchContext,
-                 compile: bool = False, backend: str | Callable = "inductor", mode: str | None = None) -> None:
+                 compile: bool = False, backend: str | Callable = "inductor", mode: str | None = None,
+                 static_addresses: bool | None = None) -> None:
         tr: Any = model.transformer
         cfg = model.config
         self.model, self.cache, self.slots, self.ctx = model, cache, slots, ctx
@@ -128,28 +139,52 @@ class StaticDecoder:
         # `cpu_linear`), decided once here. Compiled: F.linear, which inductor lowers itself (its
         # lowering of the oneDNN op wants frozen weights).
         self.onednn = not compile and cpu_linear.onednn_available(self.wte.device, self.wte.dtype) and all(
-            p.weight.is_contiguous() for p in self.projections) and self.wte.is_contiguous()
+            p.weight_t is not None and p.weight_t.is_contiguous() for p in self.projections) and self.wte.is_contiguous()
         self._stacks: OrderedDict[tuple, Stack] = OrderedDict()
         self._zero: dict[int, tuple[list[torch.Tensor | None], list[torch.Tensor | None]]] = {}
         self.compiled = compile
         self.graphs = compile and mode == "reduce-overhead"
+        # Static addresses (on with CUDA graphs; a test turns them on for CPU): every tensor the
+        # step reads that is not a per-step input keeps its address, and torch.compile is told
+        # so, so CUDA graphs read it in place instead of copying it in on every replay.
+        self.static_addresses = self.graphs if static_addresses is None else static_addresses
+        if self.static_addresses:
+            for t in self.static_tensors():
+                torch._dynamo.mark_static_address(t)
         self.calls = 0
+        self.thread: int | None = None  # the thread that warmed the step up (CUDA graph trees are per thread)
         self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
         if compile:
             self._step = torch.compile(self._forward, backend=backend, mode=mode)
 
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The weights the step reads (embeddings, norms, projection weights and biases); the KV
+        cache is the other static address (`_cache_tensors`)."""
+        out = [self.wte, self.wpe, *self.ln_f]
+        for layer in self.layers:
+            out += [*layer.ln1, *layer.ln2]
+            for p in layer.projections():
+                out += [p.weight, p.bias]
+        return out
+
     # -- the step itself (what torch.compile sees) ------------------------------------------------------------
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [N, in] @ weight[out, in].T + bias."""
+        """x [N, in] @ weight[out, in].T + bias (the tied LM head)."""
         if self.onednn:
             return cpu_linear.linear(x, weight, bias)
         return F.linear(x, weight, bias)
+
+    def _base(self, x: torch.Tensor, p: Projection) -> torch.Tensor:
+        """The Conv1D's x [N, in] @ W [in, out] + b."""
+        if self.onednn and p.weight_t is not None:
+            return cpu_linear.linear(x, p.weight_t, p.bias)
+        return torch.addmm(p.bias, x, p.weight)
 
     def _lora_linear(self, x: torch.Tensor, p: Projection, a: torch.Tensor | None, b: torch.Tensor | None,
                      gates: torch.Tensor) -> torch.Tensor:
         """base(x) + ((x A) · gates) B for x [B, in], with `a` [in, R], `b` [R, out], `gates` [B, R];
         `a` is None (eager step only) where no active adapter targets this projection."""
-        y = self._linear(x, p.weight, p.bias)
+        y = self._base(x, p)
         if a is None or b is None:
             return y
         return y.addmm(torch.mm(x, a) * gates, b)
@@ -194,7 +229,7 @@ class StaticDecoder:
             return hit
         ranks = [self.slots.rank_of(s) for s in active]
         R = bucket(sum(ranks), MIN_RANK_BUCKET)
-        first = self.projections[0].weight
+        first = self.wte
         cols = torch.full((R,), len(active), dtype=torch.long, device=first.device)
         offsets = []
         at = 0
@@ -204,7 +239,7 @@ class StaticDecoder:
             at += r
         a_all, b_all, sparse_a, sparse_b = [], [], [], []
         for p in self.projections:
-            out_f, in_f = p.weight.shape
+            out_f, in_f = p.shape
             a = torch.zeros(in_f, R, dtype=first.dtype, device=first.device)
             b = torch.zeros(R, out_f, dtype=first.dtype, device=first.device)
             used = False
@@ -226,23 +261,24 @@ class StaticDecoder:
 
     def _no_adapters(self, R: int = MIN_RANK_BUCKET) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         if R not in self._zero:
-            first = self.projections[0].weight
-            self._zero[R] = ([torch.zeros(p.weight.shape[1], R, dtype=first.dtype, device=first.device)
+            first = self.wte
+            self._zero[R] = ([torch.zeros(p.shape[1], R, dtype=first.dtype, device=first.device)
                               for p in self.projections],
-                             [torch.zeros(R, p.weight.shape[0], dtype=first.dtype, device=first.device)
+                             [torch.zeros(R, p.shape[0], dtype=first.dtype, device=first.device)
                               for p in self.projections])
         return self._zero[R]
 
-    def inputs(self, ids: torch.Tensor, pos: torch.Tensor, rank: int = MIN_RANK_BUCKET) -> dict[str, Any]:
-        """The step's arguments for cache rows 0..n-1 decoding `ids` [n, 1] at positions `pos` [n, 1],
-        padded to the batch bucket, with the gates the engine set in the shared LoRA context
-        (`rank`: the width of the zero factors when no adapter is active; the warm-up varies it)."""
+    def inputs(self, ids: torch.Tensor, pos: torch.Tensor, top: int, rank: int = MIN_RANK_BUCKET) -> dict[str, Any]:
+        """The step's arguments for cache rows 0..n-1 decoding `ids` [n, 1] at positions `pos` [n, 1]
+        (`top`: the largest of them, known on the host, so reading it costs no device sync), padded
+        to the batch bucket, with the gates the engine set in the shared LoRA context (`rank`: the
+        width of the zero factors when no adapter is active; the warm-up varies it)."""
         n = ids.shape[0]
         Bb = bucket(n)
         cap_rows, cap_pos = self.cache.capacity
         assert cap_rows >= Bb, "reserve the cache rows for the batch bucket first"
         dev, dtype = self.wte.device, self.wte.dtype
-        L = min(bucket(int(pos.max()) + 1, MIN_LENGTH_BUCKET), cap_pos)
+        L = min(bucket(top + 1, MIN_LENGTH_BUCKET), cap_pos)
         ids_t = torch.zeros(Bb, dtype=torch.long, device=dev)
         pos_t = torch.zeros(Bb, dtype=torch.long, device=dev)
         ids_t[:n] = ids[:, 0]
@@ -270,7 +306,9 @@ class StaticDecoder:
         if self.compiled:
             for t in (*self.cache.keys, *self.cache.values):
                 _dynamic(t, 0, 2)  # [Bcap, H, Pcap, hd]
-                if t.device.type == "cuda":  # CUDA graphs write the cache in place, never copy it in
+                if self.static_addresses and not hasattr(t, "_dynamo_static_input_type"):
+                    # CUDA graphs write the cache in place, never copy it in; allocated to capacity
+                    # up front on CUDA (`KVCache(full=True)`), so it never moves under a graph
                     torch._dynamo.mark_static_address(t)
             for fa, fb in zip(a, b, strict=True):
                 if fa is not None and fb is not None:
@@ -280,12 +318,17 @@ class StaticDecoder:
                 "keys": self.cache.keys, "values": self.cache.values, "gates": _dynamic(gates, 0, 1),
                 "lora_a": a, "lora_b": b}
 
-    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one token for cache rows 0..n-1 (`ids`, `pos` [n, 1]): logits [n, V] and hidden
-        states [n, 1, d], as `gpt2.forward` returns them."""
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one token for cache rows 0..n-1 (`ids`, `pos` [n, 1]; `top`: max of `pos`, from
+        the host, the engine's `Sequence.position`): logits [n, V] and hidden states [n, 1, d], as
+        `gpt2.forward` returns them."""
         n = ids.shape[0]
-        self.cache.reserve(bucket(n), int(pos.max()) + 1)
-        logits, hidden = self._step(**self.inputs(ids, pos))
+        if self.graphs and self.thread is not None and threading.get_ident() != self.thread:
+            raise RuntimeError("the CUDA-graph decode step runs on another thread than its warm-up "
+                               "(CUDA graph trees are per thread): warm up on the engine thread")
+        top = int(pos.max()) if top is None else top
+        self.cache.reserve(bucket(n), top + 1)
+        logits, hidden = self._step(**self.inputs(ids, pos, top))
         self.calls += 1
         if self.graphs:  # CUDA graphs overwrite their outputs on the next replay; the engine keeps hidden states
             return logits[:n].clone(), hidden[:n, None].clone()
@@ -301,12 +344,13 @@ class StaticDecoder:
         # other side compiled mid-serving. So each batch bucket is compiled at both rank buckets.
         # (The attended length never equals the cache tensors' length: see `KVCache._alloc`.)
         ranks = (MIN_RANK_BUCKET, 2 * MIN_RANK_BUCKET) if self.compiled else (MIN_RANK_BUCKET,)
+        self.thread = threading.get_ident()
         with torch.inference_mode(), self.ctx.applied():  # no adapters; whatever was set comes back after
             for n in sorted({bucket(b) for b in batch_sizes}):
                 zeros = torch.zeros(n, 1, dtype=torch.long, device=self.wte.device)
                 self.cache.reserve(n, 1)
                 for rank in ranks:
-                    self._step(**self.inputs(zeros, zeros, rank))
+                    self._step(**self.inputs(zeros, zeros, 0, rank))
         seconds = time.perf_counter() - start
         log.info("decode step %s for batch buckets %s in %.1f s", "compiled" if self.compiled else "warmed up",
                  sorted({bucket(b) for b in batch_sizes}), seconds)
@@ -322,7 +366,13 @@ def build(model: GPT2LMHeadModel, cache: KVCache, slots: SlotManager, ctx: LoRAB
 
 
 def decode_step(setting: str, device: torch.device) -> str:
-    """The engine's `decode_step` for the `--compile` setting. `auto` keeps the eager step: on
-    this project's CPUs the compiled step measured 0.96-0.98x the eager one on an idle machine
-    (docs/performance.md), and no GPU run has measured it yet."""
+    """The engine's `decode_step` for the `--compile` setting. `auto` compiles on CUDA and keeps
+    the eager step on CPU. CPU: the compiled step measured 0.96-0.98x the eager one on an idle
+    machine (docs/performance.md). CUDA: a GPT-2 decode step at small batch is launch-bound
+    eagerly (~30 kernel launches per layer and host syncs per forward), which CUDA graphs
+    remove, as in gpt-fast; not yet measured on this project's code (no GPU has run it), so
+    `scripts/gpu_check.sh` times both and reports whether this choice holds, and a warm-up that
+    fails under `auto` falls back to the eager step (`Engine.warm_up(fallback=True)`)."""
+    if setting == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
     return "compiled" if setting == "on" else "eager"
