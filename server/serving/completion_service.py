@@ -79,9 +79,9 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
     if isinstance(req.prompt, str):
         texts = [req.prompt]
     elif req.prompt and all(isinstance(p, int) for p in req.prompt):
-        return [_token_prompt(req.prompt, tok)]  # type: ignore[arg-type]
+        return [_token_prompt(req.prompt, tok, vocab_size(state))]  # type: ignore[arg-type]
     elif req.prompt and all(isinstance(p, list) for p in req.prompt):
-        return [_token_prompt(p, tok) for p in req.prompt]  # type: ignore[arg-type]
+        return [_token_prompt(p, tok, vocab_size(state)) for p in req.prompt]  # type: ignore[arg-type]
     else:
         texts = [str(p) for p in req.prompt] or [""]
     out = []
@@ -95,18 +95,22 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
     return out
 
 
-def _token_prompt(ids: list[int], tok) -> tuple[str, list[int]]:
-    vocab = len(tok)
+def _token_prompt(ids: list[int], tok, vocab: int) -> tuple[str, list[int]]:
     if not ids or any(not 0 <= int(p) < vocab for p in ids):
         raise InvalidRequest(f"a token-id prompt needs at least one id, each in [0, {vocab})", param="prompt")
     ids = [int(p) for p in ids]
     return str(tok.decode(ids)), ids
 
 
+def vocab_size(state: Services) -> int:
+    """Token ids a request may use (`validation.token_limit`)."""
+    return validation.token_limit(len(state.resident.tokenizer), state.resident.model)
+
+
 def _logit_bias(req: CompletionRequest, state: Services) -> tuple[tuple[int, float], ...]:
     if not req.logit_bias:
         return ()
-    vocab = len(state.resident.tokenizer)
+    vocab = vocab_size(state)
     out = []
     for key, bias in req.logit_bias.items():
         token = validation.token_id_key(key, vocab)
@@ -138,7 +142,7 @@ def build_choices(req: CompletionRequest, state: Services,
                 f"{len(ids) + req.max_tokens} tokens ({len(ids)} in the prompt, {req.max_tokens} in the completion).",
                 param="max_tokens")
     tok = state.resident.tokenizer
-    sampling = sampling_params(req, _logit_bias(req, state), req.logprobs or 0, len(tok), tok.eos_token_id)
+    sampling = sampling_params(req, _logit_bias(req, state), req.logprobs or 0, vocab_size(state), tok.eos_token_id)
     loop = loop or asyncio.get_running_loop()
     deadline = time.monotonic() + state.settings.engine.request_timeout
     choices: list[Choice] = []

@@ -11,6 +11,7 @@ mixture weights multiply LoRA deltas in the serving dtype (fp16's largest value 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from server.engine.errors import InvalidRequest, SwitchboardError
 
@@ -66,6 +67,15 @@ def check_mixture_weight(name: str, weight: object) -> float:
         raise InvalidRequest(f"routing.weights[{name!r}] must be a number in [0, {MAX_MIXTURE_WEIGHT:g}]",
                              param="routing.weights")
     return float(weight)
+
+
+def token_limit(tokenizer_size: int, model: Any) -> int:
+    """How many token ids a request may use: the tokenizer's and the model's embedding table's
+    sizes, whichever is smaller. A tokenizer with added tokens can be larger than the table, and
+    an id past the table is a device-side assert on CUDA, which poisons the CUDA context: every
+    later request fails while /health stays green. So an id is checked here, at the edge."""
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    return min(tokenizer_size, rows)
 
 
 def token_id_key(key: str, vocab: int) -> int:

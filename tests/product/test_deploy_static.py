@@ -229,6 +229,21 @@ def ignored(relative: str, patterns: list[str]) -> bool:
     return result
 
 
+def test_cuda_image_can_compile_the_decode_step():
+    """`--compile auto` compiles the decode step on CUDA, and Triton builds its kernel launchers
+    with a C compiler and Python's headers at warm-up: a CUDA image without them fails warm-up.
+    The image must install both, and its base must be the CUDA release its torch wheel is built
+    for (13.0 for PyPI's wheel; the cu128 alternative is documented in the file)."""
+    steps = dockerfile(DOCKERFILES["cuda"])
+    installs = " ".join(args for inst, args in steps if inst == "RUN" and "apt-get install" in args).split()
+    assert "gcc" in installs or "build-essential" in installs, "the CUDA image has no C compiler for Triton"
+    assert "python3-dev" in installs, "the CUDA image has no Python headers for Triton's launcher"
+    args = dict(a.split("=", 1) for inst, a in steps if inst == "ARG" and "=" in a)
+    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:13.0") and args["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+    text = DOCKERFILES["cuda"].read_text()
+    assert "nvidia/cuda:12.8" in text and "whl/cu128" in text, "the CUDA 12 build arguments are documented"
+
+
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_dockerfile_copies_exist_in_the_build_context(kind):
     patterns = dockerignore()
