@@ -122,7 +122,10 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
             for j, i in enumerate(plain):
                 n = params[i].top_logprobs
                 tops[j] = tuple(zip(ids[j, :n].tolist(), values[j, :n].tolist(), strict=True)) if n else None
-        for j, (i, t, lp) in enumerate(zip(plain, tokens.tolist(), chosen.tolist(), strict=True)):
+        # tokens and their log-probs come back in one transfer (one host sync, not two); float64
+        # holds every token id exactly
+        picked = torch.stack([tokens.double(), chosen.double()], dim=1).tolist()  # [b, 2]
+        for j, (i, (t, lp)) in enumerate(zip(plain, picked, strict=True)):
             out[i] = Pick(int(t), float(lp), tops[j])
     for i, p in enumerate(params):
         if out[i] is None:

@@ -79,6 +79,8 @@ class Sequence:
     created: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
     generator: torch.Generator | None = field(init=False, default=None)
+    # the same seed on the device, for the batched device sampler (made on first use, on CUDA)
+    device_generator: torch.Generator | None = field(init=False, default=None)
     references_released: bool = field(init=False, default=False)
     prompt_scores: PromptScores | None = None  # set before the first event is emitted
 

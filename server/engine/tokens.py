@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from server.engine import device_sampling
 from server.engine.errors import RowFailed, SwitchboardError
 from server.engine.sampling import Pick, Top, sample_batch
 from server.engine.sequence import Sequence, TokenEvent
@@ -68,9 +69,55 @@ def take_tokens(seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor |
     return outcome
 
 
+# The batched device sampler (`device_sampling`) serves the rows it can on CUDA; tests set this
+# to take it on CPU as well. Everywhere else the CPU path (`sampling.sample_batch`) is unchanged.
+DEVICE_SAMPLING_ON_CPU = False
+
+
 def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
-    """Next token and its log-probability per row of `logits` [B, V]; if the batched call
-    fails, each row is sampled alone and a row that still fails gets its error back."""
+    """Next token and its log-probability per row of `logits` [B, V]: on CUDA the rows without
+    penalties in one batched pass on the device (`device_sampling`), the others (and every row
+    elsewhere) on the CPU path below."""
+    if logits.device.type == "cuda" or DEVICE_SAMPLING_ON_CPU:
+        on_device = [i for i, s in enumerate(seqs) if device_sampling.eligible(s.sampling)]
+        if on_device:
+            out: list[Pick | Exception | None] = [None] * len(seqs)
+            for i, pick in zip(on_device, _sample_on_device([seqs[i] for i in on_device], logits[on_device]),
+                               strict=True):
+                out[i] = pick
+            rest = [i for i in range(len(seqs)) if out[i] is None]
+            if rest:
+                for i, pick in zip(rest, _sample_on_cpu([seqs[i] for i in rest], logits[rest]), strict=True):
+                    out[i] = pick
+            return [o for o in out if o is not None]
+    return _sample_on_cpu(seqs, logits)
+
+
+def _sample_on_device(seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
+    """The batched device pass; if it fails, each row alone (a row that still fails gets its
+    error). Generators are snapshot first, so a retried row draws what it would have drawn."""
+    for seq in seqs:
+        if seq.device_generator is None and seq.generator is not None:
+            seq.device_generator = device_sampling.device_generator(seq.generator.initial_seed(), logits.device)
+    states = [s.device_generator.get_state() if s.device_generator is not None else None for s in seqs]
+    try:
+        return list(device_sampling.sample_on_device(logits, [s.sampling for s in seqs],
+                                                     [s.device_generator for s in seqs]))
+    except Exception:
+        out: list[Pick | Exception] = []
+        for i, (seq, state) in enumerate(zip(seqs, states, strict=True)):
+            if seq.device_generator is not None and state is not None:
+                seq.device_generator.set_state(state)
+            try:
+                out.append(device_sampling.sample_on_device(logits[i:i + 1], [seq.sampling], [seq.device_generator])[0])
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+def _sample_on_cpu(seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
+    """`sampling.sample_batch` over the rows; if the batched call fails, each row is sampled
+    alone and a row that still fails gets its error back."""
     states = [s.generator.get_state() if s.generator is not None else None for s in seqs]
     try:
         return list(sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
