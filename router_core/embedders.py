@@ -251,11 +251,25 @@ class SentenceEncoder:
         self.device = torch.device(device) if device is not None else _module_device(model)
         if self.device != _module_device(model):
             self.model.to(self.device)
+        self._stream: Any = None  # its own CUDA stream (made on first use)
 
     def embed_texts(self, texts: list[str]) -> Tensor:
-        """Embed `texts` in batches of `batch_size`; returns `[n, dim]` float32 on the CPU."""
+        """Embed `texts` in batches of `batch_size`; returns `[n, dim]` float32 on the CPU.
+
+        On CUDA it runs on a stream of its own: the server calls it on a side thread one step
+        ahead, and on the default stream its kernels would queue behind the decode step's and
+        its read-back (`.cpu()`) would wait for that step too; on its own stream the read-back
+        waits for this stream's work alone."""
         if not texts:
             return torch.zeros(0, self.dim)
+        if self.device.type != "cuda":
+            return self._embed(texts)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            return self._embed(texts)
+
+    def _embed(self, texts: list[str]) -> Tensor:
         order = _length_order([len(t) for t in texts])
         out: list[Tensor] = []
         for i in range(0, len(texts), self.batch_size):

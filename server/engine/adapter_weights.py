@@ -35,6 +35,22 @@ class AdapterWeights:
     meta: dict = field(default_factory=dict)
     centroids: torch.Tensor | None = None  # [m, d]
     centroid_embedder: str | None = None
+    _staged: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def staged(self, dtype: torch.dtype, pin: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`tensors` cast to the serving dtype, in page-locked memory when `pin` (for CUDA): what a
+        slot install copies from. Made once per adapter and dtype and kept, so an install is only
+        the copy: from pinned memory with `non_blocking`, queued on the stream without waiting for
+        the GPU (a pageable copy blocks the engine thread mid-step until the GPU catches up)."""
+        key = (dtype, pin)
+        hit = self._staged.get(key)
+        if hit is None:
+            def stage(t: torch.Tensor) -> torch.Tensor:
+                t = t.to(dtype).contiguous()
+                return t.pin_memory() if pin else t
+
+            hit = self._staged[key] = {path: (stage(a), stage(b)) for path, (a, b) in self.tensors.items()}
+        return hit
 
     @property
     def nbytes(self) -> int:

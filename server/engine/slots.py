@@ -80,14 +80,15 @@ class SlotManager:
         return min(candidates, key=lambda i: self.last_used[i])
 
     def _install(self, slot: int, version: AdapterVersion) -> None:
-        tensors = version.weights.tensors
+        cuda = self.device.type == "cuda"
+        tensors = version.weights.staged(self.dtype, pin=cuda)  # pre-cast (and pinned on CUDA) once
         for path, layer in self.layers.items():
             pair = tensors.get(path)
             if pair is None:
                 layer.set_slot(slot, None, None)
             else:
                 a, b = pair
-                layer.set_slot(slot, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
+                layer.set_slot(slot, a.to(self.device, non_blocking=cuda), b.to(self.device, non_blocking=cuda))
         self.slot_version[slot] = version
         self.loads += 1
         self._touch(slot)
