@@ -161,6 +161,7 @@ class CentroidRouter:
         self._centroids = torch.cat(rows) if rows else torch.zeros(0, 0)  # [M, d]
         self._owner = torch.tensor(owner, dtype=torch.long)  # [M]
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._column_index: dict[torch.device, list[Tensor]] = {}
         self.voting = bool(rows) and min(r.shape[0] for r in rows) >= 4 * self.vote
         self.baselines = (
             self.baseline * torch.stack([self._loo_baseline(r) for r in rows]) if self.voting else None
@@ -211,17 +212,27 @@ class CentroidRouter:
                 raise ValueError("leave-one-out scores need voting (at least 4 * `vote` rows per adapter)")
             return self.similarities(embeddings)
         assert self.baselines is not None
-        cents, owner = self._tensors(embeddings.device)
+        cents, _ = self._tensors(embeddings.device)
         sims = F.normalize(embeddings.float(), dim=-1) @ cents.T  # [B, M]
         if leave_out is not None:
             hit = leave_out.to(sims.device).clamp(min=0)[:, None]  # [B, 1]
             dropped = torch.where((leave_out >= 0).to(sims.device)[:, None], float("-inf"), sims.gather(1, hit))
             sims = sims.scatter(1, hit, dropped)  # [B, M]
-        out = []
-        for i in range(len(self.adapter_names)):
-            own = sims[:, owner == i]  # [B, m_i]
-            out.append(own.topk(self.vote, dim=1).values.mean(1))  # [B]
+        # Each adapter's columns by a long index made once per device: a boolean mask
+        # (`sims[:, owner == i]`) has a data-dependent size, which costs a host sync per adapter
+        # on a GPU, on every re-route.
+        out = [sims.index_select(1, own).topk(self.vote, dim=1).values.mean(1)  # [B]
+               for own in self._columns(sims.device)]
         return torch.stack(out, dim=1) - self.baselines.to(sims.device)  # [B, n]
+
+    def _columns(self, device: torch.device) -> list[Tensor]:
+        """Per adapter, the indices of its centroid rows `[m_i]` on `device` (cached)."""
+        if device not in self._column_index:
+            owner = self._owner.tolist()
+            self._column_index[device] = [
+                torch.tensor([j for j, o in enumerate(owner) if o == i], dtype=torch.long, device=device)
+                for i in range(len(self.adapter_names))]
+        return self._column_index[device]
 
     def weights_from_scores(self, scores: Tensor, temperature: float | None = None,
                             top_k: int | None = None) -> Tensor:

@@ -138,3 +138,25 @@ def test_fit_centroids() -> None:
     assert sorted(two.argmax(1).tolist()) == [0, 1]  # one centroid per cluster
     assert torch.equal(two, fit_centroids(pts, k=2))  # deterministic
     assert fit_centroids(pts[:3], k=8).shape == (3, 3)  # fewer examples than k: each is a centroid
+
+
+def test_voting_scores_read_nothing_back_per_adapter() -> None:
+    """Routing runs on the engine's device: the voting scores take each adapter's centroid rows
+    by a cached long index, not a boolean mask (a host sync per adapter per re-route on a GPU),
+    and give what the mask gives."""
+    from tests.syncs import SyncCounter
+
+    torch.manual_seed(0)
+    cents = [torch.randn(25, 8) + 3 * torch.eye(8)[i] for i in range(4)]
+    router = CentroidRouter(["a", "b", "c", "d"], cents, vote=5)
+    assert router.voting
+    emb = torch.randn(6, 8)
+    router.scores(emb)  # builds the per-device index once
+    with SyncCounter() as counter:
+        scores = router.scores(emb)
+        router.route(emb)
+    assert counter.total == 0, dict(counter.sites)
+    sims = torch.nn.functional.normalize(emb, dim=-1) @ torch.cat(router.centroids).T
+    owner = torch.arange(4).repeat_interleave(25)
+    masked = torch.stack([sims[:, owner == i].topk(5, dim=1).values.mean(1) for i in range(4)], 1)
+    assert torch.allclose(scores, masked - router.baselines)

@@ -12,37 +12,13 @@
 from __future__ import annotations
 
 import threading
-import traceback
-from collections import Counter
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from server.engine.static_step import StaticDecoder
 from tests.server.engine.rows import PROMPT, held_row, tiny_engine
+from tests.syncs import SyncCounter
 from tests.tiny import run_engine
-
-SYNCS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy")
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts the tensor reads that are host syncs when the tensor is on a GPU, by call site."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sites: Counter[str] = Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name in SYNCS:
-            frame = traceback.extract_stack(limit=2)[0]
-            self.sites[f"{name} at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.sites.values())
-
 
 class _Recorder:
     """A torch.compile backend that runs the graph eagerly and keeps its example inputs."""
