@@ -253,3 +253,5 @@ def test_compile_setting():
     assert decode_step("on", torch.device("cpu")) == "compiled"
     assert decode_step("off", torch.device("cpu")) == "eager"
     assert decode_step("auto", torch.device("cpu")) == "eager"
+    assert decode_step("auto", torch.device("cuda")) == "compiled"  # CUDA graphs (docs/performance.md)
+    assert decode_step("off", torch.device("cuda")) == "eager"
