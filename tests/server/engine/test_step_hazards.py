@@ -20,6 +20,7 @@ from tests.server.engine.rows import PROMPT, held_row, tiny_engine
 from tests.syncs import SyncCounter
 from tests.tiny import run_engine
 
+
 class _Recorder:
     """A torch.compile backend that runs the graph eagerly and keeps its example inputs."""
 
