@@ -98,10 +98,10 @@ class Batch:
         both = to_device(torch.tensor([[s.generated[-1], s.position] for s in self._seqs]), self.device)  # [B, 2]
         return both[:, :1], both[:, 1:]
 
-    def top_position(self) -> int:
-        """The furthest position any row decodes at, from the host (reading it off the device
-        tensor would sync)."""
-        return max(s.position for s in self._seqs)
+    def top_position(self, rows: int) -> int:
+        """The furthest position rows 0..rows-1 decode at, from the host (reading it off the
+        device tensor would sync)."""
+        return max(s.position for s in self._seqs[:rows])
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

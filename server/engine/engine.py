@@ -243,7 +243,7 @@ class Engine:
         ids, pos = self.batch.decode_inputs()  # [B, 1] each
         try:
             with self.ctx.applied(*self._gates(seqs)):
-                logits, hidden = self._forward(ids, pos, 0, top=self.batch.top_position())  # [B, V], [B, 1, d]
+                logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
         except Exception as e:  # one row's gates or inputs broke the shared step: retry each alone
             log.warning("batched decode of %d rows failed (%r); retrying them one at a time", len(seqs), e)
             rows: list[torch.Tensor | Exception] = []
@@ -251,7 +251,7 @@ class Engine:
             for row, seq in enumerate(seqs):
                 try:
                     with self.ctx.applied(*self._gates([seq])):
-                        one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row, top=seq.position)
+                        one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row)
                     rows.append(one[0])
                     tails.append(h[0])
                 except Exception as err:
@@ -280,12 +280,13 @@ class Engine:
             elif seq.finish_reason is not None:
                 self._end(seq, None)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int, last: torch.Tensor | None = None,
-                 top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, V] of each row's last token and hidden states [B, T, d] (`top`: the largest
-        position in `pos`, known on the host, for a decode step)."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
+                 last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
         if self.static is not None and ids.shape[1] == 1 and row == 0 and last is None:  # a decode step
-            return self.static.step(ids, pos, top)
+            # rows 0..B-1 of the batch: their furthest position, from the host (no device read)
+            n = ids.shape[0]
+            return self.static.step(ids, pos, self.batch.top_position(n) if len(self.batch) >= n else None)
         logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last)
         assert logits is not None
         return logits, hidden
