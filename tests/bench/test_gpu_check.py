@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.paths import REPO
@@ -22,6 +23,7 @@ def test_script_says_no_cuda_and_exits_0():
     assert "no CUDA device" in done.stdout
 
 
+@pytest.mark.slow  # tens of seconds on a loaded 2-core machine (a few idle)
 def test_checks_run_on_cpu(tmp_path):
     from bench import gpu_check
 
