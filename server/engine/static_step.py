@@ -308,8 +308,10 @@ class StaticDecoder:
                 _dynamic(t, 0, 2)  # [Bcap, H, Pcap, hd]
                 if self.static_addresses and not hasattr(t, "_dynamo_static_input_type"):
                     # CUDA graphs write the cache in place, never copy it in; allocated to capacity
-                    # up front on CUDA (`KVCache(full=True)`), so it never moves under a graph
-                    torch._dynamo.mark_static_address(t)
+                    # up front on CUDA (`KVCache(full=True)`), so it never moves under a graph.
+                    # Guarded: were it to move anyway, the step recompiles instead of replaying
+                    # a graph that reads the old address (unguarded is torch's default).
+                    torch._dynamo.mark_static_address(t, guard=True)
             for fa, fb in zip(a, b, strict=True):
                 if fa is not None and fb is not None:
                     _dynamic(fa, 1)  # [in, R]
