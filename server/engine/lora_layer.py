@@ -170,14 +170,28 @@ class MultiLoRAConv1D(nn.Module):
         y = self._base(x2)  # [B*T, out]
         h = (x2 if rows is None else x[rows].reshape(-1, self.in_features)).to(a_cat.dtype) @ a_cat
         g = gates if rows is None else gates[rows]  # [b, R]
-        h = h.to(b_cat.dtype)  # [b*T, R]
-        h = h * g if T == 1 else (h.view(-1, T, h.shape[1]) * g[:, None, :]).view(-1, h.shape[1])
+        h = gated(h.to(b_cat.dtype), g, T)  # [b*T, R]
         if rows is not None:
             delta = (h @ b_cat).view(-1, T, self.out_features).to(y.dtype)  # [b, T, out]
             return y.view(B, T, self.out_features).index_add(0, rows, delta)
         if b_cat.dtype != y.dtype:  # fp32 factors: the delta in fp32, rounded once into y
             return y.add_(h @ b_cat).view(B, T, self.out_features)
         return y.addmm_(h, b_cat).view(B, T, self.out_features)  # y += h B, in place
+
+
+def gated(h: torch.Tensor, g: torch.Tensor, T: int) -> torch.Tensor:
+    """`h * g` per rank column (h [b*T, R], g [b, R]), exactly 0 wherever the gate is 0.
+
+    A plain product is not enough: an adapter whose `x A` overflowed the serving dtype gives inf
+    in its columns, and inf x 0 = NaN, so every row of the batch that gave it no weight would
+    fail with it. Masking costs one elementwise pass over a [b*T, R] tensor and leaves finite
+    products bit for bit as they were; a non-finite delta reaches only the rows that weighted it.
+    """
+    zero = g == 0
+    if T == 1:
+        return (h * g).masked_fill_(zero, 0)
+    R = h.shape[1]
+    return (h.view(-1, T, R) * g[:, None, :]).masked_fill_(zero[:, None, :], 0).view(-1, R)
 
 
 def wrap_targets(model: nn.Module, target_names: set[str], num_slots: int,
