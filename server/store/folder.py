@@ -146,8 +146,32 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[s
         a32, b_scaled = a.float(), b.float() * scale
         if not (a32.abs().max() <= largest and b_scaled.abs().max() <= largest):
             raise InvalidAdapter(f"module {module!r}: weights times the LoRA scale {scale:.3g} overflow {spec.dtype}")
+        _check_range(module, a32, b_scaled, spec.dtype)
         out[module] = (a32.t().contiguous(), b_scaled.t().contiguous())
     return out
+
+
+def factor_budget(dtype: torch.dtype) -> float:
+    """The largest ‖A‖_F and ‖A‖_F·‖s·B‖_F an adapter may have when served in `dtype`: √max of the
+    dtype. By Cauchy–Schwarz every partial sum of `x A` and of `(g x A)(s B)` then stays below the
+    dtype's largest value for any input row and gate with g·‖x‖₂ ≤ √max (256 in fp16, 1.8e19 in
+    fp32 and bf16): the range is split evenly between activations and weights. PEFT adapters sit
+    far inside it (‖A‖_F ≈ 0.6·√r at PEFT's init, B trained from zero); an adapter outside it
+    overflows for ordinary activations. Past the bound the engine still confines a non-finite
+    delta to the rows that weight the adapter (`lora_layer.gated`)."""
+    return math.sqrt(torch.finfo(dtype).max)
+
+
+def _check_range(module: str, a: torch.Tensor, b_scaled: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse factors whose products overflow `dtype` for ordinary inputs (see `factor_budget`):
+    finite weights whose `x A` is inf would make every row that uses the adapter fail."""
+    budget = factor_budget(dtype)
+    a_norm = torch.linalg.vector_norm(a.double()).item()
+    ab_norm = a_norm * torch.linalg.vector_norm(b_scaled.double()).item()
+    if not (a_norm <= budget and ab_norm <= budget):
+        raise InvalidAdapter(
+            f"module {module!r}: ‖lora_A‖ = {a_norm:.3g} and ‖lora_A‖·‖scale·lora_B‖ = {ab_norm:.3g} overflow "
+            f"{str(dtype).removeprefix('torch.')} for ordinary activations; the server accepts at most {budget:.3g} for each")
 
 
 def _read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:

@@ -68,3 +68,29 @@ def test_gated_zero_gate_is_exactly_zero():
     h3 = torch.tensor([[float("inf"), 1.0], [3.0, 1.0]])  # one row, T = 2
     assert gated(h3, torch.tensor([[0.0, 2.0]]), 2).tolist() == [[0.0, 2.0], [0.0, 2.0]]
     assert torch.isinf(gated(h3, torch.tensor([[1.0, 1.0]]), 2)[0, 0])  # a weighted overflow stays visible
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_registration_refuses_factors_that_overflow_the_serving_dtype(store, tiny_model_dir, tmp_path, dtype):
+    """The issue's reproduction: a copy of an adapter with every lora_A entry rescaled to a
+    finite but huge value is refused at registration with a message naming the bound; the
+    adapter as trained is accepted in every dtype."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from server.engine.errors import InvalidAdapter
+    from server.store.folder import factor_budget
+
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64, dtype)
+    assert read_adapter("alpha", store / "alpha", spec).rank == 4
+    huge = tmp_path / "huge"
+    shutil.copytree(store / "alpha", huge)
+    tensors = load_file(huge / "adapter_model.safetensors")
+    # just inside the entry-wise check, far outside the norm budget
+    entry = min(torch.finfo(dtype).max / 8, 1e38)
+    save_file({k: (v.sign() * entry if "lora_A" in k else v) for k, v in tensors.items()}, huge / "adapter_model.safetensors")
+    with pytest.raises(InvalidAdapter, match="overflow .* for ordinary activations") as err:
+        read_adapter("huge", huge, spec)
+    assert f"{factor_budget(dtype):.3g}" in err.value.message
