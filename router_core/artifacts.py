@@ -50,6 +50,9 @@ def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # the mode a plain open() gives, not mkstemp's 0600
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -81,6 +84,19 @@ def save_centroids(path: str | os.PathLike[str], centroids: torch.Tensor, embedd
     meta = {"embedder_id": embedder_id, "format": "switchboard-centroids", "version": "1"}
     _atomic_write(p, lambda tmp: save_file({CENTROIDS_KEY: c.contiguous()}, tmp, metadata=meta))
     return p
+
+
+def centroids_bytes(centroids: torch.Tensor, embedder_id: str) -> bytes:
+    """What `save_centroids` writes, as bytes (for a caller that writes them itself, e.g. the
+    server's all-or-nothing store transactions)."""
+    from safetensors.torch import save
+
+    c = centroids.detach().cpu()
+    c = _check_centroids(c.unsqueeze(0) if c.dim() == 1 else c, "centroids")
+    if not embedder_id:
+        raise ArtifactError("embedder_id must be a non-empty string")
+    meta = {"embedder_id": embedder_id, "format": "switchboard-centroids", "version": "1"}
+    return save({CENTROIDS_KEY: c.contiguous()}, metadata=meta)
 
 
 def load_centroids(path: str | os.PathLike[str]) -> tuple[torch.Tensor, str]:

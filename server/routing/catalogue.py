@@ -151,7 +151,7 @@ class RouterCatalogue:
         which applies the manifest, does not)."""
         check_name(name)
         path = path or f"{ROUTERS_DIR}/{name}"
-        folder = resolve_in_store(self.store, path)
+        folder = resolve_in_store(self.store, path, what="router")
         try:
             for file in folder.iterdir():  # a file symlinked out of the store is never opened
                 if file.is_symlink():
@@ -166,21 +166,21 @@ class RouterCatalogue:
                                  f"the server embeds with {self.embedder_id!r}")
         if router.needs_complexity:
             self.analyzer()
+        if record:  # first: a store that cannot record it (507) leaves the routers as they were
+            self.manifest.set_router(name, path)
         with self._lock:
             self.mlp = {**self.mlp, name: router}
             self.mlp_paths[name] = path
-        if record:
-            self.manifest.set_router(name, path)
         return router
 
     def unload_mlp(self, name: str, *, record: bool = True) -> None:
+        if name not in self.mlp:
+            raise AdapterNotFound(f"router {name!r} is not loaded", param="name", code="router_not_found")
+        if record:  # first: a store that cannot record it (507) leaves the routers as they were
+            self.manifest.drop_router(name)
         with self._lock:
-            if name not in self.mlp:
-                raise AdapterNotFound(f"router {name!r} is not loaded", param="name", code="router_not_found")
             self.mlp = {k: v for k, v in self.mlp.items() if k != name}
             self.mlp_paths.pop(name, None)
-        if record:
-            self.manifest.drop_router(name)
 
     def scan_routers(self, scan_folders: bool = True) -> dict[str, str]:
         """Load the manifest's routers and (with `scan_folders`) every folder in `_routers/`;

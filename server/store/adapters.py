@@ -13,14 +13,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router_core.artifacts import centroids_bytes
+from router_core.store_rules import CENTROID_FILE
 from server.engine.adapter_weights import BaseSpec
 from server.engine.errors import Conflict, InvalidAdapter, SwitchboardError
 from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.metrics import Metrics
-from server.store.folder import check_name, read_adapter, resolve_in_store
+from server.store import durable
+from server.store.folder import check_name, file_in_store, read_adapter, read_centroids, resolve_in_store
 from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
+DERIVED_DIR = "_names"  # <store>/_names/<name>/: data derived for a name that does not own its folder
+SAVE = "save"  # a `prepare` hook's answer: what it computed must be saved, or the registration fails
+SAVE_IF_POSSIBLE = "save_if_possible"  # a cache: a read-only store still serves the adapter
 
 
 @dataclass
@@ -42,14 +48,17 @@ class AdapterService:
         # used when a load brings no `prepare` of its own: the app fills in centroids from examples.jsonl
         self.default_prepare = None
         self._refused: dict[str, tuple[str, float | None]] = {}  # store watch: name -> (path, mtime) refused
+        self._centroid_of: dict[str, str | None] = {}  # name -> store path of its own derived centroid
+        self._batch = 0  # > 0 during a reload: on_change runs once at its end
 
-    # -- load / replace ---------------------------------------------------------------------------
+    # -- load / replace ---------------------------------------------------------------------------------
     async def load(self, name: str, path: str, *, pinned: bool = False, replace: bool = True,
                    prepare=None) -> tuple[AdapterVersion, AdapterVersion | None]:
         """Validate `path` (relative to the store) and register it as `name`.
 
-        `prepare(weights)` may enrich the weights (centroids from examples) before registration;
-        if it fails, nothing is registered. Without one, `default_prepare` runs.
+        `prepare(weights)` may enrich the weights (centroids from examples) before registration and
+        returns whether they must be saved (`SAVE`, `SAVE_IF_POSSIBLE` or None); if it fails,
+        nothing is registered. Without one, `default_prepare` runs.
         """
         check_name(name)
         prepare = prepare or self.default_prepare
@@ -59,37 +68,92 @@ class AdapterService:
                 raise Conflict(f"adapter {name!r} is already loaded; set load_inplace to replace it", param="lora_name")
             return await self._load_locked(name, folder, pinned, prepare, record=True)
 
-    async def _load_locked(self, name: str, folder: Path, pinned: bool, prepare=None, *,
-                           record: bool) -> tuple[AdapterVersion, AdapterVersion | None]:
+    def derived_path(self, name: str, folder: Path) -> Path:
+        """Where data the server derives for `name` (a centroid from posted examples) is saved: in
+        the adapter's folder when the name owns it (`<store>/<name>`, what training writes), else
+        beside the name, `<store>/_names/<name>/`, so registering an alias never rewrites the
+        routing data of the adapter whose folder it borrows."""
+        root = self.store.resolve()
+        return folder / CENTROID_FILE if folder == root / name else root / DERIVED_DIR / name / CENTROID_FILE
+
+    async def _load_locked(self, name: str, folder: Path, pinned: bool, prepare=None, *, record: bool,
+                           centroid: str | None = None) -> tuple[AdapterVersion, AdapterVersion | None]:
         """The one validation and registration path (API, rescan and store watch). `record` writes the
-        change to the manifest; the store watch applies the manifest and so never writes it."""
+        change to the manifest; the store watch applies the manifest and so never writes it.
+        `centroid`: the store path of the name's own derived centroid (from the manifest).
+
+        Files first, the registry last: every store write of the registration (a derived centroid,
+        then the manifest record) is one all-or-nothing transaction, and only once it is durable is
+        the adapter served, so a full disk (507) leaves the registry and the store as they were."""
         start = time.perf_counter()
         try:
             weights = await asyncio.to_thread(read_adapter, name, folder, self.spec, self.store)
-            if prepare is not None:
-                await prepare(weights)
+            if centroid:  # the name's own centroid, not the borrowed folder's
+                own, embedder = await asyncio.to_thread(read_centroids, file_in_store(self.store / centroid, self.store))
+                if own is not None:
+                    weights.centroids, weights.centroid_embedder = own, embedder
+            persist = await prepare(weights) if prepare is not None else None
+            writes: list[tuple[Path, bytes, bool]] = []
+            if persist and weights.centroids is not None and weights.centroid_embedder:
+                target = self.derived_path(name, folder)
+                owned = target.parent == folder
+                if persist == SAVE or (owned and not target.exists()) or (not owned and record):
+                    writes.append((target, centroids_bytes(weights.centroids, weights.centroid_embedder),
+                                   persist == SAVE))
+            if writes or record:
+                rel = str(folder.relative_to(self.store.resolve()))
+                centroid = await asyncio.to_thread(self._commit, name, rel, pinned, centroid, writes, record)
         except SwitchboardError:
             self.metrics.adapter_events.labels("fail").inc()
             raise
         new, old = self.registry.register(weights, pinned=pinned)
+        self._centroid_of[name] = centroid
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
         self.metrics.adapter_events.labels("replace" if old else "load").inc()
-        if record:
-            self.manifest.set_adapter(name, str(folder.relative_to(self.store.resolve())), pinned)
         self._changed()
         return new, old
 
+    def _commit(self, name: str, rel: str, pinned: bool, centroid: str | None,
+                writes: list[tuple[Path, bytes, bool]], record: bool) -> str | None:
+        """Stage every file, rename them, then record the manifest; any failure undoes the renames
+        (`durable.Transaction`). A write that is only a cache (`required` False) may fail alone."""
+        root = self.store.resolve()
+        with durable.Transaction() as t:
+            for target, data, required in writes:
+                try:
+                    t.stage(target, data)
+                except OSError as e:
+                    if required:
+                        raise durable.failed(e, f"the centroid of {name!r}") from e
+                    log.warning("adapter %s: could not save %s: %s", name, target.name, e)
+                    continue
+                if target.parent != root / rel:  # derived data beside the name: the manifest points at it
+                    centroid = str(target.relative_to(root))
+            try:
+                t.commit()
+            except OSError as e:
+                raise durable.failed(e, f"the centroid of {name!r}") from e
+            if record:
+                self.manifest.set_adapter(name, rel, pinned, centroid)
+        return centroid
+
     async def unload(self, name: str, *, wait: bool = True, timeout: float = 30.0) -> AdapterVersion:
         """Remove `name` for new requests; wait (bounded) for in-flight requests holding it,
-        or, with `wait=False`, refuse with 409 while it is in use."""
+        or, with `wait=False`, refuse with 409 while it is in use. The manifest is written first:
+        if that fails (507) the adapter is put back and still served."""
         check_name(name, param="name")
         async with self._lock:
             version = self.registry.remove(name)
             if version.refcount and not wait:
                 self.registry.restore(version)
                 raise Conflict(f"adapter {name!r} is in use by {version.refcount} request(s)")
+            try:
+                await asyncio.to_thread(self.manifest.drop_adapter, name)
+            except BaseException:
+                self.registry.restore(version)
+                raise
+            self._centroid_of.pop(name, None)
             self.metrics.adapter_events.labels("unload").inc()
-            self.manifest.drop_adapter(name)
             self._changed()
         if version.refcount:
             await asyncio.to_thread(self.registry.wait_idle, version, timeout)
@@ -108,6 +172,7 @@ class AdapterService:
         report = ReloadReport()
         wanted = {name: entry["path"] for name, entry in self.manifest.adapters.items()}
         pinned = {name: entry["pinned"] for name, entry in self.manifest.adapters.items()}
+        centroids = {name: entry.get("centroid") for name, entry in self.manifest.adapters.items()}
         if scan_folders:
             for entry in _entries(self.store):
                 try:
@@ -117,20 +182,30 @@ class AdapterService:
                 except OSError as e:  # an entry the file system cannot stat: report it, scan the rest
                     report.failed[entry.name] = f"cannot be read: {type(e).__name__}"
         current = self.registry.snapshot()
-        for name, path in sorted(wanted.items()):
-            try:
-                folder = resolve_in_store(self.store, path)
-                if name in current and current[name].weights.path == folder and _mtime(folder) <= current[name].created:
-                    report.unchanged.append(name)
-                    continue
-                _, old = await self.load(name, path, pinned=pinned.get(name, False))
-                (report.replaced if old else report.loaded).append(name)
-            except SwitchboardError as e:
-                report.failed[name] = e.message
-                log.warning("store scan: %s refused: %s", name, e.message)
-            except Exception as e:  # any other bad file is refused too: a scan never aborts half-way
-                report.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
-                log.warning("store scan: %s refused", name, exc_info=True)
+        self._batch += 1  # the routers are rebuilt once at the end, not once per adapter
+        try:
+            for name, path in sorted(wanted.items()):
+                try:
+                    check_name(name)
+                    folder = resolve_in_store(self.store, path)
+                    if name in current and current[name].weights.path == folder and _mtime(folder) <= current[name].created:
+                        report.unchanged.append(name)
+                        continue
+                    async with self._lock:
+                        _, old = await self._load_locked(name, folder, pinned.get(name, False), self.default_prepare,
+                                                         record=True, centroid=centroids.get(name))
+                    (report.replaced if old else report.loaded).append(name)
+                except SwitchboardError as e:
+                    report.failed[name] = e.message
+                    log.warning("store scan: %s refused: %s", name, e.message)
+                except Exception as e:  # any other bad file is refused too: a scan never aborts half-way
+                    report.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                    log.warning("store scan: %s refused", name, exc_info=True)
+        finally:
+            self._batch -= 1
+            if report.loaded or report.replaced:
+                self._changed()
+        await asyncio.to_thread(self.manifest.compact)
         return report
 
     # -- store watch -----------------------------------------------------------------------------------
@@ -152,13 +227,14 @@ class AdapterService:
             current = self.registry.snapshot()
             for name in sorted(set(current) - set(wanted)):
                 version = self.registry.remove(name)
+                self._centroid_of.pop(name, None)
                 self.metrics.adapter_events.labels("unload").inc()
                 report.removed.append(name)
                 removed.append(version)
             if removed:
                 self._changed()
             for name, entry in sorted(wanted.items()):
-                path, pinned = entry["path"], entry["pinned"]
+                path, pinned, centroid = entry["path"], entry["pinned"], entry.get("centroid")
                 try:
                     folder = resolve_in_store(self.store, path)
                     mtime = _mtime(folder)
@@ -166,14 +242,16 @@ class AdapterService:
                     self._refuse(report, name, (path, None), getattr(e, "message", str(e)))
                     continue
                 have = current.get(name)
-                if have is not None and have.weights.path == folder and have.pinned == pinned and mtime <= have.created:
+                if have is not None and have.weights.path == folder and have.pinned == pinned and mtime <= have.created \
+                        and centroid == self._centroid_of.get(name):
                     report.unchanged.append(name)
                     self._refused.pop(name, None)
                     continue
                 if self._refused.get(name) == (path, mtime):
                     continue  # refused as it is now: wait for the folder or the manifest to change
                 try:
-                    _, old = await self._load_locked(name, folder, pinned, self.default_prepare, record=False)
+                    _, old = await self._load_locked(name, folder, pinned, self.default_prepare, record=False,
+                                                     centroid=centroid)
                 except SwitchboardError as e:
                     self._refuse(report, name, (path, mtime), e.message)
                     continue
@@ -192,6 +270,8 @@ class AdapterService:
         self._refused[name] = state
 
     def _changed(self) -> None:
+        if self._batch:
+            return
         self.metrics.adapters_loaded.set(len(self.registry.names()))
         for callback in self.on_change:
             callback()

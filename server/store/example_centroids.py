@@ -5,8 +5,9 @@ adapter that arrives with those prompts but without a centroid in the server's e
 (none at all, or one fitted with another embedder) would otherwise be invisible to `model:
 "auto"`. This hook embeds the prompts with the active embedder, the same way
 `POST /admin/adapters {"examples": [...]}` does, and keeps the centroid with the adapter. A
-missing centroid file is written beside the adapter so a restart finds it; one fitted for another
-embedder is left on disk untouched. A broken examples file never refuses the adapter: it is
+missing centroid file is written beside the adapter (or beside the name, for a name that borrows
+another adapter's folder) so a restart finds it; one fitted for another embedder is left on disk
+untouched. A broken examples file never refuses the adapter: it is
 served by name, just not routed, and the log says why.
 """
 
@@ -18,14 +19,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
 from server.engine.adapter_weights import AdapterWeights
+from server.store.adapters import SAVE_IF_POSSIBLE
 from server.store.folder import file_in_store
 
 log = logging.getLogger(__name__)
 EXAMPLES_FILE = "examples.jsonl"
-CENTROID_FILE = "centroid.safetensors"
 MAX_EXAMPLES = 256  # what training keeps by default
 MAX_EXAMPLES_BYTES = 8 * 1024 * 1024
 
@@ -55,13 +55,13 @@ def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], An
     """A `prepare` hook for `AdapterService.load`: fills in the centroid of an adapter that has
     example prompts but no centroid the router can use."""
 
-    async def prepare(weights: AdapterWeights) -> None:
+    async def prepare(weights: AdapterWeights) -> str | None:
         if routing.centroid_usable(weights.centroids, weights.centroid_embedder):
-            return
+            return None
         path = weights.path / EXAMPLES_FILE
         try:
             if not path.is_file():
-                return
+                return None
             texts = read_example_prompts(file_in_store(path, routing.store))
             if not texts:
                 raise ValueError("no prompts in it")
@@ -70,16 +70,12 @@ def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], An
         except Exception as e:  # any bad file: the adapter is served by name, just not routed
             log.warning("adapter %s: no centroid from %s (%s: %s); it is not routable", weights.name,
                         EXAMPLES_FILE, type(e).__name__, str(e)[:200])
-            return
-        target = weights.path / CENTROID_FILE
-        had_file = target.exists() or target.is_symlink()
+            return None
         weights.centroids, weights.centroid_embedder = centroid, routing.embedder_id
         log.info("adapter %s: centroid computed from %d prompts in %s (embedder %s)", weights.name,
                  len(texts), EXAMPLES_FILE, routing.embedder_id)
-        if not had_file:
-            try:
-                save_centroids(target, centroid, routing.embedder_id)
-            except OSError as e:  # a read-only store still routes; the next start recomputes
-                log.warning("adapter %s: could not save %s: %s", weights.name, CENTROID_FILE, e)
+        # saved if there is no file yet (one fitted for another embedder stays); a read-only store
+        # still routes, and the next start recomputes
+        return SAVE_IF_POSSIBLE
 
     return prepare

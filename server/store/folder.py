@@ -37,11 +37,12 @@ def check_name(name: str, param: str = "name") -> str:
         raise InvalidRequest(str(e), param=param) from None
 
 
-def resolve_in_store(store: Path, relative: str, param: str = "path") -> Path:
+def resolve_in_store(store: Path, relative: str, param: str = "path", what: str = "adapter") -> Path:
     """Resolve `relative` inside the store; absolute paths, `..` and symlinks out of it are refused,
-    and so is anything the file system cannot resolve (a symlink loop, a name over 255 bytes)."""
+    and so is anything the file system cannot resolve (a symlink loop, a name over 255 bytes).
+    `what` names the thing in the messages (an adapter or a router folder)."""
     if not isinstance(relative, str) or not relative or "\x00" in relative:
-        raise InvalidRequest("adapter path must be a non-empty string", param=param)
+        raise InvalidRequest(f"{what} path must be a non-empty string", param=param)
     shown = relative if len(relative) <= 80 else relative[:77] + "..."
     try:
         relative.encode("utf-8")
@@ -51,14 +52,14 @@ def resolve_in_store(store: Path, relative: str, param: str = "path") -> Path:
             try:
                 candidate = candidate.resolve().relative_to(root)
             except ValueError:
-                raise InvalidRequest(f"adapter path {shown!r} is outside the adapter store", param=param) from None
+                raise InvalidRequest(f"{what} path {shown!r} is outside the adapter store", param=param) from None
         resolved = (root / candidate).resolve()
         if resolved != root and root not in resolved.parents:
-            raise InvalidRequest(f"adapter path {shown!r} is outside the adapter store", param=param)
+            raise InvalidRequest(f"{what} path {shown!r} is outside the adapter store", param=param)
         if not resolved.is_dir():
-            raise InvalidRequest(f"adapter path {shown!r} is not a folder in the adapter store", param=param)
+            raise InvalidRequest(f"{what} path {shown!r} is not a folder in the adapter store", param=param)
     except (OSError, RuntimeError, UnicodeError) as e:  # RuntimeError: pathlib's "Symlink loop"
-        raise InvalidRequest(f"adapter path {shown!r} cannot be resolved: {type(e).__name__}", param=param) from None
+        raise InvalidRequest(f"{what} path {shown!r} cannot be resolved: {type(e).__name__}", param=param) from None
     return resolved
 
 
@@ -174,7 +175,7 @@ def _check_range(module: str, a: torch.Tensor, b_scaled: torch.Tensor, dtype: to
             f"{str(dtype).removeprefix('torch.')} for ordinary activations; the server accepts at most {budget:.3g} for each")
 
 
-def _read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
+def read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
     if not path.exists():
         return None, None
     from router_core.artifacts import ArtifactError, load_centroids
@@ -221,7 +222,7 @@ def _read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) -
                 f"resident {spec.fingerprint[:12]}…)"
             )
     tensors = _read_tensors(weights_path, rank, scale, spec)
-    centroids, embedder = _read_centroids(inside(folder / CENTROID_FILE))
+    centroids, embedder = read_centroids(inside(folder / CENTROID_FILE))
     return AdapterWeights(
         name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in tensors}),

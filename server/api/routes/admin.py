@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from router_core.artifacts import save_centroids
 from router_core.centroid import fit_centroids
 from server.api.deps import Admin, ReadyState
 from server.api.http_errors import ADMIN_RESPONSES
@@ -21,11 +20,11 @@ from server.api.responses import (
 )
 from server.api.schemas import LoadAdapterRequest, RouterLoadRequest, VLLMLoadRequest, VLLMUnloadRequest
 from server.engine.adapter_weights import AdapterWeights
-from server.engine.errors import InvalidAdapter, InvalidRequest
+from server.engine.errors import InvalidRequest
 from server.engine.registry import AdapterVersion
 from server.serving import validation
 from server.state import Services
-from server.store.adapters import AdapterService
+from server.store.adapters import SAVE, AdapterService
 
 router = APIRouter(tags=["admin"])
 
@@ -53,14 +52,11 @@ def _centroids_from(examples: list[str] | None, k: int, state: Services):
         if len(text) > limit:
             raise validation.PayloadTooLarge(f"an example has {len(text)} characters; the limit is {limit}", param="examples")
 
-    async def prepare(weights: AdapterWeights) -> None:
+    async def prepare(weights: AdapterWeights) -> str:
         emb = await state.routing.embed_examples(examples, state.engine_call)  # [n, d]
         centroid = fit_centroids(emb.float().cpu(), k=k)  # [min(k, n), d] unit rows (the mean when k == 1)
-        try:
-            save_centroids(weights.path / "centroid.safetensors", centroid.cpu(), state.routing.embedder_id)
-        except OSError as e:
-            raise InvalidAdapter(f"could not save the centroid beside the adapter: {e}") from e
         weights.centroids, weights.centroid_embedder = centroid.cpu(), state.routing.embedder_id
+        return SAVE  # with the registration, all or nothing (AdapterService.derived_path says where)
 
     return prepare
 
