@@ -28,7 +28,8 @@ class Forbidden(SwitchboardError):
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error",
+          507: "insufficient_storage"}
 
 
 class ErrorDetail(BaseModel):
@@ -48,13 +49,14 @@ def _described(*codes: int) -> dict[int | str, dict]:
     text = {400: "invalid request", 401: "missing admin token", 403: "admin disabled or wrong token",
             404: "unknown model, adapter or router", 409: "conflict (name taken, adapter in use)",
             413: "body, prompt or prompt count over its limit", 429: "request queue full",
-            500: "internal error", 503: "model loading or shutting down", 504: "request timed out"}
+            500: "internal error", 503: "model loading or shutting down", 504: "request timed out",
+            507: "the adapter store could not be written (full disk, I/O error); nothing was changed"}
     return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
 
 
 # The status codes each kind of route documents in /openapi.json (`responses=` on the routes).
 ERROR_RESPONSES = _described(400, 404, 413, 429, 500, 503, 504)
-ADMIN_RESPONSES = _described(400, 401, 403, 404, 409, 413, 500, 503, 504)
+ADMIN_RESPONSES = _described(400, 401, 403, 404, 409, 413, 500, 503, 504, 507)
 READY_RESPONSES = _described(503)
 MODEL_RESPONSES = _described(404, 503)
 

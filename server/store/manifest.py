@@ -191,6 +191,8 @@ class Manifest:
                 os.fsync(fd)
             except BaseException:
                 os.ftruncate(fd, self._offset)  # back to the last complete record (needs no space)
+                if created:
+                    self.journal.unlink(missing_ok=True)
                 raise
         finally:
             os.close(fd)
