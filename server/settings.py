@@ -63,6 +63,7 @@ class ServerSettings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
     max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts get 413")
     max_prompts: int = Field(256, ge=1, description="prompts in one completion request (as many as max_queue holds); more get 413")
+    max_request_chars: int = Field(400_000, ge=1, description="characters in all of one request's prompts (or chat messages) together; more get 413 before anything is tokenised")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="request bodies larger than this get 413 before they are parsed")
     max_stop_chars: int = Field(256, ge=1, description="longest stop string, in characters; longer get 400")
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>` on the /v1/* inference routes (as vLLM's --api-key)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hmac
 import importlib.metadata
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from server.api.http_errors import error_body
+from server.api.http_errors import error_body, log_refusal
 from server.serving.chat_template import load_template
 from server.settings import Settings
 
@@ -48,6 +49,35 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """HEAD on every GET route (/v1/models, /metrics, /version, /, ...), as HTTP requires of a GET
+    resource and load balancers and uptime checks expect: the GET runs, its status and headers
+    (Content-Length included) are sent, its body is not. Also stamps the request's arrival time
+    (`scope["state"]["arrival"]`, i.e. `request.state.arrival`), from which the request timeout is
+    counted, before the body is read or parsed."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["arrival"] = time.monotonic()
+        if scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def origins(value: str) -> list[str]:
     return [o.strip() for o in value.split(",") if o.strip()]
 
@@ -59,6 +89,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.state.chat_template = load_template(s.chat_template)
     if s.api_key:
         app.add_middleware(ApiKeyMiddleware, key=s.api_key)
+    app.add_middleware(HeadAsGet)  # outside the key check: HEAD is checked like the GET it becomes
     if origins(s.allowed_origins):  # added last = outermost: preflights are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=origins(s.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in origins(s.allowed_origins))
@@ -67,9 +98,11 @@ def install(app: FastAPI, settings: Settings) -> None:
     async def _not_found(request: Request, exc: Exception) -> JSONResponse:
         detail = getattr(exc, "detail", "Not Found")
         if detail != "Not Found":  # a route's own 404
+            log_refusal(request, 404, None, str(detail))
             return JSONResponse(error_body(str(detail), "not_found_error"), 404)
         message = (f"{request.method} {request.url.path} is not an endpoint of this server. Inference endpoints: "
                    f"{', '.join(INFERENCE_ENDPOINTS)}")
+        log_refusal(request, 404, "unknown_endpoint", message)
         return JSONResponse(error_body(message, "not_found_error", None, "unknown_endpoint"), 404)
 
     @app.get("/version", tags=["health"])

@@ -75,9 +75,18 @@ def error_response(exc: SwitchboardError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.error_type, exc.param, exc.code), exc.status_code, headers=headers)
 
 
+def log_refusal(request: Request, status: int, code: str | None, message: str) -> None:
+    """One log line per 4xx/5xx answer with its code and message (never the body): the access log
+    says only "400 Bad Request", and clients that hide bodies (lm-eval) would leave a refusal
+    invisible from both sides. 4xx at INFO (the client's mistake), 5xx at WARNING."""
+    level = logging.WARNING if status >= 500 else logging.INFO
+    log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, status, code or "-", message[:300])
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SwitchboardError)
-    async def _switchboard(_: Request, exc: SwitchboardError) -> JSONResponse:
+    async def _switchboard(request: Request, exc: SwitchboardError) -> JSONResponse:
+        log_refusal(request, exc.status_code, exc.code, exc.message)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -90,10 +99,12 @@ def install_error_handlers(app: FastAPI) -> None:
             loc = loc[1:]  # where it came from is not part of the parameter's name
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
+        log_refusal(request, 400, "invalid_value", message)
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        log_refusal(request, exc.status_code, None, str(exc.detail))
         return JSONResponse(error_body(str(exc.detail), _TYPES.get(exc.status_code, "api_error")),
                             exc.status_code, headers=exc.headers)
 

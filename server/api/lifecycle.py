@@ -4,6 +4,7 @@ only in how their body becomes a `CompletionRequest` and in the response's shape
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,17 +14,17 @@ from fastapi.responses import Response, StreamingResponse
 from server.api import streaming
 from server.api.deps import ReadyState
 from server.api.schemas import CompletionRequest
-from server.engine.errors import SwitchboardError
+from server.engine.errors import RequestTimeout, SwitchboardError
 from server.serving import completion_service as completions
 from server.state import Services
 
 
-async def _build_off_loop(body: CompletionRequest, state: ReadyState) -> list[completions.Choice]:
+async def _build_off_loop(body: CompletionRequest, state: ReadyState, deadline: float) -> list[completions.Choice]:
     """Validate and tokenise on a worker thread (many long prompts take a while) so the event
     loop keeps serving; if the request is cancelled meanwhile, the references the thread took
     are released when it finishes."""
     loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(None, completions.build_choices, body, state, loop)
+    fut = loop.run_in_executor(None, completions.build_choices, body, state, loop, deadline)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -46,9 +47,17 @@ async def serve(model: str, prepare: Callable[[], Awaitable[CompletionRequest]],
     rows off the event loop, submit them, then answer as a stream or a body, counting the outcome
     (including 499 for a client that left) in the requests metric exactly once."""
     label = model if model == "auto" or model in state.registry else "base"
+    deadline = completions.request_deadline(request, state)
     try:
-        creq = await prepare()
-        choices = await _build_off_loop(creq, state)
+        async def start() -> tuple[CompletionRequest, list[completions.Choice]]:
+            creq = await prepare()
+            return creq, await _build_off_loop(creq, state, deadline)
+
+        try:  # the request timeout counts from arrival: a heavy body cannot outlive it while validated
+            creq, choices = await asyncio.wait_for(start(), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise RequestTimeout("the request timed out before generation started (reading, validating and "
+                                 "tokenising it took longer than the request timeout)") from None
         completions.submit(choices, state)
     except SwitchboardError as e:
         state.metrics.requests.labels("unknown" if e.status_code == 404 else label, str(e.status_code)).inc()

@@ -46,6 +46,7 @@ class ModelCard(Open):
     owned_by: str
     root: str
     parent: str | None
+    max_model_len: int = Field(description="context length in tokens, prompt and completion together (vLLM's field)")
     routers: list[str] | None = Field(None, description="`auto` only: the routers it can use")
     version: int | None = Field(None, description="adapters only: the registered version")
     rank: int | None = Field(None, description="adapters only: LoRA rank")

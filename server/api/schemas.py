@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class SamplingFields(BaseModel):
@@ -13,7 +13,7 @@ class SamplingFields(BaseModel):
 
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this for every token already generated")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this times the token's count so far")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="vLLM/transformers: divides positive logits of seen tokens")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10, description="vLLM/transformers: divides positive logits of seen tokens (below 0.01 they overflow)")
     min_tokens: int | None = Field(None, ge=0, le=4096, description="vLLM: no EOS / stop token before this many tokens")
     ignore_eos: bool | None = Field(None, description="vLLM: keep generating past EOS")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM: token ids that end the completion")
@@ -37,7 +37,8 @@ class StreamOptions(BaseModel):
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="allow")  # unknown fields: logged once (see request_fields)
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    # StrictInt: `[true, false]` is not a list of token ids (JSON booleans are not numbers)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = ""
     max_tokens: int = Field(16, ge=0, le=4096, description="0 with echo: score the prompt only")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy; otherwise at least 0.01")
     top_p: float = Field(1.0, ge=0.001, le=1)

@@ -26,9 +26,12 @@ class InvalidAdapter(SwitchboardError):
 
 
 class AdapterNotFound(SwitchboardError):
+    """An unknown model or adapter name: one code, OpenAI's `model_not_found`, wherever a name is
+    looked up (completions, chat, /v1/models/{id}, the admin routes); routers keep `router_not_found`."""
+
     status_code = 404
     error_type = "not_found_error"
-    code = "adapter_not_found"
+    code = "model_not_found"
 
 
 class Conflict(SwitchboardError):

@@ -18,26 +18,38 @@ from fastapi import Request
 
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.errors import InvalidRequest
-from server.serving import chat_template, validation
+from server.serving import chat_template, lorax_fields, validation
 from server.serving import completion_service as completions
 from server.serving.logprobs import chat_logprobs, token_bytes
 from server.serving.request_fields import check_fields
 from server.state import Services
 
 
-def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    out = []
+def _messages(req: ChatCompletionRequest, max_chars: int) -> list[dict[str, str]]:
+    """The messages as the template takes them, checked as a completions prompt is: text the
+    tokenizer can take (no lone surrogates) and, before anything is rendered or tokenised, at most
+    `max_chars` characters in all."""
+    out, total = [], 0
     for i, m in enumerate(req.messages):
         if isinstance(m.content, list):
             parts = []
-            for part in m.content:
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)",
-                                         param=f"messages.{i}.content")
-                parts.append(part.text)
+            for j, part in enumerate(m.content):
+                where = f"messages.{i}.content.{j}"
+                if part.type != "text":
+                    raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)", param=where)
+                if part.text is None:
+                    raise InvalidRequest("a content part of type 'text' needs a `text` string", param=f"{where}.text")
+                parts.append(validation.check_text(part.text, f"{where}.text"))
             content = "\n".join(parts)
         else:
-            content = m.content or ""
+            content = validation.check_text(m.content or "", f"messages.{i}.content")
+        for key, value in (m.model_extra or {}).items():  # name, tool_call_id...: not rendered, still text
+            if isinstance(value, str):
+                validation.check_text(value, f"messages.{i}.{key}")
+        total += len(content)
+        if total > max_chars:
+            raise validation.PayloadTooLarge(f"the messages have more than {max_chars} characters (max_prompt_chars)",
+                                             param="messages")
         out.append({"role": m.role, "content": content})
     return out
 
@@ -47,8 +59,10 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
     check_fields(req, req.n)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    model = lorax_fields.adapter_for(req.model, req.model_extra, completions.base_names(state))
     tok = state.resident.tokenizer
-    text = chat_template.render(tok, template, _messages(req))
+    limits = state.settings.server
+    text = chat_template.render(tok, template, _messages(req, min(limits.max_prompt_chars, limits.max_request_chars)))
     if len(text) > state.settings.server.max_prompt_chars:
         raise validation.PayloadTooLarge(f"the conversation has {len(text)} characters; the limit is "
                               f"{state.settings.server.max_prompt_chars}", param="messages")
@@ -58,7 +72,7 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, state.resident.max_positions - len(ids))
     fields = {name: getattr(req, name) for name in SamplingFields.model_fields}
     return CompletionRequest.model_construct(
-        model=req.model, prompt=ids, max_tokens=max_tokens,
+        model=model, prompt=ids, max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, n=req.n, stop=stop or None,
         stream=req.stream, stream_options=req.stream_options, seed=req.seed,

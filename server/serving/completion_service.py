@@ -20,7 +20,7 @@ from server.engine.errors import (
 )
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
-from server.serving import validation
+from server.serving import lorax_fields, validation
 from server.serving.logprobs import LogprobTrack, completion_logprobs
 from server.serving.request_fields import check_fields, sampling_params
 from server.state import Services
@@ -57,10 +57,15 @@ def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, 
                            top_k=opts.top_k if opts else None, temperature=opts.temperature if opts else None), adapters
     if opts is not None and (opts.weights or opts.router):
         raise InvalidRequest("`routing.weights` and `routing.router` need model 'auto'", param="routing")
-    if req.model in (state.resident.model_id, "base", state.settings.model.base_model):
+    if req.model in base_names(state):
         return RoutingSpec("fixed", {}), []
     registry.get(req.model)  # 404 for an unknown adapter, never a silent fall-back to the base
     return RoutingSpec("fixed", {req.model: 1.0}), [req.model]
+
+
+def base_names(state: Services) -> set[str]:
+    """The names that mean the resident model alone."""
+    return {state.resident.model_id, "base", state.settings.model.base_model}
 
 
 def _manual_mixture(weights: dict[str, float], registry: AdapterRegistry) -> dict[str, float]:
@@ -75,27 +80,50 @@ def _manual_mixture(weights: dict[str, float], registry: AdapterRegistry) -> dic
 
 
 def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[int]]]:
-    tok = state.resident.tokenizer
+    """Each prompt as (text, token ids). The cheap bounds come first, so a heavy body is refused
+    before any of it is tokenised: each text's characters, all texts' characters together, and
+    the length of token-id prompts (before their ids are checked or decoded); then each text is
+    tokenised and its context length checked at once, so the first prompt that is too long ends
+    the work."""
+    tok, limits = state.resident.tokenizer, state.settings.server
+    limit = state.resident.max_positions
     if isinstance(req.prompt, str):
         texts = [req.prompt]
     elif req.prompt and all(isinstance(p, int) for p in req.prompt):
-        return [_token_prompt(req.prompt, tok, vocab_size(state))]  # type: ignore[arg-type]
+        return [_token_prompt(req.prompt, tok, vocab_size(state), limit, req.max_tokens)]  # type: ignore[arg-type]
     elif req.prompt and all(isinstance(p, list) for p in req.prompt):
-        return [_token_prompt(p, tok, vocab_size(state)) for p in req.prompt]  # type: ignore[arg-type]
+        return [_token_prompt(p, tok, vocab_size(state), limit, req.max_tokens) for p in req.prompt]  # type: ignore[arg-type]
     else:
         texts = [str(p) for p in req.prompt] or [""]
+    total = 0
+    for text in texts:
+        if len(text) > limits.max_prompt_chars:
+            raise validation.PayloadTooLarge(f"prompt has {len(text)} characters; the limit is "
+                                             f"{limits.max_prompt_chars}", param="prompt")
+        total += len(text)
+        if total > limits.max_request_chars:
+            raise validation.PayloadTooLarge(f"the prompts have more than {limits.max_request_chars} characters "
+                                             "together (max_request_chars)", param="prompt")
+        validation.check_text(text, "prompt")
     out = []
     for text in texts:
-        validation.check_text(text, "prompt")
-        if len(text) > state.settings.server.max_prompt_chars:
-            raise validation.PayloadTooLarge(f"prompt has {len(text)} characters; the limit is "
-                                  f"{state.settings.server.max_prompt_chars}", param="prompt")
         ids = tok.encode(text) or [tok.eos_token_id]  # an empty prompt starts from <|endoftext|>
+        _check_context(len(ids), req.max_tokens, limit)
         out.append((text, ids))
     return out
 
 
-def _token_prompt(ids: list[int], tok, vocab: int) -> tuple[str, list[int]]:
+def _check_context(prompt_tokens: int, max_tokens: int, limit: int) -> None:
+    if prompt_tokens + max_tokens > limit:
+        raise ContextTooLong(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the completion).",
+            param="max_tokens")
+
+
+def _token_prompt(ids: list[int], tok, vocab: int, limit: int, max_tokens: int) -> tuple[str, list[int]]:
+    if ids:
+        _check_context(len(ids), max_tokens, limit)  # before a million ids are range-checked or decoded
     if not ids or any(not 0 <= int(p) < vocab for p in ids):
         raise InvalidRequest(f"a token-id prompt needs at least one id, each in [0, {vocab})", param="prompt")
     ids = [int(p) for p in ids]
@@ -120,13 +148,27 @@ def _logit_bias(req: CompletionRequest, state: Services) -> tuple[tuple[int, flo
     return tuple(out)
 
 
+def request_deadline(request: Request, state: Services) -> float:
+    """`request_timeout` after the request arrived (the edge stamps the arrival before the body is
+    read), so parsing, validation, tokenising, queueing and generation all count against it."""
+    deadline = getattr(request.state, "deadline", None)
+    if deadline is None:
+        arrival = getattr(request.state, "arrival", None)
+        deadline = (arrival if arrival is not None else time.monotonic()) + state.settings.engine.request_timeout
+        request.state.deadline = deadline
+    return deadline
+
+
 def build_choices(req: CompletionRequest, state: Services,
-                  loop: asyncio.AbstractEventLoop | None = None) -> list[Choice]:
+                  loop: asyncio.AbstractEventLoop | None = None, deadline: float | None = None) -> list[Choice]:
     """Validate everything, then take adapter references and create the sequences (not yet
     submitted). Tokenising is the heavy part: the route runs this on a worker thread, passing
     its event loop. The request owns the references until `submit` hands them to the engine;
     if anything here fails, the ones taken so far are released before the error leaves."""
     check_fields(req, req.n, ranks_candidates=True)
+    model = lorax_fields.adapter_for(req.model, req.model_extra, base_names(state))
+    if model != req.model:
+        req = req.model_copy(update={"model": model})
     limits = state.settings.server
     stop = validation.check_stop((req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ()),
                                  limits.max_stop_chars)
@@ -134,17 +176,11 @@ def build_choices(req: CompletionRequest, state: Services,
     validation.check_prompt_count(req.prompt, limits.max_prompts)
     spec, adapters = routing_spec(req, state)
     prompts = _prompts(req, state)
-    limit = state.resident.max_positions
-    for _, ids in prompts:
-        if len(ids) + req.max_tokens > limit:
-            raise ContextTooLong(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(ids) + req.max_tokens} tokens ({len(ids)} in the prompt, {req.max_tokens} in the completion).",
-                param="max_tokens")
     tok = state.resident.tokenizer
     sampling = sampling_params(req, _logit_bias(req, state), req.logprobs or 0, vocab_size(state), tok.eos_token_id)
     loop = loop or asyncio.get_running_loop()
-    deadline = time.monotonic() + state.settings.engine.request_timeout
+    if deadline is None:
+        deadline = time.monotonic() + state.settings.engine.request_timeout
     choices: list[Choice] = []
     try:
         for text, ids in prompts:
@@ -257,7 +293,7 @@ def _usage(choices: list[Choice]) -> dict:
 
 
 async def complete(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> dict:
-    deadline = time.monotonic() + state.settings.engine.request_timeout
+    deadline = request_deadline(request, state)
     try:
         for c in choices:
             while c.finish_reason is None:
@@ -294,7 +330,7 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
     Errors propagate; the route wraps this in `streaming.guarded`, which ends the stream with an
     error event and `[DONE]`."""
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    deadline = time.monotonic() + state.settings.engine.request_timeout
+    deadline = request_deadline(request, state)
 
     def chunk(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from server.engine.errors import InvalidRequest
 from server.engine.sampling import SamplingParams
+from server.serving import lorax_fields
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def check_fields(req: BaseModel, n: int, ranks_candidates: bool = False) -> None
     """400 for a known-but-unsupported field with an effective value; log unknown ones once.
     `ranks_candidates`: the endpoint implements `best_of` > n (legacy completions do, chat does not)."""
     for name, value in (req.model_extra or {}).items():
+        if name in lorax_fields.FIELDS:  # served or refused by lorax_fields.adapter_for
+            continue
         if name in UNSUPPORTED:
             if value not in UNSUPPORTED[name]:
                 raise InvalidRequest(f"`{name}` is not supported by this server", param=name, code="unsupported_parameter")

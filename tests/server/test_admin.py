@@ -55,7 +55,7 @@ def test_load_list_unload_over_http(app_client, store, tiny_model_dir):
     assert names == ["alpha", "beta", "gamma"]
     assert app_client.delete("/admin/adapters/gamma", headers=ADMIN).json()["status"] == "unloaded"
     assert "gamma" not in _models(app_client)
-    assert _error(app_client.post("/v1/completions", json={"model": "gamma", "prompt": "x"}), 404)["code"] == "adapter_not_found"
+    assert _error(app_client.post("/v1/completions", json={"model": "gamma", "prompt": "x"}), 404)["code"] == "model_not_found"
     assert _error(app_client.delete("/admin/adapters/gamma", headers=ADMIN), 404)
 
 

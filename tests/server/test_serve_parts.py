@@ -53,7 +53,7 @@ def test_stream_asgi_streams_the_apps_answer(tiny_model_dir, store):
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {")) == text
     assert events[-2] == "data: [DONE]"
     assert missing[0]["status"] == 404
-    assert json.loads(b"".join(m["body"] for m in missing[1:]))["error"]["code"] == "adapter_not_found"
+    assert json.loads(b"".join(m["body"] for m in missing[1:]))["error"]["code"] == "model_not_found"
     assert admin[0]["status"] == 200
 
 

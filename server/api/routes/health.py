@@ -10,13 +10,11 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=Health)
-@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD
 async def health() -> dict:
     return {"status": "ok"}
 
 
 @router.get("/ready", response_model=Ready, responses={503: {"model": Loading, "description": "the model is still loading"}})
-@router.head("/ready", include_in_schema=False)  # load balancers probe with HEAD
 async def ready(state: State) -> JSONResponse:
     if not state.ready or state.services is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from server.api.deps import ReadyState
 from server.api.http_errors import MODEL_RESPONSES, READY_RESPONSES
@@ -12,15 +12,16 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", responses=READY_RESPONSES, response_model=ModelList, response_model_exclude_unset=True)
 async def list_models(state: ReadyState) -> dict:
-    base = state.resident.model_id
-    data = [{"id": base, "object": "model", "created": 0, "owned_by": "switchboard", "root": base, "parent": None}]
+    base, ctx = state.resident.model_id, state.resident.max_positions
+    data = [{"id": base, "object": "model", "created": 0, "owned_by": "switchboard", "root": base, "parent": None,
+             "max_model_len": ctx}]
     if state.routing and state.routing.router_names():
         data.append({"id": "auto", "object": "model", "created": 0, "owned_by": "switchboard", "root": base,
-                     "parent": base, "routers": state.routing.router_names()})
+                     "parent": base, "max_model_len": ctx, "routers": state.routing.router_names()})
     routable = state.routing.routable_names() if state.routing else set()
     for name, v in sorted(state.registry.snapshot().items()):
         data.append({"id": name, "object": "model", "created": int(v.created), "owned_by": "switchboard",
-                     "root": str(v.weights.path.name), "parent": base, "version": v.version,
+                     "root": str(v.weights.path.name), "parent": base, "max_model_len": ctx, "version": v.version,
                      "rank": v.weights.rank, "target_modules": v.weights.target_modules,
                      "routable": name in routable})
     return {"object": "list", "data": data}
@@ -28,9 +29,12 @@ async def list_models(state: ReadyState) -> dict:
 
 @router.get("/v1/models/{model_id:path}", responses=MODEL_RESPONSES, response_model=ModelCard,
             response_model_exclude_unset=True)
-async def retrieve_model(model_id: str, state: ReadyState) -> dict:
-    """One entry of the list (OpenAI's `models.retrieve`); 404 in OpenAI's shape otherwise."""
+async def retrieve_model(model_id: str, request: Request, state: ReadyState) -> dict:
+    """One entry of the list (OpenAI's `models.retrieve`); 404 in OpenAI's shape otherwise. The id
+    is taken from the raw path: the route's pattern ends in `$`, which in Python's `re` also
+    matches before a final newline, so `/v1/models/a1%0A` would otherwise be answered as `a1`."""
+    model_id = request.scope["path"].removeprefix("/v1/models/")
     for entry in (await list_models(state))["data"]:
         if entry["id"] == model_id:
             return entry
-    raise AdapterNotFound(f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+    raise AdapterNotFound(f"The model {model_id!r} does not exist", param="model")
