@@ -32,6 +32,10 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           507: "insufficient_storage"}
 
 
+# what pydantic adds to an error's location to say which member of a union failed (`prompt.str`)
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "function-after", "union_tag"})
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -97,6 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ())]
         if loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]  # where it came from is not part of the parameter's name
+        loc = [p for p in loc if p not in _UNION_TAGS and "[" not in p]  # `prompt.list[int]` is `prompt`
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid')}" if param else str(first.get("msg", "invalid request"))
         log_refusal(request, 400, "invalid_value", message)
