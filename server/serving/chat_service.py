@@ -36,7 +36,8 @@ def _messages(req: ChatCompletionRequest, max_chars: int) -> list[dict[str, str]
             for j, part in enumerate(m.content):
                 where = f"messages.{i}.content.{j}"
                 if part.type != "text":
-                    raise InvalidRequest(f"content part type {part.type!r} is not supported (text only)", param=where)
+                    raise InvalidRequest(f"content part {j}: type {part.type!r} is not supported (text only)",
+                                         param=f"messages.{i}.content")
                 if part.text is None:
                     raise InvalidRequest("a content part of type 'text' needs a `text` string", param=f"{where}.text")
                 parts.append(validation.check_text(part.text, f"{where}.text"))
