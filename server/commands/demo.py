@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -106,6 +107,14 @@ def prepare_store(settings: Settings, resident: ResidentModel, quick: bool) -> l
     return routable_adapters(store, resident, settings.routing.embedder, scan)
 
 
+def python_command() -> str:
+    """The interpreter running this server, as the user would type it: relative to the current
+    folder when inside it (`.venv/bin/python`, where the openai package is installed; a bare
+    `python` may be another interpreter), else its full path."""
+    rel = os.path.relpath(sys.executable)
+    return rel if not rel.startswith("..") else sys.executable
+
+
 def banner(settings: Settings, adapters: list[str]) -> str:
     host = settings.server.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -121,7 +130,7 @@ Switchboard is serving {settings.model.base_model} with `auto` routing over {', 
   curl -s {url}/v1/completions -H 'content-type: application/json' \\
     -d '{body}'
 
-  python -c 'from openai import OpenAI  # pip install openai
+  {python_command()} -c 'from openai import OpenAI  # pip install openai
   c = OpenAI(base_url="{url}/v1", api_key="none").completions.create(
       model="auto", prompt="Natalia sold 48 clips in April.", max_tokens=32)
   print(c.choices[0].text); print(c.choices[0].model_extra["routing"])'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
@@ -65,20 +66,61 @@ class ResidentModel:
         return int(self.model.config.n_positions)
 
 
+HOW_TO_SUPPLY = (
+    "Supply the weights one of two ways: (1) put the model in the Hugging Face cache on a machine "
+    "with network access (`hf download {name}`, then copy ~/.cache/huggingface or set HF_HOME), or "
+    "(2) pass --base-model /path/to/folder holding config.json, model.safetensors and the tokenizer "
+    "files (e.g. made with `save_pretrained`).")
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub, so a machine without network gets its clear message at once
+    instead of the hub client's retries (48 log lines, each twice, before the same error)."""
+    import os
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0] or host
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_options(name_or_path: str) -> dict:
+    """`local_files_only` when the model is a folder or already in the cache; a ModelLoadError at
+    once when it is neither and the hub cannot be reached."""
+    import os
+
+    from transformers import AutoConfig
+
+    if Path(name_or_path).is_dir():
+        return {}
+    try:
+        AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        return {"local_files_only": True}
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or not hub_reachable():
+        raise ModelLoadError(
+            f"could not load base model {name_or_path!r}: it is not in the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and the hub cannot be reached.\n"
+            + HOW_TO_SUPPLY.format(name=name_or_path))
+    return {}
+
+
 def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto") -> ResidentModel:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    options = _hub_options(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-        model = GPT2LMHeadModel.from_pretrained(name_or_path, trust_remote_code=False, dtype=dt)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **options)
+        model = GPT2LMHeadModel.from_pretrained(name_or_path, trust_remote_code=False, dtype=dt, **options)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"could not load base model {name_or_path!r}: {e}\n"
-            "Supply the weights one of two ways: (1) put the model in the Hugging Face cache on a machine "
-            "with network access (`huggingface-cli download gpt2`, then copy ~/.cache/huggingface or set "
-            "HF_HOME), or (2) pass --base-model /path/to/folder holding config.json, model.safetensors and "
-            "the tokenizer files (e.g. made with `save_pretrained`)."
-        ) from e
+        raise ModelLoadError(f"could not load base model {name_or_path!r}: {e}\n"
+                             + HOW_TO_SUPPLY.format(name=name_or_path)) from e
     if model.config.model_type != "gpt2":
         raise ModelLoadError(f"{name_or_path!r} is a {model.config.model_type!r} model; Switchboard serves GPT-2")
     model.to(dev).eval()  # type: ignore[arg-type]  # (transformers' stub for .to is too narrow)

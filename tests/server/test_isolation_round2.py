@@ -147,3 +147,9 @@ def test_warning_for_ignored_fields_is_documented():
     doc = (REPO / "docs" / "clients.md").read_text()
     for name in [*request_fields.UNSUPPORTED, *lorax_fields.FIELDS]:
         assert f"`{name}`" in doc, name
+
+
+def test_redoc_loads_nothing_from_a_cdn(app_client):
+    js = app_client.get("/static-docs/redoc.standalone.js")
+    assert js.status_code == 200 and b"cdn.redoc.ly" not in js.content and b"/static/favicon.svg" in js.content
+    assert "https://" not in app_client.get("/redoc").text.replace("https://fastapi.tiangolo.com", "")
