@@ -69,6 +69,7 @@ class RouterCatalogue:
         self.mlp_paths: dict[str, str] = {}  # name -> store path it was loaded from
         self._lock = threading.Lock()
         self._centroid = CentroidRouter([], [])
+        self._built: tuple[list[str], list[torch.Tensor]] | None = None  # what the centroid router was built from
         self._analyzer = None
         self.rebuild()
 
@@ -82,7 +83,9 @@ class RouterCatalogue:
 
     # -- router set -------------------------------------------------------------------------------------
     def rebuild(self) -> None:
-        """Rebuild the centroid router from the adapters whose centroids match the embedder."""
+        """Rebuild the centroid router from the adapters whose centroids match the embedder; a
+        change that leaves that set as it was (an adapter without a usable centroid registered,
+        replaced or removed) costs one pass over the names, not a refit of the router."""
         names, cents = [], []
         for name, version in sorted(self.registry.snapshot().items()):
             w = version.weights
@@ -90,6 +93,10 @@ class RouterCatalogue:
                 assert w.centroids is not None
                 names.append(name)
                 cents.append(w.centroids)
+        built = self._built  # the same tensors (compared by identity) as last time: nothing to refit
+        if built is not None and built[0] == names and all(a is b for a, b in zip(built[1], cents, strict=True)):
+            return
+        self._built = (names, cents)
         router = CentroidRouter(names, cents, temperature=self.settings.route_temperature or 1.0,
                                 top_boost=self.settings.top_boost, top_k=self.settings.route_top_k or None,
                                 min_similarity=self.settings.min_similarity, vote=self.settings.route_vote,
