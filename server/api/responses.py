@@ -48,6 +48,7 @@ class ModelCard(Open):
     parent: str | None
     max_model_len: int = Field(description="context length in tokens, prompt and completion together (vLLM's field)")
     routers: list[str] | None = Field(None, description="`auto` only: the routers it can use")
+    reroute_every: int | None = Field(None, description="`auto` only: the server's default re-route cadence in tokens (0 = once)")
     version: int | None = Field(None, description="adapters only: the registered version")
     rank: int | None = Field(None, description="adapters only: LoRA rank")
     target_modules: list[str] | None = Field(None, description="adapters only")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 
 import httpx
@@ -133,6 +134,98 @@ def test_fuzz_completions(server):
     with Background(base):
         one()
     wait_until(lambda: AppHandle(app).idle(), what="in_flight back to 0 after the fuzz run")
+
+
+contents = st.one_of(
+    st.none(), texts, st.sampled_from(["x" * 120_000, ""]),
+    st.lists(st.fixed_dictionaries({"type": st.one_of(st.sampled_from(["text", "image_url", "input_audio", ""]), texts)},
+                                   optional={"text": st.one_of(st.none(), texts, numbers)}), max_size=3))
+messages = st.lists(st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer"]), texts)},
+    optional={"content": contents, "name": st.one_of(texts, numbers)}), max_size=4)
+chat_bodies = st.fixed_dictionaries(
+    {"model": st.one_of(st.sampled_from(["alpha", "beta", "base", "auto", "nope"]), st.text(max_size=8)),
+     "messages": messages,
+     # always bounded: chat's default is the rest of the context, which would make the run slow
+     "max_tokens": st.one_of(st.integers(-2, 8), st.sampled_from([1e300, 2**64, "x", True, 4097]))},
+    optional={
+        "temperature": numbers, "top_p": numbers,
+        "n": numbers, "seed": numbers, "logprobs": st.one_of(st.booleans(), numbers),
+        "top_logprobs": st.one_of(st.integers(-1, 7), numbers), "stop": st.one_of(st.none(), texts, st.lists(texts, max_size=5)),
+        "stream": st.booleans(), "repetition_penalty": numbers,
+        # LoRAX's fields: served (adapter_id) or a 400 naming them, never ignored
+        "adapter_id": st.one_of(st.sampled_from(["alpha", "beta", "nope"]), texts, numbers),
+        "adapter_source": st.one_of(st.sampled_from(["local", "hub", "s3"]), texts),
+        "merged_adapters": st.one_of(st.none(), st.fixed_dictionaries({"ids": st.lists(texts, max_size=2)})),
+        "parameters": st.one_of(st.none(), st.dictionaries(texts, numbers, max_size=2)),
+    })
+
+
+def test_fuzz_chat(server):
+    """Chat content (strings, parts of any type, lone surrogates, huge texts, missing text) and
+    LoRAX's fields: no 5xx, errors in OpenAI's shape, streams that end with [DONE]."""
+    base, app, _ = server
+    client = httpx.Client(base_url=base, timeout=60)
+
+    @settings(FUZZ, max_examples=max(8, EXAMPLES // 4))
+    @given(body=chat_bodies)
+    def one(body):
+        r = client.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.status_code, r.text[:500])
+        if r.status_code >= 400:
+            assert _error_shaped(r), r.text
+        elif r.headers["content-type"].startswith("text/event-stream"):
+            _check_stream(r)
+        else:
+            assert r.json()["object"] == "chat.completion"
+        assert client.get("/health").status_code == 200  # the connection is still served
+
+    with Background(base):
+        one()
+    wait_until(lambda: AppHandle(app).idle(), what="in_flight back to 0 after the chat fuzz run")
+
+
+factors = st.one_of(st.sampled_from([1.0, 0.0, -1.0, 1e-30, 65504.0, 1e19, 1e30, 1e38, 3e38, -3.4e38]),
+                    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False))
+
+
+def test_fuzz_adapter_factors(server, tiny_model_dir):
+    """Adapters with rescaled factors (huge but finite, tiny, zero, negative) and LoRA alphas: a
+    registration is a 200 or a 400, never a 5xx; a request on a registered one is served or fails
+    alone (`row_failed` for that request only), and a mixture that gives it weight 0 -- and the
+    background streams -- answer exactly as without it."""
+    from safetensors.torch import load_file, save_file
+
+    base, app, store = server
+    admin = httpx.Client(base_url=base, timeout=60, headers=ADMIN)
+    client = httpx.Client(base_url=base, timeout=60)
+    weights = load_file(store / "alpha" / "adapter_model.safetensors")
+    config = json.loads((store / "alpha" / "adapter_config.json").read_text())
+    mix = {"model": "auto", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
+    reference = client.post("/v1/completions", json={**mix, "routing": {"weights": {"alpha": 1.0}}}).json()["choices"][0]["text"]
+
+    @settings(FUZZ, max_examples=max(6, EXAMPLES // 6))
+    @given(a=factors, b=factors, alpha=st.one_of(st.sampled_from([8, 1e-3, 300, 1e30]), st.integers(1, 64)))
+    def one(a, b, alpha):
+        folder = store / "fuzzed"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        save_file({k: v * (a if "lora_A" in k else b) for k, v in weights.items()}, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+        r = admin.post("/admin/adapters", json={"name": "fuzzed", "path": "fuzzed"})
+        assert r.status_code in (200, 400), (a, b, alpha, r.status_code, r.text[:300])
+        if r.status_code == 400:
+            assert _error_shaped(r) and r.json()["error"]["code"] == "invalid_adapter", r.text
+            return
+        own = client.post("/v1/completions", json={**mix, "model": "fuzzed"})
+        assert own.status_code == 200 or own.json()["error"]["code"] == "row_failed", (a, b, alpha, own.text[:300])
+        zero = client.post("/v1/completions", json={**mix, "routing": {"weights": {"alpha": 1.0, "fuzzed": 0.0}}})
+        assert zero.status_code == 200 and zero.json()["choices"][0]["text"] == reference, (a, b, alpha, zero.text[:300])
+        assert admin.delete("/admin/adapters/fuzzed").status_code == 200
+
+    with Background(base):
+        one()
+    wait_until(lambda: AppHandle(app).idle(), what="in_flight back to 0 after the factor fuzz run")
 
 
 names = st.one_of(st.sampled_from(["gamma", "evil\n", "auto", "Base", "a" * 65, "x:y", "../alpha", ""]), texts)

@@ -227,6 +227,12 @@ def test_playground_in_chromium(browser, store, tiny_model_dir, tmp_path):
         assert page.is_disabled("#register")
         options = page.eval_on_selector_all("#model option", "ns => ns.map(n => n.value)")
         assert options[:3] == ["auto", "alpha", "beta"] and len(options) == 4
+        # the manual mixture is off: its sliders show no weight (none is sent)
+        assert page.eval_on_selector_all("#sliders output", "ns => ns.map(n => n.textContent)") == ["—", "—"]
+        # colours follow names, not positions: another adapter listed before them recolours nothing
+        before = page.evaluate("['alpha', 'beta'].map(colourOf)")
+        page.evaluate("state.colours.clear(); ['aaa', 'alpha', 'beta'].forEach(colourOf)")
+        assert page.evaluate("['alpha', 'beta'].map(colourOf)") == before
 
         # admin: the token, then register (replace) both adapters with centroid examples
         page.fill("#admin-token", "T")

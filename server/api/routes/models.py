@@ -17,7 +17,8 @@ async def list_models(state: ReadyState) -> dict:
              "max_model_len": ctx}]
     if state.routing and state.routing.router_names():
         data.append({"id": "auto", "object": "model", "created": 0, "owned_by": "switchboard", "root": base,
-                     "parent": base, "max_model_len": ctx, "routers": state.routing.router_names()})
+                     "parent": base, "max_model_len": ctx, "routers": state.routing.router_names(),
+                     "reroute_every": state.settings.routing.reroute_every})
     routable = state.routing.routable_names() if state.routing else set()
     for name, v in sorted(state.registry.snapshot().items()):
         data.append({"id": name, "object": "model", "created": int(v.created), "owned_by": "switchboard",

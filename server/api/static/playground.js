@@ -25,9 +25,15 @@ const state = {
 };
 
 // -- helpers ---------------------------------------------------------------------------------------
+/** An adapter's colour follows from its name alone (FNV-1a hash), never from its position in a
+ * list, so registering or removing another adapter, or reloading the page, recolours nothing. */
 function colourOf(name) {
   if (name === null || name === "base") return BASE_COLOUR;
-  if (!state.colours.has(name)) state.colours.set(name, PALETTE[state.colours.size % PALETTE.length]);
+  if (!state.colours.has(name)) {
+    let h = 0x811c9dc5;
+    for (const ch of name) { h ^= ch.codePointAt(0); h = Math.imul(h, 0x01000193) >>> 0; }
+    state.colours.set(name, PALETTE[h % PALETTE.length]);
+  }
   return state.colours.get(name);
 }
 
@@ -143,10 +149,10 @@ function fillSliders() {
   if (!state.adapters.length) { box.append(el("span", {class: "muted", text: "no adapters loaded"})); return; }
   state.adapters.forEach((name, i) => {
     const value = old.get(name) ?? (i === 0 ? "1" : "0");
-    const out = el("output", {text: Number(value).toFixed(2)});
+    const out = el("output", {text: Number(value).toFixed(2), "data-adapter": name});
     const slider = el("input", {type: "range", min: "0", max: "1", step: "0.05", value, "data-adapter": name,
                                 id: `mix-${name}`});
-    slider.addEventListener("input", () => { out.textContent = Number(slider.value).toFixed(2); });
+    slider.addEventListener("input", () => { if (!slider.disabled) out.textContent = Number(slider.value).toFixed(2); });
     box.append(el("label", {class: "slider"}, el("span", {class: "chip", style: `background:${colourOf(name)}`}),
                   el("span", {class: "name", text: name}), slider, out));
   });
@@ -222,7 +228,12 @@ function updateAutoOnly() {
   for (const input of document.querySelectorAll(".auto-only input, .auto-only select")) input.disabled = !auto;
   const manual = auto && $("manual-mix").checked;
   $("manual-mix").disabled = !auto;
-  for (const s of document.querySelectorAll("#sliders input")) s.disabled = !manual;
+  for (const s of document.querySelectorAll("#sliders input")) {
+    s.disabled = !manual;
+    // unchecked, no weight is in force: show none rather than a value the request will not send
+    const out = s.parentElement.querySelector("output");
+    if (out) out.textContent = manual ? Number(s.value).toFixed(2) : "—";
+  }
   for (const id of ["router", "reroute-every", "route-top-k", "route-temperature"]) $(id).disabled = !auto || manual;
 }
 
@@ -364,7 +375,9 @@ class Run {
     $("strip").append(col);
     const mark = el("div", {class: "mark", "data-index": String(index)});
     if (switched) { mark.classList.add("reroute"); mark.textContent = "▼"; mark.title = `re-routed at token ${index}`; }
-    const every = this.body.routing && !this.body.routing.weights ? this.body.routing.reroute_every : undefined;
+    // the cadence in force: the request's, else the server's default (the `auto` entry of /v1/models)
+    const routing = this.body.routing, auto = state.models.find((m) => m.id === "auto");
+    const every = routing && !routing.weights ? (routing.reroute_every ?? (auto ? auto.reroute_every : undefined)) : undefined;
     if (!switched && every > 0 && index % every === 0) { mark.classList.add("decision"); mark.title = `routing decision at token ${index} (unchanged)`; }
     $("strip-marks").append(mark);
     $("strip-axis").append(el("div", {class: "tick", "data-index": String(index), text: index % 8 === 0 ? String(index) : ""}));
