@@ -16,6 +16,7 @@ from server.api.deps import ReadyState
 from server.api.schemas import CompletionRequest
 from server.engine.errors import RequestTimeout, SwitchboardError
 from server.serving import completion_service as completions
+from server.serving import fair_pool
 from server.state import Services
 
 
@@ -24,7 +25,7 @@ async def _build_off_loop(body: CompletionRequest, state: ReadyState, deadline: 
     loop keeps serving; if the request is cancelled meanwhile, the references the thread took
     are released when it finishes."""
     loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(None, completions.build_choices, body, state, loop, deadline)
+    fut = loop.run_in_executor(fair_pool.VALIDATE, completions.build_choices, body, state, loop, deadline)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

@@ -18,7 +18,7 @@ from fastapi import Request
 
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.errors import InvalidRequest
-from server.serving import chat_template, lorax_fields, validation
+from server.serving import chat_template, fair_pool, lorax_fields, validation
 from server.serving import completion_service as completions
 from server.serving.logprobs import chat_logprobs, token_bytes
 from server.serving.request_fields import check_fields
@@ -67,7 +67,7 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
     if len(text) > state.settings.server.max_prompt_chars:
         raise validation.PayloadTooLarge(f"the conversation has {len(text)} characters; the limit is "
                               f"{state.settings.server.max_prompt_chars}", param="messages")
-    ids = tok.encode(text, add_special_tokens=False) or [tok.eos_token_id]
+    ids = fair_pool.TOKENISE.run(id(req), lambda: tok.encode(text, add_special_tokens=False)) or [tok.eos_token_id]
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     stop += [s for s in template.stop if s not in stop][: max(0, 4 - len(stop))]
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, state.resident.max_positions - len(ids))

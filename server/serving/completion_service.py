@@ -20,7 +20,7 @@ from server.engine.errors import (
 )
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
-from server.serving import lorax_fields, validation
+from server.serving import fair_pool, lorax_fields, validation
 from server.serving.logprobs import LogprobTrack, completion_logprobs
 from server.serving.request_fields import check_fields, sampling_params
 from server.state import Services
@@ -106,8 +106,8 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
                                              "together (max_request_chars)", param="prompt")
         validation.check_text(text, "prompt")
     out = []
-    for text in texts:
-        ids = tok.encode(text) or [tok.eos_token_id]  # an empty prompt starts from <|endoftext|>
+    for text in texts:  # each prompt in this request's turn on the shared tokenising threads
+        ids = fair_pool.TOKENISE.run(id(req), tok.encode, text) or [tok.eos_token_id]  # empty: <|endoftext|>
         _check_context(len(ids), req.max_tokens, limit)
         out.append((text, ids))
     return out

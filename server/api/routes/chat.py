@@ -12,6 +12,7 @@ from server.api.http_errors import ERROR_RESPONSES
 from server.api.responses import ChatCompletion
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
 from server.serving import chat_service as chat
+from server.serving import fair_pool
 from server.serving.chat_template import resolve
 
 router = APIRouter(tags=["chat"])
@@ -24,6 +25,7 @@ router = APIRouter(tags=["chat"])
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ReadyState):
     async def prepare() -> CompletionRequest:
         template = resolve(state.resident.tokenizer, request.app.state.chat_template)
-        return await asyncio.to_thread(chat.to_completion, body, state, template)  # renders and tokenises
+        loop = asyncio.get_running_loop()  # renders and tokenises, on the validation threads (fair_pool)
+        return await loop.run_in_executor(fair_pool.VALIDATE, chat.to_completion, body, state, template)
 
     return await lifecycle.serve(body.model, prepare, chat.complete, chat.stream, state, request)
