@@ -18,6 +18,29 @@ from tests.server.test_isolation_api import _error, _in_flight, post_raw
 from tests.tiny import app_settings
 
 HI = {"model": "base", "prompt": "hi", "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model_dir):
+    """One app for the module's read-only checks (an app per test cost most of this file's time)."""
+    from tests.tiny import make_adapter
+
+    root = tmp_path_factory.mktemp("round2") / "adapters"
+    root.mkdir()
+    make_adapter(tiny_model_dir, root / "alpha", seed=1, rank=4, targets=("c_attn", "c_proj"))
+    make_adapter(tiny_model_dir, root / "beta", seed=2, rank=8, alpha=16, targets=("c_attn", "c_fc"))
+    with TestClient(create_app(app_settings(tiny_model_dir, root))) as client:
+        yield client, root
+
+
+@pytest.fixture()
+def app_client(shared):
+    return shared[0]
+
+
+@pytest.fixture()
+def store(shared):
+    return shared[1]
 CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 REPRODUCTIONS_2 = [  # (path, body, status, param)
@@ -108,6 +131,7 @@ def test_router_path_message_says_router(app_client):
 def test_huge_finite_adapter_is_refused_at_registration(app_client, store):
     """Item 1's reproduction through the API: lora_A rescaled to 1e38 (finite in fp32) is a 400
     that names the bound; the registry is unchanged."""
+    shutil.rmtree(store / "loud", ignore_errors=True)
     shutil.copytree(store / "alpha", store / "loud")
     tensors = load_file(store / "loud" / "adapter_model.safetensors")
     save_file({k: (torch.full_like(v, 1e38) if "lora_A" in k else v) for k, v in tensors.items()},
@@ -118,7 +142,7 @@ def test_huge_finite_adapter_is_refused_at_registration(app_client, store):
     assert _in_flight(app_client) == before
 
 
-def test_request_timeout_counts_from_arrival(store, tiny_model_dir, monkeypatch):
+def test_request_timeout_counts_from_arrival(store, tiny_model_dir, monkeypatch, tmp_path):
     """Validation that outlasts `request_timeout` ends the request with a 504 at the deadline,
     not a 200 long after it (the timeout used to start only once validation was done)."""
     from server.serving import completion_service
@@ -130,7 +154,9 @@ def test_request_timeout_counts_from_arrival(store, tiny_model_dir, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(completion_service, "build_choices", slow)
-    settings = app_settings(tiny_model_dir, store, engine={"request_timeout": 0.5})
+    own = tmp_path / "adapters"
+    shutil.copytree(store, own, ignore=shutil.ignore_patterns("_manifest*", ".manifest.lock"))
+    settings = app_settings(tiny_model_dir, own, engine={"request_timeout": 0.5})
     with TestClient(create_app(settings)) as client:
         start = time.monotonic()
         err = _error(client.post("/v1/completions", json={**HI, "model": "alpha"}), 504)
