@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("decode", "serving", "lifecycle", "router")
+SECTIONS = ("decode", "serving", "lifecycle", "router", "grammar")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> dict:
                     from bench import lifecycle
 
                     results["lifecycle"] = lifecycle.run(cfg, assets)
+                elif name == "grammar":
+                    from bench import grammar
+
+                    results["grammar"] = grammar.run(cfg, assets)
                 elif name == "router":
                     from bench import router
 

@@ -64,7 +64,7 @@ class BenchConfig:
     compile: bool = False  # also measure the engine with the static decode step, eager and compiled
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    sections: tuple[str, ...] = ("decode", "serving", "lifecycle", "router")
+    sections: tuple[str, ...] = ("decode", "serving", "lifecycle", "router", "grammar")
     notes: list[str] = field(default_factory=list)
 
     @classmethod

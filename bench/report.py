@@ -261,6 +261,15 @@ def markdown(results: dict) -> str:
             extra = x.get("embedder") or (x.get("note") or ("parser" if x.get("parser") else ""))
             rows.append([k, _f(x["ms_p50"], 3), f"{_f(x.get('vs_decode_step'), 3)}", extra])
         lines += _table(["router", "ms p50", "÷ engine decode step (b1)", "note"], rows)
+    g = results.get("grammar")
+    if g:
+        lines += ["## Structured output: grammar mask per decode step", "",
+                  f"{g['engine']}, vocabulary {g['vocab']}, one JSON schema, every row constrained; steps where all rows run.", ""]
+        rows = [[f"b{b}", _f(x.get("free_step_ms"), 3), _f(x.get("constrained_step_ms"), 3), _f(x.get("mask_ms"), 3),
+                 _f(x.get("mask_share"), 4), _f(x.get("step_ratio"), 3)]
+                for b, x in ((k[1:], v) for k, v in g.items() if k.startswith("b") and isinstance(v, dict))]
+        lines += _table(["batch", "free step ms", "constrained step ms", "mask ms", "mask ÷ free step (target ≤ 0.10)",
+                         "constrained ÷ free"], rows) + [""]
     if results.get("errors"):
         lines += ["## Errors", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
     lines += ["## Plots", "", "![throughput](throughput_vs_concurrency.png) ![latency](latency_cdf.png) "

@@ -8,4 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/pip install -q -e '.[routing,train,dev,ray]'
+# lorax-client pins an old huggingface_hub, so it gets a venv of its own (tests/product/test_lorax_client.py runs it)
+[ -x .venv-lorax/bin/python ] || "$PY" -m venv .venv-lorax
+.venv-lorax/bin/pip install -q "lorax-client==0.6.3"
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from server.api import edges, ui
 from server.api.body_limit import BodyLimit
 from server.api.http_errors import install_error_handlers
-from server.api.routes import admin, chat, completions, health, models
+from server.api.routes import admin, chat, completions, health, lorax, models, tokenize
 from server.build import build_engine, build_routing
 from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.server.max_body_bytes)
     edges.install(app, settings)  # after BodyLimit: CORS and the API key sit outside it
-    for module in (health, models, completions, chat, admin):
+    for module in (health, models, completions, chat, tokenize, lorax, admin):
         app.include_router(module.router)
     ui.install(app)  # /, /playground, and /docs + /redoc without a CDN
     return app

@@ -1,7 +1,8 @@
 """What sits around the API for clients: CORS, the inference API key, the 404 that names the
 inference endpoints, and the chat template chosen at start.
 
-`--api-key` (SWITCHBOARD_API_KEY) guards the `/v1/*` inference routes the way vLLM's
+`--api-key` (SWITCHBOARD_API_KEY) guards the `/v1/*` inference routes (and the inference routes
+outside `/v1`: vLLM's /tokenize, /detokenize, LoRAX's /generate, /generate_stream, POST /) the way vLLM's
 `--api-key` does: `Authorization: Bearer <key>` or a 401. The vLLM-style admin aliases under
 `/v1/` keep the admin token instead, and /health, /ready, /metrics, /version stay open for
 probes and scrapers. CORS is off unless `--allowed-origins` lists origins (or `*`).
@@ -25,6 +26,7 @@ from server.settings import Settings
 INFERENCE_ENDPOINTS = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
                        "GET /v1/models/{id}")
 ADMIN_ALIASES = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+GUARDED = frozenset({"/generate", "/generate_stream", "/tokenize", "/detokenize"})  # inference outside /v1 (LoRAX, vLLM)
 
 
 class ApiKeyMiddleware:
@@ -35,8 +37,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and path.startswith("/v1/") \
-                and path not in ADMIN_ALIASES:
+        inference = (path.startswith("/v1/") and path not in ADMIN_ALIASES) or path in GUARDED \
+            or (path == "/" and scope.get("method") == "POST")  # LoRAX's router entry
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and inference:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):

@@ -102,9 +102,21 @@ class Completion(Open):
 
 
 # -- chat completions ---------------------------------------------------------------------------------------
+class FunctionCall(Open):
+    name: str
+    arguments: str = Field(description="JSON text following the function's parameters schema")
+
+
+class ToolCall(Open):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Open):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(Open):
@@ -216,3 +228,29 @@ class RouterLoaded(Open):
 class RouterUnloaded(Open):
     status: Literal["unloaded"]
     name: str
+
+
+# -- tokenizer ----------------------------------------------------------------------------------------------
+class Tokenized(Open):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class Detokenized(Open):
+    prompt: str
+
+
+# -- LoRAX --------------------------------------------------------------------------------------------------
+class LoraxError(Open):
+    """LoRAX's error shape (`error` text, `error_type`); a body that fails validation before the
+    route runs gets OpenAI's shape (`error` object), which this also describes."""
+
+    error: str | dict[str, Any]
+    error_type: str | None = None
+
+
+class LoraxGenerated(Open):
+    generated_text: str
+    details: dict[str, Any] | None = None

@@ -3,12 +3,52 @@ under their vLLM names; Switchboard's own under `routing`."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt
 
 
-class SamplingFields(BaseModel):
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="the JSON schema the output follows")
+    strict: bool | None = Field(None, description="accepted; the output always follows the schema exactly")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` object: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="allow")  # vLLM's backend options (disable_fallback, ...): no meaning here
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class StructuredFields(BaseModel):
+    """Constrained decoding: OpenAI's `response_format` and vLLM's guided-decoding fields (at most one)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: a JSON schema the output follows")
+    guided_regex: str | None = Field(None, description="vLLM: a regular expression the output matches")
+    guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM: an EBNF (GBNF) grammar the output follows")
+    guided_decoding_backend: str | None = Field(None, description="vLLM: accepted; xgrammar always decodes")
+    guided_whitespace_pattern: str | None = Field(None, description="vLLM: accepted; JSON is written compactly")
+    structured_outputs: StructuredOutputs | None = None
+
+
+class SamplingFields(StructuredFields):
     """Penalties and stop controls shared by completions and chat (None = the default)."""
 
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="OpenAI: minus this for every token already generated")
@@ -19,6 +59,13 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="vLLM: token ids that end the completion")
     best_of: int | None = Field(None, ge=1, description="completions: sample this many candidates per prompt and "
                                 "return the n with the highest cumulative log-probability (not with stream)")
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM: drop tokens less likely than min_p times the most likely")
+    bad_words: list[str] | None = Field(None, max_length=64, description="vLLM: words never generated (with and "
+                                        "without a leading space)")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM: keep the stop string that ended the text")
+    skip_special_tokens: bool | None = Field(None, description="vLLM: false keeps special tokens in the text")
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM: keep only the prompt's last k tokens")
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM: log-prob tokens as 'token_id:<id>'")
 
 
 class RoutingOptions(BaseModel):
@@ -32,6 +79,7 @@ class RoutingOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM: every chunk carries the usage so far")
 
 
 class CompletionRequest(SamplingFields):
@@ -53,6 +101,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     user: str | None = None
     routing: RoutingOptions | None = None
+    # a chat request's tool-call plan (serving/structured.py), set by the chat service, never from a body
+    _tool_plan: Any = PrivateAttr(None)
+    _echo: str = PrivateAttr("")  # chat `echo`: the assistant's last message, which starts the reply
 
 
 class ContentPart(BaseModel):
@@ -65,6 +116,30 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: not used by the templates here
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class ToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -86,6 +161,14 @@ class ChatCompletionRequest(SamplingFields):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     routing: RoutingOptions | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
+        None, description="required / a named function: the reply is a tool call whose arguments follow the "
+        "function's schema; none / auto: text (GPT-2 has no tool-call format of its own)")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; a reply makes one tool call")
+    echo: bool = Field(False, description="vLLM: the last message, when it is the assistant's, starts the reply")
+    add_generation_prompt: bool = Field(True, description="vLLM: end the rendered conversation with the assistant's turn")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra variables for the chat template")
 
 
 class LoadAdapterRequest(BaseModel):
@@ -114,3 +197,70 @@ class VLLMUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: str
     lora_int_id: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: a prompt, or a conversation rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+# -- LoRAX's REST API (/generate, /generate_stream) --------------------------------------------------------
+class LoraxMergedAdapters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ids: list[str] = Field(min_length=1, max_length=64)
+    weights: list[float] = Field(min_length=1, max_length=64)
+    merge_strategy: str | None = Field(None, description="linear (Switchboard's exact mixture, see docs/clients.md)")
+    density: float = Field(1.0, ge=0, le=1)
+    majority_sign_method: str | None = None
+
+
+class LoraxResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["json_object"]
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class LoraxParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    adapter_id: str | None = None
+    adapter_source: str | None = Field(None, description="accepted; adapters come from the server's store")
+    merged_adapters: LoraxMergedAdapters | None = None
+    api_token: str | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    return_full_text: bool = False
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    truncate: int | None = Field(None, ge=1)
+    typical_p: float | None = None
+    best_of: int | None = Field(None, ge=1)
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = Field(None, ge=1, le=20)
+    response_format: LoraxResponseFormat | None = None
+
+
+class LoraxRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    inputs: str = Field(min_length=1)
+    parameters: LoraxParameters = Field(default_factory=LoraxParameters)
+    stream: bool = False

@@ -29,8 +29,9 @@ from server.engine.sampling import Pick, SamplingParams, Top
 
 
 def eligible(params: SamplingParams) -> bool:
-    """Whether this sampler takes the row (penalised rows need their history: the CPU path)."""
-    return not params.penalised
+    """Whether this sampler takes the row (penalised rows, `bad_words` included, need their
+    history, and `min_p` is applied on the CPU path only)."""
+    return not params.penalised and not params.min_p
 
 
 def device_generator(seed: int, device: torch.device) -> torch.Generator:

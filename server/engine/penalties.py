@@ -1,4 +1,4 @@
-"""Per-row logits processors: the penalties and `min_tokens` of OpenAI's and vLLM's APIs.
+"""Per-row logits processors: the penalties, `min_tokens` and `bad_words` of OpenAI's and vLLM's APIs.
 
 Where transformers has the processor (`RepetitionPenaltyLogitsProcessor`,
 `MinNewTokensLengthLogitsProcessor`) it is used as is, so `repetition_penalty` and `min_tokens`
@@ -11,7 +11,11 @@ over the tokens generated so far (not the prompt), as vLLM applies them.
 from __future__ import annotations
 
 import torch
-from transformers import MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 
 
 def openai_penalties(scores: torch.Tensor, generated: list[int], presence: float, frequency: float) -> torch.Tensor:
@@ -38,3 +42,11 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], generated: list
     if min_tokens and len(generated) < min_tokens and held_back:
         scores = MinNewTokensLengthLogitsProcessor(len(prompt_ids), min_tokens, list(held_back))(ids, scores)
     return scores[0]
+
+
+def ban_words(logits: torch.Tensor, prompt_ids: list[int], generated: list[int],
+              words: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """vLLM's `bad_words` through transformers' `NoBadWordsLogitsProcessor`: a one-token word is
+    never generated; a longer one never completes (its last token is banned after its prefix)."""
+    ids = torch.tensor([prompt_ids + generated], dtype=torch.long)  # [1, L]
+    return NoBadWordsLogitsProcessor([list(w) for w in words])(ids, logits[None])[0]

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from transformers import MinPLogitsWarper
 
 from server.engine.errors import RowFailed, SwitchboardError
-from server.engine.penalties import apply_penalties
+from server.engine.penalties import apply_penalties, ban_words
 
 Top = tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
 
@@ -29,6 +30,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     eos_token_id: int | None = None  # what `min_tokens` holds back (with `stop_token_ids`)
     top_logprobs: int = 0  # return this many most likely tokens per step
+    min_p: float = 0.0  # vLLM: drop tokens less likely than min_p times the most likely (after temperature)
+    bad_words: tuple[tuple[int, ...], ...] = ()  # vLLM: token sequences never generated
 
     @property
     def greedy(self) -> bool:
@@ -37,7 +40,7 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
-                    or self.min_tokens)
+                    or self.min_tokens or self.bad_words)
 
     @property
     def plain(self) -> bool:
@@ -83,6 +86,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         logits = apply_penalties(logits, prompt_ids or [], generated or [], repetition=params.repetition_penalty,
                                  presence=params.presence_penalty, frequency=params.frequency_penalty,
                                  min_tokens=params.min_tokens, held_back=params.held_back)
+    if params.bad_words:
+        logits = ban_words(logits, prompt_ids or [], generated or [], params.bad_words)
     logprobs = torch.log_softmax(logits, dim=-1)  # [V]
     top = _top(logprobs, params.top_logprobs)
     if params.greedy:
@@ -97,6 +102,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token that crosses top_p
         scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if params.min_p > 0.0:
+        scaled = MinPLogitsWarper(params.min_p)(None, scaled[None])[0]  # type: ignore[arg-type]
     probs = torch.softmax(scaled, dim=-1)
     token = int(torch.multinomial(probs, 1, generator=generator))
     return Pick(token, float(logprobs[token]), top)

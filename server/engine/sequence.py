@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.grammar import RowGrammar
 from server.engine.prompt_logprobs import PromptScores
 from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.engine.route_state import RouteState
@@ -65,6 +66,8 @@ class Sequence:
     prompt_text: str = ""
     deadline: float | None = None  # time.monotonic() after which the engine ends it with a timeout
     prompt_logprobs: int | None = None  # score the prompt (echo + logprobs) with this many alternatives
+    include_stop_str: bool = False  # vLLM's include_stop_str_in_output: the stop string stays in the text
+    grammar: RowGrammar | None = None  # structured output: the row's grammar matcher (engine/grammar.py)
     id: int = field(default_factory=lambda: next(_ids))
     versions: dict[str, AdapterVersion] = field(default_factory=dict)  # held references
     # what routing keeps: the gates in force, the route vector, the routing window's hidden states
@@ -112,7 +115,9 @@ class Sequence:
     def push_token(self, token: int, max_positions: int) -> str:
         """Record a sampled token; returns the text that is now safe to emit (stop strings held back)."""
         self.generated.append(token)
-        if (token == self.eos_token_id and not self.sampling.ignore_eos) or token in self.sampling.stop_token_ids:
+        grammar_done = self.grammar is not None and self.grammar.done  # its stop token ends it, ignore_eos or not
+        if (token == self.eos_token_id and not self.sampling.ignore_eos) or token in self.sampling.stop_token_ids \
+                or grammar_done:
             self.text = self.decode(self.generated[:-1])  # the stop token itself is not part of the text
             self.finish_reason = "stop"
             return self._flush()
@@ -122,9 +127,10 @@ class Sequence:
         self.text = text
         if self.stop and len(self.generated) >= self.sampling.min_tokens:  # vLLM: no stop before min_tokens
             start = max(0, self.emitted_chars - max(len(s) for s in self.stop))
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, len(s)) for i, s in ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, length = min(hits)
+                self.text = self.text[: at + length if self.include_stop_str else at]
                 self.finish_reason = "stop"
                 return self._flush()
         if len(self.generated) >= self.max_tokens or len(self.prompt_ids) + len(self.generated) >= max_positions:

@@ -19,6 +19,7 @@ import torch
 
 from server.engine import device_sampling
 from server.engine.errors import RowFailed, SwitchboardError
+from server.engine.grammar import mask_rows
 from server.engine.sampling import Pick, Top, sample_batch
 from server.engine.sequence import Sequence, TokenEvent
 
@@ -53,6 +54,8 @@ def take_tokens(seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor |
                                    "(its adapter mixture overflows the serving dtype)")
     if len(good) < len(ok):
         block = block[[ok.index(i) for i in good]]
+    if any(seqs[i].grammar is not None for i in good):
+        good, block = _mask(seqs, good, block, outcome)
     chosen = sample_rows([seqs[i] for i in good], block) if good else []
     for i, choice in zip(good, chosen, strict=True):
         seq = seqs[i]
@@ -72,6 +75,22 @@ def take_tokens(seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor |
 # The batched device sampler (`device_sampling`) serves the rows it can on CUDA; tests set this
 # to take it on CPU as well. Everywhere else the CPU path (`sampling.sample_batch`) is unchanged.
 DEVICE_SAMPLING_ON_CPU = False
+
+
+def _mask(seqs: list[Sequence], good: list[int], block: torch.Tensor,
+          outcome: list[SwitchboardError | None]) -> tuple[list[int], torch.Tensor]:
+    """Structured output: the constrained rows' grammar masks on their logits (free rows are
+    untouched). If filling the masks fails, the constrained rows fail and the free rows go on."""
+    try:
+        return good, mask_rows(block, [seqs[i].grammar for i in good])
+    except Exception as e:
+        keep = []
+        for j, i in enumerate(good):
+            if seqs[i].grammar is None:
+                keep.append(j)
+            else:
+                outcome[i] = row_error(e, "structured-output masking")
+        return [good[j] for j in keep], block[keep]
 
 
 def sample_rows(seqs: list[Sequence], logits: torch.Tensor) -> list[Pick | Exception]:
@@ -141,6 +160,8 @@ def accept(seq: Sequence, token: int, logprob: float, top: Top | None = None, *,
     """Record and emit the chosen token (with the alternatives the request asked for); returns
     whether the sequence finished."""
     index = len(seq.generated)
+    if seq.grammar is not None:
+        seq.grammar.accept(token)
     seq.route.trace.record(index, seq.route.gates)
     delta = seq.push_token(token, max_positions)
     now = time.monotonic()

@@ -18,7 +18,7 @@ from fastapi import Request
 
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.errors import InvalidRequest
-from server.serving import chat_template, fair_pool, lorax_fields, validation
+from server.serving import chat_template, fair_pool, lorax_fields, structured, validation
 from server.serving import completion_service as completions
 from server.serving.logprobs import chat_logprobs, token_bytes
 from server.serving.request_fields import check_fields
@@ -63,7 +63,8 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
     model = lorax_fields.adapter_for(req.model, req.model_extra, completions.base_names(state))
     tok = state.resident.tokenizer
     limits = state.settings.server
-    text = chat_template.render(tok, template, _messages(req, min(limits.max_prompt_chars, limits.max_request_chars)))
+    text = chat_template.render(tok, template, _messages(req, min(limits.max_prompt_chars, limits.max_request_chars)),
+                                req.add_generation_prompt, req.chat_template_kwargs)
     if len(text) > state.settings.server.max_prompt_chars:
         raise validation.PayloadTooLarge(f"the conversation has {len(text)} characters; the limit is "
                               f"{state.settings.server.max_prompt_chars}", param="messages")
@@ -72,26 +73,49 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
     stop += [s for s in template.stop if s not in stop][: max(0, 4 - len(stop))]
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, state.resident.max_positions - len(ids))
     fields = {name: getattr(req, name) for name in SamplingFields.model_fields}
-    return CompletionRequest.model_construct(
+    plan, schema = structured.tool_plan(req)
+    if plan is not None:
+        if structured.grammar_spec(req) is not None:
+            raise InvalidRequest("a tool call cannot also follow response_format or guided decoding",
+                                 param="tool_choice")
+        fields["guided_json"] = schema  # the tool call's arguments (or name and arguments) follow this
+        stop = []  # the grammar ends the call; a template stop string must not cut it
+    creq = CompletionRequest.model_construct(
         model=model, prompt=ids, max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, n=req.n, stop=stop or None,
         stream=req.stream, stream_options=req.stream_options, seed=req.seed,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None, logit_bias=req.logit_bias, echo=False,
         user=req.user, routing=req.routing, **fields)
+    creq._tool_plan = plan
+    last = req.messages[-1]
+    creq._echo = _messages(req, limits.max_prompt_chars)[-1]["content"] if req.echo and last.role == "assistant" else ""
+    return creq
+
+
+def _message(creq: CompletionRequest, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+    """The assistant message and finish reason: text, or a tool call when the request forced one."""
+    plan = creq._tool_plan
+    if plan is None:
+        return {"role": "assistant", "content": creq._echo + text}, finish_reason
+    call = structured.tool_call(plan, text, f"call_{uuid.uuid4().hex[:24]}")
+    return ({"role": "assistant", "content": None, "tool_calls": [call]},
+            "tool_calls" if finish_reason == "stop" else finish_reason)
 
 
 async def complete(creq: CompletionRequest, choices: list[completions.Choice], state: Services,
                    request: Request) -> dict:
     body = await completions.complete(creq, choices, state, request)
-    decode, to_bytes = completions.token_decoder(state), token_bytes(state.resident.tokenizer)
+    decode = completions.token_decoder(state, creq.return_tokens_as_token_ids)
+    to_bytes = token_bytes(state.resident.tokenizer)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": body["created"],
         "model": creq.model,
-        "choices": [{"index": ch["index"], "message": {"role": "assistant", "content": ch["text"]},
+        "choices": [{"index": ch["index"], "message": message,
                      "logprobs": chat_logprobs(decode, c.lp.entries, to_bytes) if c.lp is not None else None,
-                     "finish_reason": ch["finish_reason"], "routing": ch["routing"]}
-                    for ch, c in zip(body["choices"], choices, strict=True)],
+                     "finish_reason": finish, "routing": ch["routing"]}
+                    for ch, c in zip(body["choices"], choices, strict=True)
+                    for message, finish in [_message(creq, ch["text"], ch["finish_reason"])]],
         "usage": body["usage"],
     }
 
@@ -101,8 +125,11 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
     """The completions stream re-shaped into chat chunks: the first chunk of each choice carries
     the assistant role, each later one a content delta with its log-probs and routing weights."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    decode, to_bytes = completions.token_decoder(state), token_bytes(state.resident.tokenizer)
+    decode = completions.token_decoder(state, creq.return_tokens_as_token_ids)
+    to_bytes = token_bytes(state.resident.tokenizer)
     sent = [0] * len(choices)  # chat log-prob entries already sent, per choice
+    plan: structured.ToolCallPlan | None = creq._tool_plan
+    calls = [""] * len(choices)  # tool-call ids, per choice
     started = [False] * len(choices)
 
     def chunk(choice: dict[str, Any] | None, usage: dict | None = None) -> str:
@@ -130,14 +157,37 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
             i = ch["index"]
             if not started[i]:
                 started[i] = True
-                yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None})
+                yield chunk({"index": i, "delta": {"role": "assistant", "content": None if plan else creq._echo},
+                             "logprobs": None, "finish_reason": None})
+                if plan is not None and plan.name is not None:  # a named call: its id and name first
+                    calls[i] = f"call_{uuid.uuid4().hex[:24]}"
+                    yield chunk({"index": i, "delta": {"tool_calls": [
+                        {"index": 0, "id": calls[i], "type": "function",
+                         "function": {"name": plan.name, "arguments": ""}}]}, "logprobs": None, "finish_reason": None})
             lp = None
             c = choices[i]
             if c.lp is not None:
                 lp = chat_logprobs(decode, c.lp.entries[sent[i]:], to_bytes)
                 sent[i] = len(c.lp.entries)
-            yield chunk({"index": i, "delta": {"content": ch["text"]} if ch["text"] else {}, "logprobs": lp,
-                         "finish_reason": ch["finish_reason"], "routing": ch["routing"]})
+            yield chunk({"index": i, "delta": _delta(plan, ch["text"], ch["finish_reason"], c.text), "logprobs": lp,
+                         "finish_reason": _finish(plan, ch["finish_reason"]), "routing": ch["routing"]}, body.get("usage"))
     finally:  # a client that went away: the inner stream's cleanup cancels the rows now, not at GC
         await frames.aclose()
+
+
+def _delta(plan: structured.ToolCallPlan | None, text: str, finish_reason: str | None, whole: str) -> dict[str, Any]:
+    """A stream chunk's delta: content text; with a named tool call, argument text as a tool-call
+    delta; with `"required"`, nothing until the call is complete (its name comes out of the JSON),
+    then the whole call in one tool-call delta."""
+    if plan is None:
+        return {"content": text} if text else {}
+    if plan.name is not None:
+        return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+    if finish_reason is None:
+        return {}
+    call = structured.tool_call(plan, whole, f"call_{uuid.uuid4().hex[:24]}")
+    return {"tool_calls": [{"index": 0, **call}]}
+
+
+def _finish(plan: structured.ToolCallPlan | None, finish_reason: str | None) -> str | None:
+    return "tool_calls" if plan is not None and finish_reason == "stop" else finish_reason

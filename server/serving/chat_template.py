@@ -79,11 +79,14 @@ def resolve(tokenizer, configured: str | None) -> ChatTemplate:
     return ChatTemplate(DEFAULT_TEMPLATE, "default")
 
 
-def render(tokenizer, template: ChatTemplate, messages: list[dict[str, str]]) -> str:
-    """The prompt text, ending with the template's generation prompt (the assistant's turn)."""
+def render(tokenizer, template: ChatTemplate, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+           extra: dict | None = None) -> str:
+    """The prompt text, ending with the template's generation prompt (the assistant's turn) unless
+    `add_generation_prompt` is false; `extra`: vLLM's `chat_template_kwargs`, the template's own variables."""
+    kwargs = {k: v for k, v in (extra or {}).items() if k not in ("add_generation_prompt", "tokenize", "chat_template")}
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template.template,
-                                             add_generation_prompt=True, tokenize=False)
+                                             add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
     except jinja2.TemplateError as e:  # e.g. a template's raise_exception on role order
         raise InvalidRequest(f"the chat template refused the conversation: {e}", param="messages") from e
     return str(text)

@@ -20,7 +20,7 @@ from server.engine.errors import (
 )
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
-from server.serving import fair_pool, lorax_fields, validation
+from server.serving import fair_pool, lorax_fields, structured, validation
 from server.serving.logprobs import LogprobTrack, completion_logprobs
 from server.serving.request_fields import check_fields, sampling_params
 from server.state import Services
@@ -108,6 +108,8 @@ def _prompts(req: CompletionRequest, state: Services) -> list[tuple[str, list[in
     out = []
     for text in texts:  # each prompt in this request's turn on the shared tokenising threads
         ids = fair_pool.TOKENISE.run(id(req), tok.encode, text) or [tok.eos_token_id]  # empty: <|endoftext|>
+        if req.truncate_prompt_tokens is not None:  # vLLM: only the last k tokens count (and are checked)
+            ids = ids[-req.truncate_prompt_tokens:]
         _check_context(len(ids), req.max_tokens, limit)
         out.append((text, ids))
     return out
@@ -176,8 +178,20 @@ def build_choices(req: CompletionRequest, state: Services,
     validation.check_prompt_count(req.prompt, limits.max_prompts)
     spec, adapters = routing_spec(req, state)
     prompts = _prompts(req, state)
+    if req.truncate_prompt_tokens is not None:  # vLLM: the prompt's last k tokens
+        tok = state.resident.tokenizer
+        prompts = [(t if len(ids) <= req.truncate_prompt_tokens else str(tok.decode(ids[-req.truncate_prompt_tokens:])),
+                    ids[-req.truncate_prompt_tokens:]) for t, ids in prompts]
     tok = state.resident.tokenizer
     sampling = sampling_params(req, _logit_bias(req, state), req.logprobs or 0, vocab_size(state), tok.eos_token_id)
+    if req.bad_words:
+        sampling = replace(sampling, bad_words=_bad_words(req.bad_words, tok))
+    skip_special = req.skip_special_tokens is not False
+    constraint = structured.grammar_spec(req)
+    if constraint is not None and sampling.min_tokens:
+        raise InvalidRequest("min_tokens cannot be combined with structured output (the grammar decides "
+                             "where the output ends)", param="min_tokens")
+    grammars = structured.row_grammars(constraint, state, len(prompts) * candidates(req))
     loop = loop or asyncio.get_running_loop()
     if deadline is None:
         deadline = time.monotonic() + state.settings.engine.request_timeout
@@ -191,11 +205,12 @@ def build_choices(req: CompletionRequest, state: Services,
                     seq = Sequence(
                         prompt_ids=ids, max_tokens=req.max_tokens,
                         sampling=replace(sampling, seed=sampling.seed + copy) if sampling.seed is not None else sampling,
-                        routing=spec, decode=lambda t: str(tok.decode(t, skip_special_tokens=True)),
+                        routing=spec, decode=lambda t: str(tok.decode(t, skip_special_tokens=skip_special)),
                         emit=_emitter(loop, queue),
                         stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
                         versions={v.name: v for v in versions}, deadline=deadline,
                         prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                        grammar=grammars[len(choices)], include_stop_str=bool(req.include_stop_str_in_output),
                     )
                 except BaseException:
                     state.registry.release(versions)
@@ -206,6 +221,19 @@ def build_choices(req: CompletionRequest, state: Services,
         release(choices, state)
         raise
     return choices
+
+
+def _bad_words(words: list[str], tok: Any) -> tuple[tuple[int, ...], ...]:
+    """vLLM's `bad_words`: each word's tokens as written and with a leading space (how it appears
+    after another word)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        validation.check_text(word, "bad_words")
+        for text in (word, " " + word.lstrip()):
+            ids = tuple(tok.encode(text, add_special_tokens=False))
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)
 
 
 def release(choices: list[Choice], state: Services) -> None:
@@ -277,13 +305,16 @@ class ClientGone(Exception):
     """The client disconnected; its rows are cancelled."""
 
 
-def token_decoder(state: Services) -> Callable[[int], str]:
+def token_decoder(state: Services, as_ids: bool | None = False) -> Callable[[int], str]:
+    """A log-prob entry's token text; `as_ids` (vLLM's return_tokens_as_token_ids): 'token_id:<id>'."""
+    if as_ids:
+        return lambda token_id: f"token_id:{token_id}"
     tok = state.resident.tokenizer
     return lambda token_id: str(tok.decode([token_id]))
 
 
-def _logprobs_body(c: Choice, state: Services) -> dict | None:
-    return None if c.lp is None else completion_logprobs(token_decoder(state), c.lp.entries)[0]
+def _logprobs_body(c: Choice, state: Services, as_ids: bool | None) -> dict | None:
+    return None if c.lp is None else completion_logprobs(token_decoder(state, as_ids), c.lp.entries)[0]
 
 
 def _usage(choices: list[Choice]) -> dict:
@@ -306,7 +337,7 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: Service
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model,
         "choices": [{"index": i, "text": (c.seq.prompt_text if c.echo else "") + c.text,
-                     "logprobs": _logprobs_body(c, state), "finish_reason": c.finish_reason,
+                     "logprobs": _logprobs_body(c, state, req.return_tokens_as_token_ids), "finish_reason": c.finish_reason,
                      "routing": c.seq.segments()} for i, c in enumerate(best(choices, req.n, candidates(req)))],
         "usage": usage,
     }
@@ -335,7 +366,9 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
     def chunk(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
-    decode = token_decoder(state)
+    decode = token_decoder(state, req.return_tokens_as_token_ids)
+    continuous = bool(req.stream_options and req.stream_options.include_usage
+                      and req.stream_options.continuous_usage_stats)
 
     def logprobs(c: Choice) -> dict | None:  # the tokens this chunk adds
         if c.lp is None:
@@ -364,8 +397,11 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
                           "routing": {"token_index": ev.token_index, "weights": {k: round(v, 4) for k, v in ev.weights.items()}}}
                 if ev.finish_reason is not None:
                     choice["routing"]["segments"] = c.seq.segments()
-                yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                             "choices": [choice]})
+                body = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                        "choices": [choice]}
+                if continuous:  # vLLM: the usage so far on every chunk
+                    body["usage"] = _usage(choices)
+                yield chunk(body)
         if req.stream_options and req.stream_options.include_usage:
             yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
                          "choices": [], "usage": _usage(choices)})

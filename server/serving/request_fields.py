@@ -3,7 +3,7 @@ this server does not implement.
 
 Policy (vLLM's): a field nobody here knows is accepted and logged once, so a client that sends
 some new vendor option keeps working; a field that is known but not implemented (beam search,
-guided decoding, tools, `suffix`, ...) is a 400 naming it whenever its value would change the
+`suffix`, ...) is a 400 naming it whenever its value would change the
 output, because silently ignoring it would return something the client did not ask for.
 """
 
@@ -28,17 +28,11 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (None, False),
     "length_penalty": (None, 1.0),
     "early_stopping": (None, False),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "guided_decoding_backend": (None,), "structured_outputs": (None,),
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "prompt_logprobs": (None,), "min_p": (None, 0.0),
-    "allowed_token_ids": (None,), "bad_words": (None, []),
-    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
-    "truncate_prompt_tokens": (None,), "logits_processors": (None, []),
+    "functions": (None, []), "function_call": (None, "none"),
+    "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,), "logits_processors": (None, []),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
-    "continue_final_message": (None, False), "echo": (None, False), "add_generation_prompt": (None, True),
-    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None, []),
+    "continue_final_message": (None, False), "chat_template": (None,), "documents": (None, []),
 }
 _logged: set[str] = set()
 
@@ -85,4 +79,4 @@ def sampling_params(req: Any, logit_bias: tuple[tuple[int, float], ...], top_log
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         min_tokens=min_tokens, ignore_eos=bool(req.ignore_eos), stop_token_ids=stop_ids,
-        eos_token_id=eos_token_id, top_logprobs=top_logprobs)
+        eos_token_id=eos_token_id, top_logprobs=top_logprobs, min_p=req.min_p or 0.0)

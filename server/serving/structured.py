@@ -1,0 +1,132 @@
+"""Structured output on the request side: which grammar a request asks for (OpenAI's
+`response_format`, vLLM's `guided_*` fields and `structured_outputs`, chat `tools`), compiled once
+per request and handed to each of its rows as its own matcher (`server/engine/grammar.py`).
+
+Tools: GPT-2 has no tool-call format of its own, so `tool_choice: "none"` and `"auto"` generate
+text (the tools are not shown to the model). `"required"` and a named function make the reply a
+tool call: with a named function the row generates the function's arguments under its
+`parameters` schema; with `"required"` it generates `{"name": ..., "arguments": {...}}` under the
+union of the tools' schemas, and the response carries it as `tool_calls`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from server.api.schemas import ChatCompletionRequest, StructuredFields
+from server.engine.errors import InvalidRequest
+from server.engine.grammar import GrammarCompiler, GrammarSpec, RowGrammar, json_schema_spec
+from server.state import Services
+
+_lock = threading.Lock()
+_compilers: dict[int, GrammarCompiler] = {}  # per resident model (its tokenizer and vocabulary)
+
+
+def compiler(state: Services) -> GrammarCompiler:
+    """The resident model's grammar compiler, built on first use (a second or so for GPT-2's
+    50257 tokens) and kept for the life of the resident model."""
+    key = id(state.resident)
+    with _lock:
+        found = _compilers.get(key)
+        if found is None:
+            tok, config = state.resident.tokenizer, state.resident.model.config
+            found = GrammarCompiler.for_tokenizer(tok, int(config.vocab_size), [int(tok.eos_token_id)])
+            _compilers.clear()  # one resident model per server
+            _compilers[key] = found
+    return found
+
+
+def grammar_spec(req: StructuredFields) -> GrammarSpec | None:
+    """The one constraint the request asks for, or None; 400 if it asks for several."""
+    found: list[GrammarSpec] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(GrammarSpec("json_object", "", "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise InvalidRequest("response_format json_schema needs `json_schema.schema`", param="response_format")
+        found.append(json_schema_spec(rf.json_schema.schema_, "response_format"))
+    if req.guided_json is not None:
+        found.append(json_schema_spec(req.guided_json, "guided_json"))
+    if req.guided_regex is not None:
+        found.append(GrammarSpec("regex", req.guided_regex, "guided_regex"))
+    if req.guided_choice is not None:
+        found.append(GrammarSpec("choice", json.dumps(req.guided_choice), "guided_choice"))
+    if req.guided_grammar is not None:
+        found.append(GrammarSpec("grammar", req.guided_grammar, "guided_grammar"))
+    so = req.structured_outputs
+    if so is not None:
+        for name in ("structural_tag", "whitespace_pattern"):
+            if (so.model_extra or {}).get(name) is not None:
+                raise InvalidRequest(f"`structured_outputs.{name}` is not supported by this server",
+                                     param=f"structured_outputs.{name}", code="unsupported_parameter")
+        if so.json_ is not None:
+            found.append(json_schema_spec(so.json_, "structured_outputs.json"))
+        if so.regex is not None:
+            found.append(GrammarSpec("regex", so.regex, "structured_outputs.regex"))
+        if so.choice is not None:
+            found.append(GrammarSpec("choice", json.dumps(so.choice), "structured_outputs.choice"))
+        if so.grammar is not None:
+            found.append(GrammarSpec("grammar", so.grammar, "structured_outputs.grammar"))
+        if so.json_object:
+            found.append(GrammarSpec("json_object", "", "structured_outputs.json_object"))
+    if len(found) > 1:
+        raise InvalidRequest("ask for one kind of structured output: " + ", ".join(s.param for s in found),
+                             param=found[1].param)
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class ToolCallPlan:
+    """How a chat reply becomes a tool call: `name` is the named function (the row generates its
+    arguments), or None for `"required"` (the row generates `{"name", "arguments"}`)."""
+
+    name: str | None
+
+
+def tool_plan(req: ChatCompletionRequest) -> tuple[ToolCallPlan | None, dict[str, Any] | None]:
+    """The tool-call plan and the JSON schema the reply is generated under, or (None, None) when
+    the reply is text (`tool_choice` none/auto, or no tools)."""
+    choice = req.tool_choice
+    if req.tools is None or choice in (None, "none", "auto"):
+        if choice is not None and choice not in ("none", "auto") and not req.tools:
+            raise InvalidRequest("tool_choice needs `tools`", param="tool_choice")
+        return None, None
+    schemas = {t.function.name: _parameters(t.function.parameters) for t in req.tools}
+    if choice == "required":
+        options = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+                    "required": ["name", "arguments"], "additionalProperties": False}
+                   for name, params in schemas.items()]
+        return ToolCallPlan(None), options[0] if len(options) == 1 else {"anyOf": options}
+    assert not isinstance(choice, str)
+    name = choice.function.name
+    if name not in schemas:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not among `tools`", param="tool_choice")
+    return ToolCallPlan(name), schemas[name]
+
+
+def _parameters(schema: dict[str, Any] | None) -> dict[str, Any]:
+    return schema if schema else {"type": "object", "properties": {}}
+
+
+def tool_call(plan: ToolCallPlan, text: str, call_id: str) -> dict[str, Any]:
+    """The `tool_calls` entry for a finished reply's text (JSON under the plan's schema)."""
+    if plan.name is not None:
+        return {"id": call_id, "type": "function", "function": {"name": plan.name, "arguments": text}}
+    try:
+        body = json.loads(text)
+        name, arguments = body["name"], json.dumps(body["arguments"])
+    except (ValueError, KeyError, TypeError):  # cut short by max_tokens: hand back what there is
+        name, arguments = "", text
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def row_grammars(spec: GrammarSpec | None, state: Services, rows: int) -> list[RowGrammar | None]:
+    """One matcher per row (compiled once); 400 for a spec that cannot compile."""
+    if spec is None:
+        return [None] * rows
+    compiled = compiler(state).compile(spec)
+    return [RowGrammar(compiled) for _ in range(rows)]
