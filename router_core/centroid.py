@@ -111,6 +111,7 @@ class CentroidRouter:
     """
 
     kind = "centroid"
+    per_token = False  # gates per row, from an embedding of the routing window
 
     def __init__(
         self,

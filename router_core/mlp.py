@@ -86,6 +86,7 @@ class MLPRouter:
     """
 
     kind = "mlp"
+    per_token = False  # gates per row, from an embedding of the routing window
 
     def __init__(
         self,

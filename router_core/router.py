@@ -20,6 +20,9 @@ class Router(Protocol):
 
     kind: str  # "centroid", "mlp", ...: reported by GET /admin/routers and stored with artifacts
     adapter_names: tuple[str, ...]  # the order of the route vector's entries
+    # True: the LoRA layers gate each token themselves (Arrow, router_core/arrow.py); the route
+    # vector only names the candidates, and the router needs no embedding
+    per_token: bool
 
     @property
     def needs_complexity(self) -> bool:

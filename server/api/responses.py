@@ -208,7 +208,7 @@ class ReloadReport(Open):
 # -- admin: routers -----------------------------------------------------------------------------------------
 class RouterInfo(Open):
     name: str
-    kind: str = Field(description="centroid | mlp")
+    kind: str = Field(description="centroid | arrow | mlp")
     adapters: list[str]
     embedder: str | None = Field(None, description="MLP routers: the embedder it was trained on")
 

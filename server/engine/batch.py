@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 
 from server.engine.kv_cache import KVCache
+from server.engine.lora_layer import ArrowRows
 from server.engine.registry import AdapterVersion
 from server.engine.sequence import Sequence
 from server.engine.slots import SlotManager
@@ -151,3 +152,40 @@ def gate_matrix(seqs: list[Sequence], slots: SlotManager, dtype: torch.dtype, de
     used = [row for row, gates in enumerate(table) if any(g != 0.0 for g in gates)]
     rows = None if len(used) == len(seqs) else to_device(torch.tensor(used, dtype=torch.long), device)
     return tuple(active), to_device(torch.tensor(table, dtype=dtype), device), rows
+
+
+def per_token_rows(seqs: list[Sequence], gates: torch.Tensor | None, device: torch.device,
+                   lengths: list[int] | None = None) -> ArrowRows | None:
+    """The rows of `seqs` whose layers gate each token themselves (Arrow: `RoutingSpec.per_token`)
+    and that have candidates in `gates`; None when there are none. `lengths`: each row's real
+    tokens in this forward (a right-padded prefill), so the weights they report skip the padding."""
+    if gates is None:
+        return None
+    picked = [i for i, s in enumerate(seqs)  # from the host's gates: no device sync
+              if s.routing.per_token is not None and any(w > 0 for w in s.route.gates.values())]
+    if not picked:
+        return None
+    specs = [seqs[i].routing.per_token for i in picked]
+    return ArrowRows(
+        rows=to_device(torch.tensor(picked, dtype=torch.long), device),
+        top_k=to_device(torch.tensor([k for k, _ in specs], dtype=torch.long), device),  # type: ignore[misc]
+        temperature=to_device(torch.tensor([t for _, t in specs], dtype=torch.float32), device),  # type: ignore[misc]
+        lengths=None if lengths is None else to_device(torch.tensor([lengths[i] for i in picked]), device),
+        host_rows=picked)
+
+
+def record_layer_weights(seqs: list[Sequence], arrow: ArrowRows, active: tuple[int, ...],
+                         slots: SlotManager) -> None:
+    """Give each per-token row the mean weight per adapter its layers chose in this forward
+    (`RouteState.layer_weights`, what its trace reports)."""
+    means = arrow.mean_weights()  # [a, active]
+    if means is None:
+        return
+    for i, row in enumerate(arrow.host_rows):
+        seq = seqs[row]
+        weights: dict[str, float] = {}
+        for col, w in enumerate(means[i].tolist()):
+            version = slots.slot_version[active[col]]
+            if version is not None and seq.versions.get(version.name) is version and w > 0:
+                weights[version.name] = w
+        seq.route.layer_weights = weights

@@ -24,6 +24,8 @@ import logging
 import queue
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,7 +33,7 @@ import torch
 
 from server.engine import gpt2, static_step
 from server.engine.base_model import LORA_TARGETS, ResidentModel
-from server.engine.batch import Batch, Gates, gate_matrix, padded
+from server.engine.batch import Batch, Gates, gate_matrix, padded, per_token_rows, record_layer_weights
 from server.engine.errors import ContextTooLong, Overloaded, RequestTimeout, SwitchboardError, Unavailable
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
@@ -192,9 +194,8 @@ class Engine:
         for seq in embed:  # re-routes pool the sliding window only
             if seq.route.hidden_tail is not None and window:
                 seq.route.hidden_tail = seq.route.hidden_tail[-window:]
-        gates = self._gates(seqs)
         ids, pos, last = padded([s.prompt_ids for s in seqs], self.resident.device)
-        with self.ctx.applied(*gates):
+        with self._gated(seqs, [len(s.prompt_ids) for s in seqs]):
             logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
         self.batch.add(seqs)  # rows row.. of the cache are theirs from here on
         fresh: list[torch.Tensor | None] = [hidden[i, : len(seq.prompt_ids)] if seq.route.hidden_tail is None else None
@@ -242,7 +243,7 @@ class Engine:
         self.route_step.prefetch(seqs)
         ids, pos = self.batch.decode_inputs()  # [B, 1] each
         try:
-            with self.ctx.applied(*self._gates(seqs)):
+            with self._gated(seqs):
                 logits, hidden = self._forward(ids, pos, 0)  # [B, V], [B, 1, d]
         except Exception as e:  # one row's gates or inputs broke the shared step: retry each alone
             log.warning("batched decode of %d rows failed (%r); retrying them one at a time", len(seqs), e)
@@ -250,7 +251,7 @@ class Engine:
             tails: list[torch.Tensor | None] = []
             for row, seq in enumerate(seqs):
                 try:
-                    with self.ctx.applied(*self._gates([seq])):
+                    with self._gated([seq]):
                         one, h = self._forward(ids[row:row + 1], pos[row:row + 1], row)
                     rows.append(one[0])
                     tails.append(h[0])
@@ -264,6 +265,18 @@ class Engine:
     def _gates(self, seqs: list[Sequence]) -> Gates:
         """The slots these rows use and their [B, active] gate matrix, for `ctx.applied`."""
         return gate_matrix(seqs, self.slots, self.resident.dtype, self.resident.device)
+
+    @contextmanager
+    def _gated(self, seqs: list[Sequence], lengths: list[int] | None = None) -> Iterator[None]:
+        """Apply these rows' gates (and, for rows an Arrow router gates per token, their
+        `ArrowRows`) for the forward inside the `with`; once it returns, those rows learn the
+        mean weights their layers chose (for the trace)."""
+        active, gates, rows = self._gates(seqs)
+        arrow = per_token_rows(seqs, gates, self.resident.device, lengths)
+        with self.ctx.applied(active, gates, rows, arrow):
+            yield
+        if arrow is not None:
+            record_layer_weights(seqs, arrow, active, self.slots)
 
     def _take_tokens(self, seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor | Exception],
                      tails: list[torch.Tensor | None]) -> None:
@@ -283,7 +296,9 @@ class Engine:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
-        if self.static is not None and ids.shape[1] == 1 and row == 0 and last is None:  # a decode step
+        # a decode step; rows gated per token (Arrow) take the eager forward: the static step
+        # has one gate row per sequence (docs/routing.md)
+        if self.static is not None and ids.shape[1] == 1 and row == 0 and last is None and self.ctx.arrow is None:
             # rows 0..B-1 of the batch: their furthest position, from the host (no device read)
             n = ids.shape[0]
             return self.static.step(ids, pos, self.batch.top_position(n) if len(self.batch) >= n else None)

@@ -10,6 +10,12 @@ concatenated along the rank axis, so a step costs two low-rank matmuls per layer
 number of adapters in the mixture (the `cat` combination of `add_weighted_adapter`, but per row
 and without materialising a merged adapter). With bf16 weights on CPU those two are computed in
 fp32 (see `MultiLoRAConv1D`).
+
+Rows routed by Arrow (`router_core.arrow`, arXiv 2405.11157) get their gates per token and per
+layer instead: a separate branch of the forward (`MultiLoRAConv1D._forward_per_token`, taken
+only when the context carries `ArrowRows`) scores each such token against the prototypes of
+the row's candidate adapters and gates them there; the other rows of the batch keep their row
+gates.
 """
 
 from __future__ import annotations
@@ -22,7 +28,44 @@ from typing import cast
 import torch
 from torch import nn
 
+from router_core.arrow import token_gates
 from server.engine import cpu_linear
+
+
+@dataclass
+class ArrowRows:
+    """The rows of a forward whose gates each layer decides per token (Arrow).
+
+    Their row of the gate matrix only marks their candidates (> 0); `top_k` and `temperature`
+    are per request. Each layer adds the weights it gave (summed over the row's real tokens, up
+    to `lengths`) to `weight_sum`, so the engine can report each row's mean weight per adapter
+    over the layers after the forward (`mean_weights`)."""
+
+    rows: torch.Tensor  # [a] long, batch rows routed per token
+    top_k: torch.Tensor  # [a] long
+    temperature: torch.Tensor  # [a] float
+    lengths: torch.Tensor | None = None  # [a] real tokens per row in this forward (None: all T)
+    host_rows: list[int] = field(default_factory=list)  # `rows` on the host (no device read to name them)
+    weight_sum: torch.Tensor | None = None  # [a, active] summed gates over layers and tokens
+    _counts: torch.Tensor | None = None  # [a] per row
+
+    def observe(self, weights: torch.Tensor) -> None:  # weights [a, T, E]
+        w = weights.detach().float()
+        if self.lengths is not None:
+            real = torch.arange(w.shape[1], device=w.device)[None, :] < self.lengths[:, None]  # [a, T]
+            w = w * real[..., None]
+            n = real.sum(1).float()
+        else:
+            n = torch.full((w.shape[0],), float(w.shape[1]), device=w.device)
+        s = w.sum(1)  # [a, E]
+        self.weight_sum = s if self.weight_sum is None else self.weight_sum + s
+        self._counts = n if self._counts is None else self._counts + n
+
+    def mean_weights(self) -> torch.Tensor | None:
+        """[a, active]: each row's gates averaged over the layers and tokens of the forward."""
+        if self.weight_sum is None or self._counts is None:
+            return None
+        return self.weight_sum / self._counts.clamp(min=1)[:, None]
 
 
 @dataclass
@@ -38,35 +81,37 @@ class LoRABatchContext:
     active: tuple[int, ...] = ()  # slot indices used by at least one row of the batch
     gates: torch.Tensor | None = None  # [B, len(active)] per-row weight of each active slot
     rows: torch.Tensor | None = None  # [b] rows with any non-zero gate; None means all rows
+    arrow: ArrowRows | None = None  # rows gated per token and per layer (None: none)
     _expanded: dict = field(default_factory=dict)
 
-    def set(self, active: tuple[int, ...], gates: torch.Tensor, rows: torch.Tensor | None) -> None:
-        self.active, self.gates, self.rows = active, gates, rows
+    def set(self, active: tuple[int, ...], gates: torch.Tensor, rows: torch.Tensor | None,
+            arrow: ArrowRows | None = None) -> None:
+        self.active, self.gates, self.rows, self.arrow = active, gates, rows, arrow
         self._expanded = {}
 
     def clear(self) -> None:
-        self.active, self.gates, self.rows = (), None, None
+        self.active, self.gates, self.rows, self.arrow = (), None, None, None
         self._expanded = {}
 
     @contextmanager
     def applied(self, active: tuple[int, ...] = (), gates: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> Iterator[LoRABatchContext]:
-        """Set `active`/`gates`/`rows` for the forwards inside the `with` (no arguments: no
-        adapters, the base model alone), and put back what was there before on the way out,
-        however it is left (in the engine: nothing, so no gates are left behind for the next
-        caller)."""
-        old_active, old_gates, old_rows = self.active, self.gates, self.rows
+                rows: torch.Tensor | None = None, arrow: ArrowRows | None = None) -> Iterator[LoRABatchContext]:
+        """Set `active`/`gates`/`rows` (and the per-token `arrow` rows) for the forwards inside
+        the `with` (no arguments: no adapters, the base model alone), and put back what was
+        there before on the way out, however it is left (in the engine: nothing, so no gates are
+        left behind for the next caller)."""
+        old = self.active, self.gates, self.rows, self.arrow
         if gates is None:
             self.clear()
         else:
-            self.set(active, gates, rows)
+            self.set(active, gates, rows, arrow)
         try:
             yield self
         finally:
-            if old_gates is None:
+            if old[1] is None:
                 self.clear()
             else:
-                self.set(old_active, old_gates, old_rows)
+                self.set(*old)
 
     def gates_for(self, cols: torch.Tensor) -> torch.Tensor:
         """Gates expanded to rank columns, [B, R]: computed once per step for all the layers
@@ -104,6 +149,9 @@ class MultiLoRAConv1D(nn.Module):
         # Per slot: A [in, r], B [r, out] with the adapter's scale folded in; None = slot unused here.
         self.lora_a: list[torch.Tensor | None] = [None] * num_slots
         self.lora_b: list[torch.Tensor | None] = [None] * num_slots
+        # Per slot: the adapter's Arrow prototype in this layer, [in] fp32 (router_core.arrow)
+        self.protos: list[torch.Tensor | None] = [None] * num_slots
+        self._proto_stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._stacks: dict[tuple[tuple[int, ...], torch.dtype],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         # [out, in] storage of the base weight when oneDNN computes the base matmul (CPU), else None.
@@ -126,9 +174,29 @@ class MultiLoRAConv1D(nn.Module):
             return cpu_linear.linear(x2, self.weight_t, bias)
         return torch.addmm(bias, x2, cast(torch.Tensor, self.base.weight))
 
-    def set_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None) -> None:
+    def set_slot(self, slot: int, a: torch.Tensor | None, b_scaled: torch.Tensor | None,
+                 proto: torch.Tensor | None = None) -> None:
         self.lora_a[slot], self.lora_b[slot] = a, b_scaled
+        self.protos[slot] = proto
         self._stacks.clear()
+        self._proto_stacks.clear()
+
+    def _proto_stack(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototypes of the active slots `[E, in]` (zeros where a slot has none here) and which
+        positions have one `[E]` bool; cached per active set like `_stack`."""
+        hit = self._proto_stacks.get(active)
+        if hit is None:
+            ref = next((p for p in self.protos if p is not None), None)
+            device = ref.device if ref is not None else cast(torch.Tensor, self.base.weight).device
+            rows = [self.protos[s] if self.protos[s] is not None and self.lora_a[s] is not None else None
+                    for s in active]
+            protos = torch.stack([p if p is not None else torch.zeros(self.in_features, device=device)
+                                  for p in rows]).float()
+            has = torch.tensor([p is not None for p in rows], device=device)
+            if len(self._proto_stacks) >= self.max_cached_stacks:
+                self._proto_stacks.clear()
+            hit = self._proto_stacks[active] = (protos, has)
+        return hit
 
     def _stack(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Concatenate the active slots' factors once per distinct active set (cached)."""
@@ -157,6 +225,8 @@ class MultiLoRAConv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, in]
         ctx = self.ctx
+        if ctx.arrow is not None and ctx.active and ctx.gates is not None:
+            return self._forward_per_token(x, ctx.arrow)
         stack = self._stack(ctx.active) if ctx.active and ctx.gates is not None else None
         B, T = x.shape[0], x.shape[1]
         x2 = x.reshape(B * T, self.in_features)  # [B*T, in]
@@ -177,6 +247,30 @@ class MultiLoRAConv1D(nn.Module):
         if b_cat.dtype != y.dtype:  # fp32 factors: the delta in fp32, rounded once into y
             return y.add_(h @ b_cat).view(B, T, self.out_features)
         return y.addmm_(h, b_cat).view(B, T, self.out_features)  # y += h B, in place
+
+    def _forward_per_token(self, x: torch.Tensor, arrow: ArrowRows) -> torch.Tensor:
+        """The forward when some rows are gated per token (Arrow): every row's gates are
+        expanded to its tokens `[B, T, E]`, the Arrow rows' replaced by `token_gates` over their
+        candidates (their gate-matrix entries > 0, and adapters with weights in this layer);
+        then the same two low-rank products as the row-gated path."""
+        ctx = self.ctx
+        assert ctx.gates is not None
+        B, T = x.shape[0], x.shape[1]
+        x2 = x.reshape(B * T, self.in_features)  # [B*T, in]
+        y = self._base(x2)  # [B*T, out]
+        stack = self._stack(ctx.active)
+        if stack is None:  # no active adapter targets this module
+            return y.view(B, T, self.out_features)
+        a_cat, b_cat, cols = stack
+        protos, has = self._proto_stack(ctx.active)  # [E, in], [E]
+        gates = ctx.gates.to(b_cat.dtype)  # [B, E]
+        per_token = gates[:, None, :].expand(B, T, gates.shape[1]).clone()  # [B, T, E]
+        candidates = (gates[arrow.rows] > 0) & has[None, :]  # [a, E]
+        w = token_gates(x[arrow.rows], protos.to(x.device), candidates, arrow.top_k, arrow.temperature)  # [a, T, E]
+        arrow.observe(w)
+        per_token[arrow.rows] = w.to(per_token.dtype)
+        h = (x2.to(a_cat.dtype) @ a_cat) * per_token.view(B * T, -1)[:, cols]  # [B*T, R]
+        return y.add_((h.to(b_cat.dtype) @ b_cat).to(y.dtype)).view(B, T, self.out_features)
 
 
 def gated(h: torch.Tensor, g: torch.Tensor, T: int) -> torch.Tensor:

@@ -14,6 +14,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from router_core.arrow import prototypes
 from server.engine.adapter_weights import AdapterWeights
 from server.engine.errors import AdapterNotFound
 
@@ -28,6 +31,12 @@ class AdapterVersion:
     created: float = field(default_factory=time.time)
     refcount: int = 0  # guarded by the registry's lock
     retired: bool = False  # replaced or removed: free its slot once refcount drops to zero
+    # Arrow's prototype per module path (router_core.arrow), computed once per version, here at
+    # registration, so any adapter is routable per token without examples
+    prototypes: dict[str, torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prototypes = prototypes(self.weights.tensors)
 
     @property
     def name(self) -> str:

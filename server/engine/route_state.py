@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from router_core.policy import RoutingTrace
+from router_core.policy import RoutingTrace, last_reroute
 
 
 @dataclass
@@ -25,6 +25,25 @@ class RouteState:
     hidden_tail: torch.Tensor | None = None  # [W, d] last hidden states, for the `base` embedder
     trace: RoutingTrace = field(default_factory=RoutingTrace)  # gates in force per generated token
     reroutes: int = 0  # routing decisions taken (the first one included)
+    # per-token routing (Arrow): the last forward's mean weight per adapter over layers and tokens
+    layer_weights: dict[str, float] | None = None
+    _stretch: tuple[int, dict[str, float], int] | None = None  # (first token, summed weights, tokens)
+
+    def in_force(self, token_index: int, every: int) -> tuple[int, dict[str, float]]:
+        """What the trace records for generated token `token_index`: the gates in force, or for
+        a row gated per token, the mean over its stretch of the re-route cadence (from
+        `last_reroute`) of each token's mean weight per adapter over the layers, keyed by the
+        stretch's first token (a later record for the same token replaces the earlier one)."""
+        if self.layer_weights is None:
+            return token_index, self.gates
+        start = last_reroute(token_index, every)
+        if self._stretch is None or self._stretch[0] != start:
+            self._stretch = (start, {}, 0)
+        _, sums, n = self._stretch
+        for name, w in self.layer_weights.items():
+            sums[name] = sums.get(name, 0.0) + w
+        self._stretch = (start, sums, n + 1)
+        return start, {name: w / (n + 1) for name, w in sums.items()}
 
     @property
     def top_adapter(self) -> str:

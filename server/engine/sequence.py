@@ -37,6 +37,8 @@ class RoutingSpec:
     reroute_every: int = 2
     top_k: int | None = None
     temperature: float | None = None
+    # (top_k, temperature) when the router gates per token inside the layers (Arrow); None: row gates
+    per_token: tuple[int, float] | None = None
 
 
 @dataclass

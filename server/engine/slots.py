@@ -88,7 +88,9 @@ class SlotManager:
                 layer.set_slot(slot, None, None)
             else:
                 a, b = pair
-                layer.set_slot(slot, a.to(self.device, non_blocking=cuda), b.to(self.device, non_blocking=cuda))
+                proto = version.prototypes.get(path)
+                layer.set_slot(slot, a.to(self.device, non_blocking=cuda), b.to(self.device, non_blocking=cuda),
+                               None if proto is None else proto.to(self.device, non_blocking=cuda))
         self.slot_version[slot] = version
         self.loads += 1
         self._touch(slot)

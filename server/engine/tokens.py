@@ -162,13 +162,15 @@ def accept(seq: Sequence, token: int, logprob: float, top: Top | None = None, *,
     index = len(seq.generated)
     if seq.grammar is not None:
         seq.grammar.accept(token)
-    seq.route.trace.record(index, seq.route.gates)
+    start, weights = seq.route.in_force(index, seq.routing.reroute_every)
+    seq.route.trace.record(start, weights)
     delta = seq.push_token(token, max_positions)
     now = time.monotonic()
     if on_token:  # before the timestamps move: it measures from the previous token
         on_token(seq, now)
     seq.last_token_at = now
-    seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(seq.route.gates), seq.finish_reason, top=top))
+    shown = seq.route.layer_weights if seq.route.layer_weights is not None else seq.route.gates
+    seq.emit(TokenEvent(seq.id, index, token, delta, logprob, dict(shown), seq.finish_reason, top=top))
     return seq.finish_reason is not None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from router_core.arrow import ArrowRouter
 from router_core.artifacts import (
     ArtifactError,
     default_sentence_encoder_path,
@@ -70,6 +71,7 @@ class RouterCatalogue:
         self._lock = threading.Lock()
         self._centroid = CentroidRouter([], [])
         self._built: tuple[list[str], list[torch.Tensor]] | None = None  # what the centroid router was built from
+        self._arrow = ArrowRouter([])
         self._analyzer = None
         self.rebuild()
 
@@ -86,6 +88,10 @@ class RouterCatalogue:
         """Rebuild the centroid router from the adapters whose centroids match the embedder; a
         change that leaves that set as it was (an adapter without a usable centroid registered,
         replaced or removed) costs one pass over the names, not a refit of the router."""
+        arrow = ArrowRouter(sorted(self.registry.names()))  # every adapter: Arrow needs no examples
+        if arrow.adapter_names != self._arrow.adapter_names:
+            with self._lock:
+                self._arrow = arrow
         names, cents = [], []
         for name, version in sorted(self.registry.snapshot().items()):
             w = version.weights
@@ -117,6 +123,8 @@ class RouterCatalogue:
         """Adapters some router of `auto` can send traffic to (marked `routable` in /v1/models)."""
         with self._lock:
             names = set(self._centroid.adapter_names)
+            if self.settings.router == "arrow":  # the default router routes any adapter
+                names.update(self._arrow.adapter_names)
             for router in self.mlp.values():
                 names.update(router.adapter_names)
         return names
@@ -126,11 +134,24 @@ class RouterCatalogue:
         return self.encoder.dim if self.encoder else int(self.resident.model.config.n_embd)
 
     def router(self, name: str | None) -> Router | None:
-        """The router a request named (`centroid` or an MLP router's name), or None if it is gone."""
-        return self._centroid if name == "centroid" else self.mlp.get(name or "")
+        """The router a request named (`centroid`, `arrow` or an MLP router's name), or None if
+        it is gone."""
+        if name == "centroid":
+            return self._centroid
+        if name == "arrow":
+            return self._arrow
+        return self.mlp.get(name or "")
 
     def router_names(self) -> list[str]:
-        return ["centroid", *sorted(self.mlp)]
+        return ["centroid", "arrow", *sorted(self.mlp)]
+
+    def per_token(self, name: str, top_k: int | None, temperature: float | None) -> tuple[int, float] | None:
+        """For a router that gates per token in the layers (Arrow): the request's (top_k,
+        temperature), its own or the router's; None for a router that gates per row."""
+        router = self.router(name)
+        if router is None or not router.per_token:
+            return None
+        return self._arrow.settings(top_k, temperature) if router is self._arrow else None
 
     def resolve(self, name: str | None) -> tuple[str, list[str]]:
         """(router name, adapters it routes over) for a request; 404 for an unknown router."""
@@ -147,6 +168,11 @@ class RouterCatalogue:
                                         self.resident.source or self.resident.model_id),
                     param="model", code="no_routable_adapters")
             return name, adapters
+        if name == "arrow":
+            if not self._arrow.adapter_names:
+                raise InvalidRequest("the arrow router has no adapters: load one first", param="model",
+                                     code="no_routable_adapters")
+            return name, list(self._arrow.adapter_names)
         router = self.mlp.get(name)
         if router is None:
             raise AdapterNotFound(f"router {name!r} does not exist", param="routing.router", code="router_not_found")

@@ -27,8 +27,13 @@ class Gater:
 
     def needs_hidden(self, seq: Sequence) -> bool:
         """Whether `seq` is routed on the resident model's hidden states (the `base` embedder),
-        which the engine then keeps for its routing window."""
-        return self.catalogue.encoder is None
+        which the engine then keeps for its routing window. A router that gates per token in
+        the layers (Arrow) embeds nothing."""
+        return self.catalogue.encoder is None and not self._per_token(seq)
+
+    def _per_token(self, seq: Sequence) -> bool:
+        router = self.catalogue.router(seq.routing.router)
+        return router is not None and router.per_token
 
     def window(self, seq: Sequence) -> int:
         """The first decision sees the prompt (up to the catalogue's `prompt_window`), re-routes
@@ -52,8 +57,13 @@ class Gater:
         """Gates per sequence. `contexts` (from `contexts()`) lets the engine route on a
         snapshot taken on its thread while this runs on another."""
         encoder = self.catalogue.encoder
-        contexts = contexts if contexts is not None else (self.contexts(seqs) if encoder else None)
-        embeddings = self.embed(seqs, contexts)  # [B, d]
+        embedded = [i for i, s in enumerate(seqs) if not self._per_token(s)]  # Arrow rows embed nothing
+        contexts = contexts if contexts is not None else (self.contexts(seqs) if encoder and embedded else None)
+        embeddings = torch.zeros(len(seqs), 0)
+        if embedded:
+            picked = self.embed([seqs[i] for i in embedded], None if contexts is None else [contexts[i] for i in embedded])
+            embeddings = torch.zeros(len(seqs), picked.shape[1], dtype=picked.dtype, device=picked.device)
+            embeddings[embedded] = picked  # [B, d]
         out: list[dict[str, float]] = []
         for i, seq in enumerate(seqs):
             spec, state = seq.routing, seq.route

@@ -53,8 +53,9 @@ def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, 
             return RoutingSpec("fixed", _manual_mixture(opts.weights, registry)), list(opts.weights)
         router, adapters = state.routing.resolve(opts.router if opts else None)
         every = state.routing.policy.cadence(opts.reroute_every if opts else None)
-        return RoutingSpec("auto", router=router, reroute_every=every,
-                           top_k=opts.top_k if opts else None, temperature=opts.temperature if opts else None), adapters
+        top_k, temperature = (opts.top_k, opts.temperature) if opts else (None, None)
+        return RoutingSpec("auto", router=router, reroute_every=every, top_k=top_k, temperature=temperature,
+                           per_token=state.routing.per_token(router, top_k, temperature)), adapters
     if opts is not None and (opts.weights or opts.router):
         raise InvalidRequest("`routing.weights` and `routing.router` need model 'auto'", param="routing")
     if req.model in base_names(state):

@@ -1,0 +1,132 @@
+"""Arrow (arXiv 2405.11157) in the batched LoRA layer against PEFT's `create_arrow_model`: the
+prototypes, the logits of a prompt, greedy decoding, and an Arrow row batched beside rows with
+fixed adapters and manual mixtures without changing them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import ArrowConfig, create_arrow_model
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel
+
+from router_core.arrow import prototype, token_gates
+from server.engine.sequence import RoutingSpec
+from tests.server.engine.rows import PROMPT, hold, row, tiny_engine, token_ids
+from tests.tiny import make_adapter, run_engine
+
+NAMES = ("e0", "e1", "e2")
+TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+@pytest.fixture()
+def experts(store, tiny_model_dir):
+    """Three experts PEFT's Arrow accepts (same rank and targets), strong enough to move greedy
+    tokens. Each has one dominant rank direction, as trained LoRAs do: PEFT finds the top
+    singular vector by 15 power iterations, which converge only when σ1 clearly leads σ2 (on
+    plain random factors its vectors are 0.99 from the exact ones, ours)."""
+    for i, name in enumerate(NAMES):
+        folder = make_adapter(tiny_model_dir, store / name, seed=10 + i, rank=4, alpha=8, targets=TARGETS,
+                              scale_b=3.0)
+        path = folder / "adapter_model.safetensors"
+        tensors = load_file(path)
+        for key, t in tensors.items():
+            if "lora_A" in key:
+                t[0] *= 3.0  # [r, in]: the first rank term of ΔW = B A grows 3x
+        save_file(tensors, path)
+    return store
+
+
+def peft_arrow(store, model_dir, top_k: int, temperature: float):
+    base = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    cfg = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
+    return create_arrow_model(base, [str(store / n) for n in NAMES], cfg).eval()
+
+
+def arrow_row(prompt, top_k: int, temperature: float, max_tokens: int = 10):
+    seq = row(prompt, {n: 1.0 / len(NAMES) for n in NAMES}, max_tokens)
+    seq.routing = RoutingSpec("fixed", dict(seq.routing.weights), per_token=(top_k, temperature))
+    return seq
+
+
+def test_prototype_is_the_top_right_singular_vector_of_delta_w():
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 3), torch.randn(3, 10)
+    u = torch.linalg.svd(a @ b).U[:, 0]  # our x a b is PEFT's (B A)ᵀ: its right vector is our left one
+    assert torch.allclose(prototype(a, b).abs(), u.abs(), atol=1e-5)
+
+
+def test_token_gates_follow_peft_top_k_and_temperature():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # one row, two tokens
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    g = token_gates(x, protos, torch.ones(1, 3, dtype=torch.bool), torch.tensor([2]), torch.tensor([0.5]))
+    # token 0: scores 1, 0, 0.6 -> keep 1 and 0.6 -> softmax([2, 1.2])
+    want0 = torch.softmax(torch.tensor([2.0, 1.2]), 0)
+    assert torch.allclose(g[0, 0], torch.tensor([want0[0], 0.0, want0[1]]))
+    assert g[0, 1, 0] == 0 and torch.allclose(g[0, 1].sum(), torch.tensor(1.0))
+    none = token_gates(x, protos, torch.zeros(1, 3, dtype=torch.bool), torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.equal(none, torch.zeros_like(none))  # no candidate: the base model, not NaN
+
+
+@pytest.mark.parametrize("top_k,temperature", [(2, 1.0), (3, 0.5)])
+def test_arrow_matches_peft_create_arrow_model(experts, tiny_model_dir, top_k, temperature):
+    engine = tiny_engine(experts, tiny_model_dir, NAMES)
+    ref = peft_arrow(experts, tiny_model_dir, top_k, temperature)
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([PROMPT])).logits[0, -1]
+        ref_tokens = ref.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False,
+                                  pad_token_id=0)[0, len(PROMPT):].tolist()
+    # the prototypes PEFT built by power iteration are ours (up to sign)
+    layer = next(m for n, m in ref.named_modules() if n.endswith("h.0.attn.c_attn"))
+    peft_protos = layer.lora_arrow["arrow_router"].prototypes
+    ours = torch.stack([engine.registry.get(n).prototypes["transformer.h.0.attn.c_attn"] for n in NAMES])
+    assert (peft_protos * ours).sum(-1).abs().min() > 0.99999
+
+    seq = hold(engine, arrow_row(PROMPT, top_k, temperature))
+    captured = {}
+    orig = engine._forward
+
+    def spy(ids, pos, r, last=None):
+        logits, hidden = orig(ids, pos, r, last)
+        captured.setdefault("prefill", logits[0].clone())
+        return logits, hidden
+
+    engine._forward = spy  # type: ignore[method-assign]
+    events = run_engine(engine, [seq])[seq.id]
+    assert (captured["prefill"] - ref_logits).abs().max().item() <= 1e-4
+    assert token_ids(events) == ref_tokens
+    # and Arrow did route: a plain uniform mixture of the same experts decodes otherwise
+    uniform = hold(engine, row(PROMPT, {n: 1.0 / len(NAMES) for n in NAMES}, 10))
+    assert token_ids(run_engine(engine, [uniform])[uniform.id]) != ref_tokens
+    # the trace: mean weight per adapter over layers, summing to 1 per stretch
+    segs = seq.segments()
+    assert segs and all(abs(sum(s["weights"].values()) - 1) < 1e-3 for s in segs)
+
+
+def test_arrow_row_beside_fixed_and_mixture_rows_changes_nobody(experts, tiny_model_dir):
+    engine = tiny_engine(experts, tiny_model_dir, (*NAMES, "alpha"))
+
+    def make():
+        return [hold(engine, arrow_row(PROMPT, 2, 1.0, 8)),
+                hold(engine, row(PROMPT[:5], {"e1": 1.0}, 6)),
+                hold(engine, row(PROMPT[2:], {"alpha": 0.3, "e0": 0.7}, 8)),
+                hold(engine, row(PROMPT[1:], {}, 7)),
+                hold(engine, arrow_row(PROMPT[3:], 1, 0.7, 5))]
+
+    alone = []
+    for seq in make():
+        alone.append(token_ids(run_engine(engine, [seq])[seq.id]))
+    batch = make()
+    together = run_engine(engine, batch)
+    assert [token_ids(together[s.id]) for s in batch] == alone
+
+
+def test_arrow_rows_take_the_eager_step_beside_the_static_one(experts, tiny_model_dir):
+    eager = tiny_engine(experts, tiny_model_dir, NAMES)
+    static = tiny_engine(experts, tiny_model_dir, NAMES, decode_step="static")
+    got = []
+    for engine in (eager, static):
+        seqs = [hold(engine, arrow_row(PROMPT, 2, 1.0, 8)), hold(engine, row(PROMPT, {"e2": 1.0}, 8))]
+        ev = run_engine(engine, seqs)
+        got.append([token_ids(ev[s.id]) for s in seqs])
+    assert got[0] == got[1]
