@@ -100,7 +100,7 @@ class LoRABatchContext:
         the `with` (no arguments: no adapters, the base model alone), and put back what was
         there before on the way out, however it is left (in the engine: nothing, so no gates are
         left behind for the next caller)."""
-        old = self.active, self.gates, self.rows, self.arrow
+        old_active, old_gates, old_rows, old_arrow = self.active, self.gates, self.rows, self.arrow
         if gates is None:
             self.clear()
         else:
@@ -108,10 +108,10 @@ class LoRABatchContext:
         try:
             yield self
         finally:
-            if old[1] is None:
+            if old_gates is None:
                 self.clear()
             else:
-                self.set(*old)
+                self.set(old_active, old_gates, old_rows, old_arrow)
 
     def gates_for(self, cols: torch.Tensor) -> torch.Tensor:
         """Gates expanded to rank columns, [B, R]: computed once per step for all the layers
