@@ -104,3 +104,33 @@ def with_fitted_switch_margin(router: CentroidRouter) -> CentroidRouter:
     """`router` with its switch margin fitted on its own examples (0, i.e. off, when it cannot be)."""
     m = fit_switch_margin(router)
     return router.with_options(switch_margin=m if m is not None else 0.0)
+
+
+# -- measuring calibration -------------------------------------------------------------------------------
+def reliability(weights: Tensor, labels: Tensor, bins: int = 10) -> list[dict[str, float]]:
+    """The reliability diagram of routing decisions ("On Calibration of Modern Neural Networks",
+    arXiv 1706.04599): the top adapter's weight is the router's confidence; per equal-width
+    confidence bin, how many decisions fell in it, their mean confidence and how many picked
+    the labelled adapter. `weights` `[N, n]` route vectors, `labels` `[N]`. Empty bins are left out."""
+    if weights.dim() != 2 or labels.shape != (weights.shape[0],):
+        raise ValueError(f"weights must be [N, n] and labels [N], got {tuple(weights.shape)}, {tuple(labels.shape)}")
+    conf, top = weights.float().max(dim=1)  # [N]
+    hit = (top == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    out = []
+    for i in range(bins):
+        lo, hi = float(edges[i]), float(edges[i + 1])
+        inside = (conf > lo) & (conf <= hi) if i else (conf >= lo) & (conf <= hi)
+        n = int(inside.sum())
+        if n:
+            out.append({"low": lo, "high": hi, "count": n, "confidence": float(conf[inside].mean()),
+                        "accuracy": float(hit[inside].mean())})
+    return out
+
+
+def expected_calibration_error(weights: Tensor, labels: Tensor, bins: int = 10) -> float:
+    """ECE: the count-weighted mean gap between confidence and accuracy over the reliability
+    bins (0 = the weights mean what they say)."""
+    table = reliability(weights, labels, bins)
+    total = sum(b["count"] for b in table)
+    return sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in table) / max(total, 1)

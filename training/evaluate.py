@@ -200,15 +200,29 @@ class Evaluator:
         return rut.router.route(emb, cvec)
 
     def held_out_accuracy(self, rut: RouterUnderTest) -> dict[str, Any]:
-        """Top-1 accuracy on the ``--held-out`` files (texts from sources other than the training data)."""
+        """Top-1 accuracy on the ``--held-out`` files (texts from sources other than the training
+        data), and the expected calibration error of the routed weights on those of them whose
+        domain the router has an adapter for (``router_core.calibration``)."""
+        from router_core.calibration import expected_calibration_error, reliability
+
         per_domain, correct, total = {}, 0, 0
+        weights, labels = [], []
         for d, texts in self.held_out.items():
-            pred = self.route(rut, texts).argmax(-1)
+            w = self.route(rut, texts)
+            pred = w.argmax(-1)
             hits = int((pred == rut.adapters.index(d)).sum()) if d in rut.adapters else 0
             per_domain[d] = hits / max(len(texts), 1)
             correct, total = correct + hits, total + len(texts)
-        return {"accuracy": correct / max(total, 1), "per_domain_accuracy": per_domain,
-                "n": {d: len(t) for d, t in self.held_out.items()}}
+            if d in rut.adapters and len(texts):
+                weights.append(w.float())
+                labels.append(torch.full((len(texts),), rut.adapters.index(d), dtype=torch.long))
+        out: dict[str, Any] = {"accuracy": correct / max(total, 1), "per_domain_accuracy": per_domain,
+                               "n": {d: len(t) for d, t in self.held_out.items()}}
+        if weights:
+            w_all, y_all = torch.cat(weights), torch.cat(labels)
+            out["ece"] = expected_calibration_error(w_all, y_all)
+            out["reliability"] = reliability(w_all, y_all)
+        return out
 
     def routing_metrics(self, rut: RouterUnderTest) -> dict[str, Any]:
         confusion = torch.zeros(len(self.domains), len(rut.adapters), dtype=torch.long)

@@ -133,10 +133,12 @@ def _side_by_side(report: dict[str, Any]) -> list[str]:
     held = next(iter(rows.values()))["held_out"]
     lines = ["", "## Routing accuracy: in-distribution vs held-out sources", "",
              "| router | in-distribution | held-out | " + " | ".join(f"held-out {d} (n={n})" for d, n in held["n"].items())
-             + " |", "|---|---|---|" + "---|" * len(held["n"])]
+             + " | held-out ECE |", "|---|---|---|" + "---|" * (len(held["n"]) + 1)]
     for key, r in rows.items():
         per = " | ".join(f"{r['held_out']['per_domain_accuracy'][d]:.1%}" for d in held["n"])
-        lines.append(f"| {key} | {r['accuracy']:.1%} | {r['held_out']['accuracy']:.1%} | {per} |")
+        ece = r["held_out"].get("ece")
+        lines.append(f"| {key} | {r['accuracy']:.1%} | {r['held_out']['accuracy']:.1%} | {per} | "
+                     f"{'-' if ece is None else f'{ece:.3f}'} |")
     return lines
 
 

@@ -216,6 +216,7 @@ def test_eval_writes_report_with_plots(
     for r in report["routing"].values():
         assert 0.0 <= r["accuracy"] <= 1.0 and sum(map(sum, r["confusion"])) == 12
         assert r["held_out"]["n"] == {"code": 194, "lit": 191} and 0.0 <= r["held_out"]["accuracy"] <= 1.0
+        assert 0.0 <= r["held_out"]["ece"] <= 1.0 and sum(b["count"] for b in r["held_out"]["reliability"]) == 385
     assert "complexity_mse" in report["routing"]["mlp/mlp"]
     for d in ("code", "lit"):
         ppl = report["perplexity"][d]
@@ -225,7 +226,7 @@ def test_eval_writes_report_with_plots(
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     md = (out / "report.md").read_text()
     assert "Routing accuracy" in md and "![perplexity.png](perplexity.png)" in md and "φ" in md
-    assert "in-distribution vs held-out sources" in md and "best single" in md
+    assert "in-distribution vs held-out sources" in md and "best single" in md and "held-out ECE" in md
 
 
 def test_resume_from_checkpoint(tiny_model_dir: Path, sample_data: Path, tmp_path: Path) -> None:
