@@ -41,7 +41,7 @@ class EngineSettings(BaseSettings):
 class RoutingSettings(BaseSettings):
     model_config = _ENV
     embedder: str = Field("base", description="`base` (resident model's hidden states), `minilm` (bundled all-MiniLM-L6-v2) or a sentence-encoder folder")
-    router: str = Field("centroid", description="default router: centroid, mlp (first MLP router) or a router name")
+    router: str = Field("centroid", description="default router: centroid, arrow (per token, no examples needed), mlp (first MLP router) or a router name")
     reroute_every: int = Field(2, ge=0, description="re-route every N generated tokens; 0 = route once on the prompt")
     route_window: int = Field(32, ge=1, description="last N tokens of context (prompt + generated) a re-route embeds")
     route_prompt_tokens: int = Field(1024, ge=0, description="last N prompt tokens the first routing decision embeds (the embedder's own limit applies too: 256 for MiniLM); 0 = the route window")

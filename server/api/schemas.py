@@ -70,7 +70,7 @@ class SamplingFields(StructuredFields):
 
 class RoutingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    router: str | None = Field(None, description="centroid | mlp | a router name")
+    router: str | None = Field(None, description="centroid | arrow | mlp | a router name")
     reroute_every: int | None = Field(None, ge=0, le=1024)
     top_k: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, gt=0, le=100)
