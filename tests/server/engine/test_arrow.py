@@ -130,3 +130,22 @@ def test_arrow_rows_take_the_eager_step_beside_the_static_one(experts, tiny_mode
         ev = run_engine(engine, seqs)
         got.append([token_ids(ev[s.id]) for s in seqs])
     assert got[0] == got[1]
+
+
+def test_trace_reports_each_stretch_mean_of_the_layer_weights():
+    from server.engine.route_state import RouteState
+
+    state = RouteState(gates={"a": 0.5, "b": 0.5})
+    assert state.in_force(0, 2) == (0, {"a": 0.5, "b": 0.5})  # row gates: recorded as they are
+    per_token = [{"a": 0.8, "b": 0.2}, {"a": 0.4, "b": 0.6}, {"a": 1.0}]
+    got = []
+    for i, w in enumerate(per_token):
+        state.layer_weights = w
+        start, weights = state.in_force(i, 2)
+        state.trace.record(start, weights)
+        got.append((start, weights))
+    assert got[1][0] == 0 and got[1][1] == pytest.approx({"a": 0.6, "b": 0.4})  # mean of tokens 0 and 1
+    assert got[2] == (2, {"a": 1.0})  # a new stretch
+    assert state.trace.segments(end_token=3) == [
+        {"start_token": 0, "end_token": 2, "weights": {"a": 0.6, "b": 0.4}},
+        {"start_token": 2, "end_token": 3, "weights": {"a": 1.0}}]
