@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="ADAPTER=FILE ... (the label is the adapter)")
     p.add_argument("--router", action="append", default=[], help="MLP router name (repeatable)")
     p.add_argument("--no-centroid", action="store_true", help="skip the centroid router")
+    p.add_argument("--no-arrow", action="store_true", help="skip the Arrow router (per token, from the adapters' weights)")
     p.add_argument("--embedder", default=None, help="sentence-encoder folder when centroids/routers use one")
     p.add_argument("--reroute-every", type=int, default=2)
     p.add_argument("--hysteresis", type=float, default=0.05, help="top-1 switch margin, as the server's")
@@ -263,7 +264,7 @@ def run(a: argparse.Namespace) -> int:
 
         ecfg = EvalConfig(
             adapter_dir=a.adapter_dir, base_model=a.base_model, data=_pairs(a.data), out=a.out, routers=a.router,
-            centroid=not a.no_centroid, embedder=a.embedder, reroute_every=a.reroute_every,
+            centroid=not a.no_centroid, arrow=not a.no_arrow, embedder=a.embedder, reroute_every=a.reroute_every,
             hysteresis=a.hysteresis, route_window=a.route_window, route_prompt_tokens=a.route_prompt_tokens,
             switch_margin=a.switch_margin, limit=a.limit,
             split=a.split, val_fraction=a.val_fraction, seed=a.seed, max_length=a.max_length,

@@ -106,6 +106,7 @@ def perplexities(ev: Any, routers: list[Any]) -> tuple[dict[str, Any], dict[str,
     gates = {r.key: {d: position_gates(ev, r, d) for d in ev.domains} for r in routers}
     mixture = LoraMixture(ev.model, dict(ev.folders))
     mixture.model.eval()
+    ev.mixture = mixture  # the Arrow evaluation reuses it (the base model now carries its layers)
     names = mixture.names
     result: dict[str, Any] = {}
     switch_stats: dict[str, Any] = {r.key: {} for r in routers}

@@ -56,6 +56,7 @@ class EvalConfig:
     out: Path
     routers: list[str] = field(default_factory=list)
     centroid: bool = True
+    arrow: bool = True  # the Arrow router (training/arrow_eval.py), at PEFT's defaults
     embedder: str | None = None
     reroute_every: int = 2
     hysteresis: float = 0.05
@@ -111,6 +112,7 @@ class Evaluator:
                          for d, p in cfg.held_out.items()}
         self._embedders: dict[str, Any] = {}
         self._analyzer: Any = None
+        self.mixture: Any = None  # the LoraMixture `perplexities` builds on the model (Arrow reuses it)
 
     def _examples(self, path: str) -> list[data_mod.Example]:
         ds = data_mod.load_dataset(path, val_fraction=self.cfg.val_fraction, seed=self.cfg.seed)
@@ -194,7 +196,10 @@ class Evaluator:
         return out
 
     def route(self, rut: RouterUnderTest, texts: list[str], emb: Tensor | None = None) -> Tensor:
-        """Weights ``[n, len(rut.adapters)]`` for ``texts`` (``emb``: their embeddings, if known)."""
+        """Weights ``[n, len(rut.adapters)]`` for ``texts`` (``emb``: their embeddings, if known).
+        Arrow has no route vector: its mean weight per adapter over layers and tokens."""
+        if rut.kind == "arrow":
+            return rut.router.text_weights(self.tokenizer, texts, self.max_length)
         emb = embed(rut.embedder, texts) if emb is None else emb
         cvec = self.analyzer.vectors(texts) if rut.needs_complexity else None
         return rut.router.route(emb, cvec)
@@ -262,6 +267,13 @@ class Evaluator:
         return out
 
 
+@dataclass
+class _NoEmbedder:
+    """What Arrow embeds with: nothing (its layers see the tokens)."""
+
+    id: str = "none (per token)"
+
+
 def make_embedder_id_hint(spec: str) -> str | None:
     """The id a ``base`` spec will have (sentence encoders only know theirs once loaded)."""
     return spec if spec == "base" or spec.startswith("base:") else None
@@ -278,6 +290,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ppl, switches = perplexities(ev, routers)
     for key, stats in switches.items():
         routing[key]["mean_top1_switches"] = stats
+    if cfg.arrow:  # on the mixture `perplexities` put on the model
+        from training.arrow_eval import ArrowGates, arrow_perplexity
+
+        arrow = ArrowGates(ev.mixture)
+        rut = RouterUnderTest("arrow", "arrow", arrow, _NoEmbedder(), list(arrow.adapter_names))
+        routing["arrow"] = ev.routing_metrics(rut)
+        routing["arrow"]["arrow"] = {"top_k": arrow.top_k, "temperature": arrow.temperature}
+        for d in ev.domains:
+            ppl[d]["routed"]["arrow"] = arrow_perplexity(ev, arrow, d)
+        arrow.remove()
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "base_model": cfg.base_model,

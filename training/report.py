@@ -86,6 +86,30 @@ def plot_phi(path: Path, name: str, records: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def plot_reliability(path: Path, routing: dict[str, Any]) -> bool:
+    """The held-out reliability diagram of every router (confidence = top weight vs how often
+    the top is right, per bin; the diagonal is perfect calibration). False when there is none."""
+    rows = {k: r["held_out"]["reliability"] for k, r in routing.items() if r.get("held_out", {}).get("reliability")}
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for key, bins in rows.items():
+        ece = routing[key]["held_out"].get("ece", float("nan"))
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                label=f"{key} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (top adapter's weight)")
+    ax.set_ylabel("accuracy (top adapter right)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Held-out reliability")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_report(report: dict[str, Any], out: Path, folders: dict[str, Path]) -> None:
     """Render plots and the Markdown summary; ``report`` gets a ``plots`` list."""
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +123,8 @@ def write_report(report: dict[str, Any], out: Path, folders: dict[str, Path]) ->
         plots.append(fname)
     plot_perplexity(out / "perplexity.png", report["perplexity"])
     plots.append("perplexity.png")
+    if plot_reliability(out / "reliability.png", report["routing"]):
+        plots.append("reliability.png")
     controller: dict[str, Any] = {}
     for name, folder in folders.items():
         log_path = folder / CONTROLLER_LOG

@@ -210,7 +210,8 @@ def test_eval_writes_report_with_plots(
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     # the centroid router with its fitted temperature, and at T = 1 for comparison
-    routers = {"centroid", "centroid@T=1", "mlp/mlp"}
+    # ... and Arrow, per token from the adapters' weights (no embedding, no examples)
+    routers = {"centroid", "centroid@T=1", "mlp/mlp", "arrow"}
     assert set(report["routing"]) == routers
     assert 0 < report["routing"]["centroid"]["temperature"] < 1 == report["routing"]["centroid@T=1"]["temperature"]
     for r in report["routing"].values():
@@ -222,7 +223,8 @@ def test_eval_writes_report_with_plots(
         ppl = report["perplexity"][d]
         assert set(ppl["adapters"]) == {"code", "lit"} and set(ppl["routed"]) == routers
         assert ppl["adapters"][d] < ppl["base"]  # held-out own-domain perplexity below the base
-    for png in ("confusion_centroid.png", "confusion_mlp_mlp.png", "perplexity.png", "phi_code.png"):
+    for png in ("confusion_centroid.png", "confusion_mlp_mlp.png", "confusion_arrow.png", "perplexity.png",
+                "phi_code.png", "reliability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     md = (out / "report.md").read_text()
     assert "Routing accuracy" in md and "![perplexity.png](perplexity.png)" in md and "φ" in md
