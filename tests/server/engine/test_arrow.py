@@ -107,10 +107,9 @@ def test_arrow_row_beside_fixed_and_mixture_rows_changes_nobody(experts, tiny_mo
     engine = tiny_engine(experts, tiny_model_dir, (*NAMES, "alpha"))
 
     def make():
-        return [hold(engine, arrow_row(PROMPT, 2, 1.0, 8)),
-                hold(engine, row(PROMPT[:5], {"e1": 1.0}, 6)),
-                hold(engine, row(PROMPT[2:], {"alpha": 0.3, "e0": 0.7}, 8)),
-                hold(engine, row(PROMPT[1:], {}, 7)),
+        return [hold(engine, arrow_row(PROMPT, 2, 1.0, 6)),
+                hold(engine, row(PROMPT[:5], {"e1": 1.0}, 4)),
+                hold(engine, row(PROMPT[2:], {"alpha": 0.3, "e0": 0.7}, 6)),
                 hold(engine, arrow_row(PROMPT[3:], 1, 0.7, 5))]
 
     alone = []
