@@ -3,7 +3,8 @@
 Each case names the command that fixes it: an empty store gets the starter adapters (`switchboard
 demo`, or `switchboard-train adapter --data starter:NAME` plus a reload while the server runs);
 adapters without a usable centroid and without the `examples.jsonl` a centroid is computed from at
-load get the admin call that registers them with example prompts.
+load get the admin call that registers them with example prompts, or the Arrow router, which
+needs none.
 """
 
 from __future__ import annotations
@@ -40,4 +41,6 @@ def no_routable_message(adapters: dict[str, AdapterVersion], embedder_id: str, s
     return (f"model 'auto' cannot route: no loaded adapter has a centroid for embedder {embedder_id!r} "
             f"({'; '.join(reasons)}; none carries the examples.jsonl a centroid is computed from at load). "
             f"Register each with example prompts: `curl -H 'Authorization: Bearer <admin token>' "
-            f"<server>/admin/adapters -H 'content-type: application/json' -d '{body}'`")
+            f"<server>/admin/adapters -H 'content-type: application/json' -d '{body}'`, or route without "
+            f"examples with the Arrow router: `\"routing\": {{\"router\": \"arrow\"}}` in the request "
+            f"(or `--router arrow` for every request)")
