@@ -89,7 +89,7 @@ class ArrowGates:
     def text_weights(self, tokenizer: Any, texts: list[str], max_length: int) -> Tensor:
         """Each text's mean weight per adapter over the layers and its tokens, `[N, K]`."""
         device = self.mixture.device
-        out = []
+        out: list[Tensor] = []
         with self.applied():
             for text in texts:
                 ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"] or [tokenizer.eos_token_id]
