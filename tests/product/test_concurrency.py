@@ -204,7 +204,7 @@ def test_restart_restores_registry_and_routers(tiny_model_dir, store):
         assert set(adapters) == {"alpha", "gamma"}  # beta was unloaded and stays unloaded
         assert adapters["gamma"]["pinned"] is True
         routers = [r["name"] for r in httpx.get(f"{base}/admin/routers", headers=ADMIN).json()["routers"]]
-        assert routers == ["centroid", "r1"]
+        assert routers == ["centroid", "arrow", "r1"]
 
 
 def test_graceful_shutdown_finishes_in_flight(tiny_model_dir, store):

@@ -73,13 +73,13 @@ def test_real_answers_match_the_published_schema(client):
     call("POST", "/admin/adapters", json={"name": "delta", "path": "beta", "examples": ["Once upon a time."]})
     call("GET", "/admin/adapters")
     routers = call("GET", "/admin/routers")
-    assert [r["name"] for r in routers["routers"]] == ["centroid", "r1"]
-    assert "embedder" not in routers["routers"][0] and routers["routers"][1]["embedder"] == "base:64"
+    assert [r["name"] for r in routers["routers"]] == ["centroid", "arrow", "r1"]
+    assert "embedder" not in routers["routers"][0] and routers["routers"][2]["embedder"] == "base:64"
     models = call("GET", "/v1/models")
     by_id = {m["id"]: m for m in models["data"]}
     base = next(m for m in models["data"] if m["parent"] is None)
     assert set(base) == {"id", "object", "created", "owned_by", "root", "parent", "max_model_len"}  # no nulls added
-    assert by_id["auto"]["routers"] == ["centroid", "r1"] and "version" not in by_id["auto"]
+    assert by_id["auto"]["routers"] == ["centroid", "arrow", "r1"] and "version" not in by_id["auto"]
     assert by_id["delta"]["routable"] and by_id["alpha"]["routable"] and not by_id["gamma"]["routable"]  # r1 has alpha
 
     for body in ({"model": "alpha", "prompt": "Hello", "max_tokens": 3},

@@ -195,7 +195,7 @@ def test_bad_router_artifacts_refused(app_client, store, adapters, dim, embedder
     r = app_client.post("/admin/routers", json={"name": "bad"}, headers=ADMIN)
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"]
-    assert [x["name"] for x in app_client.get("/admin/routers", headers=ADMIN).json()["routers"]] == ["centroid"]
+    assert [x["name"] for x in app_client.get("/admin/routers", headers=ADMIN).json()["routers"]] == ["centroid", "arrow"]
 
 
 def test_router_pickle_refused(app_client, store):
