@@ -32,6 +32,7 @@ class ArrowGates:
         self.mixture, self.top_k, self.temperature = mixture, int(top_k), float(temperature)
         self.adapter_names = tuple(mixture.names)
         self.enabled = False
+        self.collect = False  # sum the gates (text_weights); off for perplexity batches of any size
         self.sums: Tensor | None = None  # [B, K] gates summed over layers and real tokens
         self.mask: Tensor | None = None  # [B, T] real tokens of the batch (None: all)
         self._hooks: list[Any] = []
@@ -63,6 +64,8 @@ class ArrowGates:
                             torch.full((B,), self.top_k, device=x.device),
                             torch.full((B,), self.temperature, device=x.device))  # [B, T, K]
             state["g"] = g
+            if not self.collect:
+                return
             real = g if self.mask is None else g * self.mask[:, : g.shape[1], None].to(g.dtype)
             s = real.sum(1).cpu()  # [B, K]
             self.sums = s if self.sums is None else self.sums + s
@@ -83,7 +86,7 @@ class ArrowGates:
         try:
             yield self
         finally:
-            self.enabled, self.mask = False, None
+            self.enabled, self.collect, self.mask = False, False, None
 
     @torch.no_grad()
     def text_weights(self, tokenizer: Any, texts: list[str], max_length: int) -> Tensor:
@@ -91,6 +94,7 @@ class ArrowGates:
         device = self.mixture.device
         out: list[Tensor] = []
         with self.applied():
+            self.collect = True
             for text in texts:
                 ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"] or [tokenizer.eos_token_id]
                 self.sums = None
