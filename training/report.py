@@ -211,8 +211,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "median leave-one-out margin, as the server fits it; 0 = off)."]
     lines += ["", "Mean top-1 switches per example while re-routing:", ""]
     for key, r in report["routing"].items():
-        stats = ", ".join(f"{d}: {v:.2f}" for d, v in r.get("mean_top1_switches", {}).items())
-        lines.append(f"- {key}: {stats}")
+        if "mean_top1_switches" in r:  # Arrow re-decides every token in every layer: no re-routes to count
+            stats = ", ".join(f"{d}: {v:.2f}" for d, v in r["mean_top1_switches"].items())
+            lines.append(f"- {key}: {stats}")
     if report.get("controller"):
         lines += ["", "## Adaptive controller (Unified LoRA)", ""]
         for name, c in report["controller"].items():
