@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 SECTIONS = ("decode", "serving", "lifecycle", "router", "grammar")
+OPTIONAL = ("many-adapters",)  # run only when named in --only (writes a store of N adapters per N)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also decode with the engine's static-shape step, eager and torch.compile'd (compiling "
                         "GPT-2 124M takes minutes on 2 CPU cores; the warm-up time is reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections of {', '.join(SECTIONS + OPTIONAL)} (default: all but {', '.join(OPTIONAL)})")
+    p.add_argument("--adapters-n", default="0,100",
+                   help="many-adapters: comma-separated store sizes N (0 = the base model alone, the baseline)")
+    p.add_argument("--adapters-1000", action="store_true", help="many-adapters: also N = 1000 (writes ~6.5 GB, deleted after)")
     p.add_argument("--server", choices=("subprocess", "thread"), default=None,
                    help="how the HTTP benchmark runs the server (default: subprocess; thread with --tiny)")
     return p.parse_args(argv)
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     from bench import common, rig
 
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS) - set(OPTIONAL)
     if unknown:
         raise SystemExit(f"unknown sections: {sorted(unknown)}")
     cfg = common.BenchConfig.make(quick=args.quick, tiny=args.tiny, device=args.device, threads=args.threads,
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
         assets = rig.Assets(cfg, Path(tmp))
         results["timings_s"]["setup"] = round(time.perf_counter() - t, 1)
         common.log(f"setup done in {results['timings_s']['setup']} s (device {cfg.device}, {cfg.threads} threads)")
-        for name in SECTIONS:
+        for name in SECTIONS + OPTIONAL:
             if name not in sections:
                 continue
             t = time.perf_counter()
@@ -85,6 +90,12 @@ def run(args: argparse.Namespace) -> dict:
 
                     step = results.get("decode", {}).get("b1", {}).get("engine_routed", {}).get("ms_per_step")
                     results["router"] = router.run(cfg, assets, step_ms=step)
+                elif name == "many-adapters":
+                    from bench import many_adapters
+
+                    counts = tuple(int(x) for x in args.adapters_n.split(",") if x.strip())
+                    counts += (1000,) if args.adapters_1000 else ()
+                    results["many_adapters"] = many_adapters.run(cfg, assets, counts)
             except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
                 traceback.print_exc()
                 results["errors"][name] = f"{type(e).__name__}: {e}"

@@ -78,6 +78,8 @@ def compute_ratios(results: dict) -> dict:
         "routed_vs_fixed_step_b1": ratio(_step(d, 1, "engine_routed"), _step(d, 1, "engine_fixed")),
         "compiled_vs_eager_step_b1": ratio(_step(d, 1, "engine_routed"), _step(d, 1, "engine_routed_compiled")),
         "compiled_vs_eager_step_b8": ratio(_step(d, 8, "engine_routed"), _step(d, 8, "engine_routed_compiled")),
+        **({"distinct8_vs_one_n1000": results["many_adapters"]["1000"].get("distinct8_vs_one")}
+           if "1000" in results.get("many_adapters", {}) else {}),
         "compiled_vs_floor_b1": _floor(d, 1, "engine_routed_compiled"),
     }
 
@@ -97,6 +99,17 @@ def targets(results: dict) -> list[dict]:
                 "gap": None if v is None or v <= 1.5 else f"{v / 1.5:.2f}× too slow"})
     out.append({"target": "register latency r=16 ≤ 20 ms", "value": reg, "met": None if reg is None else reg <= 20.0,
                 "gap": None if reg is None or reg <= 20 else f"{reg - 20:.1f} ms over"})
+    n1000 = results.get("many_adapters", {}).get("1000")
+    if n1000:  # issue 26's "done when", with 1,000 adapters in the store
+        for label, key, limit, unit, higher in (
+                ("/ready ≤ 5 s after the base model's own start (N=1000)", "ready_over_base_s", 5.0, "s", False),
+                ("RSS at ready ≤ base + 1 GB (N=1000)", "rss_over_base_mb", 1024.0, "MB", False),
+                ("register ≤ 20 ms (N=1000)", "register_ms_p50", 20.0, "ms", False),
+                ("8 distinct adapters ≥ 0.9× one adapter's tok/s (N=1000)", "distinct8_vs_one", 0.9, "×", True)):
+            v = n1000.get(key)
+            met = None if v is None else (v >= limit if higher else v <= limit)
+            out.append({"target": label, "value": v, "met": met,
+                        "gap": None if met in (None, True) else f"{abs(v - limit):.2f} {unit} {'short' if higher else 'over'}"})
     return out
 
 

@@ -27,8 +27,9 @@ ADMIN_TOKEN = "bench-admin-token"
 class Server:
     """A Switchboard server on 127.0.0.1:<random port>, as a subprocess or a uvicorn thread."""
 
-    def __init__(self, cfg: BenchConfig, assets, mode: str = "subprocess") -> None:
+    def __init__(self, cfg: BenchConfig, assets, mode: str = "subprocess", store=None) -> None:
         self.cfg, self.assets, self.mode = cfg, assets, mode
+        self.store = store or assets.store  # the adapter store it serves
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -37,7 +38,7 @@ class Server:
         self.log_path = assets.root / "server.log"
 
     def flags(self) -> list[str]:
-        return ["--base-model", str(self.assets.model_dir()), "--adapter-dir", str(self.assets.store),
+        return ["--base-model", str(self.assets.model_dir()), "--adapter-dir", str(self.store),
                 "--host", "127.0.0.1", "--port", str(self.port), "--admin-token", ADMIN_TOKEN,
                 "--device", "cuda" if self.cfg.device.startswith("cuda") else "cpu",
                 "--dtype", str(self.cfg.dtype).replace("torch.", ""),

@@ -16,6 +16,7 @@ from server.api.routes import admin, chat, completions, health, lorax, models, t
 from server.build import build_engine, build_routing
 from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import ResidentModel, load_base_model
+from server.engine.host_tier import HostTier
 from server.engine.registry import AdapterRegistry
 from server.metrics import Metrics
 from server.settings import Settings
@@ -55,9 +56,10 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     state.services = Services(s, state.metrics, state.registry, resident, engine, worker, adapters, routing)
     adapters.default_prepare = centroids_from_examples(routing, state.services.engine_call)
     if s.store.scan_on_start or manifest.exists:
-        # a manifest is restored exactly; without one, every folder in the store is registered
+        # a manifest is restored exactly; without one, every folder in the store is registered.
+        # Only indexed: the factors are read on first use (the host tier), so /ready does not wait on them
         scan = s.store.scan_on_start and not manifest.exists
-        report = await adapters.reload(scan_folders=scan)
+        report = await adapters.restore(scan_folders=scan)
         failed_routers = routing.scan_routers(scan_folders=scan)
         log.info("store scan: loaded %s, refused %s, routers %s (refused %s)", report.loaded, report.failed,
                  routing.router_names(), failed_routers)
@@ -67,7 +69,8 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
 def create_app(settings: Settings | None = None, resident: ResidentModel | None = None) -> FastAPI:
     """Build the app. `resident` lets a caller (the CLI, tests) load the model up front."""
     settings = settings or Settings()
-    state = AppState(settings=settings, metrics=Metrics(), registry=AdapterRegistry())
+    host = HostTier(settings.store.max_cpu_adapters, settings.store.max_cpu_adapter_mb << 20)
+    state = AppState(settings=settings, metrics=Metrics(), registry=AdapterRegistry(host))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -85,6 +88,8 @@ def create_app(settings: Settings | None = None, resident: ResidentModel | None 
                 await watcher.stop()
             if state.services is not None:
                 await state.services.worker.drain(settings.engine.shutdown_grace)
+                if state.services.adapters.record_task is not None:
+                    await state.services.adapters.record_task
 
     app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.switchboard = state

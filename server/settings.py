@@ -24,6 +24,8 @@ class StoreSettings(BaseSettings):
     adapter_dir: Path = Field(Path("adapters"), description="the adapter store (PEFT folders, routers, manifest)")
     max_lora_rank: int = Field(64, ge=1, description="adapters with a larger rank are refused")
     scan_on_start: bool = Field(True, description="with no manifest in the store, register every adapter folder at start (a manifest is always restored)")
+    max_cpu_adapters: int = Field(256, ge=0, description="adapters whose factors stay in host memory; the least recently used idle, unpinned ones go back to disk (read again on demand); 0 = no limit")
+    max_cpu_adapter_mb: int = Field(2048, ge=0, description="host memory (MiB) for adapter factors, in the serving dtype; beyond it as --max-cpu-adapters; a load that cannot fit gets 503; 0 = no limit")
     watch_store: float = Field(0.0, ge=0, description="every N seconds apply the store manifest's changes (made through any server sharing the store); 0 = off")
 
 

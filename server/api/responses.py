@@ -53,6 +53,9 @@ class ModelCard(Open):
     rank: int | None = Field(None, description="adapters only: LoRA rank")
     target_modules: list[str] | None = Field(None, description="adapters only")
     routable: bool | None = Field(None, description="adapters only: some router of `auto` can pick it")
+    load_state: Literal["slot", "host", "disk"] | None = Field(
+        None, description="adapters only: `slot` (in a compute slot), `host` (factors in host memory) or `disk` "
+                          "(registered; read from the store on first use)")
 
 
 class ModelList(Open):
@@ -163,6 +166,8 @@ class AdapterInfo(Open):
     target_modules: list[str]
     pinned: bool
     resident: bool = Field(description="whether its factors are in a compute slot now")
+    load_state: Literal["slot", "host", "disk"] = Field(
+        description="`slot` (in a compute slot), `host` (factors in host memory) or `disk` (read on first use)")
     in_flight: int = Field(description="requests holding this version")
     bytes: int
     centroids: list[int] | None = Field(description="the centroid tensor's shape [m, d], if any")

@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "serve-ray":
         return ray_cli.run(args, settings)
-    import uvicorn
-
     from server.app import create_app
     from server.engine.base_model import load_base_model
 
@@ -91,8 +89,36 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # e.g. a --chat-template that is neither a file nor a template
         sys.stderr.write(f"switchboard: {e}\n")
         return 2
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level=settings.server.log_level.lower())
-    return 0
+    return run_server(app, settings)
+
+
+def run_server(app: Any, settings: Settings) -> int:
+    """Run uvicorn until SIGTERM or SIGINT, then shut down gracefully and return 0.
+
+    On the signal uvicorn stops accepting connections and waits for the open ones (in-flight
+    requests, streams included) for up to `shutdown_grace` seconds, cancelling what is left; then
+    the app's lifespan drains the engine (`EngineWorker.drain`, the same bound). uvicorn then
+    raises the signal again against the previous handler, which would end the process with -15
+    after a clean drain: the handler installed here turns that into an exit with status 0.
+    """
+    import signal
+
+    import uvicorn
+
+    def exit_cleanly(signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                            log_level=settings.server.log_level.lower(),
+                            timeout_graceful_shutdown=max(1, round(settings.engine.shutdown_grace)))
+    server = uvicorn.Server(config)
+    signal.signal(signal.SIGTERM, exit_cleanly)
+    signal.signal(signal.SIGINT, exit_cleanly)
+    try:
+        server.run()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

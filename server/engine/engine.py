@@ -82,7 +82,7 @@ class Engine:
         cfg = resident.model.config
         self.ctx = LoRABatchContext()
         layers = wrap_targets(resident.model, set(LORA_TARGETS), config.max_loras, self.ctx)
-        self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype)
+        self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype, registry.host)
         full = resident.device.type == "cuda" if config.full_cache is None else config.full_cache
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,
                              resident.dtype, resident.device, rows=static_step.bucket(config.max_batch_size) if full else 4,

@@ -5,6 +5,10 @@ name to an immutable `AdapterVersion`; the engine's `SlotManager` decides which 
 the K compute slots. A request takes references on the versions it starts with, so replacing a
 name is atomic for new requests while in-flight ones finish on their own version, and removing
 a name never frees weights under a running request.
+
+The registry also owns the host tier (`host_tier.HostTier`): which versions hold their factors
+in host memory. A version leaves it when the budget needs room and no request holds it, or as
+soon as it is replaced or removed and idle.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from router_core.arrow import prototypes
 from server.engine.adapter_weights import AdapterWeights
 from server.engine.errors import AdapterNotFound
+from server.engine.host_tier import HostTier
 
 _version_counter = itertools.count(1)
 
@@ -44,21 +49,45 @@ class AdapterVersion:
 
 
 class AdapterRegistry:
-    def __init__(self) -> None:
+    def __init__(self, host: HostTier | None = None) -> None:
         self._lock = threading.Condition()
         self._current: dict[str, AdapterVersion] = {}
+        self.host = host or HostTier()
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, weights: AdapterWeights, pinned: bool = False) -> tuple[AdapterVersion, AdapterVersion | None]:
-        """Install `weights` under its name; returns (new version, the version it replaced)."""
+        """Install `weights` under its name; returns (new version, the version it replaced).
+        Factors already read go into the host tier first (a pinned version that does not fit is
+        refused there, before anything changes)."""
         new = AdapterVersion(weights=weights, pinned=pinned)
+        self.host.admit(new)
         with self._lock:
             old = self._current.get(weights.name)
             self._current[weights.name] = new
             if old is not None:
                 old.retired = True
             self._lock.notify_all()
+        if old is not None and old.refcount == 0:
+            self.host.drop(old)
         return new, old
+
+    def register_many(self, items: list[tuple[AdapterWeights, bool]]) -> list[AdapterVersion | None]:
+        """Register many (weights, pinned) under one lock (the start-up index); returns the
+        versions they replaced."""
+        olds = []
+        with self._lock:
+            for weights, pinned in items:
+                new = AdapterVersion(weights=weights, pinned=pinned)
+                old = self._current.get(weights.name)
+                self._current[weights.name] = new
+                if old is not None:
+                    old.retired = True
+                olds.append(old)
+            self._lock.notify_all()
+        for old in olds:
+            if old is not None and old.refcount == 0:
+                self.host.drop(old)
+        return olds
 
     def remove(self, name: str) -> AdapterVersion:
         with self._lock:
@@ -67,7 +96,9 @@ class AdapterRegistry:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded", param="name")
             version.retired = True
             self._lock.notify_all()
-            return version
+        if version.refcount == 0:
+            self.host.drop(version)
+        return version
 
     def restore(self, version: AdapterVersion) -> None:
         """Undo a `remove` (used when an unload is refused after all)."""
@@ -112,7 +143,10 @@ class AdapterRegistry:
         with self._lock:
             for v in versions:
                 v.refcount -= 1
+            idle = [v for v in versions if v.retired and v.refcount == 0]
             self._lock.notify_all()
+        for v in idle:  # replaced or removed, and the last request on it ended: free its factors
+            self.host.drop(v)
 
     def wait_idle(self, version: AdapterVersion, timeout: float) -> bool:
         """Block until no request holds `version` (call from a worker thread, not the event loop)."""

@@ -16,14 +16,16 @@ import time
 import torch
 
 from server.engine.errors import Unavailable
+from server.engine.host_tier import HostTier
 from server.engine.lora_layer import MultiLoRAConv1D
 from server.engine.registry import AdapterVersion
 
 
 class SlotManager:
     def __init__(self, layers: dict[str, MultiLoRAConv1D], num_slots: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, host: HostTier | None = None) -> None:
         self.layers = layers
+        self.host = host or HostTier()  # where a version's factors come from (read from disk if evicted)
         self.num_slots = num_slots
         self.device, self.dtype = device, dtype
         self.slot_version: list[AdapterVersion | None] = [None] * num_slots
@@ -81,7 +83,8 @@ class SlotManager:
 
     def _install(self, slot: int, version: AdapterVersion) -> None:
         cuda = self.device.type == "cuda"
-        tensors = version.weights.staged(self.dtype, pin=cuda)  # pre-cast (and pinned on CUDA) once
+        factors = self.host.tensors(version)  # read from disk if evicted; raises for this step's rows if it cannot be
+        tensors = version.weights.staged(self.dtype, pin=cuda, factors=factors)  # pre-cast (and pinned on CUDA) once
         for path, layer in self.layers.items():
             pair = tensors.get(path)
             if pair is None:

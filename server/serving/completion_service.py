@@ -202,6 +202,9 @@ def build_choices(req: CompletionRequest, state: Services,
             for copy in range(candidates(req)):
                 versions = state.registry.acquire(adapters)
                 try:
+                    if spec.mode != "auto":  # read factors still on disk here, off the engine thread
+                        for v in versions:
+                            state.registry.host.tensors(v)
                     queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
                     seq = Sequence(
                         prompt_ids=ids, max_tokens=req.max_tokens,

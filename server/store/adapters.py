@@ -3,6 +3,10 @@
 Reading and validating happens off the event loop and before the registry is touched, so a
 refused adapter changes nothing. Every successful change is written to the store's manifest so
 a restart brings the same set back.
+
+At start the store is only indexed (`restore`): configs, metadata, safetensors headers and
+centroids, not the factors, which the host tier reads on first use. The admin API still reads
+and validates everything before it registers.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from server.engine.errors import Conflict, InvalidAdapter, SwitchboardError
 from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.metrics import Metrics
 from server.store import durable
-from server.store.folder import check_name, file_in_store, read_adapter, read_centroids, resolve_in_store
+from server.store.folder import (
+    check_name,
+    file_in_store,
+    index_adapter,
+    read_adapter,
+    read_centroids,
+    resolve_in_store,
+)
 from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,7 @@ class AdapterService:
         self._refused: dict[str, tuple[str, float | None]] = {}  # store watch: name -> (path, mtime) refused
         self._centroid_of: dict[str, str | None] = {}  # name -> store path of its own derived centroid
         self._batch = 0  # > 0 during a reload: on_change runs once at its end
+        self.record_task: asyncio.Task | None = None  # start-up: scanned folders written to the manifest
 
     # -- load / replace ---------------------------------------------------------------------------------
     async def load(self, name: str, path: str, *, pinned: bool = False, replace: bool = True,
@@ -161,6 +173,81 @@ class AdapterService:
             self.metrics.forget_adapter(name)
         return version
 
+    # -- start-up --------------------------------------------------------------------------------------
+    async def restore(self, scan_folders: bool) -> ReloadReport:
+        """Index the manifest's adapters (and, with `scan_folders`, every adapter folder at the top
+        of the store) without reading their factors, and register them in one go: the cost per
+        adapter is a few small files, and routing is rebuilt once, not once per adapter.
+
+        Folders found by the scan are recorded in the manifest afterwards (`record_task`), in the
+        background, so the port opens without waiting for those writes.
+        """
+        report = ReloadReport()
+        wanted = {name: entry["path"] for name, entry in self.manifest.adapters.items()}
+        pinned = {name: entry["pinned"] for name, entry in self.manifest.adapters.items()}
+        centroids = {name: entry.get("centroid") for name, entry in self.manifest.adapters.items()}
+        if scan_folders:
+            for name, error in self._scan_folders(wanted).items():
+                report.failed[name] = error
+
+        def index_all() -> list[tuple]:
+            out = []
+            for name, path in sorted(wanted.items()):
+                try:
+                    weights = index_adapter(name, resolve_in_store(self.store, path), self.spec, self.store)
+                    own = centroids.get(name)
+                    if own:  # the name's own derived centroid, not the borrowed folder's
+                        c, embedder = read_centroids(file_in_store(self.store / own, self.store))
+                        if c is not None:
+                            weights.centroids, weights.centroid_embedder = c, embedder
+                    out.append((weights, pinned.get(name, False)))
+                except SwitchboardError as e:
+                    report.failed[name] = e.message
+                except Exception as e:  # any other bad file is refused too: the index never aborts half-way
+                    report.failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+            return out
+
+        items = await asyncio.to_thread(index_all)
+        if self.default_prepare is not None:
+            for weights, _ in items:
+                await self.default_prepare(weights)
+        for name, error in report.failed.items():
+            log.warning("store index: %s refused: %s", name, error)
+        async with self._lock:
+            olds = self.registry.register_many(items)
+            for (weights, _), old in zip(items, olds, strict=True):
+                self._centroid_of[weights.name] = centroids.get(weights.name)
+                (report.replaced if old else report.loaded).append(weights.name)
+                self.metrics.adapter_events.labels("replace" if old else "load").inc()
+            self._changed()
+        new = [(w.name, str(w.path.relative_to(self.store.resolve())), p) for w, p in items
+               if w.name not in self.manifest.adapters]
+        if new:
+            self.record_task = asyncio.create_task(self._record(new))
+        return report
+
+    async def _record(self, entries: list[tuple[str, str, bool]]) -> None:
+        """Write folders the start-up scan registered into the manifest (one at a time, through its
+        own locked update), skipping any that an admin change has replaced or removed meanwhile."""
+        async with self._lock:
+            for name, path, pinned in entries:
+                version = self.registry.snapshot().get(name)
+                if version is not None and version.weights.path.name == Path(path).name:
+                    await asyncio.to_thread(self.manifest.set_adapter, name, path, pinned)
+
+    def _scan_folders(self, wanted: dict[str, str]) -> dict[str, str]:
+        """Add every adapter folder at the top of the store to `wanted`; returns the entries the file
+        system could not stat."""
+        failed = {}
+        for entry in _entries(self.store):
+            try:
+                if entry.is_dir() and not entry.name.startswith((".", "_")) \
+                        and (entry / "adapter_config.json").exists():
+                    wanted.setdefault(entry.name, entry.name)
+            except OSError as e:  # an entry the file system cannot stat: report it, scan the rest
+                failed[entry.name] = f"cannot be read: {type(e).__name__}"
+        return failed
+
     # -- store scan ------------------------------------------------------------------------------------
     async def reload(self, scan_folders: bool = True) -> ReloadReport:
         """Register the manifest's adapters and (with `scan_folders`) every adapter folder at the
@@ -174,13 +261,7 @@ class AdapterService:
         pinned = {name: entry["pinned"] for name, entry in self.manifest.adapters.items()}
         centroids = {name: entry.get("centroid") for name, entry in self.manifest.adapters.items()}
         if scan_folders:
-            for entry in _entries(self.store):
-                try:
-                    if entry.is_dir() and not entry.name.startswith((".", "_")) \
-                            and (entry / "adapter_config.json").exists():
-                        wanted.setdefault(entry.name, entry.name)
-                except OSError as e:  # an entry the file system cannot stat: report it, scan the rest
-                    report.failed[entry.name] = f"cannot be read: {type(e).__name__}"
+            report.failed.update(self._scan_folders(wanted))
         current = self.registry.snapshot()
         self._batch += 1  # the routers are rebuilt once at the end, not once per adapter
         try:

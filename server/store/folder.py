@@ -3,6 +3,11 @@
 Everything is checked before anything is installed (files, JSON, target modules, shapes, rank,
 base fingerprint), so a refused adapter leaves the registry exactly as it was. Weights are read
 with safetensors only: a pickle `adapter_model.bin` is refused without being opened.
+
+Two depths: `index_adapter` checks everything but the factors' values (config, metadata, the
+safetensors header's names, shapes and dtypes; centroids) and gives weights whose `loader` reads
+and checks the values later, on first use; `read_adapter` does both at once (the admin API).
+Thousands of adapters are indexed at start in the time it takes to read their headers.
 """
 
 from __future__ import annotations
@@ -10,15 +15,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from router_core import store_rules
 from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FILE, META_FILE, StoreRuleError
-from server.engine.adapter_weights import AdapterWeights, BaseSpec
+from server.engine.adapter_weights import AdapterWeights, BaseSpec, Factors
 from server.engine.errors import InvalidAdapter, InvalidRequest
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
@@ -113,7 +119,61 @@ def _check_config(cfg: dict, spec: BaseSpec) -> tuple[int, float, float]:
     return rank, float(alpha), float(scale)
 
 
-def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _pair_keys(keys: list[str], spec: BaseSpec, path: Path) -> dict[str, dict[str, str]]:
+    """module -> {"A": key, "B": key}, every key a LoRA factor of a module the base model has."""
+    pairs: dict[str, dict[str, str]] = {}
+    for key in keys:
+        m = _KEY.fullmatch(key)
+        if m is None:
+            raise InvalidAdapter(f"unexpected tensor {key!r}: only LoRA A/B weights are supported")
+        pairs.setdefault(m["module"], {})[m["ab"]] = key
+    if not pairs:
+        raise InvalidAdapter(f"{path.name} holds no LoRA weights")
+    for module, ab in pairs.items():
+        if module not in spec.module_shapes:
+            raise InvalidAdapter(f"target module {module!r} does not exist in the base model (or is not a Conv1D)")
+        if set(ab) != {"A", "B"}:
+            raise InvalidAdapter(f"module {module!r} is missing its lora_{'B' if 'A' in ab else 'A'} weight")
+    return pairs
+
+
+def _check_shapes(module: str, a: tuple[int, ...], b: tuple[int, ...], rank: int, spec: BaseSpec) -> None:
+    d_in, d_out = spec.module_shapes[module]
+    if tuple(a) != (rank, d_in) or tuple(b) != (d_out, rank):  # PEFT stores A [r, in] and B [out, r]
+        raise InvalidAdapter(
+            f"module {module!r}: lora_A {tuple(a)} / lora_B {tuple(b)} do not match rank {rank} "
+            f"and the base shape (in={d_in}, out={d_out})"
+        )
+
+
+def _index_tensors(path: Path, rank: int, spec: BaseSpec) -> tuple[list[str], int]:
+    """Check the safetensors header (names, shapes, dtypes) without reading the values; returns
+    the target module paths and the factors' size in the serving dtype."""
+    if path.stat().st_size > MAX_ADAPTER_BYTES:
+        raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            pairs = _pair_keys(keys, spec, path)
+            numel = 0
+            for module, ab in sorted(pairs.items()):
+                sa, sb = f.get_slice(ab["A"]), f.get_slice(ab["B"])
+                if sa.get_dtype() not in _FLOAT_DTYPES or sb.get_dtype() not in _FLOAT_DTYPES:
+                    raise InvalidAdapter(f"module {module!r}: LoRA weights must be floating point")
+                _check_shapes(module, tuple(sa.get_shape()), tuple(sb.get_shape()), rank, spec)
+                numel += math.prod(sa.get_shape()) + math.prod(sb.get_shape())
+    except (SafetensorError, ValueError) as e:
+        raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
+    itemsize = torch.empty((), dtype=spec.dtype).element_size()
+    return sorted(pairs), numel * itemsize
+
+
+def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factors:
+    """Read and check the factors' values: finite, and finite in the serving dtype once scaled.
+    They are kept in the serving dtype (half the host memory of fp32 when serving bf16)."""
     largest = torch.finfo(spec.dtype).max
     if path.stat().st_size > MAX_ADAPTER_BYTES:
         raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
@@ -121,35 +181,32 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> dict[s
         raw = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in raw.items():
-        m = _KEY.fullmatch(key)
-        if m is None:
-            raise InvalidAdapter(f"unexpected tensor {key!r}: only LoRA A/B weights are supported")
-        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
-    if not pairs:
-        raise InvalidAdapter(f"{path.name} holds no LoRA weights")
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pairs = _pair_keys(list(raw), spec, path)
+    out: Factors = {}
     for module, ab in sorted(pairs.items()):
-        if module not in spec.module_shapes:
-            raise InvalidAdapter(f"target module {module!r} does not exist in the base model (or is not a Conv1D)")
-        if set(ab) != {"A", "B"}:
-            raise InvalidAdapter(f"module {module!r} is missing its lora_{'B' if 'A' in ab else 'A'} weight")
-        d_in, d_out = spec.module_shapes[module]
-        a, b = ab["A"], ab["B"]  # PEFT stores A [r, in] and B [out, r]
-        if tuple(a.shape) != (rank, d_in) or tuple(b.shape) != (d_out, rank):
-            raise InvalidAdapter(
-                f"module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match rank {rank} "
-                f"and the base shape (in={d_in}, out={d_out})"
-            )
+        a, b = raw[ab["A"]], raw[ab["B"]]
+        _check_shapes(module, tuple(a.shape), tuple(b.shape), rank, spec)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise InvalidAdapter(f"module {module!r} holds NaN or infinite weights")
         a32, b_scaled = a.float(), b.float() * scale
         if not (a32.abs().max() <= largest and b_scaled.abs().max() <= largest):
             raise InvalidAdapter(f"module {module!r}: weights times the LoRA scale {scale:.3g} overflow {spec.dtype}")
         _check_range(module, a32, b_scaled, spec.dtype)
-        out[module] = (a32.t().contiguous(), b_scaled.t().contiguous())
+        out[module] = (a32.t().contiguous().to(spec.dtype), b_scaled.t().contiguous().to(spec.dtype))
     return out
+
+
+def _load_factors(name: str, path: Path, stamp: tuple[int, int], rank: int, scale: float, spec: BaseSpec) -> Factors:
+    """The loader of indexed weights: the file must be the one that was indexed (same size and
+    modification time); a changed file is refused, never served as the registered version."""
+    try:
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) != stamp:
+            raise InvalidAdapter(f"adapter {name!r}: {path.name} changed on disk since it was registered; "
+                                 "register it again (POST /admin/reload)")
+        return _read_tensors(path, rank, scale, spec)
+    except (OSError, RuntimeError, RecursionError) as e:
+        raise InvalidAdapter(f"adapter {name!r}: could not be read: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def factor_budget(dtype: torch.dtype) -> float:
@@ -190,13 +247,24 @@ def read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
 def read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None = None) -> AdapterWeights:
     """Validate and read one adapter folder; raises InvalidAdapter with the first problem found.
     With `store`, every file must resolve inside it (a file symlinked out of the store is refused)."""
+    weights = index_adapter(name, folder, spec, store)
+    assert weights.loader is not None
     try:
-        return _read_adapter(name, folder, spec, store)
+        weights.tensors = weights.loader()
+    except MemoryError as e:
+        raise InvalidAdapter(f"{folder.name}: could not be read: MemoryError: {str(e)[:200]}") from None
+    return weights
+
+
+def index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None = None) -> AdapterWeights:
+    """Validate one adapter folder but the factors' values (read on first use by `loader`)."""
+    try:
+        return _index_adapter(name, folder, spec, store)
     except (OSError, RuntimeError, RecursionError, MemoryError) as e:  # whatever the file system throws
         raise InvalidAdapter(f"{folder.name}: could not be read: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) -> AdapterWeights:
+def _index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) -> AdapterWeights:
     def inside(path: Path) -> Path:
         return path if store is None or not path.exists() else file_in_store(path, store)
 
@@ -221,10 +289,13 @@ def _read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) -
                 f"{folder.name} was trained on a different base model (fingerprint {str(fp)[:12]}…, "
                 f"resident {spec.fingerprint[:12]}…)"
             )
-    tensors = _read_tensors(weights_path, rank, scale, spec)
+    st = weights_path.stat()
+    modules, nbytes = _index_tensors(weights_path, rank, spec)
     centroids, embedder = read_centroids(inside(folder / CENTROID_FILE))
     return AdapterWeights(
         name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in tensors}),
-        tensors=tensors, meta=meta, centroids=centroids, centroid_embedder=embedder,
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        tensors=None, meta=meta, centroids=centroids, centroid_embedder=embedder,
+        loader=partial(_load_factors, name, weights_path, (st.st_size, st.st_mtime_ns), rank, scale, spec),
+        factor_bytes=nbytes,
     )

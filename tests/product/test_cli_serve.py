@@ -35,8 +35,8 @@ def test_serve_subprocess_end_to_end(tiny_model_dir, store):
     finally:
         stop_process(proc, signal.SIGTERM, timeout=30)
     output = proc.stdout.read()
-    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit -15 is the normal outcome)
-    assert proc.returncode in (0, -signal.SIGTERM), output
+    # uvicorn shuts down gracefully; the CLI turns the SIGTERM uvicorn re-raises into exit 0
+    assert proc.returncode == 0, output
     assert "Application shutdown complete" in output
 
 

@@ -35,6 +35,7 @@ def describe(v: AdapterVersion, state: Services) -> dict:
     return {
         "name": v.name, "version": v.version, "path": w.path.name, "rank": w.rank, "alpha": w.alpha,
         "scale": w.scale, "target_modules": w.target_modules, "pinned": v.pinned, "resident": slot is not None,
+        "load_state": "slot" if slot is not None else state.registry.host.state(v),
         "in_flight": v.refcount, "bytes": w.nbytes, "centroids": None if w.centroids is None else list(w.centroids.shape),
         "centroid_embedder": w.centroid_embedder, "meta": {k: w.meta[k] for k in ("description", "domain", "version") if k in w.meta},
     }

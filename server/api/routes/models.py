@@ -6,8 +6,18 @@ from server.api.deps import ReadyState
 from server.api.http_errors import MODEL_RESPONSES, READY_RESPONSES
 from server.api.responses import ModelCard, ModelList
 from server.engine.errors import AdapterNotFound
+from server.engine.registry import AdapterVersion
+from server.state import Services
 
 router = APIRouter(tags=["models"])
+
+
+def load_state(v: AdapterVersion, state: Services) -> str:
+    """Where the version's factors are: a compute slot, host memory, or only the store (a read of
+    the engine thread's slot table from the event loop: a moment's answer, never a lock)."""
+    if state.engine.slots.slot_of(v) is not None:
+        return "slot"
+    return state.registry.host.state(v)
 
 
 @router.get("/v1/models", responses=READY_RESPONSES, response_model=ModelList, response_model_exclude_unset=True)
@@ -24,7 +34,7 @@ async def list_models(state: ReadyState) -> dict:
         data.append({"id": name, "object": "model", "created": int(v.created), "owned_by": "switchboard",
                      "root": str(v.weights.path.name), "parent": base, "max_model_len": ctx, "version": v.version,
                      "rank": v.weights.rank, "target_modules": v.weights.target_modules,
-                     "routable": name in routable})
+                     "routable": name in routable, "load_state": load_state(v, state)})
     return {"object": "list", "data": data}
 
 
