@@ -140,7 +140,13 @@ def gate_matrix(seqs: list[Sequence], slots: SlotManager, dtype: torch.dtype, de
                 versions.append(v)
     if not versions:
         return NO_GATES
-    active = slots.ensure(versions)
+    slot_list = slots.ensure(versions)
+    # columns in slot order, so the same adapters in any row order are the same active set (the
+    # layers cache one concatenated stack per active set; rows joining, leaving or moving would
+    # otherwise make a new one)
+    order = sorted(range(len(versions)), key=lambda i: slot_list[i])
+    active = [slot_list[i] for i in order]
+    column = {versions[i].version: col for col, i in enumerate(order)}
     largest = torch.finfo(dtype).max
     table = [[0.0] * len(versions) for _ in seqs]  # [B, active], on the host: no tensor read back
     for row, seq in enumerate(seqs):

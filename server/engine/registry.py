@@ -52,7 +52,7 @@ class AdapterRegistry:
     def __init__(self, host: HostTier | None = None) -> None:
         self._lock = threading.Condition()
         self._current: dict[str, AdapterVersion] = {}
-        self.host = host or HostTier()
+        self.host = host if host is not None else HostTier()
 
     # -- registration ---------------------------------------------------------------------------
     def register(self, weights: AdapterWeights, pinned: bool = False) -> tuple[AdapterVersion, AdapterVersion | None]:

@@ -25,7 +25,7 @@ class SlotManager:
     def __init__(self, layers: dict[str, MultiLoRAConv1D], num_slots: int,
                  device: torch.device, dtype: torch.dtype, host: HostTier | None = None) -> None:
         self.layers = layers
-        self.host = host or HostTier()  # where a version's factors come from (read from disk if evicted)
+        self.host = host if host is not None else HostTier()  # where a version's factors come from (read from disk if evicted)
         self.num_slots = num_slots
         self.device, self.dtype = device, dtype
         self.slot_version: list[AdapterVersion | None] = [None] * num_slots

@@ -180,3 +180,18 @@ def test_gate_matrix_columns_are_adapter_versions(engine, store) -> None:
         gate_matrix([a, b], engine.slots, torch.float32, torch.device("cpu"))
     for s in (a, b, base):
         s.release_references(engine.registry)
+
+
+def test_gate_matrix_active_set_does_not_depend_on_row_order(engine) -> None:
+    """The same adapters in any row order are one active set (columns in slot order), so rows
+    joining, leaving or moving do not make the layers concatenate a new factor stack."""
+    a = held_row(engine, [1, 2], {"alpha": 1.0})
+    b = held_row(engine, [1, 2], {"beta": 1.0})
+    for s in (a, b):
+        s.route.gates = dict(s.routing.weights)
+    first, g1, _ = gate_matrix([a, b], engine.slots, torch.float32, torch.device("cpu"))
+    second, g2, _ = gate_matrix([b, a], engine.slots, torch.float32, torch.device("cpu"))
+    assert first == second and list(first) == sorted(first)
+    assert g1 is not None and g2 is not None and torch.equal(g1, g2.flip(0))
+    for s in (a, b):
+        s.release_references(engine.registry)
