@@ -61,7 +61,8 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
         scan = s.store.scan_on_start and not manifest.exists
         report = await adapters.restore(scan_folders=scan)
         failed_routers = routing.scan_routers(scan_folders=scan)
-        log.info("store scan: loaded %s, refused %s, routers %s (refused %s)", report.loaded, report.failed,
+        shown = report.loaded if len(report.loaded) <= 20 else f"{len(report.loaded)} adapters"
+        log.info("store index: registered %s, refused %s, routers %s (refused %s)", shown, report.failed,
                  routing.router_names(), failed_routers)
     state.ready = True
 

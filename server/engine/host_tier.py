@@ -126,7 +126,8 @@ class HostTier:
         if self.max_bytes and size > self.max_bytes:
             raise Unavailable(f"adapter {version.name!r} needs {size >> 20} MiB of host memory, more than the "
                               f"whole budget ({self.max_bytes >> 20} MiB, --max-cpu-adapter-mb)")
-        victims, freed_bytes = [], 0
+        victims: list[AdapterVersion] = []
+        freed_bytes = 0
         candidates = sorted(self._evictable(), key=lambda v: not v.retired)  # stable: LRU order kept
         for v in candidates:
             if self._fits(1 - len(victims), size - freed_bytes):
