@@ -20,13 +20,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from server.engine.adapter_weights import Factors
+from server.engine.adapter_weights import AdapterWeights, Factors
 from server.engine.errors import InvalidAdapter, SwitchboardError, Unavailable
 
-if TYPE_CHECKING:
-    from server.engine.registry import AdapterVersion
+
+class AdapterVersion(Protocol):
+    """What the host tier reads of `registry.AdapterVersion` (the registry owns the tier, so the
+    tier does not import it)."""
+
+    weights: AdapterWeights
+    version: int
+    pinned: bool
+    refcount: int
+    retired: bool
+
+    @property
+    def name(self) -> str: ...
 
 
 class HostTier:
