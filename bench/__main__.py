@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapters-n", default="0,100",
                    help="many-adapters: comma-separated store sizes N (0 = the base model alone, the baseline)")
     p.add_argument("--adapters-1000", action="store_true", help="many-adapters: also N = 1000 (writes ~6.5 GB, deleted after)")
+    p.add_argument("--adapters-rank", type=int, default=16, help="many-adapters: the adapters' rank (default 16)")
     p.add_argument("--server", choices=("subprocess", "thread"), default=None,
                    help="how the HTTP benchmark runs the server (default: subprocess; thread with --tiny)")
     return p.parse_args(argv)
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
 
                     counts = tuple(int(x) for x in args.adapters_n.split(",") if x.strip())
                     counts += (1000,) if args.adapters_1000 else ()
-                    results["many_adapters"] = many_adapters.run(cfg, assets, counts)
+                    results["many_adapters"] = many_adapters.run(cfg, assets, counts, rank=args.adapters_rank)
             except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
                 traceback.print_exc()
                 results["errors"][name] = f"{type(e).__name__}: {e}"

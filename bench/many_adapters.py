@@ -2,6 +2,7 @@
 adapters costs a real server (`switchboard serve`, a subprocess on loopback).
 
 For each N (`--adapters-n`, default `0,100`; `--adapters-1000` adds 1000) it writes N rank-16
+(`--adapters-rank`)
 PEFT adapters for the base's shape (c_attn and both c_proj, as the rest of the suite) and a
 manifest listing them (the store a restarted server finds), then reports:
 
@@ -90,14 +91,15 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
-def measure(cfg: BenchConfig, assets, n: int, rounds: int, tokens: int, rng: random.Random) -> dict:
+def measure(cfg: BenchConfig, assets, n: int, rounds: int, tokens: int, rng: random.Random, rank: int = 16) -> dict:
     from bench.serving import ADMIN_TOKEN, Server, run_level, summarize
 
     store = assets.root / f"many-{n}"
     t = time.perf_counter()
-    names = write_store(store, n, assets.base.config.n_layer, assets.base.config.n_embd)
-    write_store(store, 1, assets.base.config.n_layer, assets.base.config.n_embd, prefix="extra", seed=99, manifest=False)
-    out: dict = {"n": n, "write_s": round(time.perf_counter() - t, 1)}
+    names = write_store(store, n, assets.base.config.n_layer, assets.base.config.n_embd, rank)
+    write_store(store, 1, assets.base.config.n_layer, assets.base.config.n_embd, rank, prefix="extra", seed=99,
+                manifest=False)
+    out: dict = {"n": n, "rank": rank, "write_s": round(time.perf_counter() - t, 1)}
     server = Server(cfg, assets, "subprocess", store=store)
     t = time.perf_counter()
     try:
@@ -149,11 +151,11 @@ async def _register(url: str, token: str, repeats: int) -> float:
     return round(percentile(times, 0.5), 2)
 
 
-def run(cfg: BenchConfig, assets, counts: tuple[int, ...]) -> dict:
+def run(cfg: BenchConfig, assets, counts: tuple[int, ...], rank: int = 16) -> dict:
     rng = random.Random(26)
     rounds = 1 if cfg.tiny else 3
     tokens = 8 if cfg.tiny else 32
-    results = {str(n): measure(cfg, assets, n, rounds, tokens, rng) for n in sorted(set(counts))}
+    results = {str(n): measure(cfg, assets, n, rounds, tokens, rng, rank) for n in sorted(set(counts))}
     base = results.get("0", {})
     for r in results.values():
         if base.get("start_to_ready_s") is not None and r.get("start_to_ready_s") is not None:

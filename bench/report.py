@@ -12,6 +12,7 @@ RATIO_DOC = {
     "routed_vs_hf_b8": "the same at batch 8",
     "reroute2_vs_once_b1": "engine routed, re-route every 2 tok/s ÷ the same routed once on the prompt, batch 1 (base embedder)",
     "reroute2_vs_once_b8": "the same at batch 8",
+    "distinct8_vs_one_n1000": "many-adapters, 1,000 in the store: 8 HTTP clients on 8 distinct adapters (a fresh draw per round) ÷ all 8 on one adapter, aggregate tok/s",
     "http8_vs_http1_sequential": "8 concurrent HTTP streaming clients, aggregate tok/s ÷ one client sending its requests one after another",
     "http8_mixed_vs_peft_mixed8": "8 concurrent HTTP streaming clients on mixed adapters, aggregate tok/s ÷ PEFT mixed batch of 8 (adapter_names) tok/s",
     "peft_remerge_vs_hf_b1": "PEFT mixture re-merged every 2 tokens (add_weighted_adapter cat) tok/s ÷ HF generate tok/s, batch 1",
@@ -159,6 +160,16 @@ def markdown(results: dict) -> str:
                     [[t["target"], _f(t["value"]), {True: "yes", False: "**no**", None: "–"}[t["met"]], t["gap"] or ""]
                      for t in results.get("targets", [])])
     d = results.get("decode")
+    many = results.get("many_adapters", {})
+    if many:
+        lines += ["## Many adapters", "", "A store of N adapters under `switchboard serve` (subprocess); the N = 0 row is the "
+                  "base model alone, this run's baseline.", ""]
+        lines += _table(["N", "rank", "start → /ready s", "over base s", "RSS at ready MB", "over base MB", "register ms p50",
+                         "one adapter tok/s", "8 distinct tok/s", "distinct ÷ one", "SIGTERM exit"],
+                        [[n, r.get("rank"), _f(r.get("start_to_ready_s")), _f(r.get("ready_over_base_s")), _f(r.get("rss_mb"), 0),
+                          _f(r.get("rss_over_base_mb"), 0), _f(r.get("register_ms_p50"), 1), _f(r.get("one_tok_s")),
+                          _f(r.get("distinct8_tok_s")), _f(r.get("distinct8_vs_one")), r.get("sigterm_exit")]
+                         for n, r in many.items()])
     if d:
         lines += ["## Decode", ""]
         for b in (1, 8):
