@@ -234,6 +234,7 @@ class AdapterService:
                 version = self.registry.snapshot().get(name)
                 if version is not None and version.weights.path.name == Path(path).name:
                     await asyncio.to_thread(self.manifest.set_adapter, name, path, pinned)
+            await asyncio.to_thread(self.manifest.compact)  # the journal folded into _manifest.json, as after a reload
 
     def _scan_folders(self, wanted: dict[str, str]) -> dict[str, str]:
         """Add every adapter folder at the top of the store to `wanted`; returns the entries the file
