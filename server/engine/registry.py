@@ -41,7 +41,8 @@ class AdapterVersion:
     prototypes: dict[str, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.prototypes = prototypes(self.weights.tensors)
+        # factors still on disk (indexed at start): computed at the first slot install instead
+        self.prototypes = {} if self.weights.tensors is None else prototypes(self.weights.tensors)
 
     @property
     def name(self) -> str:

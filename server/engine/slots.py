@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from router_core.arrow import prototypes
 from server.engine.errors import Unavailable
 from server.engine.host_tier import HostTier
 from server.engine.lora_layer import MultiLoRAConv1D
@@ -85,6 +86,8 @@ class SlotManager:
         cuda = self.device.type == "cuda"
         factors = self.host.tensors(version)  # read from disk if evicted; raises for this step's rows if it cannot be
         tensors = version.weights.staged(self.dtype, pin=cuda, factors=factors)  # pre-cast (and pinned on CUDA) once
+        if not version.prototypes:  # indexed lazily: Arrow's prototypes from the factors now read
+            version.prototypes = prototypes(factors)
         for path, layer in self.layers.items():
             pair = tensors.get(path)
             if pair is None:
