@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("decode", "serving", "lifecycle", "router", "grammar")
+SECTIONS = ("decode", "serving", "lifecycle", "router", "grammar", "quality", "llamacpp")
 OPTIONAL = ("many-adapters",)  # run only when named in --only (writes a store of N adapters per N)
 
 
@@ -97,6 +97,14 @@ def run(args: argparse.Namespace) -> dict:
                     counts = tuple(int(x) for x in args.adapters_n.split(",") if x.strip())
                     counts += (1000,) if args.adapters_1000 else ()
                     results["many_adapters"] = many_adapters.run(cfg, assets, counts, rank=args.adapters_rank)
+                elif name == "quality":
+                    from bench import quality
+
+                    results["quality"] = quality.run(cfg)
+                elif name == "llamacpp":
+                    from bench import llamacpp
+
+                    results["llamacpp"] = llamacpp.run(cfg, assets, results.get("decode", {}))
             except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
                 traceback.print_exc()
                 results["errors"][name] = f"{type(e).__name__}: {e}"

@@ -85,6 +85,22 @@ def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return (blocks + tr.wte.weight.numel()) * size
 
 
+def int8_weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """`weight_bytes` under `--quant int8`: the projections' and the LM head's weights at one
+    byte each plus a bf16 scale per output row; biases and norms stay in `dtype`."""
+    from transformers.pytorch_utils import Conv1D
+
+    tr = model.transformer  # type: ignore[attr-defined]
+    size = torch.finfo(dtype).bits // 8
+    total = weight_bytes(model, dtype)
+    for m in tr.h.modules():
+        if isinstance(m, Conv1D):
+            total -= m.weight.numel() * size
+            total += m.weight.numel() + m.weight.shape[1] * 2
+    total -= tr.wte.weight.numel() * size
+    return total + tr.wte.weight.numel() + tr.wte.weight.shape[0] * 2
+
+
 def kv_bytes(model: torch.nn.Module, dtype: torch.dtype, batch: int, prompt: int, new_tokens: int) -> int:
     """Bytes of cached keys and values read per decode step, averaged over the steps: each row
     reads K and V of every layer for all its positions (prompt + about half the new tokens)."""

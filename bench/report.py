@@ -33,6 +33,13 @@ RATIO_DOC = {
     "compiled_vs_eager_step_b1": "engine routed ms per step, eager step ÷ compiled static step, batch 1 (> 1: compiling wins; --compile runs)",
     "compiled_vs_eager_step_b8": "the same at batch 8",
     "compiled_vs_floor_b1": "engine routed with the compiled static step, ms per step ÷ its floor, batch 1 (--compile runs)",
+    "routed_int8_vs_hf_b1": "engine routed with --quant int8 tok/s ÷ HF generate tok/s (its faster dtype), batch 1",
+    "routed_int8_vs_hf_b8": "the same at batch 8",
+    "routed_int8_vs_floor16_b1": "engine routed int8 ms per step ÷ the floor of the same step with 16-bit weights, batch 1 (< 1: faster than any 16-bit engine can be)",
+    "routed_int8_vs_floor_b1": "engine routed int8 ms per step ÷ its own (int8) floor, batch 1",
+    "routed_int8_vs_routed_b1": "engine routed int8 tok/s ÷ engine routed in the float dtype tok/s, batch 1",
+    "routed_int8_vs_routed_b8": "the same at batch 8",
+    "int8_ppl_ratio": "held-out perplexity with int8 base weights ÷ float, small GPT-2 trained on the starter data (quality section)",
 }
 
 
@@ -82,6 +89,13 @@ def compute_ratios(results: dict) -> dict:
         **({"distinct8_vs_one_n1000": results["many_adapters"]["1000"].get("distinct8_vs_one")}
            if "1000" in results.get("many_adapters", {}) else {}),
         "compiled_vs_floor_b1": _floor(d, 1, "engine_routed_compiled"),
+        "routed_int8_vs_hf_b1": ratio(_tok(d, 1, "engine_routed_int8"), _tok(d, 1, "hf_generate")),
+        "routed_int8_vs_hf_b8": ratio(_tok(d, 8, "engine_routed_int8"), _tok(d, 8, "hf_generate")),
+        "routed_int8_vs_floor16_b1": d.get("b1", {}).get("engine_routed_int8", {}).get("vs_floor16"),
+        "routed_int8_vs_floor_b1": _floor(d, 1, "engine_routed_int8"),
+        "routed_int8_vs_routed_b1": ratio(_tok(d, 1, "engine_routed_int8"), _tok(d, 1, "engine_routed")),
+        "routed_int8_vs_routed_b8": ratio(_tok(d, 8, "engine_routed_int8"), _tok(d, 8, "engine_routed")),
+        "int8_ppl_ratio": results.get("quality", {}).get("int8_ppl_ratio"),
     }
 
 
@@ -111,6 +125,18 @@ def targets(results: dict) -> list[dict]:
             met = None if v is None else (v >= limit if higher else v <= limit)
             out.append({"target": label, "value": v, "met": met,
                         "gap": None if met in (None, True) else f"{abs(v - limit):.2f} {unit} {'short' if higher else 'over'}"})
+    for b in (1, 8):
+        v = r.get(f"routed_int8_vs_hf_b{b}")
+        out.append({"target": f"engine routed int8 ≥ 2.0× HF generate, batch {b}", "value": v,
+                    "met": None if v is None else v >= 2.0,
+                    "gap": None if v is None or v >= 2.0 else f"{v / 2.0:.2f}× of the target"})
+    v = r.get("routed_int8_vs_floor16_b1")
+    out.append({"target": "engine routed int8 ms/step ≤ 1.0× the 16-bit floor, batch 1", "value": v,
+                "met": None if v is None else v <= 1.0,
+                "gap": None if v is None or v <= 1.0 else f"{v:.2f}× too slow"})
+    v = r.get("int8_ppl_ratio")
+    out.append({"target": "int8 ÷ float held-out perplexity ≤ 1.01", "value": v, "met": None if v is None else v <= 1.01,
+                "gap": None if v is None or v <= 1.01 else f"{(v - 1) * 100:.2f} % worse"})
     return out
 
 
@@ -182,6 +208,8 @@ def markdown(results: dict) -> str:
                 x = blk[m]
                 note = " (extrapolated)" if x.get("extrapolated") else ""
                 label = LABELS[m] + (f": {x['dtype']}" if "dtype" in x else "")
+                if "vs_floor16" in x:
+                    note += f" (× 16-bit floor {_f(x['vs_floor16'])})"
                 rows.append([label + note, _f(x["tok_s"], 1), f"± {_f(x.get('spread_pct'), 0)} %",
                              f"{_f(ratio(x['tok_s'], hf['tok_s']))}×", _f(x["ms_per_step"], 1),
                              _f(x.get("floor_ms"), 1), f"{_f(x.get('vs_floor'))}×", _f(x["ttft_ms"], 1)])
@@ -206,6 +234,14 @@ def markdown(results: dict) -> str:
         rm = d.get("b1", {}).get("peft_remerge", {})
         if rm.get("merge_ms_per_call") is not None:
             lines += [f"PEFT `add_weighted_adapter(cat)`: {rm['merge_ms_per_call']} ms per call (batch 1).", ""]
+    q = results.get("quality")
+    if q:
+        lines += ["## Quality of --quant int8", "",
+                  f"A GPT-2 {q['model']} trained from scratch on the starter data for {q['training']['steps']} steps "
+                  f"({q['training']['seconds']} s, final train loss {q['training']['final_train_loss']}); held-out "
+                  f"perplexity over {q['held_out_tokens']} tokens: float {q['float_ppl']}, int8 {q['int8_ppl']} "
+                  f"(ratio {q['int8_ppl_ratio']}); greedy agreement (tokens before the first difference, "
+                  f"{q['greedy_rows']} rows × {q['greedy_new_tokens']} tokens): {q['greedy_agreement']}.", ""]
     s = results.get("serving")
     if s:
         lines += ["## Serving (HTTP, streaming, loopback)", ""]

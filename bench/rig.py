@@ -140,15 +140,17 @@ class Assets:
             self._peft = make_peft(self.base, self.folders, self.cfg)
         return self._peft
 
-    def engine_rig(self, decode_step: str = "eager") -> EngineRig:
-        """The engine over its own copy of the base; `decode_step` as `EngineConfig.decode_step`
-        (one rig per kind; a compiled one is warmed up, i.e. compiled, here)."""
-        if decode_step not in self._rigs:
+    def engine_rig(self, decode_step: str = "eager", quant: str = "none") -> EngineRig:
+        """The engine over its own copy of the base; `decode_step` as `EngineConfig.decode_step`,
+        `quant` as `--quant` (one rig per kind; a compiled one is warmed up, i.e. compiled, here)."""
+        key = decode_step if quant == "none" else f"{decode_step}/{quant}"
+        if key not in self._rigs:
             resident = resident_from(clone(self.base), self.tokenizer, self.cfg)
+            resident.quant = quant
             rig = make_engine(resident, self.folders, self.cfg, store=self.store, decode_step=decode_step)
             rig.warm_up_s = rig.engine.warm_up()
-            self._rigs[decode_step] = rig
-        return self._rigs[decode_step]
+            self._rigs[key] = rig
+        return self._rigs[key]
 
     def model_dir(self) -> Path:
         """The base model and tokenizer saved for a server process (`--base-model DIR`)."""

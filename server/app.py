@@ -35,7 +35,8 @@ async def start(state: AppState, resident: ResidentModel | None) -> None:
     if s.engine.torch_threads:
         torch.set_num_threads(s.engine.torch_threads)
     if resident is None:
-        resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype)
+        resident = await asyncio.to_thread(load_base_model, s.model.base_model, s.model.device, s.model.dtype,
+                                           s.model.quant)
     s.store.adapter_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(s.store.adapter_dir)
     routing, gater = build_routing(s.routing, resident, state.registry, s.store.adapter_dir, manifest)

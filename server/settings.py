@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _ENV = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
@@ -17,6 +17,7 @@ class ModelSettings(BaseSettings):
     base_model: str = Field("gpt2", description="hub id (from the local HF cache) or a local folder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA; on CPU bf16 where the CPU computes it natively (AVX-512 BF16/AMX), else fp32")
+    quant: Literal["auto", "none", "int8"] = Field("none", description="int8 = weight-only int8 base projections and LM head (per-channel scales; LoRA stays float; eager step only); auto = none (see docs/performance.md)")
 
 
 class StoreSettings(BaseSettings):
@@ -85,6 +86,12 @@ class Settings(BaseModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _int8_is_eager(self) -> Settings:
+        if self.model.quant == "int8" and self.engine.compile == "on":
+            raise ValueError("--quant int8 runs the eager decode step; use --compile off (or auto)")
+        return self
 
     @classmethod
     def groups(cls) -> dict[str, type[BaseSettings]]:

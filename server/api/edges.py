@@ -110,7 +110,10 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/version", tags=["health"])
     async def version() -> dict:
+        services = getattr(getattr(app.state, "switchboard", None), "services", None)
+        # the resolved quantisation once the model is loaded, what was asked for before
+        quant = services.resident.quant if services is not None else settings.model.quant
         try:
-            return {"version": importlib.metadata.version("lora-switchboard")}
+            return {"version": importlib.metadata.version("lora-switchboard"), "quantization": quant}
         except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
-            return {"version": app.version}
+            return {"version": app.version, "quantization": quant}

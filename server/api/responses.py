@@ -56,6 +56,8 @@ class ModelCard(Open):
     load_state: Literal["slot", "host", "disk"] | None = Field(
         None, description="adapters only: `slot` (in a compute slot), `host` (factors in host memory) or `disk` "
                           "(registered; read from the store on first use)")
+    dtype: str | None = Field(None, description="the base model only: its float dtype")
+    quantization: str | None = Field(None, description="the base model only: `none` or `int8` (weight-only base weights)")
 
 
 class ModelList(Open):

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.engine.base_model import load_base_model
 
     try:
-        resident = load_base_model(settings.model.base_model, settings.model.device, settings.model.dtype)
+        resident = load_base_model(settings.model.base_model, settings.model.device, settings.model.dtype,
+                                   settings.model.quant)
     except ModelLoadError as e:
         sys.stderr.write(f"switchboard: {e}\n")  # one clear line for the operator, no traceback
         return 2

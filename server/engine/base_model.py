@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from router_core import store_rules
 from router_core.store_rules import StoreRuleError, base_fingerprint
-from server.engine import cpu_linear
+from server.engine import cpu_linear, quant
 from server.engine.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
+def resolve_quant(name: str, device: torch.device) -> str:
+    """`auto` is `none`: on this project's CPUs the int8 step measured too close to the float
+    one to make it the default (docs/performance.md); `int8` needs the kernel on this device."""
+    if name == "auto":
+        return "none"
+    if name not in quant.QUANTS:
+        raise ModelLoadError(f"unknown quantisation {name!r}; choose auto, {', '.join(quant.QUANTS)}")
+    if name == "int8" and not quant.int8pack_works(device.type):
+        log.warning("--quant int8: torch's int8 kernel is unavailable on %s; the int8 weights are "
+                    "dequantised per call (correct, not faster)", device)
+    return name
+
+
 def targetable_modules(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Module path -> (in, out) of every Conv1D an adapter may target."""
     return {
@@ -60,6 +73,7 @@ class ResidentModel:
     fingerprint: str
     module_shapes: dict[str, tuple[int, int]]
     source: str = ""  # what --base-model said (hub id or folder), for messages that quote a command
+    quant: str = "none"  # "int8": the engine reads int8 copies of the base weights (`quant.py`)
 
     @property
     def max_positions(self) -> int:
@@ -111,9 +125,11 @@ def _hub_options(name_or_path: str) -> dict:
     return {}
 
 
-def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto") -> ResidentModel:
+def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto",
+                    quantization: str = "none") -> ResidentModel:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    q = resolve_quant(quantization, dev)
     options = _hub_options(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **options)
@@ -125,9 +141,9 @@ def load_base_model(name_or_path: str, device: str = "auto", dtype: str = "auto"
         raise ModelLoadError(f"{name_or_path!r} is a {model.config.model_type!r} model; Switchboard serves GPT-2")
     model.to(dev).eval()  # type: ignore[arg-type]  # (transformers' stub for .to is too narrow)
     model.requires_grad_(False)
-    log.info("loaded %s on %s as %s", name_or_path, dev, dt)
+    log.info("loaded %s on %s as %s (quantisation: %s)", name_or_path, dev, dt, q)
     resident = resident_model(model_id_of(name_or_path), model, tokenizer, dev, dt)
-    resident.source = name_or_path
+    resident.source, resident.quant = name_or_path, q
     return resident
 
 

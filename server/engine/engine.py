@@ -31,10 +31,17 @@ from typing import Protocol
 
 import torch
 
-from server.engine import gpt2, static_step
+from server.engine import gpt2, quant, static_step
 from server.engine.base_model import LORA_TARGETS, ResidentModel
 from server.engine.batch import Batch, Gates, gate_matrix, padded, per_token_rows, record_layer_weights
-from server.engine.errors import ContextTooLong, Overloaded, RequestTimeout, SwitchboardError, Unavailable
+from server.engine.errors import (
+    ContextTooLong,
+    ModelLoadError,
+    Overloaded,
+    RequestTimeout,
+    SwitchboardError,
+    Unavailable,
+)
 from server.engine.kv_cache import KVCache
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.prompt_logprobs import score_prompt
@@ -82,6 +89,10 @@ class Engine:
         cfg = resident.model.config
         self.ctx = LoRABatchContext()
         layers = wrap_targets(resident.model, set(LORA_TARGETS), config.max_loras, self.ctx)
+        if resident.quant == "int8":
+            if config.decode_step != "eager":
+                raise ModelLoadError("--quant int8 runs the eager decode step; use --compile off (or auto)")
+            quant.quantize_model(resident.model, layers.values())
         self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype, registry.host)
         full = resident.device.type == "cuda" if config.full_cache is None else config.full_cache
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,

@@ -30,6 +30,7 @@ from torch import nn
 
 from router_core.arrow import token_gates
 from server.engine import cpu_linear
+from server.engine.quant import Int8Linear
 
 
 @dataclass
@@ -156,6 +157,7 @@ class MultiLoRAConv1D(nn.Module):
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
         # [out, in] storage of the base weight when oneDNN computes the base matmul (CPU), else None.
         self.weight_t: torch.Tensor | None = None
+        self.int8: Int8Linear | None = None  # `--quant int8`: the base matmul reads this (quant.quantize_model)
         # dtype of the cached stacks and of the low-rank products (see the class docstring)
         self.factor_dtype = weight.dtype
         if cpu_linear.onednn_available(weight.device, weight.dtype):
@@ -169,6 +171,8 @@ class MultiLoRAConv1D(nn.Module):
 
     def _base(self, x2: torch.Tensor) -> torch.Tensor:  # x2 [N, in] -> [N, out]
         """What the wrapped Conv1D computes, `x2 @ W + b`, on the fastest kernel for the device."""
+        if self.int8 is not None:
+            return self.int8(x2)
         bias = cast(torch.Tensor, self.base.bias)
         if self.weight_t is not None:
             return cpu_linear.linear(x2, self.weight_t, bias)

@@ -99,3 +99,19 @@ def test_markdown_and_plots_are_written(bench_out):
     for name in ("throughput_vs_concurrency.png", "latency_cdf.png", "decode_vs_hf.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_int8_rows_quality_and_llamacpp(bench_out):
+    out, _ = bench_out
+    results = json.loads((out / "results.json").read_text())
+    ratios = results["ratios"]
+    for key in ("routed_int8_vs_hf_b1", "routed_int8_vs_hf_b8", "routed_int8_vs_floor16_b1", "int8_ppl_ratio"):
+        assert isinstance(ratios[key], float) and ratios[key] > 0, key
+    for batch in ("b1", "b8"):
+        x = results["decode"][batch]["engine_routed_int8"]
+        assert x["tok_s"] > 0
+        # int8 weights: its own floor is below the same step's 16-bit floor
+        assert 0 < x["floor_ms"] < x["floor16_ms"]
+    q = results["quality"]
+    assert q["int8_ppl_ratio"] == ratios["int8_ppl_ratio"] and q["float_ppl"] > 0 and 0 <= q["greedy_agreement"] <= 1
+    assert "skipped" in results["llamacpp"] or "ratios" in results["llamacpp"]

@@ -24,7 +24,8 @@ def load_state(v: AdapterVersion, state: Services) -> str:
 async def list_models(state: ReadyState) -> dict:
     base, ctx = state.resident.model_id, state.resident.max_positions
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "switchboard", "root": base, "parent": None,
-             "max_model_len": ctx}]
+             "max_model_len": ctx, "dtype": str(state.resident.dtype).removeprefix("torch."),
+             "quantization": state.resident.quant}]
     if state.routing and state.routing.router_names():
         data.append({"id": "auto", "object": "model", "created": 0, "owned_by": "switchboard", "root": base,
                      "parent": base, "max_model_len": ctx, "routers": state.routing.router_names(),

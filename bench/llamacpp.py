@@ -1,0 +1,92 @@
+"""llama.cpp beside the engine, when `llama-cpp-python` is importable.
+
+The same random GPT-2 the decode section runs is written to GGUF twice (f16 and q8_0, by
+`bench.gguf`), and llama.cpp decodes the same number of tokens greedily at batch 1 and with 8
+parallel sequences (what `llama-server --parallel 8` does: one batched decode per step over 8
+sequence ids). The ratios put the engine's routed step (float and int8) against it in the same
+run. Without the package the section says it skipped; docs/performance.md has the recipe to
+build it on these machines.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from bench.common import BenchConfig, log, ratio
+
+SKIP = ("llama-cpp-python is not importable; build it as docs/performance.md describes "
+        "(`CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python`, ~15-20 min on 2 cores)")
+
+
+def available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _decode(llm, prompt: list[int], new_tokens: int, parallel: int) -> float:
+    """Seconds for `parallel` sequences of `prompt` + `new_tokens` greedy tokens, one batched
+    `llama_decode` per step (llama-server's slots), the prompt evaluated first."""
+    import llama_cpp
+
+    ctx = llm.ctx
+    n_vocab = llm.n_vocab()
+    batch = llama_cpp.llama_batch_init(max(len(prompt), parallel), 0, parallel)
+    try:
+        llama_cpp.llama_kv_self_clear(ctx) if hasattr(llama_cpp, "llama_kv_self_clear") else llm.reset()
+        start = time.perf_counter()
+        batch.n_tokens = 0
+        for i, tok in enumerate(prompt):  # the prompt once, shared by every sequence id
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, parallel
+            for s in range(parallel):
+                batch.seq_id[i][s] = s
+            batch.logits[i] = i == len(prompt) - 1
+        batch.n_tokens = len(prompt)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed on the prompt")
+        logits = llama_cpp.llama_get_logits_ith(ctx, len(prompt) - 1)
+        first = max(range(n_vocab), key=lambda j: logits[j])
+        tokens = [first] * parallel
+        for step in range(1, new_tokens):
+            batch.n_tokens = parallel
+            for s in range(parallel):
+                batch.token[s], batch.pos[s], batch.n_seq_id[s] = tokens[s], len(prompt) + step - 1, 1
+                batch.seq_id[s][0], batch.logits[s] = s, True
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            for s in range(parallel):
+                row = llama_cpp.llama_get_logits_ith(ctx, s)
+                tokens[s] = max(range(n_vocab), key=lambda j, r=row: r[j])
+        return time.perf_counter() - start
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+def run(cfg: BenchConfig, assets, decode: dict) -> dict:
+    if not available():
+        log(f"llamacpp: skipped: {SKIP}")
+        return {"skipped": SKIP}
+    from llama_cpp import Llama
+
+    from bench import gguf
+
+    out: dict = {}
+    prompt = list(range(1, cfg.prompt_tokens + 1))
+    for kind in ("f16", "q8_0"):
+        path = Path(assets.root) / f"gpt2-{kind}.gguf"
+        gguf.write_gpt2(assets.base, path, kind, *gguf.tokenizer_vocab(assets.tokenizer))
+        llm = Llama(model_path=str(path), n_ctx=cfg.prompt_tokens + cfg.new_tokens + 8, n_batch=512,
+                    n_threads=cfg.threads, n_seq_max=8, logits_all=False, verbose=False)
+        for parallel in (1, 8):
+            _decode(llm, prompt, 3, parallel)  # warm-up
+            seconds = min(_decode(llm, prompt, cfg.new_tokens, parallel) for _ in range(cfg.repeats))
+            tok_s = parallel * cfg.new_tokens / seconds
+            out[f"{kind}_b{parallel}"] = {"tok_s": round(tok_s, 2), "seconds": round(seconds, 3)}
+            log(f"llamacpp {kind} b{parallel}: {tok_s:.1f} tok/s")
+        del llm
+    for b in (1, 8):
+        for key in ("engine_routed", "engine_routed_int8"):
+            ours = decode.get(f"b{b}", {}).get(key, {}).get("tok_s")
+            for kind in ("f16", "q8_0"):
+                out.setdefault("ratios", {})[f"{key}_vs_{kind}_b{b}"] = ratio(ours, out[f"{kind}_b{b}"]["tok_s"])
+    return out

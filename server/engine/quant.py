@@ -1,0 +1,113 @@
+"""Weight-only int8 base weights (`--quant int8`): the projections and the tied LM head.
+
+Why: a decode step at batch 1–8 is memory-bound — it streams every weight once per step — so
+reading one byte per weight instead of four (fp32) or two (bf16) is the way past any 16-bit
+engine. Weights are quantised symmetrically per output channel (`w ≈ q · s`, `q` int8 in
+[-127, 127], one scale per output row), the scheme of LLM.int8()'s vector-wise quantisation
+without its outlier split (arXiv:2208.07339) and of gpt-fast's `WeightOnlyInt8Linear`.
+Activations stay float: only the weights are quantised.
+
+The kernel is torch's `_weight_int8pack_mm` (the op gpt-fast's int8 path and inductor's CPU
+int8 weight-only pattern lower to), measured against oneDNN fp32 and torchao's eager int8
+weight-only in docs/performance.md. Its fast CPU path wants bf16 activations and bf16 scales
+(with fp32 activations it is 8–28× slower), so the input is rounded to bf16 for the call and the
+output converted back; the scales are rounded to bf16 before the weights are divided by them, so
+`q · s` is the exact dequantised weight. The kernel is a matrix-vector product at heart: above
+`max_rows` rows (prefill, prompt logprobs) it loses to a dense matmul, so those calls
+dequantise the weight and take the float path.
+
+LoRA factors and the mixture stay float: `MultiLoRAConv1D` adds its delta to this output
+as it does to the float base's. The float weights stay resident (the adapter fingerprint, the
+router's embedder, a float reload), so `--quant int8` adds a quarter to the weights' memory;
+a step reads only the int8 copy.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTS = ("none", "int8")
+
+
+@functools.cache
+def int8pack_works(device_type: str) -> bool:
+    """Whether `_weight_int8pack_mm` exists here and agrees with a float reference (checked
+    once per device type; the op is private to torch)."""
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=gen)
+    x = torch.randn(3, 32, generator=gen)
+    try:
+        q, s = quantize_per_channel(w)
+        with torch.inference_mode():
+            out = torch.ops.aten._weight_int8pack_mm(x.to(device_type, torch.bfloat16), q.to(device_type),
+                                                     s.to(device_type)).float().cpu()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    ref = x @ (q.float() * s.float()[:, None]).t()
+    return bool(torch.allclose(out, ref, rtol=2e-2, atol=2e-2))
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [out, in] float -> (q [out, in] int8, scales [out] bf16), `weight ≈ q · scales`.
+
+    Symmetric, one scale per output row: amax / 127, rounded to bf16 first (the kernel reads
+    bf16 scales) so the weight is divided by the scale the kernel multiplies by."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    scales = (amax / 127).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales
+
+
+class Int8Linear(nn.Module):
+    """`x [N, in] -> x Wᵀ + b` [N, out] with W held as int8 + per-row scales.
+
+    Holds no parameter and only non-persistent buffers, so attaching it to a model changes
+    neither its `state_dict` nor its fingerprint. `bias` is the float module's own tensor."""
+
+    max_rows = 32  # above this many rows the dequantised dense matmul is faster (prefill)
+    qweight: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] bf16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:  # weight [out, in]
+        super().__init__()
+        q, scales = quantize_per_channel(weight)
+        self.register_buffer("qweight", q.to(weight.device), persistent=False)
+        self.register_buffer("scales", scales.to(weight.device), persistent=False)
+        self.bias = None if bias is None else bias.detach()  # the float module's storage, not a parameter here
+        self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
+        self.kernel = int8pack_works(weight.device.type)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
+        return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
+        if self.kernel and x.shape[0] <= self.max_rows:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
+            return y if self.bias is None else y.add_(self.bias)
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+
+def quantize_model(model: nn.Module, layers: Iterable[nn.Module]) -> int:
+    """Attach `Int8Linear`s to the wrapped projections (`MultiLoRAConv1D.int8`, `layers`) and to
+    the tied LM head (`model.lm_head_int8`, read by `gpt2.lm_head`); returns how many were made.
+    Idempotent: a projection or head that already has one keeps it."""
+    made = 0
+    for layer in layers:
+        if getattr(layer, "int8", None) is None:
+            base: Any = layer.base  # a transformers Conv1D: weight [in, out]
+            layer.int8 = Int8Linear(base.weight.detach().t(), base.bias)
+            made += 1
+    if getattr(model, "lm_head_int8", None) is None:
+        head: Any = model.get_output_embeddings()  # type: ignore[operator]
+        model.lm_head_int8 = Int8Linear(head.weight.detach(), head.bias)
+        made += 1
+    return made
