@@ -124,3 +124,21 @@ def test_settings_refuse_int8_with_the_compiled_step():
     with pytest.raises(ValueError, match="eager decode step"):
         Settings(model=ModelSettings(quant="int8"), engine=EngineSettings(compile="on"))
     assert Settings(model=ModelSettings(quant="int8"), engine=EngineSettings(compile="off")).model.quant == "int8"
+
+
+def test_models_and_version_report_the_quantisation(store, tiny_model_dir, app_client):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.tiny import app_settings
+
+    base = app_client.get("/v1/models").json()["data"][0]
+    assert base["quantization"] == "none" and base["dtype"] == "float32"
+    assert app_client.get("/version").json()["quantization"] == "none"
+    with TestClient(create_app(app_settings(tiny_model_dir, store, model={"quant": "int8"}))) as client:
+        base = client.get("/v1/models").json()["data"][0]
+        assert base["quantization"] == "int8" and base["dtype"] == "float32"
+        assert client.get("/version").json()["quantization"] == "int8"
+        body = client.post("/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 4,
+                                                    "temperature": 0}).json()
+        assert body["usage"]["completion_tokens"] == 4
