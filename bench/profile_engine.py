@@ -31,12 +31,12 @@ CATEGORIES = ("conv1d_base", "lora", "lm_head", "attention", "kv_write", "kv_con
 def _classify(name: str, shapes: list, vocab: int, rank_cols: set[int]) -> str:
     flat = [d for s in shapes if isinstance(s, list | tuple) for d in s]
     if name in ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul",
-                "mkldnn::_linear_pointwise"):
+                "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm"):
         if vocab in flat:
             return "lm_head"
         if any(d in rank_cols for d in flat):
             return "lora"
-        if name in ("aten::addmm", "mkldnn::_linear_pointwise"):
+        if name in ("aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm"):
             return "conv1d_base"
         return "other_ops"
     if "scaled_dot_product" in name or name.startswith("aten::_flash") or "attention" in name:
@@ -120,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--quant", choices=("none", "int8"), default="none", help="the engine's --quant")
     args = p.parse_args(argv)
     cfg = BenchConfig.make(tiny=args.tiny, device="cpu", threads=args.threads)
     cfg.new_tokens = args.new_tokens if not args.tiny else cfg.new_tokens
     cfg.batches = tuple(int(b) for b in args.batches.split(","))
     setup_torch(cfg.threads)
-    result: dict = {"threads": cfg.threads, "new_tokens": cfg.new_tokens}
+    result: dict = {"threads": cfg.threads, "new_tokens": cfg.new_tokens, "quant": args.quant}
     with tempfile.TemporaryDirectory(prefix="switchboard-profile-") as tmp:
         assets = Assets(cfg, Path(tmp))
-        rig = assets.engine_rig()
+        rig = assets.engine_rig(quant=args.quant)
         vocab = assets.base.config.vocab_size
         ranks = {v.weights.rank for v in rig.registry.snapshot().values()}
         rank_cols = {r * k for r in ranks for k in range(1, 5)}

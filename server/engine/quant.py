@@ -91,8 +91,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
         if self.kernel and x.shape[0] <= self.max_rows:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
-            return y if self.bias is None else y.add_(self.bias)
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)  # bf16
+            if self.bias is None or self.bias.dtype != x.dtype:
+                y = y.to(x.dtype)
+                return y if self.bias is None else y.add_(self.bias)
+            return torch.add(self.bias, y)  # promotes to the bias' (= x's) dtype: one op, not two
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
