@@ -66,10 +66,16 @@ def adapters_read(method: str, batch: int) -> int:
 
 def hf_dtypes(cfg: BenchConfig) -> list[torch.dtype]:
     """The dtypes HF generate is measured in: the bench's, plus fp32/bf16 on CPU (whichever is
-    not already it), since which is faster depends on the CPU."""
+    not already it), since which is faster depends on the CPU. bf16 only where the CPU computes
+    it (`cpu_linear.native_bf16`): emulated bf16 is several times slower than fp32 (0.5 against
+    4.6 tok/s at batch 1 on an AVX2-only CPU), can never be the baseline, and took most of a
+    `--quick` run's time there."""
+    from server.engine import cpu_linear
+
     dtypes = [cfg.dtype]
     if cfg.device == "cpu":
-        dtypes += [d for d in (torch.float32, torch.bfloat16) if d != cfg.dtype]
+        wanted = (torch.float32, torch.bfloat16) if cpu_linear.native_bf16() else (torch.float32,)
+        dtypes += [d for d in wanted if d != cfg.dtype]
     return dtypes
 
 
