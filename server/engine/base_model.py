@@ -42,8 +42,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_quant(name: str, device: torch.device) -> str:
-    """`auto` is `none`: on this project's CPUs the int8 step measured too close to the float
-    one to make it the default (docs/performance.md); `int8` needs the kernel on this device."""
+    """`auto` is `none`: int8 base weights are not PEFT-exact (parity holds in the float modes),
+    and on the AVX2 CPU this was measured on the int8 kernel gained too little over the float
+    step to change numerics by default (docs/performance.md). `int8` is opted into."""
     if name == "auto":
         return "none"
     if name not in quant.QUANTS:
