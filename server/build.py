@@ -31,5 +31,5 @@ def build_engine(engine: EngineSettings, routing: RoutingSettings, resident: Res
     config = EngineConfig(max_loras=engine.max_loras, max_batch_size=engine.max_batch_size,
                           max_queue=engine.max_queue, hidden_window=routing.route_window,
                           prompt_window=prompt_window(routing, resident.max_positions),
-                          decode_step=decode_step or step_for(engine.compile, resident.device))
+                          decode_step=decode_step or step_for(engine.compile, resident.device, resident.quant))
     return Engine(resident, registry, config, gate_source=gate_source, observer=observer)

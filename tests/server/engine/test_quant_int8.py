@@ -142,3 +142,11 @@ def test_models_and_version_report_the_quantisation(store, tiny_model_dir, app_c
         body = client.post("/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 4,
                                                     "temperature": 0}).json()
         assert body["usage"]["completion_tokens"] == 4
+
+
+def test_compile_auto_keeps_int8_on_the_eager_step():
+    from server.engine.static_step import decode_step
+
+    assert decode_step("auto", torch.device("cuda"), "int8") == "eager"
+    assert decode_step("auto", torch.device("cuda")) == "compiled"
+    assert decode_step("auto", torch.device("cpu"), "int8") == "eager"
