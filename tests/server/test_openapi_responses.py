@@ -78,7 +78,8 @@ def test_real_answers_match_the_published_schema(client):
     models = call("GET", "/v1/models")
     by_id = {m["id"]: m for m in models["data"]}
     base = next(m for m in models["data"] if m["parent"] is None)
-    assert set(base) == {"id", "object", "created", "owned_by", "root", "parent", "max_model_len"}  # no nulls added
+    assert set(base) == {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "dtype",
+                         "quantization"}  # no nulls added
     assert by_id["auto"]["routers"] == ["centroid", "arrow", "r1"] and "version" not in by_id["auto"]
     assert by_id["delta"]["routable"] and by_id["alpha"]["routable"] and not by_id["gamma"]["routable"]  # r1 has alpha
 
