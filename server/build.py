@@ -24,6 +24,14 @@ def build_routing(settings: RoutingSettings, resident: ResidentModel, registry: 
     return catalogue, Gater(catalogue, settings)
 
 
+def _step(engine: EngineSettings, resident: ResidentModel) -> str:
+    """What `--compile` selects; `--quant int8` stays on the eager step under `auto` (the static
+    step reads the float weights; `--compile on` with int8 is refused by the settings)."""
+    if resident.quant == "int8" and engine.compile == "auto":
+        return "eager"
+    return step_for(engine.compile, resident.device)
+
+
 def build_engine(engine: EngineSettings, routing: RoutingSettings, resident: ResidentModel,
                  registry: AdapterRegistry, gate_source: GateSource | None = None,
                  observer: EngineObserver | None = None, decode_step: str | None = None) -> Engine:
@@ -31,5 +39,5 @@ def build_engine(engine: EngineSettings, routing: RoutingSettings, resident: Res
     config = EngineConfig(max_loras=engine.max_loras, max_batch_size=engine.max_batch_size,
                           max_queue=engine.max_queue, hidden_window=routing.route_window,
                           prompt_window=prompt_window(routing, resident.max_positions),
-                          decode_step=decode_step or step_for(engine.compile, resident.device, resident.quant))
+                          decode_step=decode_step or _step(engine, resident))
     return Engine(resident, registry, config, gate_source=gate_source, observer=observer)

@@ -367,7 +367,7 @@ def build(model: GPT2LMHeadModel, cache: KVCache, slots: SlotManager, ctx: LoRAB
     return StaticDecoder(model, cache, slots, ctx, compile=compiled, mode=mode)
 
 
-def decode_step(setting: str, device: torch.device, quant: str = "none") -> str:
+def decode_step(setting: str, device: torch.device) -> str:
     """The engine's `decode_step` for the `--compile` setting. `auto` compiles on CUDA and keeps
     the eager step on CPU. CPU: the compiled step measured 0.96-0.98x the eager one on an idle
     machine (docs/performance.md). CUDA: a GPT-2 decode step at small batch is launch-bound
@@ -375,6 +375,6 @@ def decode_step(setting: str, device: torch.device, quant: str = "none") -> str:
     remove, as in gpt-fast; not yet measured on this project's code (no GPU has run it), so
     `scripts/gpu_check.sh` times both and reports whether this choice holds, and a warm-up that
     fails under `auto` falls back to the eager step (`Engine.warm_up(fallback=True)`)."""
-    if setting == "auto":  # `--quant int8` runs the eager step (the static one reads float weights)
-        return "compiled" if device.type == "cuda" and quant == "none" else "eager"
+    if setting == "auto":
+        return "compiled" if device.type == "cuda" else "eager"
     return "compiled" if setting == "on" else "eager"

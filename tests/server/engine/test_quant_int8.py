@@ -144,9 +144,12 @@ def test_models_and_version_report_the_quantisation(store, tiny_model_dir, app_c
         assert body["usage"]["completion_tokens"] == 4
 
 
-def test_compile_auto_keeps_int8_on_the_eager_step():
-    from server.engine.static_step import decode_step
+def test_compile_auto_keeps_int8_on_the_eager_step(monkeypatch):
+    import types
 
-    assert decode_step("auto", torch.device("cuda"), "int8") == "eager"
-    assert decode_step("auto", torch.device("cuda")) == "compiled"
-    assert decode_step("auto", torch.device("cpu"), "int8") == "eager"
+    from server import build
+
+    monkeypatch.setattr(build, "step_for", lambda setting, device: "compiled")  # what auto picks on CUDA
+    settings = EngineSettings(compile="auto")
+    assert build._step(settings, types.SimpleNamespace(quant="int8", device=torch.device("cuda"))) == "eager"
+    assert build._step(settings, types.SimpleNamespace(quant="none", device=torch.device("cuda"))) == "compiled"
