@@ -36,11 +36,16 @@ def prototype(a: Tensor, b: Tensor) -> Tensor:
     singular vectors of the `[in, r]` matrix a Rᵀ: an SVD of r columns, never ΔW itself. The
     sign is fixed (largest-magnitude entry positive) so a version's prototype is reproducible;
     Arrow's scores are sign-free anyway."""
-    a32, b32 = a.detach().to(torch.float32), b.detach().to(torch.float32)
-    _, r = torch.linalg.qr(b32.t())  # bᵀ = Q R, R [r, r]
-    u, _, _ = torch.linalg.svd(a32 @ r.t(), full_matrices=False)  # [in, r]
+    # in float64 and rescaled to unit max entry: the direction does not depend on the scale, and
+    # an adapter with huge-but-finite factors (accepted up to the serving dtype's bound) would
+    # overflow float32 in a·Rᵀ and leave the SVD nothing finite to work on
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    a64 = a64 / a64.abs().max().clamp(min=1e-300)
+    b64 = b64 / b64.abs().max().clamp(min=1e-300)
+    _, r = torch.linalg.qr(b64.t())  # bᵀ = Q R, R [r, r]
+    u, _, _ = torch.linalg.svd(a64 @ r.t(), full_matrices=False)  # [in, r]
     v = u[:, 0]
-    return v * torch.sign(v[v.abs().argmax()])
+    return (v * torch.sign(v[v.abs().argmax()])).to(torch.float32)
 
 
 def prototypes(tensors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
