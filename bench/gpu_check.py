@@ -230,10 +230,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}); nothing was checked. Run it on a machine with an NVIDIA GPU "
               "and a CUDA build of torch; the CPU tests cover what they can (docs/performance.md).")
         return 0
-    if args.device == "cpu":  # the smoke run takes the CUDA sampling path too
-        from server.engine import tokens
+    from server.engine import tokens
 
-        tokens.DEVICE_SAMPLING_ON_CPU = True
+    previous = tokens.DEVICE_SAMPLING_ON_CPU
+    tokens.DEVICE_SAMPLING_ON_CPU = previous or args.device == "cpu"  # the CPU smoke run takes the CUDA sampling path too
+    try:
+        return _check_all(args)
+    finally:  # called in-process by the tests: leave the engine's sampler as it was
+        tokens.DEVICE_SAMPLING_ON_CPU = previous
+
+
+def _check_all(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from router_core.artifacts import centroids_bytes
 from router_core.store_rules import CENTROID_FILE
-from server.engine.adapter_weights import BaseSpec
+from server.engine.adapter_weights import AdapterWeights, BaseSpec
 from server.engine.errors import Conflict, InvalidAdapter, SwitchboardError
 from server.engine.registry import AdapterRegistry, AdapterVersion
 from server.metrics import Metrics
@@ -210,7 +210,8 @@ class AdapterService:
         items = await asyncio.to_thread(index_all)
         if self.default_prepare is not None:
             for weights, _ in items:
-                await self.default_prepare(weights)
+                if await self.default_prepare(weights) == SAVE_IF_POSSIBLE:
+                    await asyncio.to_thread(self._cache_centroid, weights)
         for name, error in report.failed.items():
             log.warning("store index: %s refused: %s", name, error)
         async with self._lock:
@@ -225,6 +226,18 @@ class AdapterService:
         if new:
             self.record_task = asyncio.create_task(self._record(new))
         return report
+
+    def _cache_centroid(self, weights: AdapterWeights) -> None:
+        """Save a centroid computed at start-up from an adapter's examples beside it, when the name
+        owns its folder and there is no file yet, so the next start reads it instead of recomputing;
+        a store that cannot take the write still serves and routes the adapter."""
+        target = self.derived_path(weights.name, weights.path)
+        if target.parent != weights.path or target.exists() or weights.centroids is None:
+            return
+        try:
+            durable.write_file(target, centroids_bytes(weights.centroids, weights.centroid_embedder or ""))
+        except OSError as e:
+            log.warning("adapter %s: centroid not saved (%s); the next start recomputes it", weights.name, e)
 
     async def _record(self, entries: list[tuple[str, str, bool]]) -> None:
         """Write folders the start-up scan registered into the manifest (one at a time, through its
