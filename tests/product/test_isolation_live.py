@@ -98,6 +98,17 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[int, list[str]
         return r.status_code, [line async for line in r.aiter_lines() if line.startswith("data:")]
 
 
+def six_streams() -> list[dict]:
+    """Six requests of every kind (two adapters, a manual mixture, the base model; greedy and
+    sampled) that must run unharmed beside each reproduction."""
+    streams = [{"model": m, "prompt": p, "max_tokens": 40, "temperature": t, "seed": 7}
+               for m, p, t in [("alpha", "def add(a, b):", 0), ("beta", "It is a truth", 0.9),
+                               ("auto", "for i in range(10):", 0), ("base", "The quick brown fox", 0),
+                               ("alpha", "import numpy as np", 1.0), ("beta", "Mr. Holmes looked", 0)]]
+    streams[2]["routing"] = {"weights": {"alpha": 0.3, "beta": 0.7}}
+    return streams
+
+
 def _finished_normally(status: int, lines: list[str], max_tokens: int) -> bool:
     if status != 200 or len(lines) < 2 or lines[-1] != "data: [DONE]":
         return False
@@ -118,11 +129,7 @@ def test_done_when_reproductions_refused_while_six_streams_finish(tiny_model_dir
     (store / "_manifest.json").write_text(json.dumps({"adapters": [{"name": "alpha", "path": "alpha"},
                                                                    {"name": "beta", "path": "beta"}]}))
     with live_server(app_settings(tiny_model_dir, store)) as (base, app):
-        streams = [{"model": m, "prompt": p, "max_tokens": 40, "temperature": t, "seed": 7}
-                   for m, p, t in [("alpha", "def add(a, b):", 0), ("beta", "It is a truth", 0.9),
-                                   ("auto", "for i in range(10):", 0), ("base", "The quick brown fox", 0),
-                                   ("alpha", "import numpy as np", 1.0), ("beta", "Mr. Holmes looked", 0)]]
-        streams[2]["routing"] = {"weights": {"alpha": 0.3, "beta": 0.7}}
+        streams = six_streams()
         idle = [_sse(base, body) for body in streams]
         assert all(_finished_normally(s, lines, 40) for s, lines in idle)
         _slow_engine(app, monkeypatch, 0.01)  # the streams last long enough to overlap every reproduction

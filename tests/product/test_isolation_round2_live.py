@@ -5,7 +5,6 @@ an idle server, every adapter reference back at 0."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import shutil
@@ -18,8 +17,9 @@ from server.store.manifest import Manifest
 from tests.conftest import ADMIN
 from tests.handle import AppHandle
 from tests.live import live_server, wait_until
-from tests.product.test_isolation_live import _finished_normally, _slow_engine, _sse, _stream
+from tests.product.test_isolation_live import _finished_normally, _slow_engine, _sse, _stream, six_streams
 from tests.server.test_isolation_round2 import REPRODUCTIONS_2
+from tests.server.test_store_durability import full_disk_write
 from tests.tiny import app_settings
 
 
@@ -31,24 +31,11 @@ def test_done_when_round2_reproductions_refused_while_six_streams_finish(tiny_mo
     (store / "_manifest.json").write_text(json.dumps({"adapters": [{"name": "alpha", "path": "alpha"},
                                                                    {"name": "beta", "path": "beta"}]}))
     with live_server(app_settings(tiny_model_dir, store)) as (base, app):
-        streams = [{"model": m, "prompt": p, "max_tokens": 40, "temperature": t, "seed": 7}
-                   for m, p, t in [("alpha", "def add(a, b):", 0), ("beta", "It is a truth", 0.9),
-                                   ("auto", "for i in range(10):", 0), ("base", "The quick brown fox", 0),
-                                   ("alpha", "import numpy as np", 1.0), ("beta", "Mr. Holmes looked", 0)]]
-        streams[2]["routing"] = {"weights": {"alpha": 0.3, "beta": 0.7}}
+        streams = six_streams()
         idle = [_sse(base, body) for body in streams]
         assert all(_finished_normally(s, lines, 40) for s, lines in idle)
         _slow_engine(app, monkeypatch, 0.01)
-        root, real_write = str(store.resolve()), os.write
-
-        def full_disk(fd: int, data) -> int:  # item 4: the store's files cannot take a byte
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                target = ""
-            if target.startswith(root):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return real_write(fd, data)
+        real_write, full_disk = os.write, full_disk_write(store)  # item 4: the store's files cannot take a byte
 
         async def scenario():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:

@@ -110,9 +110,9 @@ def test_full_tmpfs_changes_nothing(store, tiny_model_dir):
             assert set(_registry(client)) == set(Manifest(root).adapters) == {"alpha", "gamma"}
 
 
-def test_enospc_injected_changes_nothing(app_client, store, monkeypatch):
-    """ENOSPC from every write into the store's files (temp files, the journal): the paths a full
-    disk takes, without a file system that fills up."""
+def full_disk_write(store: Path):
+    """An `os.write` for which the store's files cannot take a byte (ENOSPC), and every other file
+    writes as usual: the paths a full disk takes, without a file system that fills up."""
     real_write, root = os.write, str(store.resolve())
 
     def write(fd: int, data) -> int:
@@ -124,6 +124,13 @@ def test_enospc_injected_changes_nothing(app_client, store, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
+    return write
+
+
+def test_enospc_injected_changes_nothing(app_client, store, monkeypatch):
+    """ENOSPC from every write into the store's files (temp files, the journal): the paths a full
+    disk takes, without a file system that fills up."""
+    real_write, write = os.write, full_disk_write(store)
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc/self/fd to tell the store's files from others")
     # the start-up scan records the folders it found in the background: let it finish first, so
