@@ -4,7 +4,9 @@ same batch with every row under a JSON-schema grammar, interleaved, at batch 1 a
 Per step the constrained run fills each row's token bitmask (xgrammar) and masks its logits
 before sampling (`server.engine.grammar.mask_rows`, timed here by wrapping it). Reported: the
 median step of each run over the steps where every row was still running, the mask's own time
-per step, and both as a share of the free step (target: mask ≤ 10 %).
+per step, and both as a share of the free step (target: mask ≤ 10 %). The shares are also under
+`grammar.ratios` (`mask_share_b1`, `mask_share_b8`, `constrained_vs_free_step_b*`) and in the
+run's top-level `ratios` as `grammar_mask_share_b1` / `_b8`.
 
 The mask's cost grows with the vocabulary, so the grammar sees a GPT-2-sized one: the bench's
 byte-level BPE trained on the suite's sample text (tests/data) up to what that text gives
@@ -132,6 +134,9 @@ def run(cfg: BenchConfig, assets) -> dict:
                 "mask_share": round(mask / free, 4) if mask is not None else None,
                 "step_ratio": round(step / free, 3) if step else None,
                 "constrained_steps_measured": [r["steps"] for r in runs["constrained"]]}
+            ratios = out.setdefault("ratios", {})  # the keys the top-level `ratios` copies (bench/report.py)
+            ratios[f"mask_share_b{batch}"] = out[f"b{batch}"]["mask_share"]
+            ratios[f"constrained_vs_free_step_b{batch}"] = out[f"b{batch}"]["step_ratio"]
             log(f"grammar b{batch}: {out[f'b{batch}']}")
     finally:
         tokens.mask_rows = original  # type: ignore[assignment]

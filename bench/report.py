@@ -96,6 +96,13 @@ def compute_ratios(results: dict) -> dict:
         "routed_int8_vs_routed_b1": ratio(_tok(d, 1, "engine_routed_int8"), _tok(d, 1, "engine_routed")),
         "routed_int8_vs_routed_b8": ratio(_tok(d, 8, "engine_routed_int8"), _tok(d, 8, "engine_routed")),
         "int8_ppl_ratio": results.get("quality", {}).get("int8_ppl_ratio"),
+        # structured output: the grammar mask's ms per decode step ÷ the free step (target ≤ 0.10)
+        "grammar_mask_share_b1": results.get("grammar", {}).get("ratios", {}).get("mask_share_b1"),
+        "grammar_mask_share_b8": results.get("grammar", {}).get("ratios", {}).get("mask_share_b8"),
+        "grammar_constrained_vs_free_step_b1":
+            results.get("grammar", {}).get("ratios", {}).get("constrained_vs_free_step_b1"),
+        "grammar_constrained_vs_free_step_b8":
+            results.get("grammar", {}).get("ratios", {}).get("constrained_vs_free_step_b8"),
     }
 
 
