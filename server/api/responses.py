@@ -81,12 +81,25 @@ class CompletionLogprobs(Open):
     text_offset: list[int] | None
 
 
+class PromptLogprob(Open):
+    """vLLM's: one token's entry at one prompt position."""
+
+    logprob: float
+    rank: int | None = Field(description="1 = the most likely token at that position")
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # token id (as a string) -> its entry, per position
+
+
 class CompletionChoice(Open):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str
     routing: list[RoutingSegment] = Field(description="the routing trace of this choice")
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="vLLM: with `prompt_logprobs: N`, None for "
+                                                   "the first prompt token, then the prompt's token and the N most likely")
 
 
 class Usage(Open):
@@ -155,6 +168,8 @@ class ChatCompletion(Open):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="vLLM: with `prompt_logprobs: N`, the "
+                                                   "rendered conversation's (as on a completions choice)")
 
 
 # -- admin: adapters ----------------------------------------------------------------------------------------

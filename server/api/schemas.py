@@ -66,6 +66,8 @@ class SamplingFields(StructuredFields):
     skip_special_tokens: bool | None = Field(None, description="vLLM: false keeps special tokens in the text")
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="vLLM: keep only the prompt's last k tokens")
     return_tokens_as_token_ids: bool | None = Field(None, description="vLLM: log-prob tokens as 'token_id:<id>'")
+    prompt_logprobs: StrictInt | None = Field(None, description="vLLM: per prompt token its log-prob and rank and "
+                                              "the N (0-20) most likely tokens there; not with stream")
 
 
 class RoutingOptions(BaseModel):

@@ -20,6 +20,7 @@ from server.api.schemas import ChatCompletionRequest, CompletionRequest, Samplin
 from server.engine.errors import InvalidRequest
 from server.serving import chat_template, fair_pool, lorax_fields, structured, validation
 from server.serving import completion_service as completions
+from server.serving.completion_shapes import prompt_logprobs_body, token_decoder
 from server.serving.logprobs import chat_logprobs, token_bytes
 from server.serving.request_fields import check_fields
 from server.state import Services
@@ -106,9 +107,9 @@ def _message(creq: CompletionRequest, text: str, finish_reason: str | None) -> t
 async def complete(creq: CompletionRequest, choices: list[completions.Choice], state: Services,
                    request: Request) -> dict:
     body = await completions.complete(creq, choices, state, request)
-    decode = completions.token_decoder(state, creq.return_tokens_as_token_ids)
+    decode = token_decoder(state, creq.return_tokens_as_token_ids)
     to_bytes = token_bytes(state.resident.tokenizer)
-    return {
+    out: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": body["created"],
         "model": creq.model,
         "choices": [{"index": ch["index"], "message": message,
@@ -118,6 +119,9 @@ async def complete(creq: CompletionRequest, choices: list[completions.Choice], s
                     for message, finish in [_message(creq, ch["text"], ch["finish_reason"])]],
         "usage": body["usage"],
     }
+    if creq.prompt_logprobs is not None:  # vLLM: the rendered conversation's, once, beside `choices`
+        out["prompt_logprobs"] = prompt_logprobs_body(choices[0], decode)
+    return out
 
 
 async def stream(creq: CompletionRequest, choices: list[completions.Choice], state: Services,
@@ -125,7 +129,7 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
     """The completions stream re-shaped into chat chunks: the first chunk of each choice carries
     the assistant role, each later one a content delta with its log-probs and routing weights."""
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    decode = completions.token_decoder(state, creq.return_tokens_as_token_ids)
+    decode = token_decoder(state, creq.return_tokens_as_token_ids)
     to_bytes = token_bytes(state.resident.tokenizer)
     sent = [0] * len(choices)  # chat log-prob entries already sent, per choice
     plan: structured.ToolCallPlan | None = creq._tool_plan

@@ -1,13 +1,13 @@
-"""Turning a validated `CompletionRequest` into engine sequences and OpenAI-shaped responses."""
+"""Turning a validated `CompletionRequest` into engine sequences and collecting their tokens;
+the response bodies and chunks are shaped in `completion_shapes.py`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -21,27 +21,10 @@ from server.engine.errors import (
 from server.engine.registry import AdapterRegistry
 from server.engine.sequence import RoutingSpec, Sequence, TokenEvent
 from server.serving import fair_pool, lorax_fields, structured, validation
-from server.serving.logprobs import LogprobTrack, completion_logprobs
-from server.serving.request_fields import check_fields, sampling_params
+from server.serving.completion_shapes import Choice, StreamShaper, candidates, completion_body
+from server.serving.logprobs import LogprobTrack
+from server.serving.request_fields import check_fields, check_prompt_logprobs, sampling_params
 from server.state import Services
-
-
-@dataclass
-class Choice:
-    seq: Sequence
-    queue: asyncio.Queue[TokenEvent]
-    text: str = ""
-    finish_reason: str | None = None
-    tokens: int = 0
-    lp: LogprobTrack | None = None  # when the request asked for log-probs
-    echo: bool = False  # the prompt is returned before the completion
-    copy: int = 0  # which of the prompt's candidates (`best_of`, else `n`) this is
-    cumulative_logprob: float = 0.0  # of the sampled tokens: how `best_of` ranks the candidates
-
-
-def candidates(req: CompletionRequest) -> int:
-    """Rows sampled per prompt: `best_of` when it asks for more than `n` (validated), else `n`."""
-    return max(req.n, getattr(req, "best_of", None) or req.n)
 
 
 def routing_spec(req: CompletionRequest, state: Services) -> tuple[RoutingSpec, list[str]]:
@@ -169,6 +152,7 @@ def build_choices(req: CompletionRequest, state: Services,
     its event loop. The request owns the references until `submit` hands them to the engine;
     if anything here fails, the ones taken so far are released before the error leaves."""
     check_fields(req, req.n, ranks_candidates=True)
+    check_prompt_logprobs(req.prompt_logprobs, req.stream)
     model = lorax_fields.adapter_for(req.model, req.model_extra, base_names(state))
     if model != req.model:
         req = req.model_copy(update={"model": model})
@@ -213,18 +197,25 @@ def build_choices(req: CompletionRequest, state: Services,
                         emit=_emitter(loop, queue),
                         stop=stop, eos_token_id=tok.eos_token_id, prompt_text=text,
                         versions={v.name: v for v in versions}, deadline=deadline,
-                        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+                        prompt_logprobs=_prompt_top(req),
                         grammar=grammars[len(choices)], include_stop_str=bool(req.include_stop_str_in_output),
                     )
                 except BaseException:
                     state.registry.release(versions)
                     raise
                 choices.append(Choice(seq, queue, lp=LogprobTrack() if req.logprobs is not None else None,
-                                      echo=req.echo, copy=copy))
+                                      echo=req.echo, copy=copy, prompt_top=req.prompt_logprobs))
     except BaseException:
         release(choices, state)
         raise
     return choices
+
+
+def _prompt_top(req: CompletionRequest) -> int | None:
+    """Alternatives the engine scores per prompt position, or None to not score the prompt: for
+    `echo` with `logprobs` and for vLLM's `prompt_logprobs`, the larger of the two."""
+    wanted = [n for n in (req.logprobs if req.echo else None, req.prompt_logprobs) if n is not None]
+    return max(wanted) if wanted else None
 
 
 def _bad_words(words: list[str], tok: Any) -> tuple[tuple[int, ...], ...]:
@@ -272,8 +263,9 @@ def _apply(choice: Choice, ev: TokenEvent, state: Services) -> None:
     if ev.error is not None:
         raise ev.error
     choice.text += ev.text
-    if choice.lp is not None and ev.token_index == 0 and choice.seq.prompt_scores is not None and not choice.lp.entries:
-        choice.lp.add_prompt(choice.seq.prompt_ids, choice.seq.prompt_scores)
+    if choice.lp is not None and choice.echo and ev.token_index == 0 and choice.seq.prompt_scores is not None \
+            and not choice.lp.entries:
+        choice.lp.add_prompt(choice.seq.prompt_ids, choice.seq.prompt_scores, choice.seq.sampling.top_logprobs)
     if ev.token_id is not None:
         choice.tokens += 1
         choice.cumulative_logprob += ev.logprob or 0.0
@@ -309,24 +301,6 @@ class ClientGone(Exception):
     """The client disconnected; its rows are cancelled."""
 
 
-def token_decoder(state: Services, as_ids: bool | None = False) -> Callable[[int], str]:
-    """A log-prob entry's token text; `as_ids` (vLLM's return_tokens_as_token_ids): 'token_id:<id>'."""
-    if as_ids:
-        return lambda token_id: f"token_id:{token_id}"
-    tok = state.resident.tokenizer
-    return lambda token_id: str(tok.decode([token_id]))
-
-
-def _logprobs_body(c: Choice, state: Services, as_ids: bool | None) -> dict | None:
-    return None if c.lp is None else completion_logprobs(token_decoder(state, as_ids), c.lp.entries)[0]
-
-
-def _usage(choices: list[Choice]) -> dict:
-    prompt = sum(len(c.seq.prompt_ids) for c in choices if c.copy == 0)
-    completion = sum(c.tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 async def complete(req: CompletionRequest, choices: list[Choice], state: Services, request: Request) -> dict:
     deadline = request_deadline(request, state)
     try:
@@ -337,26 +311,7 @@ async def complete(req: CompletionRequest, choices: list[Choice], state: Service
         for c in choices:
             state.worker.cancel(c.seq)
         raise
-    usage = _usage(choices)  # every candidate's tokens count, as OpenAI bills best_of
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": req.model,
-        "choices": [{"index": i, "text": (c.seq.prompt_text if c.echo else "") + c.text,
-                     "logprobs": _logprobs_body(c, state, req.return_tokens_as_token_ids), "finish_reason": c.finish_reason,
-                     "routing": c.seq.segments()} for i, c in enumerate(best(choices, req.n, candidates(req)))],
-        "usage": usage,
-    }
-
-
-def best(choices: list[Choice], n: int, per_prompt: int) -> list[Choice]:
-    """The `n` of each prompt's `per_prompt` candidates (consecutive in `choices`) with the highest
-    cumulative log-probability, in prompt order (vLLM's `best_of` ranking; ties keep sampling
-    order). With no extra candidates, all of them as they are."""
-    if per_prompt <= n:
-        return choices
-    out: list[Choice] = []
-    for start in range(0, len(choices), per_prompt):
-        out += sorted(choices[start:start + per_prompt], key=lambda c: -c.cumulative_logprob)[:n]
-    return out
+    return completion_body(req, choices, state)
 
 
 async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
@@ -364,29 +319,11 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
     """SSE: one `data:` chunk per token carrying the weights in force, then `data: [DONE]`.
     Errors propagate; the route wraps this in `streaming.guarded`, which ends the stream with an
     error event and `[DONE]`."""
-    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    shaper = StreamShaper(req, choices, state)
     deadline = request_deadline(request, state)
 
     def chunk(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
-
-    decode = token_decoder(state, req.return_tokens_as_token_ids)
-    continuous = bool(req.stream_options and req.stream_options.include_usage
-                      and req.stream_options.continuous_usage_stats)
-
-    def logprobs(c: Choice) -> dict | None:  # the tokens this chunk adds
-        if c.lp is None:
-            return None
-        body, c.lp.offset = completion_logprobs(decode, c.lp.unsent(), c.lp.offset)
-        return body
-
-    def echo_logprobs(c: Choice) -> dict | None:  # the prompt's tokens, sent before the first token's
-        if c.lp is None:
-            return None
-        head = c.lp.entries[: len(c.seq.prompt_ids)]
-        c.lp.sent = len(head)
-        body, c.lp.offset = completion_logprobs(decode, head, 0)
-        return body
 
     try:
         for i, c in enumerate(choices):
@@ -394,21 +331,10 @@ async def stream(req: CompletionRequest, choices: list[Choice], state: Services,
                 ev = await _next_event(c, request, deadline)
                 _apply(c, ev, state)  # an error event raises: `streaming.guarded` ends the stream
                 if c.echo and ev.token_index == 0:  # the prompt first, with its log-probs
-                    yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                                 "choices": [{"index": i, "text": c.seq.prompt_text, "logprobs": echo_logprobs(c),
-                                              "finish_reason": None}]})
-                choice: dict[str, Any] = {"index": i, "text": ev.text, "logprobs": logprobs(c), "finish_reason": ev.finish_reason,
-                          "routing": {"token_index": ev.token_index, "weights": {k: round(v, 4) for k, v in ev.weights.items()}}}
-                if ev.finish_reason is not None:
-                    choice["routing"]["segments"] = c.seq.segments()
-                body = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                        "choices": [choice]}
-                if continuous:  # vLLM: the usage so far on every chunk
-                    body["usage"] = _usage(choices)
-                yield chunk(body)
+                    yield chunk(shaper.echo(i, c))
+                yield chunk(shaper.token(i, c, ev))
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk({"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                         "choices": [], "usage": _usage(choices)})
+            yield chunk(shaper.usage())
         yield "data: [DONE]\n\n"
     finally:
         for c in choices:

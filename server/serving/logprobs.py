@@ -5,6 +5,8 @@ the N most likely tokens plus the chosen one, as OpenAI and vLLM return it) and 
 (each token's start in the returned text, counting the echoed prompt). With `echo`, the prompt's
 tokens come first and the first one's log-prob and alternatives are null.
 Chat (`logprobs: true`, `top_logprobs: N`): `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+vLLM's `prompt_logprobs: N` (both endpoints): per prompt position a dict of token id →
+`{logprob, rank, decoded_token}` (`prompt_logprobs` below).
 Log-probs are those of the distribution the token was chosen from after `logit_bias` and the
 penalties, before temperature / top-k / top-p; -inf is reported as -9999.0 (JSON has no infinity).
 """
@@ -35,8 +37,11 @@ class LogprobTrack:
     sent: int = 0
     offset: int = 0
 
-    def add_prompt(self, ids: list[int], scores: PromptScores) -> None:
-        self.entries.extend(zip(ids, scores.logprobs, scores.top, strict=True))
+    def add_prompt(self, ids: list[int], scores: PromptScores, n: int) -> None:
+        """The prompt's tokens with their `n` most likely alternatives (the engine may have
+        scored more, for `prompt_logprobs`)."""
+        tops = [None if top is None else top[:n] for top in scores.top]
+        self.entries.extend(zip(ids, scores.logprobs, tops, strict=True))
 
     def add(self, token_id: int, logprob: float | None, top: Top | None) -> None:
         self.entries.append((token_id, logprob, top))
@@ -111,3 +116,20 @@ def chat_logprobs(decode: Any, entries: list[Entry], to_bytes: Callable[[int], b
 
     return {"content": [{**one(t, lp if lp is not None else 0.0),
                          "top_logprobs": [one(i, v) for i, v in top or ()]} for t, lp, top in entries]}
+
+
+def prompt_logprobs(decode: Any, ids: list[int], scores: PromptScores, n: int) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per position a dict keyed
+    by token id (a string in JSON) → `{logprob, rank, decoded_token}` holding the prompt's own
+    token (its rank among all tokens) and the `n` most likely (ranks 1..n), the prompt's token
+    first; a token that is both keeps its top-n entry, as vLLM builds the dict."""
+    out: list[dict[str, dict] | None] = []
+    for token_id, lp, top, rank in zip(ids, scores.logprobs, scores.top, scores.ranks, strict=True):
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(token_id): {"logprob": _finite(lp), "rank": rank, "decoded_token": decode(token_id)}}
+        for r, (i, v) in enumerate((top or ())[:n], start=1):
+            entry[str(i)] = {"logprob": _finite(v), "rank": r, "decoded_token": decode(i)}
+        out.append(entry)
+    return out

@@ -25,6 +25,7 @@ from fastapi import Request
 from server.api.schemas import CompletionRequest, LoraxRequest, ResponseFormat, RoutingOptions
 from server.engine.errors import InvalidRequest
 from server.serving import completion_service as completions
+from server.serving.completion_shapes import best, candidates
 from server.state import Services
 
 DEFAULT_MAX_NEW_TOKENS = 20  # LoRAX's default
@@ -89,7 +90,7 @@ def _token(entry: Any, tok: Any, k: int) -> dict:
 async def generate(req: LoraxRequest, creq: CompletionRequest, choices: list[completions.Choice], state: Services,
                    request: Request) -> dict:
     await completions.complete(creq, choices, state, request)
-    (c,) = completions.best(choices, 1, completions.candidates(creq))
+    (c,) = best(choices, 1, candidates(creq))
     p = req.parameters
     body: dict[str, Any] = {"generated_text": (req.inputs if p.return_full_text else "") + c.text}
     if p.details:

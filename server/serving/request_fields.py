@@ -21,6 +21,7 @@ from server.serving import lorax_fields
 log = logging.getLogger(__name__)
 
 MAX_N = 16  # choices per prompt (n); each one is a batch row
+MAX_PROMPT_LOGPROBS = 20  # alternatives per prompt position (vLLM's default `max_logprobs`, OpenAI's top_logprobs bound)
 
 # known but not implemented: the values that leave the output unchanged are accepted
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -29,7 +30,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "length_penalty": (None, 1.0),
     "early_stopping": (None, False),
     "functions": (None, []), "function_call": (None, "none"),
-    "prompt_logprobs": (None,),
     "allowed_token_ids": (None,), "logits_processors": (None, []),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "continue_final_message": (None, False), "chat_template": (None,), "documents": (None, []),
@@ -62,6 +62,19 @@ def check_fields(req: BaseModel, n: int, ranks_candidates: bool = False) -> None
     if getattr(req, "stream", False):
         raise InvalidRequest("best_of cannot be used with stream (the best candidates are known only at the end)",
                              param="best_of")
+
+
+def check_prompt_logprobs(value: int | None, stream: bool) -> None:
+    """vLLM's `prompt_logprobs`: 0..MAX_PROMPT_LOGPROBS alternatives per prompt position, and not
+    with `stream` (vLLM refuses it there too). vLLM's -1 (the whole vocabulary) exceeds its default
+    `max_logprobs` of 20 and is refused the same way here."""
+    if value is None:
+        return
+    if value < 0 or value > MAX_PROMPT_LOGPROBS:
+        raise InvalidRequest(f"prompt_logprobs must be an integer between 0 and {MAX_PROMPT_LOGPROBS} "
+                             f"(got {value})", param="prompt_logprobs")
+    if stream:
+        raise InvalidRequest("`prompt_logprobs` are not available when `stream=True`", param="prompt_logprobs")
 
 
 def sampling_params(req: Any, logit_bias: tuple[tuple[int, float], ...], top_logprobs: int, vocab: int,
