@@ -167,7 +167,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
         None, description="required / a named function: the reply is a tool call whose arguments follow the "
         "function's schema; none / auto: text (GPT-2 has no tool-call format of its own)")
-    parallel_tool_calls: bool | None = Field(None, description="accepted; a reply makes one tool call")
+    parallel_tool_calls: bool | None = Field(None, description="false: `required` makes at most one call (a named "
+                                             "function always makes one)")
     echo: bool = Field(False, description="vLLM: the last message, when it is the assistant's, starts the reply")
     add_generation_prompt: bool = Field(True, description="vLLM: end the rendered conversation with the assistant's turn")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="vLLM: extra variables for the chat template")

@@ -95,12 +95,11 @@ def to_completion(req: ChatCompletionRequest, state: Services, template: chat_te
 
 
 def _message(creq: CompletionRequest, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
-    """The assistant message and finish reason: text, or a tool call when the request forced one."""
+    """The assistant message and finish reason: text, or tool calls when the request forced them."""
     plan = creq._tool_plan
     if plan is None:
         return {"role": "assistant", "content": creq._echo + text}, finish_reason
-    call = structured.tool_call(plan, text, f"call_{uuid.uuid4().hex[:24]}")
-    return ({"role": "assistant", "content": None, "tool_calls": [call]},
+    return ({"role": "assistant", "content": None, "tool_calls": structured.tool_calls(plan, text)},
             "tool_calls" if finish_reason == "stop" else finish_reason)
 
 
@@ -133,7 +132,7 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
     to_bytes = token_bytes(state.resident.tokenizer)
     sent = [0] * len(choices)  # chat log-prob entries already sent, per choice
     plan: structured.ToolCallPlan | None = creq._tool_plan
-    calls = [""] * len(choices)  # tool-call ids, per choice
+    readers = [structured.CallReader() for _ in choices]  # "required": each choice's calls so far
     started = [False] * len(choices)
 
     def chunk(choice: dict[str, Any] | None, usage: dict | None = None) -> str:
@@ -164,33 +163,35 @@ async def stream(creq: CompletionRequest, choices: list[completions.Choice], sta
                 yield chunk({"index": i, "delta": {"role": "assistant", "content": None if plan else creq._echo},
                              "logprobs": None, "finish_reason": None})
                 if plan is not None and plan.name is not None:  # a named call: its id and name first
-                    calls[i] = f"call_{uuid.uuid4().hex[:24]}"
                     yield chunk({"index": i, "delta": {"tool_calls": [
-                        {"index": 0, "id": calls[i], "type": "function",
+                        {"index": 0, "id": structured.call_id(), "type": "function",
                          "function": {"name": plan.name, "arguments": ""}}]}, "logprobs": None, "finish_reason": None})
             lp = None
             c = choices[i]
             if c.lp is not None:
                 lp = chat_logprobs(decode, c.lp.entries[sent[i]:], to_bytes)
                 sent[i] = len(c.lp.entries)
-            yield chunk({"index": i, "delta": _delta(plan, ch["text"], ch["finish_reason"], c.text), "logprobs": lp,
+            yield chunk({"index": i, "delta": _delta(plan, ch["text"], ch["finish_reason"], readers[i]), "logprobs": lp,
                          "finish_reason": _finish(plan, ch["finish_reason"]), "routing": ch["routing"]}, body.get("usage"))
     finally:  # a client that went away: the inner stream's cleanup cancels the rows now, not at GC
         await frames.aclose()
 
 
-def _delta(plan: structured.ToolCallPlan | None, text: str, finish_reason: str | None, whole: str) -> dict[str, Any]:
+def _delta(plan: structured.ToolCallPlan | None, text: str, finish_reason: str | None,
+           reader: structured.CallReader) -> dict[str, Any]:
     """A stream chunk's delta: content text; with a named tool call, argument text as a tool-call
-    delta; with `"required"`, nothing until the call is complete (its name comes out of the JSON),
-    then the whole call in one tool-call delta."""
+    delta; with `"required"`, each call as one tool-call delta (`index` 0, 1, ...) as soon as its
+    JSON object is complete (its name comes out of the JSON)."""
     if plan is None:
         return {"content": text} if text else {}
     if plan.name is not None:
         return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
-    if finish_reason is None:
-        return {}
-    call = structured.tool_call(plan, whole, f"call_{uuid.uuid4().hex[:24]}")
-    return {"tool_calls": [{"index": 0, **call}]}
+    before = reader.sent
+    calls = reader.feed(text)
+    if finish_reason is not None and not reader.sent and not calls:  # cut short before one call was complete
+        calls = structured.tool_calls(plan, reader.text)
+    reader.sent += len(calls)
+    return {"tool_calls": [{"index": before + k, **call} for k, call in enumerate(calls)]} if calls else {}
 
 
 def _finish(plan: structured.ToolCallPlan | None, finish_reason: str | None) -> str | None:

@@ -3,16 +3,19 @@
 per request and handed to each of its rows as its own matcher (`server/engine/grammar.py`).
 
 Tools: GPT-2 has no tool-call format of its own, so `tool_choice: "none"` and `"auto"` generate
-text (the tools are not shown to the model). `"required"` and a named function make the reply a
-tool call: with a named function the row generates the function's arguments under its
-`parameters` schema; with `"required"` it generates `{"name": ..., "arguments": {...}}` under the
-union of the tools' schemas, and the response carries it as `tool_calls`.
+text (the tools are not shown to the model). `"required"` and a named function make the reply
+tool calls: with a named function the row generates that one function's arguments under its
+`parameters` schema; with `"required"` it generates vLLM's JSON array of calls,
+`[{"name": ..., "parameters": {...}}, ...]` (at least one; at most one with
+`parallel_tool_calls: false`), each item under its tool's schema, and the response carries every
+item as one entry of `tool_calls`.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +84,8 @@ def grammar_spec(req: StructuredFields) -> GrammarSpec | None:
 
 @dataclass(frozen=True)
 class ToolCallPlan:
-    """How a chat reply becomes a tool call: `name` is the named function (the row generates its
-    arguments), or None for `"required"` (the row generates `{"name", "arguments"}`)."""
+    """How a chat reply becomes tool calls: `name` is the named function (the row generates its
+    arguments), or None for `"required"` (the row generates a JSON array of `{"name", "parameters"}`)."""
 
     name: str | None
 
@@ -96,11 +99,14 @@ def tool_plan(req: ChatCompletionRequest) -> tuple[ToolCallPlan | None, dict[str
             raise InvalidRequest("tool_choice needs `tools`", param="tool_choice")
         return None, None
     schemas = {t.function.name: _parameters(t.function.parameters) for t in req.tools}
-    if choice == "required":
-        options = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
-                    "required": ["name", "arguments"], "additionalProperties": False}
+    if choice == "required":  # vLLM's schema for "required" (each item names its tool by an enum)
+        options = [{"properties": {"name": {"type": "string", "enum": [name]}, "parameters": params},
+                    "required": ["name", "parameters"], "additionalProperties": False}
                    for name, params in schemas.items()]
-        return ToolCallPlan(None), options[0] if len(options) == 1 else {"anyOf": options}
+        array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": options}}
+        if req.parallel_tool_calls is False:
+            array["maxItems"] = 1
+        return ToolCallPlan(None), array
     assert not isinstance(choice, str)
     name = choice.function.name
     if name not in schemas:
@@ -112,16 +118,49 @@ def _parameters(schema: dict[str, Any] | None) -> dict[str, Any]:
     return schema if schema else {"type": "object", "properties": {}}
 
 
-def tool_call(plan: ToolCallPlan, text: str, call_id: str) -> dict[str, Any]:
-    """The `tool_calls` entry for a finished reply's text (JSON under the plan's schema)."""
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls(plan: ToolCallPlan, text: str) -> list[dict[str, Any]]:
+    """The `tool_calls` of a finished reply's text (JSON under the plan's schema)."""
     if plan.name is not None:
-        return {"id": call_id, "type": "function", "function": {"name": plan.name, "arguments": text}}
-    try:
-        body = json.loads(text)
-        name, arguments = body["name"], json.dumps(body["arguments"])
-    except (ValueError, KeyError, TypeError):  # cut short by max_tokens: hand back what there is
-        name, arguments = "", text
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        return [{"id": call_id(), "type": "function", "function": {"name": plan.name, "arguments": text}}]
+    calls = CallReader()
+    found = calls.feed(text)
+    if not found:  # cut short by max_tokens before one call was complete: hand back what there is
+        return [{"id": call_id(), "type": "function", "function": {"name": "", "arguments": text}}]
+    return found
+
+
+class CallReader:
+    """Reads `"required"`'s JSON array of calls as its text streams in and hands out each call
+    once its object is complete, so a stream can send every call as soon as it exists."""
+
+    def __init__(self) -> None:
+        self.text, self.pos = "", 0
+        self.sent = 0  # calls a stream has sent so far
+        self._decoder = json.JSONDecoder()
+
+    def feed(self, more: str) -> list[dict[str, Any]]:
+        """The calls completed by `more` (OpenAI `tool_calls` entries, arguments as JSON text)."""
+        self.text += more
+        out: list[dict[str, Any]] = []
+        while True:
+            pos = self.pos
+            while pos < len(self.text) and self.text[pos] in "[, \n\t\r":
+                pos += 1
+            if pos >= len(self.text) or self.text[pos] != "{":
+                return out
+            try:
+                item, end = self._decoder.raw_decode(self.text, pos)
+            except ValueError:  # the object is not complete yet
+                return out
+            self.pos = end
+            if isinstance(item, dict):
+                out.append({"id": call_id(), "type": "function",
+                            "function": {"name": str(item.get("name", "")),
+                                         "arguments": json.dumps(item.get("parameters", {}))}})
 
 
 def row_grammars(spec: GrammarSpec | None, state: Services, rows: int) -> list[RowGrammar | None]:

@@ -101,18 +101,55 @@ def test_forced_tool_calls(client, tool_choice, names):
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
-    (call,) = choice["message"]["tool_calls"]
-    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] in names
-    jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
-    # streamed: tool-call deltas that add up to the same call
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+    calls = choice["message"]["tool_calls"]
+    assert len(calls) == 1 or tool_choice == "required"  # a named function: exactly one call
+    for call in calls:
+        assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] in names
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    # streamed: tool-call deltas that add up to the same calls, by index
+    assert _streamed_calls(client, {**body, "stream": True}) == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def _streamed_calls(client, body: dict) -> list[tuple[str, str]]:
+    """The tool calls a chat stream's deltas add up to (name and arguments per `index`), checking
+    that they come as tool-call deltas only, with ids, and end with finish_reason tool_calls."""
+    with client.stream("POST", "/v1/chat/completions", json=body) as s:
         chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     deltas = [c["choices"][0] for c in chunks if c["choices"]]
-    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls", [])]
-    assert {tc.get("function", {}).get("name") for tc in calls if tc.get("id")} == {call["function"]["name"]}
-    assert "".join(tc["function"].get("arguments", "") for tc in calls) == call["function"]["arguments"]
     assert deltas[-1]["finish_reason"] == "tool_calls"
     assert all("content" not in d["delta"] or d["delta"]["content"] is None for d in deltas)
+    calls: dict[int, list[str]] = {}
+    for tc in (tc for d in deltas for tc in d["delta"].get("tool_calls", [])):
+        if tc["index"] not in calls:
+            assert tc["id"].startswith("call_") and tc["index"] == len(calls)  # each new call: the next index
+            calls[tc["index"]] = [tc["function"]["name"], ""]
+        calls[tc["index"]][1] += tc["function"].get("arguments", "")
+    return [(name, args) for name, args in calls.values()]
+
+
+F = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"enum": ["a", "b"]}}, "required": ["x"]}}}
+G = {"type": "function", "function": {"name": "g"}}  # no parameters: its arguments are `{}`
+
+
+def test_required_makes_several_calls_unless_parallel_tool_calls_is_false(client):
+    """vLLM's "required": a JSON array of calls, each a `tool_calls` entry (streamed with index
+    0, 1, ...); short tools leave the tiny model's context room for two. `parallel_tool_calls:
+    false` caps the array at one call."""
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0, "seed": 8,
+            "tools": [F, G], "tool_choice": "required"}
+    r = client.post("/v1/chat/completions", json=body).json()
+    calls = r["choices"][0]["message"]["tool_calls"]
+    assert len(calls) >= 2 and r["choices"][0]["finish_reason"] == "tool_calls"
+    assert len({c["id"] for c in calls}) == len(calls)
+    for call in calls:
+        assert json.loads(call["function"]["arguments"]) in ({"x": "a"}, {"x": "b"}, {})
+        assert (call["function"]["name"] == "g") == (call["function"]["arguments"] == "{}")
+    assert _streamed_calls(client, {**body, "stream": True}) == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    one = client.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False}).json()["choices"][0]
+    assert len(one["message"]["tool_calls"]) == 1 and one["finish_reason"] == "tool_calls"
 
 
 def test_tool_choice_none_and_auto_generate_text(client):
