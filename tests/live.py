@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -35,6 +37,41 @@ def live_server(settings, timeout: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+CLIENT_KEY = "sk-switchboard-test"  # the API key of `client_server`
+EXAMPLES = {"alpha": ["def add(a, b): return a + b", "import os"],
+            "beta": ["It was a dark and stormy night", "Mr. Holmes said"]}
+
+
+@dataclass(frozen=True)
+class ClientServer:
+    base: str  # http://127.0.0.1:<port> (the OpenAI routes are under /v1)
+    app: object
+    key: str = CLIENT_KEY
+
+
+@contextmanager
+def client_server(root: Path):
+    """The live server the real-client tests (openai, LangChain, LiteLLM, lorax-client) talk to:
+    the tiny GPT-2 with adapters `alpha` (rank 4) and `beta` (rank 8, attention + MLP), API key
+    CLIENT_KEY, admin token `T`, and both adapters re-registered with example texts so `auto`
+    has centroids to route on."""
+    import httpx
+
+    from tests.tiny import app_settings, make_adapter, save_model
+
+    model_dir = save_model(root / "tiny-gpt2")
+    store = root / "adapters"
+    make_adapter(model_dir, store / "alpha", seed=1)
+    make_adapter(model_dir, store / "beta", seed=2, rank=8, alpha=16, targets=("c_attn", "c_fc"))
+    settings = app_settings(model_dir, store, server={"admin_token": "T", "api_key": CLIENT_KEY})
+    with live_server(settings) as (base, app):
+        for name, examples in EXAMPLES.items():
+            r = httpx.post(f"{base}/admin/adapters", json={"name": name, "path": name, "examples": examples},
+                           headers={"Authorization": "Bearer T"}, timeout=60)
+            assert r.status_code == 200, r.text
+        yield ClientServer(base, app)
 
 
 @contextmanager

@@ -9,23 +9,14 @@ import asyncio
 import openai
 import pytest
 
-from tests.live import live_server
-from tests.tiny import app_settings, make_adapter, save_model
+from tests.live import CLIENT_KEY as KEY
 
-KEY = "sk-switchboard-test"
 MESSAGES = [{"role": "user", "content": "def add(a, b):"}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clients")
-    model_dir = save_model(root / "tiny-gpt2")
-    store = root / "adapters"
-    make_adapter(model_dir, store / "alpha", seed=1)
-    make_adapter(model_dir, store / "beta", seed=2, rank=8, alpha=16, targets=("c_attn", "c_fc"))
-    settings = app_settings(model_dir, store, server={"admin_token": "T", "api_key": KEY})
-    with live_server(settings) as (base, app):
-        yield f"{base}/v1", app
+def server(live_clients):
+    return f"{live_clients.base}/v1", live_clients.app
 
 
 @pytest.fixture(scope="module")

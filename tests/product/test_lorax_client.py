@@ -15,12 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live import live_server
-from tests.tiny import app_settings, make_adapter, save_model
+from tests.live import CLIENT_KEY as KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 LORAX_PYTHON = Path(os.environ.get("SWITCHBOARD_LORAX_PYTHON", ROOT / ".venv-lorax" / "bin" / "python"))
-KEY = "sk-lorax-test"
 PROMPT = "def add(a, b):"
 SCHEMA = {"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
           "required": ["k", "n"], "additionalProperties": False}
@@ -53,18 +51,11 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(request):
     if not LORAX_PYTHON.exists():
         pytest.skip(f"no lorax-client venv at {LORAX_PYTHON}: run scripts/setup.sh (it makes .venv-lorax with "
                     "`pip install lorax-client==0.6.3`) or set SWITCHBOARD_LORAX_PYTHON")
-    root = tmp_path_factory.mktemp("lorax")
-    model_dir = save_model(root / "tiny-gpt2")
-    store = root / "adapters"
-    make_adapter(model_dir, store / "alpha", seed=1)
-    make_adapter(model_dir, store / "beta", seed=2, rank=8, alpha=16, targets=("c_attn", "c_fc"))
-    settings = app_settings(model_dir, store, server={"admin_token": "T", "api_key": KEY})
-    with live_server(settings) as (base, _app):
-        yield base
+    return request.getfixturevalue("live_clients").base
 
 
 def _completion(base: str, **body) -> str:

@@ -6,17 +6,15 @@ allows nothing else."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.live import live_server
-from tests.tiny import app_settings, make_adapter, save_model
+from tests.live import CLIENT_KEY as KEY
 
-KEY = "sk-switchboard-test"
 MESSAGES = [{"role": "user", "content": "Name a pet."}]
 
 
@@ -29,20 +27,8 @@ class Pet(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("structured-clients")
-    model_dir = save_model(root / "tiny-gpt2")
-    store = root / "adapters"
-    make_adapter(model_dir, store / "alpha", seed=1)
-    make_adapter(model_dir, store / "beta", seed=2, rank=8, alpha=16, targets=("c_attn", "c_fc"))
-    settings = app_settings(model_dir, store, server={"admin_token": "T", "api_key": KEY})
-    with live_server(settings) as (base, app):
-        for name, examples in (("alpha", ["def add(a, b): return a + b", "import os"]),
-                               ("beta", ["It was a dark and stormy night", "Mr. Holmes said"])):
-            r = httpx.post(f"{base}/admin/adapters", json={"name": name, "path": name, "examples": examples},
-                           headers={"Authorization": "Bearer T"}, timeout=60)
-            assert r.status_code == 200, r.text
-        yield f"{base}/v1"
+def server(live_clients):
+    return f"{live_clients.base}/v1"
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +61,39 @@ def test_openai_tools_named_and_streamed(client):
     assert isinstance(streamed.function.parsed_arguments, Pet)
 
 
+class Pick(BaseModel):
+    x: Literal["a", "b"]
+
+
+class Ping(BaseModel):
+    """No arguments: the call's arguments are `{}`."""
+
+
+def test_openai_tools_required_makes_several_calls(client, server):
+    """`tool_choice: "required"` as vLLM serves it: a reply may hold several calls (short tools,
+    so the tiny model's context has room for two), streamed with increasing `index`."""
+    tools = [openai.pydantic_function_tool(Pick, name="f"), openai.pydantic_function_tool(Ping, name="g")]
+    kwargs = dict(model="alpha", messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice="required",
+                  temperature=1.0, seed=3)
+    r = client.chat.completions.create(**kwargs)
+    calls = r.choices[0].message.tool_calls or []
+    assert len(calls) >= 2 and r.choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        {"f": Pick, "g": Ping}[call.function.name].model_validate_json(call.function.arguments)
+    with client.beta.chat.completions.stream(**kwargs) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [
+        (c.function.name, c.function.arguments) for c in calls]
+    assert all(isinstance(c.function.parsed_arguments, Pick | Ping) for c in streamed)
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model="alpha", base_url=server, api_key=KEY, temperature=1.0, seed=3, max_retries=0)
+    msg = chat.bind_tools(tools, tool_choice="required").invoke("hi")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
 def test_langchain_structured_output_and_bind_tools(server):
     from langchain_openai import ChatOpenAI
 
@@ -99,7 +118,7 @@ def test_litellm_tools(server, monkeypatch):
     litellm = pytest.importorskip("litellm", reason="litellm is not installed (pip install -e '.[dev]')")
     tool = openai.pydantic_function_tool(Pet, name="record_pet")
     r = litellm.completion(model="openai/alpha", api_base=server, api_key=KEY, messages=MESSAGES, tools=[tool],
-                           tool_choice="required", temperature=1.0, seed=5)
-    (call,) = r.choices[0].message.tool_calls
-    assert call.function.name == "record_pet"
+                           tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=5)
+    (call,) = r.choices[0].message.tool_calls  # "required" with parallel_tool_calls false: exactly one call
+    assert call.function.name == "record_pet" and r.choices[0].finish_reason == "tool_calls"
     Pet.model_validate_json(call.function.arguments)
