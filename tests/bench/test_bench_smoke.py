@@ -75,6 +75,11 @@ def test_sections_have_their_figures(bench_out):
         assert set(variants) == ({"float32", "bfloat16"} if native_bf16() else {"float32"})
         assert blk["hf_generate"]["seconds"] == min(v["seconds"] for v in variants.values())
     assert results["ratios"]["routed_vs_floor_b1"] == decode["b1"]["engine_routed"]["vs_floor"]
+    grammar = results["grammar"]  # the mask's share of a free step, per batch, also as ratios keys
+    for b in (1, 8):
+        share = grammar[f"b{b}"]["mask_share"]
+        assert share is not None and share > 0
+        assert grammar["ratios"][f"mask_share_b{b}"] == results["ratios"][f"grammar_mask_share_b{b}"] == share
     assert decode["b8"]["peft_remerge"]["merges"] > 0
     serving = results["serving"]
     for level in serving["levels"].values():
