@@ -93,14 +93,56 @@ class ReroutePolicy:
         needs it) through `router`, keep the `previous` route vector when the switch is too
         narrow (`stabilise`, with the router's switch margin on its scores), then the gates over
         the adapters in `held`, renormalised. A previous vector over another adapter list (the
-        router was rebuilt) does not hold the new one back."""
-        vector = router.route(embedding, complexity, temperature=temperature, top_k=top_k)[0]  # [n]
+        router was rebuilt) does not hold the new one back. (`decide_rows` for one row.)"""
+        return self.decide_rows(router, embedding, [held], complexity=complexity, previous=[previous],
+                                previous_names=[previous_names], temperature=temperature, top_k=top_k)[0]
+
+    def decide_rows(self, router: Router, embeddings: Tensor, held: Sequence[Collection[str]], *,
+                    complexity: Tensor | None = None, previous: Sequence[Tensor | None] | None = None,
+                    previous_names: Sequence[tuple[str, ...] | None] | None = None,
+                    temperature: float | None = None, top_k: int | None = None) -> list[Decision]:
+        """`decide` for the `[B, d]` rows that share `router` and the request options: one call
+        to the router and one host read for all of them (`propose`, `to_host`, `decisions`)."""
+        vectors = self.propose(router, embeddings, complexity=complexity, previous=previous,
+                               previous_names=previous_names, temperature=temperature, top_k=top_k)
+        return self.decisions(router, vectors, held, to_host([vectors])[0])
+
+    def propose(self, router: Router, embeddings: Tensor, *, complexity: Tensor | None = None,
+                previous: Sequence[Tensor | None] | None = None,
+                previous_names: Sequence[tuple[str, ...] | None] | None = None,
+                temperature: float | None = None, top_k: int | None = None) -> Tensor:
+        """The route vectors `[B, n]` of rows that share `router` and the request options, after
+        the anti-flapping rule per row (`stabilise`: a row keeps its `previous[i]` vector when
+        the switch is too narrow; a row without one, or with one over another adapter list,
+        takes the proposal). One `route` call (and one `scores` call when the router has a
+        switch margin) for the whole batch, and no host read: on a GPU each read is a sync, and
+        a re-route step used to read once per row."""
+        vectors = router.route(embeddings, complexity, temperature=temperature, top_k=top_k)  # [B, n]
         names = tuple(router.adapter_names)
-        if previous is not None and previous_names == names:
-            margin = router.switch_margin
-            scores = router.scores(embedding, complexity)[0] if margin > 0 else None  # [n]
-            vector = self.stabilise(previous, vector, scores, margin)
-        return Decision(vector, names, renormalise(weights_dict(names, vector), held))
+        b, n = vectors.shape
+        prev = list(previous) if previous is not None else [None] * b
+        prev_names = list(previous_names) if previous_names is not None else [None] * b
+        if len(prev) != b or len(prev_names) != b:
+            raise ValueError(f"{len(prev)} previous vectors and {len(prev_names)} name lists for {b} rows")
+        usable = [p is not None and pn == names and tuple(p.shape) == (n,) for p, pn in zip(prev, prev_names, strict=True)]
+        if not any(usable):
+            return vectors
+        margin = router.switch_margin
+        scores = router.scores(embeddings, complexity) if margin > 0 else None  # [B, n]
+        zero = vectors.new_zeros(n)  # an all-zero previous row never holds a proposal back
+        held_back = torch.stack([p.to(vectors.device, vectors.dtype) if ok and p is not None else zero
+                                 for p, ok in zip(prev, usable, strict=True)])  # [B, n]
+        return self.stabilise(held_back, vectors, scores, margin)
+
+    def decisions(self, router: Router, vectors: Tensor, held: Sequence[Collection[str]],
+                  host: Sequence[Sequence[float]]) -> list[Decision]:
+        """One `Decision` per row of `vectors` `[B, n]` (from `propose`), its gates over the
+        adapters in `held[i]` from `host[i]`, the same row already read back (`to_host`)."""
+        names = tuple(router.adapter_names)
+        if len(held) != vectors.shape[0] or len(host) != vectors.shape[0]:
+            raise ValueError(f"{len(held)} held sets and {len(host)} host rows for {vectors.shape[0]} vectors")
+        return [Decision(vectors[i], names, renormalise(_positive(names, row), h))
+                for i, (h, row) in enumerate(zip(held, host, strict=True))]
 
     def stabilise(self, previous: Tensor | None, proposed: Tensor, scores: Tensor | None = None,
                   switch_margin: float = 0.0) -> Tensor:
@@ -138,7 +180,32 @@ def weights_dict(adapter_names: Sequence[str], weights: Tensor, min_weight: floa
     (zeros by default)."""
     if weights.dim() != 1 or weights.shape[0] != len(adapter_names):
         raise ValueError(f"weights must be [{len(adapter_names)}], got {tuple(weights.shape)}")
-    return {n: float(w) for n, w in zip(adapter_names, weights.tolist(), strict=True) if w > min_weight}
+    return _positive(adapter_names, weights.tolist(), min_weight)
+
+
+def _positive(adapter_names: Sequence[str], weights: Sequence[float], min_weight: float = 0.0) -> dict[str, float]:
+    """`weights_dict` from a row already on the host."""
+    if len(weights) != len(adapter_names):
+        raise ValueError(f"weights must be [{len(adapter_names)}], got {len(weights)}")
+    return {n: float(w) for n, w in zip(adapter_names, weights, strict=True) if w > min_weight}
+
+
+def to_host(matrices: Sequence[Tensor]) -> list[list[list[float]]]:
+    """`[B_j, n_j]` matrices (route vectors of several routers) as nested lists, read back in one
+    transfer: flattened and concatenated on their device first, so a re-route step costs one
+    host sync however many rows and routers it has. Values go through float64, which holds any
+    float32/bf16/fp16 value exactly."""
+    if not matrices:
+        return []
+    device = next((m.device for m in matrices if m.device.type != "cpu"), matrices[0].device)
+    flat = torch.cat([m.detach().reshape(-1).to(device, torch.float64) for m in matrices]).tolist()  # the one read
+    out: list[list[list[float]]] = []
+    at = 0
+    for m in matrices:
+        b, n = m.shape
+        out.append([flat[at + r * n: at + (r + 1) * n] for r in range(b)])
+        at += b * n
+    return out
 
 
 @dataclass(frozen=True)

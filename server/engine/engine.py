@@ -306,20 +306,28 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, row: int,
                  last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, V] of each row's last token and hidden states [B, T, d]."""
+        """Logits [B, V] of each row's last token and hidden states [B, T, d]. Each row's
+        first position comes from the host (`gpt2.forward` would read it off `pos`: three host
+        syncs on a GPU): 0 for a prefill (`last` given), else its sequence's position."""
         # a decode step; rows gated per token (Arrow) take the eager forward: the static step
         # has one gate row per sequence (docs/routing.md)
         if self.static is not None and ids.shape[1] == 1 and row == 0 and last is None and self.ctx.arrow is None:
             # rows 0..B-1 of the batch: their furthest position, from the host (no device read)
             n = ids.shape[0]
             return self.static.step(ids, pos, self.batch.top_position(n) if len(self.batch) >= n else None)
-        logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last)
+        starts: list[int] | None = [0] * ids.shape[0] if last is not None else \
+            [s.position for s in self.batch.seqs[row:row + ids.shape[0]]]  # what decode_inputs sent as pos
+        if starts is not None and len(starts) != ids.shape[0]:  # rows outside the batch: read them off pos
+            starts = None
+        logits, hidden = gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, last=last,
+                                      starts=starts)
         assert logits is not None
         return logits, hidden
 
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor, row: int) -> torch.Tensor:
         """Hidden states only (no LM head): the router's pass over the prompt."""
-        return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False)[1]
+        return gpt2.forward(self.resident.model, ids, pos, self.cache, row_start=row, logits=False,
+                            starts=[0] * ids.shape[0])[1]  # prompts from position 0
 
     # -- leaving the batch -------------------------------------------------------------------------------
     def _end(self, seq: Sequence, error: SwitchboardError | None) -> None:

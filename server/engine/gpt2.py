@@ -55,20 +55,32 @@ def forward(
     all_logits: bool = False,
     last: torch.Tensor | None = None,  # [B] index of each row's last real token (right padding)
     logits: bool = True,  # False: hidden states only (the router's base-model pass)
+    starts: list[int] | None = None,  # [B] positions[:, 0], from the host (the engine's rows know them)
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Return (logits, hidden): logits [B, T, V] if `all_logits` else [B, V] of each row's last
     token (None when `logits` is False); hidden [B, T, d] is the final layer-normed hidden state
-    (the `base` embedder's input)."""
+    (the `base` embedder's input).
+
+    Each row's positions run on from its first, `positions[b, t] == positions[b, 0] + t` (a
+    right-padded prefill from 0, or one decode token). `starts`, the host's copy of
+    `positions[:, 0]`, spares three device reads (where to write, whether rows are aligned, how
+    many keys to attend to), each a host sync per forward on a GPU; without it they are read
+    off `positions`."""
     tr: Any = model.transformer  # HF's module attributes are untyped
     cfg = model.config
     B, T = input_ids.shape
     H, hd = cfg.n_head, cfg.n_embd // cfg.n_head
     dev = input_ids.device
     rows = slice(row_start, row_start + B)
-    starts = positions[:, 0]
-    start = int(starts[0])
-    aligned = bool((starts == start).all())  # every row at the same position (e.g. batch 1)
-    L = int(positions.max()) + 1  # keys to attend to, in this row slice
+    first = positions[:, 0]  # [B]
+    if starts is None:  # three device reads (host syncs on a GPU)
+        start = int(first[0])
+        aligned = bool((first == start).all())  # every row at the same position (e.g. batch 1)
+        L = int(positions.max()) + 1  # keys to attend to, in this row slice
+    else:
+        if len(starts) != B:
+            raise ValueError(f"{len(starts)} start positions for {B} rows")
+        start, aligned, L = starts[0], all(s == starts[0] for s in starts), max(starts) + T
     x = tr.wte(input_ids) + tr.wpe(positions)  # [B, T, d]
     fresh_prefill = T > 1 and aligned and start == 0  # right-padded prompts from position 0
     mask = None
@@ -85,8 +97,8 @@ def forward(
         v = v.view(B, T, H, hd).transpose(1, 2)
         ck, cv = cache.keys[layer], cache.values[layer]  # [Bcap, H, Tcap, hd]
         if row_idx is not None:  # decode, rows at different positions
-            ck[row_idx, :, starts] = k[:, :, 0]
-            cv[row_idx, :, starts] = v[:, :, 0]
+            ck[row_idx, :, first] = k[:, :, 0]
+            cv[row_idx, :, first] = v[:, :, 0]
         else:
             ck[rows, :, start:start + T] = k
             cv[rows, :, start:start + T] = v

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from router_core.embedders import pool_hidden
+from router_core.policy import to_host
+from router_core.router import Router
 from server.engine.sequence import Sequence
 from server.routing.catalogue import RouterCatalogue
 from server.settings import RoutingSettings
@@ -55,29 +57,48 @@ class Gater:
 
     def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
         """Gates per sequence. `contexts` (from `contexts()`) lets the engine route on a
-        snapshot taken on its thread while this runs on another."""
+        snapshot taken on its thread while this runs on another.
+
+        Rows are grouped by router and request options (`temperature`, `top_k`): one embedding
+        call for every row that embeds, one policy call (`ReroutePolicy.propose`) per group, and
+        one host read (`to_host`) for all the rows together. On a GPU each read is a sync; the
+        per-row loop this replaces read once per row and router."""
         encoder = self.catalogue.encoder
-        embedded = [i for i, s in enumerate(seqs) if not self._per_token(s)]  # Arrow rows embed nothing
-        contexts = contexts if contexts is not None else (self.contexts(seqs) if encoder and embedded else None)
-        embeddings = torch.zeros(len(seqs), 0)
-        if embedded:
-            picked = self.embed([seqs[i] for i in embedded], None if contexts is None else [contexts[i] for i in embedded])
-            embeddings = torch.zeros(len(seqs), picked.shape[1], dtype=picked.dtype, device=picked.device)
-            embeddings[embedded] = picked  # [B, d]
-        out: list[dict[str, float]] = []
+
+        def text(i: int) -> str:
+            return contexts[i] if contexts is not None else seqs[i].context_text(self.window(seqs[i]))
+
+        out: list[dict[str, float] | None] = [None] * len(seqs)
+        groups: dict[tuple[int, float | None, int | None], tuple[Router, list[int]]] = {}
         for i, seq in enumerate(seqs):
-            spec, state = seq.routing, seq.route
-            router = self.catalogue.router(spec.router)
+            router = self.catalogue.router(seq.routing.router)
             if router is None:  # unloaded while the request ran: keep the gates it has
-                out.append(state.gates)
+                out[i] = seq.route.gates
                 continue
-            complexity = None
-            if router.needs_complexity:
-                text = contexts[i] if contexts is not None else seq.context_text(self.window(seq))
-                complexity = self.catalogue.analyzer().vectors([text])  # [1, c]
-            decision = self.policy.decide(router, embeddings[i:i + 1], seq.versions, complexity=complexity,
-                                          previous=state.route_vector, previous_names=state.route_names,
-                                          temperature=spec.temperature, top_k=spec.top_k)
-            state.route_vector, state.route_names = decision.vector, decision.names
-            out.append(decision.gates)
-        return out
+            key = (id(router), seq.routing.temperature, seq.routing.top_k)
+            groups.setdefault(key, (router, []))[1].append(i)
+        embedded = [i for router, rows in groups.values() if not router.per_token for i in rows]  # Arrow: none
+        picked = self.embed([seqs[i] for i in embedded], [text(i) for i in embedded] if encoder else None) \
+            if embedded else None  # [E, d], group by group
+        proposals: list[tuple[Router, list[int], torch.Tensor]] = []
+        at = 0
+        for (_, temperature, top_k), (router, rows) in groups.items():
+            if router.per_token or picked is None:
+                embeddings = torch.zeros(len(rows), 0)
+            else:
+                embeddings, at = picked[at:at + len(rows)], at + len(rows)  # [b, d]
+            complexity = self.catalogue.analyzer().vectors([text(i) for i in rows]) \
+                if router.needs_complexity else None  # [b, c]
+            states = [seqs[i].route for i in rows]
+            vectors = self.policy.propose(router, embeddings, complexity=complexity,
+                                          previous=[s.route_vector for s in states],
+                                          previous_names=[s.route_names for s in states],
+                                          temperature=temperature, top_k=top_k)  # [b, n]
+            proposals.append((router, rows, vectors))
+        host = to_host([vectors for _, _, vectors in proposals])  # the step's one read
+        for (router, rows, vectors), values in zip(proposals, host, strict=True):
+            for i, decision in zip(rows, self.policy.decisions(router, vectors, [seqs[i].versions for i in rows],
+                                                               values), strict=True):
+                seqs[i].route.route_vector, seqs[i].route.route_names = decision.vector, decision.names
+                out[i] = decision.gates
+        return [gates if gates is not None else {} for gates in out]
