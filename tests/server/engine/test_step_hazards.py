@@ -5,6 +5,8 @@
   and a cache allocated up front never moves while the engine serves;
 - a steady-state decode step reads the device back at most twice (each read is a host sync on
   CUDA), counted with a `TorchFunctionMode` over `item`, `tolist`, `__int__`, `__bool__`, ...;
+  the static step and the eager one alike, and a step where every row re-routes (centroid and
+  MLP routers) once more, however many rows it has;
 - the warm-up and the decode steps of a server run on one thread (CUDA graph trees are per
   thread).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from server.engine.static_step import StaticDecoder
@@ -88,6 +91,63 @@ def test_a_steady_state_decode_step_syncs_at_most_twice(store, tiny_model_dir, m
             engine.step()
     assert all(s.finish_reason is None for s in seqs) and engine.static is not None and engine.static.calls > steps
     assert counter.total <= 2 * steps, dict(counter.sites)
+
+
+def _steady_syncs(engine, seqs, steps: int = 8) -> SyncCounter:
+    """Submit `seqs`, step past the prefill, then count the device reads of `steps` steps."""
+    for seq in seqs:
+        seq.emit = lambda ev: None
+        engine.submit(seq)
+    engine.step()  # prefill
+    engine.step()
+    with SyncCounter() as counter:
+        for _ in range(steps):
+            engine.step()
+    assert all(s.finish_reason is None for s in seqs)
+    return counter
+
+
+def test_an_eager_decode_step_syncs_at_most_twice(store, tiny_model_dir, monkeypatch):
+    """The eager step (`gpt2.forward`, used by --compile off/auto on CPU, int8 and Arrow rows) takes
+    each row's start position from the host: no reads of `positions` beside the finite check and
+    the tokens."""
+    from server.engine import tokens
+
+    monkeypatch.setattr(tokens, "DEVICE_SAMPLING_ON_CPU", True)
+    engine = tiny_engine(store, tiny_model_dir, max_batch_size=4, decode_step="eager")
+    seqs = [held_row(engine, PROMPT, {"alpha": 1.0}, max_tokens=30),
+            held_row(engine, PROMPT[:5], {"alpha": 0.5, "beta": 0.5}, max_tokens=30, temperature=0.8, seed=3),
+            held_row(engine, PROMPT[:3], {}, max_tokens=30, temperature=1.0, top_p=0.9, top_logprobs=2)]
+    steps = 8
+    counter = _steady_syncs(engine, seqs, steps)
+    assert engine.static is None
+    assert counter.total <= 2 * steps, dict(counter.sites)
+
+
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
+def test_a_reroute_step_reads_back_once_however_many_rows(store, tiny_model_dir, monkeypatch, decode_step):
+    """Every row re-routes at every step (`reroute_every=1`), half on the centroid router (voting,
+    with a switch margin: scores as well as weights), half on an MLP router: 2 rows or 6, a step
+    costs the same reads, one more than a step without routing."""
+    from server.engine import tokens
+    from server.engine.engine import Engine, EngineConfig
+    from tests.server.test_gater_batched import auto_row, routed
+
+    monkeypatch.setattr(tokens, "DEVICE_SAMPLING_ON_CPU", True)
+    resident, registry, catalogue, gater = routed(store, tiny_model_dir, switch_margin=0.01)
+    assert catalogue.router("centroid").voting and catalogue.router("centroid").switch_margin > 0
+    steps, totals = 6, []
+    for n in (2, 6):
+        engine = Engine(resident, registry, EngineConfig(max_loras=4, max_batch_size=8, decode_step=decode_step,
+                                                         full_cache=True), gate_source=gater)
+        engine.warm_up()
+        seqs = [auto_row(registry, "centroid" if i % 2 else "m", PROMPT[i % 3:]) for i in range(n)]
+        counter = _steady_syncs(engine, seqs, steps)
+        assert all(s.route.reroutes == len(s.generated) > steps for s in seqs)  # routed before every token
+        assert {s.routing.router for s in seqs} == {"centroid", "m"}
+        totals.append(counter.total)
+        assert counter.total <= 3 * steps, dict(counter.sites)
+    assert totals[0] == totals[1], totals
 
 
 def test_server_warms_up_and_decodes_on_one_thread(store, tiny_model_dir, monkeypatch):
