@@ -35,7 +35,7 @@ from transformers import GPT2LMHeadModel
 
 from server.engine import cpu_linear, gpt2
 from server.engine.kv_cache import KVCache
-from server.engine.lora_layer import LoRABatchContext, MultiLoRAConv1D
+from server.engine.lora_layer import LoRABatchContext, MultiLoRAConv1D, gated
 from server.engine.slots import SlotManager
 
 log = logging.getLogger(__name__)
@@ -183,11 +183,13 @@ class StaticDecoder:
     def _lora_linear(self, x: torch.Tensor, p: Projection, a: torch.Tensor | None, b: torch.Tensor | None,
                      gates: torch.Tensor) -> torch.Tensor:
         """base(x) + ((x A) · gates) B for x [B, in], with `a` [in, R], `b` [R, out], `gates` [B, R];
-        `a` is None (eager step only) where no active adapter targets this projection."""
+        `a` is None (eager step only) where no active adapter targets this projection. The gated
+        product is exactly 0 where a gate is 0 (`lora_layer.gated`): one adapter's `x A` that
+        overflows fp16 would otherwise make inf x 0 = NaN in every row that does not use it."""
         y = self._base(x, p)
         if a is None or b is None:
             return y
-        return y.addmm(torch.mm(x, a) * gates, b)
+        return y.addmm(gated(torch.mm(x, a), gates, 1), b)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
                  values: list[torch.Tensor], gates: torch.Tensor, lora_a: list[torch.Tensor | None],

@@ -25,7 +25,7 @@ from tests.server.engine.rows import PROMPT, held_row, token_ids
 from tests.tiny import run_engine
 
 
-def _engine(store, model_dir, dtype: str) -> Engine:
+def _engine(store, model_dir, dtype: str, decode_step: str = "eager") -> Engine:
     resident = load_base_model(str(model_dir), "cpu", dtype)
     registry = AdapterRegistry()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64, resident.dtype)
@@ -35,7 +35,7 @@ def _engine(store, model_dir, dtype: str) -> Engine:
     big = torch.finfo(resident.dtype).max / 2  # every A entry +-big: finite, but x A sums past the largest value
     huge = dataclasses.replace(alpha, name="huge", tensors={m: (a.sign() * big, b) for m, (a, b) in alpha.tensors.items()})
     registry.register(huge)
-    return Engine(resident, registry, EngineConfig(max_loras=4))
+    return Engine(resident, registry, EngineConfig(max_loras=4, decode_step=decode_step))
 
 
 def _good(engine: Engine):
@@ -94,3 +94,32 @@ def test_registration_refuses_factors_that_overflow_the_serving_dtype(store, tin
     with pytest.raises(InvalidAdapter, match="overflow .* for ordinary activations") as err:
         read_adapter("huge", huge, spec)
     assert f"{factor_budget(dtype):.3g}" in err.value.message
+
+
+def test_overflowing_adapter_fails_only_its_own_rows_in_the_static_step(store, tiny_model_dir, one_torch_thread):
+    """The same guarantee in the fixed-shape decode step (`static_step`, what `--compile auto`
+    runs on CUDA, there as CUDA graphs), in fp16: a row is re-gated onto the overflowing adapter
+    after its prefill (as a re-route does), so the decode step holds it among the active
+    adapters while the other rows give it weight 0; they decode what they decode alone."""
+    static = _engine(store, tiny_model_dir, "float16", decode_step="static")
+    static.warm_up()
+    alone = {i: token_ids(evs) for i, evs in enumerate(run_engine(static, _good(static)).values())}
+    assert all(len(t) == 6 for t in alone.values())
+    good = _good(static)
+    switcher = held_row(static, PROMPT[1:], {"beta": 1.0}, max_tokens=6)
+    events: dict[int, list] = {}
+    for seq in [good[0], switcher, *good[1:]]:
+        events[seq.id] = []
+        seq.emit = events[seq.id].append
+        static.submit(seq)
+    static.step()  # prefill and the first decode step, on beta
+    switcher.versions["huge"] = static.registry.acquire(["huge"])[0]
+    switcher.route.gates = {"huge": 1.0}
+    calls = static.static.calls if static.static is not None else 0
+    while static.has_work():
+        static.step()
+    assert static.static is not None and static.static.calls > calls
+    assert {i: token_ids(events[s.id]) for i, s in enumerate(good)} == alone
+    last = events[switcher.id][-1]
+    assert last.finish_reason == "error" and isinstance(last.error, RowFailed), last
+    assert all(v.refcount == 0 for v in static.registry.snapshot().values())
