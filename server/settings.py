@@ -16,7 +16,7 @@ class ModelSettings(BaseSettings):
     model_config = _ENV
     base_model: str = Field("gpt2", description="hub id (from the local HF cache) or a local folder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = fp16 on CUDA; on CPU bf16 where the CPU computes it natively (AVX-512 BF16/AMX), else fp32")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = on CUDA bf16 on compute capability 8.0+ (Ampere, Hopper), fp16 below; on CPU bf16 where the CPU computes it natively (AVX-512 BF16/AMX), else fp32")
     quant: Literal["auto", "none", "int8"] = Field("none", description="int8 = weight-only int8 base projections and LM head (per-channel scales; LoRA stays float; eager step only); auto = none (see docs/performance.md)")
 
 

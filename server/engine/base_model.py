@@ -29,16 +29,28 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp16 on CUDA; on CPU bf16 where the CPU computes it natively (decode streams half
+    """`auto`: on CUDA, bf16 on compute capability 8.0 and newer (Ampere, Hopper, ...), fp16
+    below (`cuda_auto_dtype`); on CPU bf16 where the CPU computes it natively (decode streams half
     the bytes, see `cpu_linear.native_bf16`), fp32 elsewhere."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.float16
+            return cuda_auto_dtype(torch.cuda.get_device_capability(device))
         return torch.bfloat16 if device.type == "cpu" and cpu_linear.native_bf16() else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def cuda_auto_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """`--dtype auto` on a CUDA device of this compute capability. bf16 from sm80 on: it has fp32's
+    exponent range, so an activation or a LoRA product that would pass fp16's 65504 stays finite
+    (fp16 turns it into inf, and that row fails), and sm80+ tensor cores run bf16 at fp16's
+    speed, so nothing is paid for it; its 8-bit mantissa is the cost, held to the same PEFT
+    parity bound as on CPU (`test_engine_bf16.py`, `scripts/gpu_check.sh`). Below sm80 bf16 is
+    emulated or absent: fp16, with the overflow guards (registration bound on factor norms,
+    masked gating, non-finite logits fail their row alone)."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
 def resolve_quant(name: str, device: torch.device) -> str:
