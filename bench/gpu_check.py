@@ -13,10 +13,16 @@ each on the tiny test model built in code (no download) unless said otherwise:
    against fp32 is at most twice PEFT's own in that dtype (+1e-3), as the CPU bf16 test demands.
 2. syncs: a steady-state decode step (3 rows, fixed mixtures, greedy and seeded sampling)
    under `torch.cuda.set_sync_debug_mode("warn")`: the synchronizing CUDA calls per step, and
-   the `TorchFunctionMode` count the CPU test uses. Budget: at most 2 per step.
+   the `TorchFunctionMode` count the CPU test uses. Budget: at most 2 per step. In the dtype
+   `--dtype auto` serves (bf16 from sm80, fp16 below), as are the graphs.
 3. graphs: the compiled engine warmed up, then served batches of 1, 3 and 5 rows, long rows
    crossing length buckets, re-gated mixtures and a hot swap: graphs compiled after warm-up
    (target 0) and whether the KV cache kept its address.
+
+Every engine starts from a reset compiler (`torch._dynamo.reset()`): the checks build several
+engines in one process, and each new one's cache and weights fail the last one's guards, so
+without a reset they would run into dynamo's recompile limit and the later checks would
+silently measure the eager step.
 4. bench: `python -m bench --quick --only decode --compile` on GPT-2 124M (random weights):
    the eager, static and compiled engines interleaved in one run; `compiled ÷ eager` of tok/s
    is what decides whether `--compile auto` (compiled on CUDA) holds.
@@ -55,6 +61,8 @@ def _engine(model_dir: Path, store: Path, device: str, dtype: str, step: str, **
     from server.engine.registry import AdapterRegistry
     from server.store.folder import read_adapter
 
+    if step == "compiled":  # a clean compiler and CUDA graph trees per engine (see the module doc)
+        torch._dynamo.reset()
     resident = load_base_model(str(model_dir), device, dtype)
     registry = AdapterRegistry()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64, resident.dtype)
@@ -123,7 +131,7 @@ def check_parity(model_dir: Path, store: Path, device: str, step: str) -> dict:
 def check_syncs(model_dir: Path, store: Path, device: str, step: str) -> dict:
     from tests.syncs import SyncCounter
 
-    engine = _engine(model_dir, store, device, "float16" if device == "cuda" else "float32", step)
+    engine = _engine(model_dir, store, device, _serving_dtype(device), step)
     seqs = [_row(engine, PROMPT, {"alpha": 1.0}, 40),
             _row(engine, PROMPT[:5], {"alpha": 0.5, "beta": 0.5}, 40, temperature=0.8, seed=3),
             _row(engine, PROMPT[:3], {}, 40, temperature=1.0, top_p=0.9)]
@@ -146,7 +154,8 @@ def check_syncs(model_dir: Path, store: Path, device: str, step: str) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
     cuda_syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
     per_step = (len(cuda_syncs) if cuda else counter.total) / steps
-    return {"steps": steps, "cuda_syncs_per_step": len(cuda_syncs) / steps if cuda else None,
+    return {"dtype": str(engine.resident.dtype), "steps": steps,
+            "cuda_syncs_per_step": len(cuda_syncs) / steps if cuda else None,
             "counted_reads_per_step": counter.total / steps, "sites": dict(counter.sites),
             "cuda_sync_messages": sorted(set(cuda_syncs))[:10], "budget": 2, "passed": per_step <= 2}
 
@@ -157,8 +166,10 @@ def check_graphs(model_dir: Path, store: Path, device: str, step: str) -> dict:
     from server.engine.adapter_weights import BaseSpec
     from server.store.folder import read_adapter
 
+    if step == "eager":
+        return {"skipped": "the eager step (--step eager) has no fixed-shape graphs to check", "passed": True}
     torch._dynamo.reset()
-    engine = _engine(model_dir, store, device, "float16" if device == "cuda" else "float32", step)
+    engine = _engine(model_dir, store, device, _serving_dtype(device), step)
     warm = counters["stats"]["unique_graphs"]
     cache = [t.data_ptr() for t in (*engine.cache.keys, *engine.cache.values)]
     mixes = [{"alpha": 0.5, "beta": 0.5}, {"beta": 1.0}, {}, {"alpha": 1.0}, {"alpha": 0.2, "beta": 0.8}]
@@ -173,14 +184,16 @@ def check_graphs(model_dir: Path, store: Path, device: str, step: str) -> dict:
         n += 1
         for i, s in enumerate(engine.running):
             s.route.gates = dict(mixes[(i + n) % 3])
-            s.versions.update({k: engine.registry.get(k) for k in s.route.gates if k not in s.versions})
+            new = [k for k in s.route.gates if k not in s.versions]  # held as a request holds them
+            s.versions.update({v.name: v for v in engine.registry.acquire(new)})
     spec = BaseSpec(engine.resident.module_shapes, engine.resident.fingerprint, 64, engine.resident.dtype)
     engine.registry.register(read_adapter("alpha", store / "beta", spec))  # hot swap
     _run(engine, [_row(engine, PROMPT, {"alpha": 1.0}, 6), _row(engine, PROMPT[:4], {"beta": 1.0}, 6)])
     after = counters["stats"]["unique_graphs"] - warm
     moved = [t.data_ptr() for t in (*engine.cache.keys, *engine.cache.values)] != cache
     assert engine.static is not None
-    return {"graphs_after_warm_up": after, "cache_moved": moved, "steps": engine.static.calls,
+    return {"dtype": str(engine.resident.dtype), "graphs_after_warm_up": after, "cache_moved": moved,
+            "steps": engine.static.calls,
             "cudagraphs": engine.static.graphs, "passed": after == 0 and not (moved and engine.cache.full)}
 
 
@@ -210,7 +223,8 @@ def run_bench(out: Path, device: str) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"# gpu_check on {report['device']}", "",
-             f"torch {report['torch']}, CUDA {report['cuda']}, step `{report['step']}`; "
+             f"torch {report['torch']}, CUDA {report['cuda']}, compute capability {report.get('capability')}, "
+             f"`--dtype auto` = {report.get('dtype_auto')}, step `{report['step']}`; "
              f"{'all passed' if report['passed'] else 'FAILED: ' + ', '.join(report['failed'])}", ""]
     for name, result in report["checks"].items():
         lines += [f"## {name}: {'passed' if result.get('passed') else 'FAILED'}", "", "```json",
@@ -225,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", default="compiled", choices=("compiled", "static", "eager"))
     p.add_argument("--no-bench", action="store_true", help="skip the decode benchmark (minutes)")
     args = p.parse_args(argv)
+    args.out = args.out.resolve()  # the bench subprocess runs in the repository, not here
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False, torch "
               f"{torch.__version__}); nothing was checked. Run it on a machine with an NVIDIA GPU "
@@ -240,15 +255,29 @@ def main(argv: list[str] | None = None) -> int:
         tokens.DEVICE_SAMPLING_ON_CPU = previous
 
 
+def _serving_dtype(device: str) -> str:
+    """What `--dtype auto` serves on `device` (bf16 from sm80 on CUDA, fp16 below), for the checks
+    that measure the server as it runs; fp32 for the CPU smoke run."""
+    from server.engine.base_model import resolve_dtype
+
+    return str(resolve_dtype("auto", torch.device(device))).removeprefix("torch.") if device == "cuda" else "float32"
+
+
 def _check_all(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    report: dict[str, Any] = {"device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda,
-                              "step": args.step, "checks": {}}
+    cuda = args.device == "cuda"
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                              "cuda": torch.version.cuda, "step": args.step, "checks": {},
+                              "capability": ".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
+                              "dtype_auto": _serving_dtype(args.device) if cuda else None}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, store = _store(Path(tmp))
+        try:
+            model_dir, store = _store(Path(tmp))
+        except Exception as e:  # no model, no checks: still a report that says why
+            model_dir = store = None
+            report["checks"]["setup"] = {"passed": False, "error": f"{type(e).__name__}: {e}"[:2000]}
         checks = {"parity": check_parity, "syncs": check_syncs, "graphs": check_graphs}
-        for name, check in checks.items():
+        for name, check in checks.items() if model_dir is not None and store is not None else ():
             print(f"gpu_check: {name} ...", flush=True)
             try:
                 report["checks"][name] = check(model_dir, store, args.device, args.step)

@@ -23,6 +23,19 @@ def test_script_says_no_cuda_and_exits_0():
     assert "no CUDA device" in done.stdout
 
 
+def test_script_takes_options_without_a_folder(tmp_path):
+    """`gpu_check.sh --no-bench` passes the option on (it was once read as the report folder), and
+    a relative folder is the caller's, not the repository's (the interpreter is `echo` here: this
+    checks what the script runs, not the checks)."""
+    script, env = str(REPO / "scripts" / "gpu_check.sh"), {**os.environ, "PYTHON": "/bin/echo"}
+    default = f"-m bench.gpu_check --out {REPO}/bench/results/gpu_check"
+    for args, expected in (([], default), (["--no-bench"], f"{default} --no-bench"),
+                           (["here", "--no-bench"], f"-m bench.gpu_check --out {tmp_path}/here --no-bench"),
+                           ([str(tmp_path / "abs")], f"-m bench.gpu_check --out {tmp_path}/abs")):
+        done = subprocess.run([script, *args], capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.strip() == expected, (args, done.stdout, done.stderr)
+
+
 @pytest.mark.slow  # tens of seconds on a loaded 2-core machine (a few idle)
 def test_checks_run_on_cpu(tmp_path):
     from bench import gpu_check
