@@ -187,10 +187,11 @@ def record_layer_weights(seqs: list[Sequence], arrow: ArrowRows, active: tuple[i
     means = arrow.mean_weights()  # [a, active]
     if means is None:
         return
+    host = means.tolist()  # one read for all the rows (a host sync on a GPU)
     for i, row in enumerate(arrow.host_rows):
         seq = seqs[row]
         weights: dict[str, float] = {}
-        for col, w in enumerate(means[i].tolist()):
+        for col, w in enumerate(host[i]):
             version = slots.slot_version[active[col]]
             if version is not None and seq.versions.get(version.name) is version and w > 0:
                 weights[version.name] = w
