@@ -15,6 +15,8 @@ each on the tiny test model built in code (no download) unless said otherwise:
    under `torch.cuda.set_sync_debug_mode("warn")`: the synchronizing CUDA calls per step, and
    the `TorchFunctionMode` count the CPU test uses. Budget: at most 2 per step. In the dtype
    `--dtype auto` serves (bf16 from sm80, fp16 below), as are the graphs.
+   reroute_syncs: the same with every row re-routing before every token (centroid router):
+   2 rows and 6, at most 3 per step (the gater reads once for all rows), the same for both.
 3. graphs: the compiled engine warmed up, then served batches of 1, 3 and 5 rows, long rows
    crossing length buckets, re-gated mixtures and a hot swap: graphs compiled after warm-up
    (target 0) and whether the KV cache kept its address.
@@ -128,19 +130,17 @@ def check_parity(model_dir: Path, store: Path, device: str, step: str) -> dict:
     return out
 
 
-def check_syncs(model_dir: Path, store: Path, device: str, step: str) -> dict:
+def _count_syncs(engine, seqs, device: str, budget: int, steps: int = 16) -> dict:
+    """Submit `seqs`, step past the prefill, then count the device reads of `steps` steps: under
+    `set_sync_debug_mode("warn")` on CUDA (what decides `passed` there) and with the CPU test's
+    `TorchFunctionMode` everywhere."""
     from tests.syncs import SyncCounter
 
-    engine = _engine(model_dir, store, device, _serving_dtype(device), step)
-    seqs = [_row(engine, PROMPT, {"alpha": 1.0}, 40),
-            _row(engine, PROMPT[:5], {"alpha": 0.5, "beta": 0.5}, 40, temperature=0.8, seed=3),
-            _row(engine, PROMPT[:3], {}, 40, temperature=1.0, top_p=0.9)]
     for seq in seqs:
         seq.emit = lambda ev: None
         engine.submit(seq)
     for _ in range(3):  # prefill and the first steps
         engine.step()
-    steps = 16
     cuda = device == "cuda"
     with warnings.catch_warnings(record=True) as caught, SyncCounter() as counter:
         warnings.simplefilter("always")
@@ -154,10 +154,56 @@ def check_syncs(model_dir: Path, store: Path, device: str, step: str) -> dict:
                 torch.cuda.set_sync_debug_mode("default")
     cuda_syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message).lower()]
     per_step = (len(cuda_syncs) if cuda else counter.total) / steps
-    return {"dtype": str(engine.resident.dtype), "steps": steps,
+    return {"dtype": str(engine.resident.dtype), "rows": len(seqs), "steps": steps,
             "cuda_syncs_per_step": len(cuda_syncs) / steps if cuda else None,
             "counted_reads_per_step": counter.total / steps, "sites": dict(counter.sites),
-            "cuda_sync_messages": sorted(set(cuda_syncs))[:10], "budget": 2, "passed": per_step <= 2}
+            "cuda_sync_messages": sorted(set(cuda_syncs))[:10], "budget": budget,
+            "passed": per_step <= budget and all(s.finish_reason is None for s in seqs)}
+
+
+def check_syncs(model_dir: Path, store: Path, device: str, step: str) -> dict:
+    engine = _engine(model_dir, store, device, _serving_dtype(device), step)
+    seqs = [_row(engine, PROMPT, {"alpha": 1.0}, 40),
+            _row(engine, PROMPT[:5], {"alpha": 0.5, "beta": 0.5}, 40, temperature=0.8, seed=3),
+            _row(engine, PROMPT[:3], {}, 40, temperature=1.0, top_p=0.9)]
+    return _count_syncs(engine, seqs, device, budget=2)
+
+
+def check_reroute_syncs(model_dir: Path, store: Path, device: str, step: str) -> dict:
+    """Every row re-routes before every token (`reroute_every=1`, the centroid router on the
+    base embedder, voting, with a switch margin): 2 rows and 6, each within 3 reads per step
+    (the steady 2 and the gater's one for all rows), the same count for both."""
+    import torch.nn.functional as F
+
+    from server.build import build_routing
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import RoutingSpec, Sequence
+    from server.settings import RoutingSettings
+
+    out: dict[str, Any] = {}
+    for n in (2, 6):
+        engine = _engine(model_dir, store, device, _serving_dtype(device), step)
+        catalogue, gater = build_routing(RoutingSettings(embedder="base", route_switch_margin=0.01),
+                                         engine.resident, engine.registry, store)
+        gen = torch.Generator().manual_seed(0)
+        for version in engine.registry.snapshot().values():
+            version.weights.centroids = F.normalize(torch.randn(20, catalogue.dim, generator=gen), dim=-1)
+            version.weights.centroid_embedder = catalogue.embedder_id
+        catalogue.rebuild()
+        engine.gate_source = gater  # the engine's routing step asks the gater from here on
+        engine.route_step.source = gater
+        seqs = []
+        for i in range(n):
+            seq = Sequence(prompt_ids=PROMPT[i % 3:], max_tokens=40, sampling=SamplingParams(temperature=0.0),
+                           routing=RoutingSpec("auto", router="centroid", reroute_every=1),
+                           decode=lambda ids: "x" * len(ids), emit=lambda ev: None)
+            seq.versions = {v.name: v for v in engine.registry.acquire(["alpha", "beta"])}
+            seqs.append(seq)
+        out[f"rows_{n}"] = _count_syncs(engine, seqs, device, budget=3)
+        out[f"rows_{n}"]["passed"] &= all(s.route.reroutes == len(s.generated) for s in seqs)
+    counts = [out[k]["cuda_syncs_per_step" if device == "cuda" else "counted_reads_per_step"] for k in out]
+    out["passed"] = all(r["passed"] for r in out.values()) and counts[0] == counts[1]
+    return out
 
 
 def check_graphs(model_dir: Path, store: Path, device: str, step: str) -> dict:
@@ -276,7 +322,8 @@ def _check_all(args: argparse.Namespace) -> int:
         except Exception as e:  # no model, no checks: still a report that says why
             model_dir = store = None
             report["checks"]["setup"] = {"passed": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-        checks = {"parity": check_parity, "syncs": check_syncs, "graphs": check_graphs}
+        checks = {"parity": check_parity, "syncs": check_syncs, "reroute_syncs": check_reroute_syncs,
+                  "graphs": check_graphs}
         for name, check in checks.items() if model_dir is not None and store is not None else ():
             print(f"gpu_check: {name} ...", flush=True)
             try:

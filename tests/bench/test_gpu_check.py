@@ -42,7 +42,9 @@ def test_checks_run_on_cpu(tmp_path):
 
     assert gpu_check.main(["--device", "cpu", "--step", "static", "--no-bench", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["passed"] and set(report["checks"]) == {"parity", "syncs", "graphs"}
+    assert report["passed"] and set(report["checks"]) == {"parity", "syncs", "reroute_syncs", "graphs"}
     assert report["checks"]["syncs"]["counted_reads_per_step"] <= 2
+    reroute = report["checks"]["reroute_syncs"]
+    assert reroute["rows_2"]["counted_reads_per_step"] == reroute["rows_6"]["counted_reads_per_step"] <= 3
     assert report["checks"]["graphs"]["cache_moved"] is False
     assert (tmp_path / "gpu_check.md").read_text().startswith("# gpu_check on cpu")
