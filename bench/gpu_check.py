@@ -1,6 +1,6 @@
 """The CUDA checks in one run (`scripts/gpu_check.sh`): what the CPU tests can only approximate.
 
-    python -m bench.gpu_check [--out DIR] [--no-bench]       # on a machine with CUDA
+    python -m bench.gpu_check [--out DIR] [--no-bench] [--only parity,syncs,...]   # with CUDA
     python -m bench.gpu_check --device cpu --step static     # the same code on CPU (a smoke run)
 
 Writes `DIR/gpu_check.json` and `DIR/gpu_check.md` (default `bench/results/gpu_check/`) and exits
@@ -278,13 +278,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+CHECKS = ("parity", "syncs", "reroute_syncs", "graphs", "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_check")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of this code")
     p.add_argument("--step", default="compiled", choices=("compiled", "static", "eager"))
     p.add_argument("--no-bench", action="store_true", help="skip the decode benchmark (minutes)")
+    p.add_argument("--only", default=",".join(CHECKS),
+                   help=f"comma-separated checks to run, of {','.join(CHECKS)} (default: all) -- for a short device lease")
     args = p.parse_args(argv)
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = sorted(set(only) - set(CHECKS))
+    if unknown:
+        p.error(f"unknown checks {unknown}; choose from {', '.join(CHECKS)}")
+    args.only = only
     args.out = args.out.resolve()  # the bench subprocess runs in the repository, not here
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (torch.cuda.is_available() is False, torch "
@@ -324,13 +334,14 @@ def _check_all(args: argparse.Namespace) -> int:
             report["checks"]["setup"] = {"passed": False, "error": f"{type(e).__name__}: {e}"[:2000]}
         checks = {"parity": check_parity, "syncs": check_syncs, "reroute_syncs": check_reroute_syncs,
                   "graphs": check_graphs}
+        checks = {name: check for name, check in checks.items() if name in args.only}
         for name, check in checks.items() if model_dir is not None and store is not None else ():
             print(f"gpu_check: {name} ...", flush=True)
             try:
                 report["checks"][name] = check(model_dir, store, args.device, args.step)
             except Exception as e:  # one failing check still leaves the others' results
                 report["checks"][name] = {"passed": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-    if not args.no_bench:
+    if not args.no_bench and "bench" in args.only:
         print("gpu_check: bench ...", flush=True)
         report["checks"]["bench"] = run_bench(args.out, args.device)
     report["failed"] = [n for n, r in report["checks"].items() if not r.get("passed")]

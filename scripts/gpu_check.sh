@@ -4,7 +4,8 @@
 # torch.cuda.set_sync_debug_mode, CUDA-graph replay without recompiles after warm-up, and the
 # decode benchmark (eager vs compiled), written to one report:
 #   bench/results/gpu_check/gpu_check.md (and .json), or the folder given as $1.
-#   scripts/gpu_check.sh [DIR] [--no-bench] [--step compiled|static|eager]
+#   scripts/gpu_check.sh [DIR] [--no-bench] [--only parity,syncs,reroute_syncs,graphs,bench]
+#                        [--step compiled|static|eager]
 # Run it from a checkout with the dev environment (it imports bench/ and tests/, which the
 # serving images do not ship).
 # Exit status: 0 when every check passed, 1 when one failed; on a machine without CUDA it says so
