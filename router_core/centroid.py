@@ -9,6 +9,8 @@ of example texts is routable at once.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -134,24 +136,6 @@ class CentroidRouter:
             raise ValueError(f"{len(adapter_names)} adapter names but {len(centroids)} centroid sets")
         if len(set(adapter_names)) != len(adapter_names):
             raise ValueError(f"duplicate adapter names: {adapter_names}")
-        rows: list[Tensor] = []
-        owner: list[int] = []
-        dim: int | None = None
-        for i, (name, c) in enumerate(zip(adapter_names, centroids, strict=True)):
-            c = c.detach().float().cpu()
-            if c.dim() == 1:
-                c = c.unsqueeze(0)  # [1, d]
-            if c.dim() != 2 or c.shape[0] == 0:
-                raise ValueError(f"centroids of {name!r} must be [m, d] with m >= 1, got {tuple(c.shape)}")
-            if not torch.isfinite(c).all() or (c.norm(dim=1) == 0).any():
-                raise ValueError(f"centroids of {name!r} contain non-finite or zero rows")
-            if dim is not None and c.shape[1] != dim:
-                raise ValueError(f"centroids of {name!r} have dim {c.shape[1]}, others {dim}")
-            dim = int(c.shape[1])
-            rows.append(F.normalize(c, dim=-1))
-            owner += [i] * c.shape[0]
-        self.adapter_names: tuple[str, ...] = tuple(adapter_names)
-        self.embed_dim: int | None = dim
         self.temperature = float(temperature)
         self.top_boost = float(top_boost)
         self.top_k = top_k
@@ -159,14 +143,80 @@ class CentroidRouter:
         self.vote = int(vote)
         self.baseline = float(baseline)
         self.switch_margin = float(switch_margin)
-        self._centroids = torch.cat(rows) if rows else torch.zeros(0, 0)  # [M, d]
-        self._owner = torch.tensor(owner, dtype=torch.long)  # [M]
+        blocks = [_unit_rows(name, c) for name, c in zip(adapter_names, centroids, strict=True)]
+        for name, rows in zip(adapter_names, blocks, strict=True):
+            if rows.shape[1] != blocks[0].shape[1]:
+                raise ValueError(f"centroids of {name!r} have dim {rows.shape[1]}, others {blocks[0].shape[1]}")
+        self._assemble(tuple(adapter_names), blocks, [self._block_baseline(b) for b in blocks])
+        self.rows_checked = len(blocks)  # adapters whose centroids this router checked and normalised
+
+    def _assemble(self, names: tuple[str, ...], blocks: list[Tensor], block_baselines: list[Tensor | None]) -> None:
+        """Set the router from per-adapter unit rows (already checked) and their leave-one-out
+        baselines (None for an adapter with too few rows to vote). The stacked `[M, d]` matrix
+        and the baselines are built on first use (`_stacked`), not here: a registration among
+        thousands of adapters then costs list operations, not a copy of every centroid."""
+        self.adapter_names: tuple[str, ...] = names
+        self._blocks, self._block_baselines = tuple(blocks), tuple(block_baselines)
+        self._stack: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self._column_index: dict[torch.device, list[Tensor]] = {}
-        self.voting = bool(rows) and min(r.shape[0] for r in rows) >= 4 * self.vote
-        self.baselines = (
-            self.baseline * torch.stack([self._loo_baseline(r) for r in rows]) if self.voting else None
-        )  # [n]
+        self.voting = bool(blocks) and all(b is not None for b in block_baselines)
+
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(unit rows `[M, d]`, their adapter index `[M]`, baselines `[n]` or None), built once."""
+        if self._stack is None:
+            blocks = self._blocks
+            rows = torch.cat(blocks) if blocks else torch.zeros(0, 0)  # [M, d]
+            counts = torch.tensor([b.shape[0] for b in blocks], dtype=torch.long)
+            owner = torch.repeat_interleave(torch.arange(len(blocks)), counts)  # [M]
+            baselines = self.baseline * torch.stack([b for b in self._block_baselines if b is not None]) \
+                if self.voting else None  # [n]
+            self._stack = (rows, owner, baselines)
+        return self._stack
+
+    @property
+    def embed_dim(self) -> int | None:
+        return int(self._blocks[0].shape[1]) if self._blocks else None
+
+    @property
+    def _centroids(self) -> Tensor:
+        return self._stacked()[0]
+
+    @property
+    def _owner(self) -> Tensor:
+        return self._stacked()[1]
+
+    @property
+    def baselines(self) -> Tensor | None:
+        return self._stacked()[2]
+
+    def _block_baseline(self, rows: Tensor) -> Tensor | None:
+        return self._loo_baseline(rows) if rows.shape[0] >= 4 * self.vote else None
+
+    def with_changes(self, changed: dict[str, Tensor | None]) -> CentroidRouter:
+        """A new router where each name in `changed` has its new centroids (None: it leaves),
+        every other adapter keeping the rows this router already checked and normalised, so
+        registering one adapter among thousands checks one adapter's centroids, not all of them.
+        Names stay sorted (as the catalogue builds them). `rows_checked` counts the work."""
+        index = {name: i for i, name in enumerate(self.adapter_names)}
+        keep = [n for n in self.adapter_names if n not in changed]
+        fresh = {name: _unit_rows(name, c) for name, c in changed.items() if c is not None}
+        for name, rows in fresh.items():
+            if keep and rows.shape[1] != self.embed_dim:
+                raise ValueError(f"centroids of {name!r} have dim {rows.shape[1]}, others {self.embed_dim}")
+        names = sorted([*keep, *fresh]) if fresh else keep
+        blocks, baselines = [], []
+        for name in names:
+            if name in fresh:
+                blocks.append(fresh[name])
+                baselines.append(self._block_baseline(fresh[name]))
+            else:
+                blocks.append(self._blocks[index[name]])
+                baselines.append(self._block_baselines[index[name]])
+        out = copy.copy(self)
+        out._assemble(tuple(names), blocks, baselines)
+        out.rows_checked = len(fresh)
+        return out
 
     def _loo_baseline(self, rows: Tensor) -> Tensor:
         """Mean over an adapter's rows of their top-`vote` similarity to its *other* rows."""
@@ -177,7 +227,7 @@ class CentroidRouter:
     @property
     def centroids(self) -> list[Tensor]:
         """Per-adapter unit centroids, each `[m_i, d]`, in `adapter_names` order."""
-        return [self._centroids[self._owner == i] for i in range(len(self.adapter_names))]
+        return list(self._blocks)
 
     def _tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._on_device:
@@ -228,11 +278,12 @@ class CentroidRouter:
 
     def _columns(self, device: torch.device) -> list[Tensor]:
         """Per adapter, the indices of its centroid rows `[m_i]` on `device` (cached)."""
-        if device not in self._column_index:
-            owner = self._owner.tolist()
-            self._column_index[device] = [
-                torch.tensor([j for j, o in enumerate(owner) if o == i], dtype=torch.long, device=device)
-                for i in range(len(self.adapter_names))]
+        if device not in self._column_index:  # each adapter's rows are contiguous: one range per block
+            index, start = [], 0
+            for block in self._blocks:
+                index.append(torch.arange(start, start + block.shape[0], device=device))
+                start += block.shape[0]
+            self._column_index[device] = index
         return self._column_index[device]
 
     def weights_from_scores(self, scores: Tensor, temperature: float | None = None,
@@ -278,12 +329,16 @@ class CentroidRouter:
         )
 
     def with_options(self, *, temperature: float | None = None, switch_margin: float | None = None) -> CentroidRouter:
-        """A new router over the same rows with a fitted `temperature` / `switch_margin`."""
-        return CentroidRouter(
-            list(self.adapter_names), self.centroids, self.temperature if temperature is None else temperature,
-            self.top_boost, self.top_k, self.min_similarity, self.vote, self.baseline,
-            self.switch_margin if switch_margin is None else switch_margin,
-        )
+        """A new router over the same rows with a fitted `temperature` / `switch_margin` (the rows
+        are shared, never copied: routers are immutable)."""
+        temperature = self.temperature if temperature is None else float(temperature)
+        switch_margin = self.switch_margin if switch_margin is None else float(switch_margin)
+        _check_options(temperature, self.top_boost, self.top_k)
+        if not switch_margin >= 0:
+            raise ValueError(f"switch_margin must be >= 0, got {switch_margin}")
+        out = copy.copy(self)
+        out.temperature, out.switch_margin, out.rows_checked = temperature, switch_margin, 0
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -291,3 +346,15 @@ class CentroidRouter:
             f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity}, vote={self.vote}, baseline={self.baseline}, "
             f"switch_margin={self.switch_margin})"
         )
+
+
+def _unit_rows(name: str, c: Tensor) -> Tensor:
+    """One adapter's centroids as checked unit rows `[m, d]` (float32, CPU)."""
+    c = c.detach().float().cpu()
+    if c.dim() == 1:
+        c = c.unsqueeze(0)  # [1, d]
+    if c.dim() != 2 or c.shape[0] == 0:
+        raise ValueError(f"centroids of {name!r} must be [m, d] with m >= 1, got {tuple(c.shape)}")
+    if not torch.isfinite(c).all() or (c.norm(dim=1) == 0).any():
+        raise ValueError(f"centroids of {name!r} contain non-finite or zero rows")
+    return F.normalize(c, dim=-1)

@@ -120,6 +120,10 @@ class AdapterRegistry:
         with self._lock:
             return name in self._current
 
+    def count(self) -> int:
+        with self._lock:
+            return len(self._current)
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._current)

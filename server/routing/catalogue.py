@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ from server.store.folder import check_name, file_in_store, resolve_in_store
 from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
+SYNC_FIT_ADAPTERS = 64  # above this many voting adapters, the centroid router is refitted on a side thread
 
 
 def _family(embedder_id: str | None) -> str:
@@ -70,7 +73,10 @@ class RouterCatalogue:
         self.mlp_paths: dict[str, str] = {}  # name -> store path it was loaded from
         self._lock = threading.Lock()
         self._centroid = CentroidRouter([], [])
-        self._built: tuple[list[str], list[torch.Tensor]] | None = None  # what the centroid router was built from
+        self._sources: dict[str, torch.Tensor] | None = None  # name -> the centroid tensor it was built from
+        self.entries_rebuilt = 0  # adapters whose centroids a rebuild checked (tests count the work)
+        self._fit_pool = ThreadPoolExecutor(1, thread_name_prefix="switchboard-calibrate")
+        self._fit_pending = False
         self._arrow = ArrowRouter([])
         self._analyzer = None
         self.rebuild()
@@ -84,35 +90,94 @@ class RouterCatalogue:
         return load_sentence_encoder(path, device=self.resident.device)
 
     # -- router set -------------------------------------------------------------------------------------
-    def rebuild(self) -> None:
-        """Rebuild the centroid router from the adapters whose centroids match the embedder; a
-        change that leaves that set as it was (an adapter without a usable centroid registered,
-        replaced or removed) costs one pass over the names, not a refit of the router."""
-        arrow = ArrowRouter(sorted(self.registry.names()))  # every adapter: Arrow needs no examples
+    def rebuild(self, changed: Collection[str] | None = None) -> None:
+        """Bring the routers up to the registry. `changed`: the names registered, replaced or
+        removed since the last call (None: look at every adapter). Only those adapters'
+        centroids are checked and added to (or dropped from) the centroid router; the others
+        keep the rows it already holds, so registering one adapter among thousands costs one
+        adapter's work (`entries_rebuilt` counts it). A change that leaves the centroid set as
+        it was (an adapter without a usable centroid) refits nothing.
+
+        The temperature and switch margin are fitted on every adapter's examples: with up to
+        `SYNC_FIT_ADAPTERS` adapters that happens here, above it on a side thread (the router
+        with the change serves at the previous fit meanwhile), so a registration never waits on
+        a fit over the whole store."""
+        snapshot = self.registry.snapshot()
+        arrow = ArrowRouter(sorted(snapshot))  # every adapter: Arrow needs no examples
         if arrow.adapter_names != self._arrow.adapter_names:
             with self._lock:
                 self._arrow = arrow
-        names, cents = [], []
-        for name, version in sorted(self.registry.snapshot().items()):
-            w = version.weights
-            if self.centroid_usable(w.centroids, w.centroid_embedder):
-                assert w.centroids is not None
-                names.append(name)
-                cents.append(w.centroids)
-        built = self._built  # the same tensors (compared by identity) as last time: nothing to refit
-        if built is not None and built[0] == names and all(a is b for a, b in zip(built[1], cents, strict=True)):
-            return
-        self._built = (names, cents)
-        router = CentroidRouter(names, cents, temperature=self.settings.route_temperature or 1.0,
-                                top_boost=self.settings.top_boost, top_k=self.settings.route_top_k or None,
-                                min_similarity=self.settings.min_similarity, vote=self.settings.route_vote,
-                                switch_margin=self.settings.route_switch_margin or 0.0)
+        if changed is None or self._sources is None:
+            sources = {name: v.weights.centroids for name, v in sorted(snapshot.items())
+                       if self._usable(v.weights)}
+            if self._sources is not None and sources.keys() == self._sources.keys() \
+                    and all(sources[n] is self._sources[n] for n in sources):
+                return  # the same tensors (compared by identity) as last time: nothing to refit
+            router = CentroidRouter(list(sources), list(sources.values()),
+                                    temperature=self.settings.route_temperature or 1.0,
+                                    top_boost=self.settings.top_boost, top_k=self.settings.route_top_k or None,
+                                    min_similarity=self.settings.min_similarity, vote=self.settings.route_vote,
+                                    switch_margin=self.settings.route_switch_margin or 0.0)
+        else:
+            sources = dict(self._sources)
+            delta: dict[str, torch.Tensor | None] = {}
+            for name in changed:
+                version = snapshot.get(name)
+                c = version.weights.centroids if version is not None and self._usable(version.weights) else None
+                if c is None:
+                    if sources.pop(name, None) is not None:
+                        delta[name] = None
+                elif sources.get(name) is not c:
+                    sources[name] = delta[name] = c
+            if not delta:
+                return
+            router = self._centroid.with_changes(delta)  # at the previous fit until it is refitted
+        self._sources = sources
+        self.entries_rebuilt += router.rows_checked
+        if len(router.adapter_names) <= SYNC_FIT_ADAPTERS or not router.voting:
+            router = self._fitted(router)
+        else:
+            self._schedule_fit()
+        with self._lock:
+            self._centroid = router
+
+    def _usable(self, w) -> bool:
+        return self.centroid_usable(w.centroids, w.centroid_embedder)
+
+    def _fitted(self, router: CentroidRouter) -> CentroidRouter:
+        """`router` with the temperature and switch margin fitted on its examples, unless the
+        settings fix them."""
         if not self.settings.route_temperature:
             router = calibrated(router)
         if self.settings.route_switch_margin is None:
             router = with_fitted_switch_margin(router)
+        return router
+
+    def _schedule_fit(self) -> None:
         with self._lock:
-            self._centroid = router
+            if self._fit_pending:
+                return  # the queued fit takes the newest router when it starts
+            self._fit_pending = True
+        self._fit_pool.submit(self._fit_latest)
+
+    def _fit_latest(self) -> None:
+        """Side thread: fit the newest centroid router and serve it, unless it changed meanwhile
+        (that change queued its own fit)."""
+        with self._lock:
+            self._fit_pending = False
+            router = self._centroid
+        try:
+            fitted = self._fitted(router)
+        except Exception:  # the router keeps its previous fit: routing still works
+            log.exception("refitting the centroid router's temperature failed")
+            return
+        with self._lock:
+            if self._centroid is router:
+                self._centroid = fitted
+
+    def wait_fitted(self, timeout: float = 60.0) -> None:
+        """Block until a queued side-thread fit has run (tests, benchmarks)."""
+        self._fit_pool.submit(lambda: None).result(timeout)
 
     def centroid_usable(self, centroids: torch.Tensor | None, embedder_id: str | None) -> bool:
         """A centroid this server's embedder can compare against (same space, same width)."""

@@ -122,7 +122,7 @@ class AdapterService:
         self._centroid_of[name] = centroid
         self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
         self.metrics.adapter_events.labels("replace" if old else "load").inc()
-        self._changed()
+        self._changed([name])
         return new, old
 
     def _commit(self, name: str, rel: str, pinned: bool, centroid: str | None,
@@ -166,7 +166,7 @@ class AdapterService:
                 raise
             self._centroid_of.pop(name, None)
             self.metrics.adapter_events.labels("unload").inc()
-            self._changed()
+            self._changed([name])
         if version.refcount:
             await asyncio.to_thread(self.registry.wait_idle, version, timeout)
         if name not in self.registry:  # not loaded again meanwhile: its label series go too
@@ -220,7 +220,7 @@ class AdapterService:
                 self._centroid_of[weights.name] = centroids.get(weights.name)
                 (report.replaced if old else report.loaded).append(weights.name)
                 self.metrics.adapter_events.labels("replace" if old else "load").inc()
-            self._changed()
+            self._changed(None)  # start-up: everything
         new = [(w.name, str(w.path.relative_to(self.store.resolve())), p) for w, p in items
                if w.name not in self.manifest.adapters]
         if new:
@@ -299,7 +299,7 @@ class AdapterService:
         finally:
             self._batch -= 1
             if report.loaded or report.replaced:
-                self._changed()
+                self._changed(report.loaded + report.replaced)
         await asyncio.to_thread(self.manifest.compact)
         return report
 
@@ -327,7 +327,7 @@ class AdapterService:
                 report.removed.append(name)
                 removed.append(version)
             if removed:
-                self._changed()
+                self._changed(report.removed)
             for name, entry in sorted(wanted.items()):
                 path, pinned, centroid = entry["path"], entry["pinned"], entry.get("centroid")
                 try:
@@ -364,12 +364,14 @@ class AdapterService:
             log.warning("store watch: %s refused: %s", name, error)
         self._refused[name] = state
 
-    def _changed(self) -> None:
+    def _changed(self, names: list[str] | None) -> None:
+        """Tell the callbacks (routing) which names changed (None: any of them may have), so they
+        rebuild only those."""
         if self._batch:
             return
-        self.metrics.adapters_loaded.set(len(self.registry.names()))
+        self.metrics.adapters_loaded.set(self.registry.count())
         for callback in self.on_change:
-            callback()
+            callback(names)
 
 
 def _entries(store: Path) -> list[Path]:
