@@ -108,8 +108,8 @@ class RouterCatalogue:
             with self._lock:
                 self._arrow = arrow
         if changed is None or self._sources is None:
-            sources = {name: v.weights.centroids for name, v in sorted(snapshot.items())
-                       if self._usable(v.weights)}
+            sources: dict[str, torch.Tensor] = {name: v.weights.centroids for name, v in sorted(snapshot.items())
+                                                if v.weights.centroids is not None and self._usable(v.weights)}
             if self._sources is not None and sources.keys() == self._sources.keys() \
                     and all(sources[n] is self._sources[n] for n in sources):
                 return  # the same tensors (compared by identity) as last time: nothing to refit
