@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,12 +253,17 @@ class AdapterService:
 
     def _scan_folders(self, wanted: dict[str, str]) -> dict[str, str]:
         """Add every adapter folder at the top of the store to `wanted`; returns the entries the file
-        system could not stat."""
+        system could not stat. One directory listing and one stat per folder (os-level calls:
+        this runs over every folder of the store at each reload)."""
         failed = {}
-        for entry in _entries(self.store):
+        try:
+            entries = sorted(os.scandir(self.store), key=lambda e: e.name) if self.store.is_dir() else []
+        except OSError:
+            entries = []
+        for entry in entries:
             try:
                 if entry.is_dir() and not entry.name.startswith((".", "_")) \
-                        and (entry / "adapter_config.json").exists():
+                        and os.path.exists(os.path.join(entry.path, "adapter_config.json")):
                     wanted.setdefault(entry.name, entry.name)
             except OSError as e:  # an entry the file system cannot stat: report it, scan the rest
                 failed[entry.name] = f"cannot be read: {type(e).__name__}"
@@ -277,14 +284,17 @@ class AdapterService:
         if scan_folders:
             report.failed.update(self._scan_folders(wanted))
         current = self.registry.snapshot()
+        root = self.store.resolve()
         self._batch += 1  # the routers are rebuilt once at the end, not once per adapter
         try:
             for name, path in sorted(wanted.items()):
                 try:
                     check_name(name)
-                    folder = resolve_in_store(self.store, path)
-                    if name in current and current[name].weights.path == folder and _mtime(folder) <= current[name].created:
-                        report.unchanged.append(name)
+                    have = current.get(name)
+                    folder = _same_folder(root, path, have.weights.path) if have is not None else None
+                    folder = folder or resolve_in_store(self.store, path)
+                    if have is not None and have.weights.path == folder and _mtime(folder) <= have.created:
+                        report.unchanged.append(name)  # nothing read, written or rebuilt
                         continue
                     async with self._lock:
                         _, old = await self._load_locked(name, folder, pinned.get(name, False), self.default_prepare,
@@ -374,18 +384,24 @@ class AdapterService:
             callback(names)
 
 
-def _entries(store: Path) -> list[Path]:
+def _same_folder(root: Path, path: str, registered: Path) -> Path | None:
+    """`registered` when the manifest's `path` (one name at the top of the store) still names
+    that folder itself, not a symlink: one lstat instead of resolving the path again at every
+    reload. None: resolve it (`resolve_in_store` checks it stays inside the store)."""
+    if "/" in path or os.sep in path or path in (".", "..") or root / path != registered:
+        return None
     try:
-        return sorted(store.iterdir()) if store.is_dir() else []
-    except OSError:
-        return []
+        return registered if stat.S_ISDIR(os.lstat(registered).st_mode) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _mtime(folder: Path) -> float:
     """Newest modification time of the folder's entries (their own, not a link target's: a
     dangling symlink must not abort the scan)."""
     try:
-        return max(p.lstat().st_mtime for p in folder.iterdir())
+        with os.scandir(folder) as entries:
+            return max(e.stat(follow_symlinks=False).st_mtime for e in entries)
     except ValueError:
         raise InvalidAdapter(f"{folder.name} is empty") from None
     except OSError as e:
