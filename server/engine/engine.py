@@ -43,6 +43,7 @@ from server.engine.errors import (
     Unavailable,
 )
 from server.engine.kv_cache import KVCache
+from server.engine.loader import FactorLoader
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.prompt_logprobs import score_prompt
 from server.engine.registry import AdapterRegistry
@@ -104,6 +105,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch(self.cache, resident.device)
         self.route_step = RouteStep(gate_source, observer.on_route if observer else None)
+        # rows routed to adapters still on disk wait outside the batch while a side thread reads them
+        self.loader = FactorLoader(registry.host, self.slots)
+        self.parked: list[Sequence] = []
 
     @property
     def running(self) -> list[Sequence]:
@@ -122,10 +126,10 @@ class Engine:
         self.inbox.put(seq)
 
     def queue_depth(self) -> int:
-        return self.inbox.qsize() + len(self.waiting)
+        return self.inbox.qsize() + len(self.waiting) + len(self.parked)
 
     def has_work(self) -> bool:
-        return bool(self.batch or self.waiting or not self.inbox.empty())
+        return bool(self.batch or self.waiting or self.parked or not self.inbox.empty())
 
     def warm_up(self, fallback: bool = False) -> float:
         """Compile (or first-run) the static decode step for every batch bucket before serving;
@@ -148,11 +152,15 @@ class Engine:
     def step(self) -> None:
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
+        self._unpark()
         self._drop_cancelled()
         self.slots.evict_retired()
         self._admit()
         if self.batch:
             self._decode()
+        self.loader.prune()
+        if self.parked and not self.batch and not self.waiting:
+            self.loader.wait(0.005)  # nothing to compute until a read finishes
         if self.observer:
             self.observer.on_step(len(self.batch), self.queue_depth())
 
@@ -162,6 +170,9 @@ class Engine:
         now = time.monotonic()
         for seq in [s for s in self.waiting if s.cancelled or _expired(s, now)]:
             self.waiting.remove(seq)
+            self._end(seq, None if seq.cancelled else RequestTimeout("the request timed out"))
+        for seq in [s for s in self.parked if s.cancelled or _expired(s, now)]:
+            self.parked.remove(seq)
             self._end(seq, None if seq.cancelled else RequestTimeout("the request timed out"))
         for seq in [s for s in self.batch if s.cancelled or _expired(s, now)]:
             self._end(seq, None if seq.cancelled else RequestTimeout("the request timed out"))
@@ -192,19 +203,23 @@ class Engine:
         """Prefill `seqs` as one batch. Everything up to the forward is shared (a failure raises,
         and `_admit` retries row by row); from sampling on each row is handled alone."""
         row = self.batch.reserve(seqs, self.resident.max_positions)
-        embed = [s for s in seqs if self.route_step.embeds_hidden(s)]
+        # a row routed already (it waited for a read, or its batch failed after routing) keeps its decision
+        embed = [s for s in seqs if self.route_step.embeds_hidden(s) and not s.route.reroutes]
         if embed:
             self._embed_prompts(embed, row)
         for seq in seqs:
             if seq.routing.mode != "auto":
                 seq.route.gates = dict(seq.routing.weights)
-        failed = self.route_step.route([s for s in seqs if s.routing.mode == "auto"])
+        failed = self.route_step.route([s for s in seqs if s.routing.mode == "auto" and not s.route.reroutes])
         if failed:  # raise so that _admit retries alone: the rows whose routing works still run
             raise next(iter(failed.values()))
         window = self.config.hidden_window
         for seq in embed:  # re-routes pool the sliding window only
             if seq.route.hidden_tail is not None and window:
                 seq.route.hidden_tail = seq.route.hidden_tail[-window:]
+        seqs = self._park_unread(seqs)
+        if not seqs:
+            return
         ids, pos, last = padded([s.prompt_ids for s in seqs], self.resident.device)
         with self._gated(seqs, [len(s.prompt_ids) for s in seqs]):
             logits, hidden = self._forward(ids, pos, row, last)  # [B, V], [B, T, d]
@@ -245,9 +260,12 @@ class Engine:
             seq.route.keep_hidden(hidden[i, : len(tails[i])], None)
 
     def _decode(self) -> None:
-        failed = self.route_step.route([s for s in self.batch if is_due(s)])
+        due = [s for s in self.batch if is_due(s)]
+        before = {s.id: s.route.gates for s in due}
+        failed = self.route_step.route(due)
         for seq in [s for s in self.batch if s.id in failed]:  # before the forward: rows may move
             self._end(seq, row_error(failed[seq.id], "routing"))
+        self._hold_unread(before)
         if not self.batch:
             return
         seqs = self.batch.seqs
@@ -272,6 +290,57 @@ class Engine:
             self._take_tokens(seqs, rows, tails)
             return
         self._take_tokens(seqs, logits, list(hidden))
+
+    # -- factors still on disk ------------------------------------------------------------------------
+    @staticmethod
+    def _versions(seq: Sequence, gates: dict[str, float]) -> list:
+        return [seq.versions[name] for name, w in gates.items() if w != 0.0]
+
+    def _park_unread(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The rows of `seqs` whose adapters can be installed now; the others wait in `parked`
+        (their reads started on the loader's thread), keeping their routing decision, and a row
+        whose read failed ends with that error, alone."""
+        ready = []
+        for seq in seqs:
+            try:
+                if self.loader.check(self._versions(seq, seq.route.gates)):
+                    ready.append(seq)
+                else:
+                    self.parked.append(seq)
+            except Exception as e:
+                self._end(seq, row_error(e, "reading an adapter"))
+        return ready
+
+    def _unpark(self) -> None:
+        """Rows whose reads finished go back to the front of the queue, in their order."""
+        back = []
+        for seq in list(self.parked):
+            try:
+                ready = self.loader.check(self._versions(seq, seq.route.gates))
+            except Exception as e:
+                self.parked.remove(seq)
+                self._end(seq, row_error(e, "reading an adapter"))
+                continue
+            if ready:
+                self.parked.remove(seq)
+                back.append(seq)
+        self.waiting.extendleft(reversed(back))
+
+    def _hold_unread(self, before: dict[int, dict[str, float]]) -> None:
+        """A running row re-routed (`before`: its gates until now) to an adapter still on disk keeps
+        those gates while the loader reads it (`route.pending`); a pending decision whose reads
+        finished takes effect now. A failed read ends that row alone."""
+        for seq in list(self.batch):
+            try:
+                if seq.id in before:
+                    if self.loader.check(self._versions(seq, seq.route.gates)):
+                        seq.route.pending = None
+                    else:
+                        seq.route.pending, seq.route.gates = seq.route.gates, before[seq.id]
+                elif seq.route.pending is not None and self.loader.check(self._versions(seq, seq.route.pending)):
+                    seq.route.gates, seq.route.pending = seq.route.pending, None
+            except Exception as e:
+                self._end(seq, row_error(e, "reading an adapter"))
 
     def _gates(self, seqs: list[Sequence]) -> Gates:
         """The slots these rows use and their [B, active] gate matrix, for `ctx.applied`."""
@@ -372,9 +441,10 @@ class Engine:
         """Cancel everything (graceful-shutdown deadline passed)."""
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
-        for seq in list(self.waiting):
+        for seq in [*self.waiting, *self.parked]:
             self._finish(seq, reason)
         self.waiting.clear()
+        self.parked.clear()
         for seq in self.batch.seqs:
             try:
                 self._leave(seq, reason)

@@ -25,6 +25,9 @@ class RouteState:
     hidden_tail: torch.Tensor | None = None  # [W, d] last hidden states, for the `base` embedder
     trace: RoutingTrace = field(default_factory=RoutingTrace)  # gates in force per generated token
     reroutes: int = 0  # routing decisions taken (the first one included)
+    # a re-route's gates waiting for an adapter's factors to be read from disk (engine.loader):
+    # the row keeps `gates` meanwhile
+    pending: dict[str, float] | None = None
     # per-token routing (Arrow): the last forward's mean weight per adapter over layers and tokens
     layer_weights: dict[str, float] | None = None
     _stretch: tuple[int, dict[str, float], int] | None = None  # (first token, summed weights, tokens)

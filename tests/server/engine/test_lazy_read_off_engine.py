@@ -1,0 +1,120 @@
+"""Under `auto`, an adapter indexed at start (factors still on disk) is read off the engine
+thread (`server.engine.loader`): a read that blocks does not stop another row from streaming,
+the blocked row waits outside the batch and then runs with the same tokens as without the wait,
+and a read that fails ends that row alone."""
+
+from __future__ import annotations
+
+import threading
+
+from server.engine.adapter_weights import BaseSpec
+from server.engine.base_model import load_base_model
+from server.engine.engine import Engine, EngineConfig
+from server.engine.errors import Unavailable
+from server.engine.registry import AdapterRegistry
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import RoutingSpec, Sequence
+from server.store.folder import index_adapter
+
+PROMPTS = {"alpha": [5, 17, 42, 8, 99], "beta": [3, 250, 11, 64]}
+MAX_TOKENS = 6
+
+
+class ByPrompt:
+    """Routes each row to one adapter by its first prompt token (a stand-in for a router)."""
+
+    def needs_hidden(self, seq: Sequence) -> bool:
+        return False
+
+    def contexts(self, seqs: list[Sequence]) -> list[str]:
+        return ["" for _ in seqs]
+
+    def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
+        return [{"alpha": 1.0} if s.prompt_ids[0] == 5 else {"beta": 1.0} for s in seqs]
+
+
+def _setup(store, tiny_model_dir):
+    resident = load_base_model(str(tiny_model_dir), "cpu", "float32")
+    spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
+    registry = AdapterRegistry()
+    registry.register_many([(index_adapter(n, store / n, spec, store), False) for n in ("alpha", "beta")])
+    engine = Engine(resident, registry, EngineConfig(max_loras=4, decode_step="eager"), gate_source=ByPrompt())
+    return registry, engine
+
+
+def _row(registry: AdapterRegistry, name: str, events: dict) -> Sequence:
+    seq = Sequence(prompt_ids=list(PROMPTS[name]), max_tokens=MAX_TOKENS, sampling=SamplingParams(temperature=0.0),
+                   routing=RoutingSpec("auto", router="centroid"), decode=lambda ids: "x" * len(ids),
+                   emit=lambda ev: events.setdefault(seq.id, []).append(ev))
+    seq.versions = {v.name: v for v in registry.acquire(["alpha", "beta"])}
+    return seq
+
+
+def _tokens(events: list) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def _steps(engine: Engine, until, limit: int = 500) -> None:
+    for _ in range(limit):
+        if until():
+            return
+        engine.step()
+    raise AssertionError("the engine did not get there")
+
+
+def test_blocked_read_does_not_stall_other_rows(store, tiny_model_dir, one_torch_thread):
+    # reference: each row alone, nothing blocked
+    registry, engine = _setup(store, tiny_model_dir)
+    ref: dict = {}
+    rows = [_row(registry, n, ref) for n in ("alpha", "beta")]
+    for seq in rows:
+        engine.submit(seq)
+    _steps(engine, lambda: not engine.has_work())
+    expected = {name: _tokens(ref[seq.id]) for name, seq in zip(("alpha", "beta"), rows, strict=True)}
+    assert all(len(t) == MAX_TOKENS for t in expected.values())
+
+    registry, engine = _setup(store, tiny_model_dir)
+    alpha = registry.get("alpha").weights
+    release, reading = threading.Event(), threading.Event()
+    real = alpha.loader
+    assert real is not None and alpha.tensors is None  # indexed only: the factors are on disk
+
+    def blocked():
+        reading.set()
+        assert release.wait(30), "the test never released the read"
+        return real()
+
+    alpha.loader = blocked
+    events: dict = {}
+    slow, fast = _row(registry, "alpha", events), _row(registry, "beta", events)
+    engine.submit(slow)
+    engine.submit(fast)
+    try:
+        # beta streams to the end while alpha's read is blocked on its side thread
+        _steps(engine, lambda: fast.finish_reason is not None)
+        assert reading.is_set() and not release.is_set()
+        assert _tokens(events[fast.id]) == expected["beta"] and events[fast.id][-1].finish_reason == "length"
+        assert slow.id not in events and slow in engine.parked and engine.queue_depth() == 1
+        assert engine.loader.started == 2  # alpha's read (blocked) and beta's (done)
+    finally:
+        release.set()
+    _steps(engine, lambda: not engine.has_work())
+    assert _tokens(events[slow.id]) == expected["alpha"]  # the wait changed nothing in its output
+    assert registry.get("alpha").refcount == registry.get("beta").refcount == 0
+
+
+def test_failed_read_ends_that_row_alone(store, tiny_model_dir, one_torch_thread):
+    registry, engine = _setup(store, tiny_model_dir)
+
+    def full():
+        raise Unavailable("host memory for adapters is full")
+
+    registry.get("alpha").weights.loader = full
+    events: dict = {}
+    bad, good = _row(registry, "alpha", events), _row(registry, "beta", events)
+    engine.submit(bad)
+    engine.submit(good)
+    _steps(engine, lambda: not engine.has_work())
+    assert isinstance(events[bad.id][-1].error, Unavailable) and bad.finish_reason == "error"
+    assert len(_tokens(events[good.id])) == MAX_TOKENS and good.finish_reason == "length"
+    assert not engine.parked and not engine.loader.pending()
