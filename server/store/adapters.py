@@ -310,7 +310,8 @@ class AdapterService:
             self._batch -= 1
             if report.loaded or report.replaced:
                 self._changed(report.loaded + report.replaced)
-        await asyncio.to_thread(self.manifest.compact)
+        if report.loaded or report.replaced:  # a bulk change: its records folded into the snapshot
+            await asyncio.to_thread(self.manifest.compact)
         return report
 
     # -- store watch -----------------------------------------------------------------------------------
