@@ -18,12 +18,16 @@ happens outside the lock, so one slow read never blocks lookups of adapters alre
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
 from collections import OrderedDict
 from typing import Protocol
 
 from server.engine.adapter_weights import AdapterWeights, Factors
 from server.engine.errors import InvalidAdapter, SwitchboardError, Unavailable
+
+log = logging.getLogger(__name__)
 
 
 class AdapterVersion(Protocol):
@@ -51,6 +55,7 @@ class HostTier:
         self.bytes = 0
         self.loads = 0  # reads from disk (metrics, tests)
         self.evictions = 0
+        self.oom_releases = 0  # times the OS refused memory and idle adapters were sent back to disk
 
     def __len__(self) -> int:
         return len(self._held)
@@ -76,7 +81,19 @@ class HostTier:
         except SwitchboardError:
             raise
         except MemoryError:
-            raise Unavailable(f"not enough host memory to load adapter {w.name!r}") from None
+            # the OS refused memory (a container or ulimit below the budget): send every idle,
+            # unpinned adapter back to disk and read once more; if that fails too, refuse this one
+            freed = self.release_idle()
+            log.warning("the OS refused memory while reading adapter %s; sent %d idle adapters back to disk and "
+                        "read it again", w.name, freed)
+            try:
+                factors = w.loader()
+            except MemoryError as e:
+                raise Unavailable(
+                    f"not enough host memory to load adapter {w.name!r}: the OS refused it ({str(e)[:120]}) with "
+                    f"{len(self._held)} adapters ({self.bytes >> 20} MiB) held by running requests or pinned "
+                    f"after sending {freed} idle ones back to disk; retry later, or lower --max-cpu-adapter-mb "
+                    "below the memory limit") from None
         with self._lock:
             if w.tensors is not None:  # another thread loaded it meanwhile: keep that one
                 return w.tensors
@@ -105,6 +122,16 @@ class HostTier:
                 w.drop_factors()
                 return
             self._add(version, size)
+
+    def release_idle(self) -> int:
+        """Send every idle, unpinned adapter back to disk (the OS is out of memory); returns how many."""
+        with self._lock:
+            idle = [v.version for v in self._evictable()]
+            for number in idle:
+                self._evict(number)
+            self.oom_releases += 1
+        gc.collect()  # factors caught in reference cycles go now, not at the next collection
+        return len(idle)
 
     def drop(self, version: AdapterVersion) -> None:
         """Forget a version (replaced or removed and no longer held by any request)."""

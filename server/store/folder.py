@@ -12,6 +12,7 @@ Thousands of adapters are indexed at start in the time it takes to read their he
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -206,7 +207,19 @@ def _load_factors(name: str, path: Path, stamp: tuple[int, int], rank: int, scal
                                  "register it again (POST /admin/reload)")
         return _read_tensors(path, rank, scale, spec)
     except (OSError, RuntimeError, RecursionError) as e:
+        if out_of_memory(e):  # the host's memory, not the adapter: the host tier makes room and retries
+            raise MemoryError(f"adapter {name!r}: {str(e)[:200]}") from None
         raise InvalidAdapter(f"adapter {name!r}: could not be read: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the OS refusing memory (ENOMEM: malloc or mmap under a memory limit),
+    however the layer that hit it wrapped it (torch's allocator and safetensors raise
+    RuntimeError with the OS's message)."""
+    if isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM:
+        return True
+    text = str(error)
+    return "Cannot allocate memory" in text or "can't allocate memory" in text
 
 
 def factor_budget(dtype: torch.dtype) -> float:
