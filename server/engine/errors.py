@@ -78,3 +78,13 @@ class RowFailed(SwitchboardError):
 
 class ModelLoadError(RuntimeError):
     """The base model could not be loaded at start-up (not a client error)."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the OS refusing memory (ENOMEM from malloc or mmap under a memory
+    limit), however the layer that hit it wrapped it: torch's allocator and safetensors raise
+    RuntimeError with the OS's message, C++ code `std::bad_alloc`."""
+    if isinstance(error, MemoryError) or getattr(error, "errno", None) == 12:  # ENOMEM
+        return True
+    text = str(error)
+    return any(s in text for s in ("Cannot allocate memory", "can't allocate memory", "std::bad_alloc"))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from server.engine import device_sampling
-from server.engine.errors import RowFailed, SwitchboardError, Unavailable
+from server.engine.errors import RowFailed, SwitchboardError, Unavailable, out_of_memory
 from server.engine.grammar import mask_rows
 from server.engine.sampling import Pick, Top, sample_batch
 from server.engine.sequence import Sequence, TokenEvent
@@ -178,7 +178,7 @@ def row_error(error: Exception, phase: str) -> SwitchboardError:
     """The error a row's client gets: an engine error as it is, anything else as `RowFailed`."""
     if isinstance(error, SwitchboardError):
         return error
-    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):  # the OS refused memory: retryable
+    if out_of_memory(error):  # the OS refused memory: retryable
         log.warning("one row ran out of host memory during %s: %r", phase, error)
         return Unavailable(f"the server ran out of memory during {phase}; retry the request")
     return RowFailed(f"this request failed in the engine during {phase}: {type(error).__name__}: {str(error)[:200]}")

@@ -12,7 +12,6 @@ Thousands of adapters are indexed at start in the time it takes to read their he
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import re
@@ -26,7 +25,7 @@ from safetensors.torch import load_file
 from router_core import store_rules
 from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FILE, META_FILE, StoreRuleError
 from server.engine.adapter_weights import AdapterWeights, BaseSpec, Factors
-from server.engine.errors import InvalidAdapter, InvalidRequest
+from server.engine.errors import InvalidAdapter, InvalidRequest, out_of_memory
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024  # adapter_config.json and switchboard.json are a few hundred bytes
@@ -210,16 +209,6 @@ def _load_factors(name: str, path: Path, stamp: tuple[int, int], rank: int, scal
         if out_of_memory(e):  # the host's memory, not the adapter: the host tier makes room and retries
             raise MemoryError(f"adapter {name!r}: {str(e)[:200]}") from None
         raise InvalidAdapter(f"adapter {name!r}: could not be read: {type(e).__name__}: {str(e)[:200]}") from None
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is the OS refusing memory (ENOMEM: malloc or mmap under a memory limit),
-    however the layer that hit it wrapped it (torch's allocator and safetensors raise
-    RuntimeError with the OS's message)."""
-    if isinstance(error, MemoryError) or getattr(error, "errno", None) == errno.ENOMEM:
-        return True
-    text = str(error)
-    return "Cannot allocate memory" in text or "can't allocate memory" in text
 
 
 def factor_budget(dtype: torch.dtype) -> float:
