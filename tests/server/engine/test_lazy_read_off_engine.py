@@ -118,3 +118,48 @@ def test_failed_read_ends_that_row_alone(store, tiny_model_dir, one_torch_thread
     assert isinstance(events[bad.id][-1].error, Unavailable) and bad.finish_reason == "error"
     assert len(_tokens(events[good.id])) == MAX_TOKENS and good.finish_reason == "length"
     assert not engine.parked and not engine.loader.pending()
+
+
+class SwitchAtTwo:
+    """The first decision gives beta, every re-route from the second token on gives alpha."""
+
+    def needs_hidden(self, seq: Sequence) -> bool:
+        return False
+
+    def contexts(self, seqs: list[Sequence]) -> list[str]:
+        return ["" for _ in seqs]
+
+    def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
+        return [{"beta": 1.0} if len(s.generated) < 2 else {"alpha": 1.0} for s in seqs]
+
+
+def test_reroute_to_unread_adapter_keeps_mixture_until_read(store, tiny_model_dir, one_torch_thread):
+    registry, engine = _setup(store, tiny_model_dir)
+    engine.route_step.source = SwitchAtTwo()
+    alpha = registry.get("alpha").weights
+    release, reading = threading.Event(), threading.Event()
+    real = alpha.loader
+    assert real is not None
+
+    def blocked():
+        reading.set()
+        assert release.wait(30), "the test never released the read"
+        return real()
+
+    alpha.loader = blocked
+    events: dict = {}
+    seq = _row(registry, "beta", events)
+    seq.max_tokens = 12
+    seq.routing = RoutingSpec("auto", router="centroid", reroute_every=2)
+    engine.submit(seq)
+    try:
+        _steps(engine, reading.is_set)
+        at = len(seq.generated)
+        _steps(engine, lambda: len(seq.generated) >= at + 3)  # it keeps streaming while alpha is read
+        assert seq.route.pending == {"alpha": 1.0} and seq.route.gates == {"beta": 1.0}
+        assert all(e.weights == {"beta": 1.0} for e in events[seq.id])
+    finally:
+        release.set()
+    _steps(engine, lambda: not engine.has_work())
+    assert seq.finish_reason == "length" and seq.route.pending is None
+    assert events[seq.id][-2].weights == {"alpha": 1.0}  # the decision took effect once read
