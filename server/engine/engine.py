@@ -8,7 +8,8 @@ Only the engine thread calls `step()`; other threads talk to it through `submit(
 
 This module is the orchestration; the parts live beside it: the running rows and their cache
 rows in `batch.py` (`Batch`, the gate matrix), when and how rows are routed in `route_step.py`,
-what a row does with its logits in `tokens.py`. Each forward runs inside
+what a row does with its logits in `tokens.py`, adapters still on disk read on a side thread
+while their rows wait in `loader.py`. Each forward runs inside
 `LoRABatchContext.applied`, so its gates never outlive it.
 
 Fault isolation: work on one row (its gates, sampling, stop strings, detokenising, emitting)

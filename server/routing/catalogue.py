@@ -175,10 +175,6 @@ class RouterCatalogue:
             if self._centroid is router:
                 self._centroid = fitted
 
-    def wait_fitted(self, timeout: float = 60.0) -> None:
-        """Block until a queued side-thread fit has run (tests, benchmarks)."""
-        self._fit_pool.submit(lambda: None).result(timeout)
-
     def centroid_usable(self, centroids: torch.Tensor | None, embedder_id: str | None) -> bool:
         """A centroid this server's embedder can compare against (same space, same width)."""
         return centroids is not None and _family(embedder_id) == _family(self.embedder_id) \
