@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from router_core.confidence import ConfidenceMap
 from router_core.embedders import SentenceEncoder, encoder_name_from_path
 from router_core.errors import ArtifactError
 from router_core.mlp import MLPRouter, MLPRouterNet
@@ -135,6 +136,7 @@ def _router_config(router: MLPRouter, extra: dict[str, Any] | None) -> dict[str,
         "activation": "relu",
         "temperature": router.temperature,
         "top_k": router.top_k,
+        "confidence_rate": router.confidence_map.rate if router.confidence_map is not None else None,
         "extra": extra or {},
     }
 
@@ -229,6 +231,9 @@ def load_router(
         raise ArtifactError(f"{cfg_path}: 'temperature' must be a positive number")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ArtifactError(f"{cfg_path}: 'top_k' must be a positive integer or null")
+    confidence_rate = cfg.get("confidence_rate")
+    if confidence_rate is not None and (not _finite_number(confidence_rate) or not confidence_rate > 0):
+        raise ArtifactError(f"{cfg_path}: 'confidence_rate' must be a positive number or null")
     if not _finite_number(dropout) or not 0 <= dropout < 1:
         raise ArtifactError(f"{cfg_path}: 'dropout' must be in [0, 1)")
     if available_adapters is not None:
@@ -259,6 +264,7 @@ def load_router(
         temperature=float(temperature),
         top_k=top_k,
         complexity_features=features or None,
+        confidence_map=ConfidenceMap(float(confidence_rate)) if confidence_rate is not None else None,
     )
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from router_core.centroid import CentroidRouter
+from router_core.confidence import fit_confidence
 
 # Candidate temperatures, log-spaced: the fit is a 1-D search (no gradient, deterministic).
 GRID = tuple(round(10 ** (-2 + 2.5 * i / 40), 5) for i in range(41))  # 0.01 .. ~3.16
@@ -134,3 +135,15 @@ def expected_calibration_error(weights: Tensor, labels: Tensor, bins: int = 10) 
     table = reliability(weights, labels, bins)
     total = sum(b["count"] for b in table)
     return sum(b["count"] * abs(b["confidence"] - b["accuracy"]) for b in table) / max(total, 1)
+
+
+# -- calibrated confidence -------------------------------------------------------------------------------
+def with_fitted_confidence(router: CentroidRouter) -> CentroidRouter:
+    """`router` with a confidence map (`router_core.confidence`) fitted on its own examples
+    scored leave-one-out, the same items the temperature is fitted on; unchanged (no map) when
+    the router does not vote, so there is nothing held out to fit on."""
+    loo = leave_one_out_scores(router)
+    if loo is None:
+        return router
+    fitted = fit_confidence(*loo)
+    return router if fitted is None else router.with_options(confidence_map=fitted)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from router_core.confidence import ConfidenceMap
+
 
 def check_route_options(temperature: float, top_k: int | None) -> None:
     """The options every router takes, checked the same way at construction and per request."""
@@ -102,6 +104,10 @@ class CentroidRouter:
     give 0.57/0.43, then 0.84/0.16 after the boost), which is the paper's point: blend experts,
     let the best one dominate. Lower it for near one-hot routing.
 
+    `confidence_map` (`router_core.confidence`, fitted by `router_core.calibration.with_fitted_confidence`)
+    spreads each route vector toward uniform so its top weight is the calibrated probability
+    that the top adapter is right; None leaves the weights as the softmax made them.
+
     `switch_margin` (score units, 0 = off) is how much a re-route's score for a new top adapter
     must beat the current top adapter's score by before the server switches to it
     (`router_core.policy.ReroutePolicy.stabilise`); `router_core.calibration.fit_switch_margin`
@@ -126,6 +132,7 @@ class CentroidRouter:
         vote: int = 5,
         baseline: float = 0.5,
         switch_margin: float = 0.0,
+        confidence_map: ConfidenceMap | None = None,
     ) -> None:
         _check_options(temperature, top_boost, top_k)
         if vote < 1:
@@ -143,6 +150,7 @@ class CentroidRouter:
         self.vote = int(vote)
         self.baseline = float(baseline)
         self.switch_margin = float(switch_margin)
+        self.confidence_map = confidence_map
         blocks = [_unit_rows(name, c) for name, c in zip(adapter_names, centroids, strict=True)]
         for name, rows in zip(adapter_names, blocks, strict=True):
             if rows.shape[1] != blocks[0].shape[1]:
@@ -315,7 +323,12 @@ class CentroidRouter:
         _check_options(temp, self.top_boost, k)
         if not self.adapter_names:
             return self.similarities(embeddings)
-        weights = self.weights_from_scores(self.scores(embeddings), temp, k)  # [B, n]
+        scores = self.scores(embeddings)  # [B, n]
+        if self.confidence_map is None:
+            weights = self.weights_from_scores(scores, temp, k)  # [B, n]
+        else:  # spread first, then keep the top_k, so "top_k" still bounds the mixture's size
+            weights = self.confidence_map.spread(self.weights_from_scores(scores, temp, None), scores)  # [B, n]
+            weights = boost_and_truncate(weights, weights.argmax(-1), 1.0, k)  # [B, n]
         if self.min_similarity is not None:
             best = self.similarities(embeddings).max(dim=-1).values  # [B]
             weights = torch.where((best < self.min_similarity).unsqueeze(1), 0.0, weights)  # [B, n]
@@ -325,12 +338,14 @@ class CentroidRouter:
         """A new router over exactly `names`/`centroids`, with this router's options."""
         return CentroidRouter(
             list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity,
-            self.vote, self.baseline, self.switch_margin,
+            self.vote, self.baseline, self.switch_margin, self.confidence_map,
         )
 
-    def with_options(self, *, temperature: float | None = None, switch_margin: float | None = None) -> CentroidRouter:
-        """A new router over the same rows with a fitted `temperature` / `switch_margin` (the rows
-        are shared, never copied: routers are immutable)."""
+    def with_options(self, *, temperature: float | None = None, switch_margin: float | None = None,
+                     confidence_map: ConfidenceMap | None = None, calibrate: bool = True) -> CentroidRouter:
+        """A new router over the same rows with a fitted `temperature` / `switch_margin` /
+        `confidence_map` (`calibrate=False` drops the map: the uncalibrated weights). The rows
+        are shared, never copied: routers are immutable."""
         temperature = self.temperature if temperature is None else float(temperature)
         switch_margin = self.switch_margin if switch_margin is None else float(switch_margin)
         _check_options(temperature, self.top_boost, self.top_k)
@@ -338,13 +353,14 @@ class CentroidRouter:
             raise ValueError(f"switch_margin must be >= 0, got {switch_margin}")
         out = copy.copy(self)
         out.temperature, out.switch_margin, out.rows_checked = temperature, switch_margin, 0
+        out.confidence_map = (confidence_map or self.confidence_map) if calibrate else None
         return out
 
     def __repr__(self) -> str:
         return (
             f"CentroidRouter(adapters={list(self.adapter_names)}, temperature={self.temperature}, "
             f"top_boost={self.top_boost}, top_k={self.top_k}, min_similarity={self.min_similarity}, vote={self.vote}, baseline={self.baseline}, "
-            f"switch_margin={self.switch_margin})"
+            f"switch_margin={self.switch_margin}, confidence_map={self.confidence_map})"
         )
 
 

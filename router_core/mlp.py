@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from router_core.centroid import boost_and_truncate, check_route_options
 from router_core.complexity import FEATURE_NAMES
+from router_core.confidence import ConfidenceMap
 
 
 class MLPRouterNet(nn.Module):
@@ -97,6 +98,7 @@ class MLPRouter:
         temperature: float = 1.0,
         top_k: int | None = None,
         complexity_features: Sequence[str] | None = None,
+        confidence_map: ConfidenceMap | None = None,
     ) -> None:
         names = list(adapter_names)
         if len(names) != net.n_adapters:
@@ -115,6 +117,9 @@ class MLPRouter:
         self.temperature = float(temperature)
         self.top_k = top_k
         self.complexity_features: tuple[str, ...] = feats
+        # fitted on the validation split by `switchboard-train router` (router_core.confidence):
+        # spreads each softmax toward uniform so its top weight is the calibrated confidence
+        self.confidence_map = confidence_map
 
     @property
     def embed_dim(self) -> int:
@@ -174,7 +179,10 @@ class MLPRouter:
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k
         check_route_options(temp, k)
-        probs = torch.softmax(self.scores(embeddings, complexity) / temp, dim=-1)  # [B, n]
+        logits = self.scores(embeddings, complexity)  # [B, n]
+        probs = torch.softmax(logits / temp, dim=-1)  # [B, n]
+        if self.confidence_map is not None:
+            probs = self.confidence_map.spread(probs, logits)  # [B, n] top weight <= confidence
         return boost_and_truncate(probs, probs.argmax(-1), 1.0, k)  # [B, n]
 
     def predict_complexity(self, embeddings: Tensor, complexity: Tensor | None = None) -> Tensor:

@@ -214,6 +214,16 @@ class _Step:
     weights: dict[str, float]
 
 
+def confidence(weights: Mapping[str, float]) -> float | None:
+    """A decision's confidence: its top adapter's share of the gates (rounded to 4 places), None
+    for the base model (no adapter). The centroid router's weights are calibrated to make this
+    the probability that the top adapter is the right one (`router_core.confidence`); for the
+    MLP router it is its softmax's top probability, for Arrow the top mean weight over layers
+    and tokens, and a fixed adapter is 1."""
+    total = sum(w for w in weights.values() if w > 0)
+    return round(max(weights.values()) / total, 4) if total > 0 else None
+
+
 def _top(weights: Mapping[str, float]) -> str | None:
     best = max(weights.items(), key=lambda kv: kv[1], default=None)
     return best[0] if best is not None and best[1] > 0 else None
@@ -257,7 +267,8 @@ class RoutingTrace:
         return dict(self._steps[-1].weights) if self._steps else None
 
     def segments(self, end_token: int | None = None) -> list[dict]:
-        """`[{"start_token", "end_token", "weights"}]`, end exclusive, weights rounded to 4 places.
+        """`[{"start_token", "end_token", "weights", "confidence"}]`, end exclusive, weights
+        rounded to 4 places, `confidence` as `confidence()` says.
 
         The last segment ends at `end_token` when given (the number of tokens generated; pass it
         when recording only at decisions), else one past the last recorded step.
@@ -283,6 +294,7 @@ class RoutingTrace:
                 "start_token": first.token_index,
                 "end_token": end,
                 "weights": {k: round(v, 4) for k, v in first.weights.items()},
+                "confidence": confidence(first.weights),
             }
             for first, end in groups
         ]

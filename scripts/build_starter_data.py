@@ -123,6 +123,16 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     print(f"{path.name}: {len(records)} records, {path.stat().st_size / 1024:.0f} KiB")
 
 
+FORMS = Path(__file__).with_name("starter_forms.jsonl")  # hand-written: shell, C, SQL, ...; verse, aphorisms, dialogue
+
+
+def forms(file: str) -> list[dict]:
+    """The hand-written records of `FORMS` for `file` ("code" or "prose"), appended after the
+    sampled ones so the starter adapters' examples cover the forms users type."""
+    rows = [json.loads(line) for line in read_text(FORMS).splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "file"} for r in rows if r["file"] == file]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gsm8k", type=Path, required=True, help="GSM8K train.jsonl")
@@ -130,8 +140,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=240, help="records per domain")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    write_jsonl(OUT / "code.jsonl", code_records(a.n))
-    write_jsonl(OUT / "prose.jsonl", prose_records(a.gutenberg, max(1, a.n // len(a.gutenberg))))
+    write_jsonl(OUT / "code.jsonl", code_records(a.n) + forms("code"))
+    write_jsonl(OUT / "prose.jsonl", prose_records(a.gutenberg, max(1, a.n // len(a.gutenberg))) + forms("prose"))
     write_jsonl(OUT / "math.jsonl", math_records(a.gsm8k, a.n))
 
 

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="centroid router temperature; 0 = fitted on the examples (leave-one-out), as the server")
     p.add_argument("--held-out", nargs="+", default=[],
-                   help="ADAPTER=FILE ... texts from other sources: routing accuracy side by side with --data")
+                   help="ADAPTER=FILE[,FILE...] ... texts from other sources: routing accuracy (per label and per "
+                        "record `source`) and ECE side by side with --data")
     p.add_argument("--top-boost", type=float, default=4.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, required=True)

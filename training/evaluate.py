@@ -21,6 +21,7 @@ trained with, no evaluated example was seen in training, whatever ``--limit`` wa
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,7 +109,10 @@ class Evaluator:
         empty = [d for d, ds in self.datasets.items() if len(ds) == 0]
         if empty:
             raise TrainingError(f"no {cfg.split} examples for {', '.join(empty)} (try --split all)")
-        self.held_out = {d: [ex.routing_text for ex in data_mod.load_dataset(p, val_fraction=0.0).all]
+        # label -> [(text, source)]: a label's files are comma-separated; a text's source is its
+        # record's `source` up to the first "/" (e.g. "shell/pyenv-init" -> "shell"), else its file
+        self.held_out = {d: [(ex.routing_text, (ex.source or Path(f).name).split("/")[0])
+                             for f in p.split(",") for ex in data_mod.load_dataset(f, val_fraction=0.0).all]
                          for d, p in cfg.held_out.items()}
         self._embedders: dict[str, Any] = {}
         self._analyzer: Any = None
@@ -186,6 +190,10 @@ class Evaluator:
                 from router_core.calibration import with_fitted_switch_margin
 
                 centroid = with_fitted_switch_margin(centroid)
+            if not self.cfg.temperature:  # the confidence map the server fits with the temperature
+                from router_core.calibration import with_fitted_confidence
+
+                centroid = with_fitted_confidence(centroid)
             out.insert(0, RouterUnderTest("centroid", "centroid", centroid, embedder, self.domains))
         for name in self.cfg.routers:
             router = load_router(self.cfg.adapter_dir / ROUTERS_DIR / name)
@@ -206,26 +214,40 @@ class Evaluator:
 
     def held_out_accuracy(self, rut: RouterUnderTest) -> dict[str, Any]:
         """Top-1 accuracy on the ``--held-out`` files (texts from sources other than the training
-        data), and the expected calibration error of the routed weights on those of them whose
-        domain the router has an adapter for (``router_core.calibration``)."""
+        data), per label and per source, and the expected calibration error of the routed weights
+        on those whose label the router has an adapter for (``router_core.calibration``), with
+        and without the router's confidence map (``ece_uncalibrated``: the weights before
+        ``router_core.confidence`` spreads them)."""
         from router_core.calibration import expected_calibration_error, reliability
 
-        per_domain, correct, total = {}, 0, 0
-        weights, labels = [], []
-        for d, texts in self.held_out.items():
+        raw = _without_confidence(rut)
+        per_domain, per_source, correct, total = {}, {}, 0, 0
+        weights, raw_weights, labels = [], [], []
+        for d, items in self.held_out.items():
+            texts = [t for t, _ in items]
             w = self.route(rut, texts)
-            pred = w.argmax(-1)
-            hits = int((pred == rut.adapters.index(d)).sum()) if d in rut.adapters else 0
+            right = w.argmax(-1) == (rut.adapters.index(d) if d in rut.adapters else -1)  # [N]
+            hits = int(right.sum())
             per_domain[d] = hits / max(len(texts), 1)
             correct, total = correct + hits, total + len(texts)
             if d in rut.adapters and len(texts):
+                y = torch.full((len(texts),), rut.adapters.index(d), dtype=torch.long)
+                w0 = self.route(raw, texts) if raw is not None else w
                 weights.append(w.float())
-                labels.append(torch.full((len(texts),), rut.adapters.index(d), dtype=torch.long))
+                raw_weights.append(w0.float())
+                labels.append(y)
+                for src in dict.fromkeys(s for _, s in items):
+                    m = torch.tensor([s == src for _, s in items])
+                    per_source[src] = {"label": d, "n": int(m.sum()), "accuracy": float(right[m].float().mean()),
+                                       "ece": expected_calibration_error(w[m].float(), y[m]),
+                                       "ece_uncalibrated": expected_calibration_error(w0[m].float(), y[m]),
+                                       "mean_confidence": float(w[m].float().max(-1).values.mean())}
         out: dict[str, Any] = {"accuracy": correct / max(total, 1), "per_domain_accuracy": per_domain,
-                               "n": {d: len(t) for d, t in self.held_out.items()}}
+                               "n": {d: len(t) for d, t in self.held_out.items()}, "per_source": per_source}
         if weights:
             w_all, y_all = torch.cat(weights), torch.cat(labels)
             out["ece"] = expected_calibration_error(w_all, y_all)
+            out["ece_uncalibrated"] = expected_calibration_error(torch.cat(raw_weights), y_all)
             out["reliability"] = reliability(w_all, y_all)
         return out
 
@@ -262,9 +284,21 @@ class Evaluator:
         if rut.kind == "centroid":
             out["temperature"] = rut.router.temperature
             out["switch_margin"] = rut.router.switch_margin
+        if getattr(rut.router, "confidence_map", None) is not None:
+            out["confidence_rate"] = rut.router.confidence_map.rate
         if self.held_out:
             out["held_out"] = self.held_out_accuracy(rut)
         return out
+
+
+def _without_confidence(rut: RouterUnderTest) -> RouterUnderTest | None:
+    """The same router without its confidence map (its weights as the softmax made them), or
+    None when it has none."""
+    if getattr(rut.router, "confidence_map", None) is None:
+        return None
+    bare = copy.copy(rut.router)
+    bare.confidence_map = None
+    return RouterUnderTest(rut.key, rut.kind, bare, rut.embedder, rut.adapters)
 
 
 @dataclass

@@ -162,9 +162,30 @@ def _side_by_side(report: dict[str, Any]) -> list[str]:
              + " | held-out ECE |", "|---|---|---|" + "---|" * (len(held["n"]) + 1)]
     for key, r in rows.items():
         per = " | ".join(f"{r['held_out']['per_domain_accuracy'][d]:.1%}" for d in held["n"])
-        ece = r["held_out"].get("ece")
-        lines.append(f"| {key} | {r['accuracy']:.1%} | {r['held_out']['accuracy']:.1%} | {per} | "
-                     f"{'-' if ece is None else f'{ece:.3f}'} |")
+        ece, raw = r["held_out"].get("ece"), r["held_out"].get("ece_uncalibrated")
+        shown = "-" if ece is None else (f"{ece:.3f}" if raw is None or raw == ece else f"{raw:.3f} → {ece:.3f}")
+        lines.append(f"| {key} | {r['accuracy']:.1%} | {r['held_out']['accuracy']:.1%} | {per} | {shown} |")
+    lines.append("")
+    lines.append("ECE a → b: without → with the router's confidence map (docs/routing.md).")
+    return lines + _per_source(rows)
+
+
+def _per_source(rows: dict[str, Any]) -> list[str]:
+    """Held-out accuracy and ECE per source (the `source` of each held-out record), one column
+    pair per router."""
+    sources = {s: v["label"] for r in rows.values() for s, v in r["held_out"].get("per_source", {}).items()}
+    if not sources:
+        return []
+    keys = list(rows)
+    lines = ["", "## Held-out accuracy / ECE per source", "",
+             "| source | label | n | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for src, label in sources.items():
+        cells = []
+        for k in keys:
+            v = rows[k]["held_out"].get("per_source", {}).get(src)
+            cells.append("–" if v is None else f"{v['accuracy']:.1%} / {v['ece']:.3f}")
+        n = next(r["held_out"]["per_source"][src]["n"] for r in rows.values() if src in r["held_out"].get("per_source", {}))
+        lines.append(f"| {src} | {label} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -256,8 +256,16 @@ def train_router(cfg: RouterConfig) -> dict[str, Any]:
                                             history=stopper.history)
     net.eval()
     metrics = route_metrics(net, features, torch.tensor(labels), scores, val_idx, device)
+    confidence_map = None
+    if val_idx:  # calibrated confidence (router_core.confidence), fitted on the held-out validation split
+        from router_core.confidence import fit_confidence
+
+        with torch.no_grad():
+            val_logits, _ = net(features[val_idx].to(device))  # [V, n]
+        confidence_map = fit_confidence(val_logits.float().cpu(), torch.tensor([labels[i] for i in val_idx]))
     router = MLPRouter(
-        net.cpu(), cfg.adapters, embedder.id, complexity_features=FEATURE_NAMES if cfg.use_complexity else ()
+        net.cpu(), cfg.adapters, embedder.id, complexity_features=FEATURE_NAMES if cfg.use_complexity else (),
+        confidence_map=confidence_map,
     )
     extra = {
         "labels": cfg.labels,

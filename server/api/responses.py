@@ -72,6 +72,9 @@ class RoutingSegment(Open):
     start_token: int
     end_token: int
     weights: dict[str, float]
+    confidence: float | None = Field(None, description=(
+        "the top adapter's share of the weights: for `auto` with the centroid router, the calibrated "
+        "probability that it is the right adapter (docs/routing.md); null for the base model"))
 
 
 class CompletionLogprobs(Open):

@@ -26,7 +26,7 @@ from router_core.artifacts import (
     load_router,
     load_sentence_encoder,
 )
-from router_core.calibration import calibrated, with_fitted_switch_margin
+from router_core.calibration import calibrated, with_fitted_confidence, with_fitted_switch_margin
 from router_core.centroid import CentroidRouter
 from router_core.embedders import BaseEmbedder, SentenceEncoder
 from router_core.mlp import MLPRouter
@@ -145,12 +145,14 @@ class RouterCatalogue:
         return self.centroid_usable(w.centroids, w.centroid_embedder)
 
     def _fitted(self, router: CentroidRouter) -> CentroidRouter:
-        """`router` with the temperature and switch margin fitted on its examples, unless the
-        settings fix them."""
+        """`router` with the temperature, switch margin and confidence map fitted on its examples,
+        unless the settings fix them."""
         if not self.settings.route_temperature:
             router = calibrated(router)
         if self.settings.route_switch_margin is None:
             router = with_fitted_switch_margin(router)
+        if not self.settings.route_temperature:  # a fitted temperature comes with its confidence map
+            router = with_fitted_confidence(router)
         return router
 
     def _schedule_fit(self) -> None:

@@ -80,8 +80,8 @@ def test_trace_merges_consecutive_equal_steps() -> None:
     trace.record(5, {"prose": 0.2, "code": 0.8})
     trace.record(6, {"prose": 0.21, "code": 0.79})
     assert trace.segments() == [
-        {"start_token": 0, "end_token": 5, "weights": {"prose": 0.9, "code": 0.1}},
-        {"start_token": 5, "end_token": 7, "weights": {"prose": 0.2, "code": 0.8}},
+        {"start_token": 0, "end_token": 5, "weights": {"prose": 0.9, "code": 0.1}, "confidence": 0.9},
+        {"start_token": 5, "end_token": 7, "weights": {"prose": 0.2, "code": 0.8}, "confidence": 0.8},
     ]
     assert trace.last_weights == {"prose": 0.21, "code": 0.79}
 
@@ -98,7 +98,8 @@ def test_trace_rounding_and_end_token() -> None:
     trace = RoutingTrace()
     trace.record(0, {"a": 0.123456789, "b": 0.876543211})
     trace.record(2, {"a": 0.123456789, "b": 0.876543211})  # decisions only every 2 tokens
-    assert trace.segments() == [{"start_token": 0, "end_token": 3, "weights": {"a": 0.1235, "b": 0.8765}}]
+    assert trace.segments() == [{"start_token": 0, "end_token": 3, "weights": {"a": 0.1235, "b": 0.8765},
+                                  "confidence": 0.8765}]
     assert trace.segments(end_token=10)[0]["end_token"] == 10
 
 

@@ -34,7 +34,8 @@ def test_fixed_adapter_greedy_equals_peft(app_client, tiny_model_dir, store):
     choice = body["choices"][0]
     assert choice["text"] == _peft_greedy(tiny_model_dir, store, {"alpha": 1.0}, 8)
     assert choice["finish_reason"] == "length"
-    assert choice["routing"] == [{"start_token": 0, "end_token": 8, "weights": {"alpha": 1.0}}]
+    assert choice["routing"] == [{"start_token": 0, "end_token": 8, "weights": {"alpha": 1.0},
+                                   "confidence": 1.0}]
     assert body["usage"]["completion_tokens"] == 8
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 8
     assert body["object"] == "text_completion" and body["model"] == "alpha"
@@ -53,7 +54,8 @@ def test_base_model_by_id(app_client, tiny_model_dir):
     base_id = tiny_model_dir.name
     r = _complete(app_client, model=base_id)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["routing"] == [{"start_token": 0, "end_token": 8, "weights": {}}]
+    assert r.json()["choices"][0]["routing"] == [{"start_token": 0, "end_token": 8, "weights": {},
+                                                         "confidence": None}]
 
 
 def test_list_prompt_and_logprobs(app_client):

@@ -101,10 +101,12 @@ async def list_routers(_: Admin, state: ReadyState) -> dict:
     centroid = state.routing._centroid
     return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(centroid.adapter_names),
                          "temperature": centroid.temperature, "voting": centroid.voting,
-                         "switch_margin": centroid.switch_margin},
+                         "switch_margin": centroid.switch_margin,
+                         "confidence_rate": centroid.confidence_map.rate if centroid.confidence_map else None},
                         {"name": "arrow", "kind": "arrow", "adapters": list(state.routing._arrow.adapter_names),
                          "top_k": state.routing._arrow.top_k, "temperature": state.routing._arrow.temperature}]
-            + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id}
+            + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id,
+                "confidence_rate": getattr(getattr(r, "confidence_map", None), "rate", None)}
                for n, r in sorted(state.routing.mlp.items())], "embedder": state.routing.embedder_id}
 
 

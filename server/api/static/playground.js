@@ -432,7 +432,8 @@ class Run {
       body.append(el("tr", {"data-segment": String(k), "data-start": String(s.start_token), "data-end": String(s.end_token),
                             "data-weights": JSON.stringify(s.weights)},
                      el("td", {text: `${s.start_token}–${s.end_token - 1}`}),
-                     el("td", {}, bar, el("span", {class: "small", text: describeWeights(s.weights)}))));
+                     el("td", {}, bar, el("span", {class: "small", text: describeWeights(s.weights)})),
+                     el("td", {class: "small", text: s.confidence == null ? "–" : s.confidence.toFixed(2)})));
     });
     $("trace").hidden = !segments.length;
     $("trace").dataset.segments = JSON.stringify(segments);

@@ -146,5 +146,5 @@ def test_trace_reports_each_stretch_mean_of_the_layer_weights():
     assert got[1][0] == 0 and got[1][1] == pytest.approx({"a": 0.6, "b": 0.4})  # mean of tokens 0 and 1
     assert got[2] == (2, {"a": 1.0})  # a new stretch
     assert state.trace.segments(end_token=3) == [
-        {"start_token": 0, "end_token": 2, "weights": {"a": 0.6, "b": 0.4}},
-        {"start_token": 2, "end_token": 3, "weights": {"a": 1.0}}]
+        {"start_token": 0, "end_token": 2, "weights": {"a": 0.6, "b": 0.4}, "confidence": 0.6},
+        {"start_token": 2, "end_token": 3, "weights": {"a": 1.0}, "confidence": 1.0}]
