@@ -115,6 +115,7 @@ class Evaluator:
                              for f in p.split(",") for ex in data_mod.load_dataset(f, val_fraction=0.0).all]
                          for d, p in cfg.held_out.items()}
         self._embedders: dict[str, Any] = {}
+        self._embedded: dict[tuple[str, tuple[str, ...]], Tensor] = {}
         self._analyzer: Any = None
         self.mixture: Any = None  # the LoraMixture `perplexities` builds on the model (Arrow reuses it)
 
@@ -208,7 +209,11 @@ class Evaluator:
         Arrow has no route vector: its mean weight per adapter over layers and tokens."""
         if rut.kind == "arrow":
             return rut.router.text_weights(self.tokenizer, texts, self.max_length)
-        emb = embed(rut.embedder, texts) if emb is None else emb
+        if emb is None:  # the same texts are routed by several routers over one embedder: embed once
+            key = (rut.embedder.id, tuple(texts))
+            if key not in self._embedded:
+                self._embedded[key] = embed(rut.embedder, texts)
+            emb = self._embedded[key]
         cvec = self.analyzer.vectors(texts) if rut.needs_complexity else None
         return rut.router.route(emb, cvec)
 

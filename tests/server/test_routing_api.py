@@ -176,6 +176,8 @@ def test_mlp_router_load_route_unload(app_client, store):
     assert r.status_code == 200, r.text
     weights = r.json()["choices"][0]["routing"][0]["weights"]
     assert set(weights) == {"alpha", "beta"} and abs(sum(weights.values()) - 1) < 1e-3
+    # the trace carries each decision's confidence: the top adapter's share
+    assert r.json()["choices"][0]["routing"][0]["confidence"] == pytest.approx(max(weights.values()), abs=2e-4)
     by_alias = app_client.post("/v1/completions", json={"model": "auto", "prompt": "hello", "max_tokens": 4,
                                                         "routing": {"router": "mlp"}})
     assert by_alias.status_code == 200
