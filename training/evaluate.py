@@ -109,10 +109,8 @@ class Evaluator:
         empty = [d for d, ds in self.datasets.items() if len(ds) == 0]
         if empty:
             raise TrainingError(f"no {cfg.split} examples for {', '.join(empty)} (try --split all)")
-        # label -> [(text, source)]: a label's files are comma-separated; a text's source is its
-        # record's `source` up to the first "/" (e.g. "shell/pyenv-init" -> "shell"), else its file
-        self.held_out = {d: [(ex.routing_text, (ex.source or Path(f).name).split("/")[0])
-                             for f in p.split(",") for ex in data_mod.load_dataset(f, val_fraction=0.0).all]
+        # label -> [(text, source)]: a label's files are comma-separated (`_held_out_items`)
+        self.held_out = {d: [item for f in p.split(",") for item in _held_out_items(f)]
                          for d, p in cfg.held_out.items()}
         self._embedders: dict[str, Any] = {}
         self._embedded: dict[tuple[str, tuple[str, ...]], Tensor] = {}
@@ -195,6 +193,9 @@ class Evaluator:
                 from router_core.calibration import with_fitted_confidence
 
                 centroid = with_fitted_confidence(centroid)
+                if centroid.confidence_map is not None:  # the same router without it, for comparison
+                    out.append(RouterUnderTest("centroid@no-map", "centroid", centroid.with_options(calibrate=False),
+                                               embedder, self.domains))
             out.insert(0, RouterUnderTest("centroid", "centroid", centroid, embedder, self.domains))
         for name in self.cfg.routers:
             router = load_router(self.cfg.adapter_dir / ROUTERS_DIR / name)
@@ -294,6 +295,18 @@ class Evaluator:
         if self.held_out:
             out["held_out"] = self.held_out_accuracy(rut)
         return out
+
+
+def _held_out_items(path: str) -> list[tuple[str, str]]:
+    """A held-out file's routing texts with their source: a JSON record's `source` up to its
+    first "/" (e.g. "shell/pyenv-init" -> "shell"), else the file's name."""
+    p = data_mod.resolve_data_path(path)
+    if p.suffix in (".json", ".jsonl"):
+        examples, _ = data_mod.load_file(p)  # one example per record, in order
+        records = data_mod._read_json_records(p)
+        return [(ex.routing_text, str(rec.get("source") or p.name).split("/")[0])
+                for ex, rec in zip(examples, records, strict=True)]
+    return [(ex.routing_text, p.name) for ex in data_mod.load_dataset(path, val_fraction=0.0).all]
 
 
 def _without_confidence(rut: RouterUnderTest) -> RouterUnderTest | None:
