@@ -9,7 +9,7 @@ Only the engine thread calls `step()`; other threads talk to it through `submit(
 This module is the orchestration; the parts live beside it: the running rows and their cache
 rows in `batch.py` (`Batch`, the gate matrix), when and how rows are routed in `route_step.py`,
 what a row does with its logits in `tokens.py`, adapters still on disk read on a side thread
-while their rows wait in `loader.py`. Each forward runs inside
+while their rows wait (`ParkedRows`) in `loader.py`. Each forward runs inside
 `LoRABatchContext.applied`, so its gates never outlive it.
 
 Fault isolation: work on one row (its gates, sampling, stop strings, detokenising, emitting)
@@ -44,7 +44,7 @@ from server.engine.errors import (
     Unavailable,
 )
 from server.engine.kv_cache import KVCache
-from server.engine.loader import FactorLoader
+from server.engine.loader import FactorLoader, ParkedRows
 from server.engine.lora_layer import LoRABatchContext, wrap_targets
 from server.engine.prompt_logprobs import score_prompt
 from server.engine.registry import AdapterRegistry
@@ -108,7 +108,7 @@ class Engine:
         self.route_step = RouteStep(gate_source, observer.on_route if observer else None)
         # rows routed to adapters still on disk wait outside the batch while a side thread reads them
         self.loader = FactorLoader(registry.host, self.slots)
-        self.parked: list[Sequence] = []
+        self.parked = ParkedRows(self.loader, self._end)
 
     @property
     def running(self) -> list[Sequence]:
@@ -153,7 +153,7 @@ class Engine:
     def step(self) -> None:
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
-        self._unpark()
+        self.waiting.extendleft(reversed(self.parked.released()))  # back to the front, in their order
         self._drop_cancelled()
         self.slots.evict_retired()
         self._admit()
@@ -218,7 +218,7 @@ class Engine:
         for seq in embed:  # re-routes pool the sliding window only
             if seq.route.hidden_tail is not None and window:
                 seq.route.hidden_tail = seq.route.hidden_tail[-window:]
-        seqs = self._park_unread(seqs)
+        seqs = self.parked.ready(seqs)
         if not seqs:
             return
         ids, pos, last = padded([s.prompt_ids for s in seqs], self.resident.device)
@@ -266,7 +266,7 @@ class Engine:
         failed = self.route_step.route(due)
         for seq in [s for s in self.batch if s.id in failed]:  # before the forward: rows may move
             self._end(seq, row_error(failed[seq.id], "routing"))
-        self._hold_unread(before)
+        self.parked.hold(self.batch.seqs, before)
         if not self.batch:
             return
         seqs = self.batch.seqs
@@ -291,57 +291,6 @@ class Engine:
             self._take_tokens(seqs, rows, tails)
             return
         self._take_tokens(seqs, logits, list(hidden))
-
-    # -- factors still on disk ------------------------------------------------------------------------
-    @staticmethod
-    def _versions(seq: Sequence, gates: dict[str, float]) -> list:
-        return [seq.versions[name] for name, w in gates.items() if w != 0.0]
-
-    def _park_unread(self, seqs: list[Sequence]) -> list[Sequence]:
-        """The rows of `seqs` whose adapters can be installed now; the others wait in `parked`
-        (their reads started on the loader's thread), keeping their routing decision, and a row
-        whose read failed ends with that error, alone."""
-        ready = []
-        for seq in seqs:
-            try:
-                if self.loader.check(self._versions(seq, seq.route.gates)):
-                    ready.append(seq)
-                else:
-                    self.parked.append(seq)
-            except Exception as e:
-                self._end(seq, row_error(e, "reading an adapter"))
-        return ready
-
-    def _unpark(self) -> None:
-        """Rows whose reads finished go back to the front of the queue, in their order."""
-        back = []
-        for seq in list(self.parked):
-            try:
-                ready = self.loader.check(self._versions(seq, seq.route.gates))
-            except Exception as e:
-                self.parked.remove(seq)
-                self._end(seq, row_error(e, "reading an adapter"))
-                continue
-            if ready:
-                self.parked.remove(seq)
-                back.append(seq)
-        self.waiting.extendleft(reversed(back))
-
-    def _hold_unread(self, before: dict[int, dict[str, float]]) -> None:
-        """A running row re-routed (`before`: its gates until now) to an adapter still on disk keeps
-        those gates while the loader reads it (`route.pending`); a pending decision whose reads
-        finished takes effect now. A failed read ends that row alone."""
-        for seq in list(self.batch):
-            try:
-                if seq.id in before:
-                    if self.loader.check(self._versions(seq, seq.route.gates)):
-                        seq.route.pending = None
-                    else:
-                        seq.route.pending, seq.route.gates = seq.route.gates, before[seq.id]
-                elif seq.route.pending is not None and self.loader.check(self._versions(seq, seq.route.pending)):
-                    seq.route.gates, seq.route.pending = seq.route.pending, None
-            except Exception as e:
-                self._end(seq, row_error(e, "reading an adapter"))
 
     def _gates(self, seqs: list[Sequence]) -> Gates:
         """The slots these rows use and their [B, active] gate matrix, for `ctx.applied`."""
