@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -67,6 +67,15 @@ class ArrowRows:
         if self.weight_sum is None or self._counts is None:
             return None
         return self.weight_sum / self._counts.clamp(min=1)[:, None]
+
+
+class Stack(NamedTuple):
+    """The active slots' factors of one layer, concatenated along the rank axis."""
+
+    a: torch.Tensor  # [in, R]
+    b: torch.Tensor  # [R, out], scales folded in
+    cols: torch.Tensor  # [R] long: position in `active` of each rank column
+    layout: tuple[tuple[int, int], ...]  # (position in `active`, rank) of each slot with factors here
 
 
 @dataclass
@@ -114,15 +123,23 @@ class LoRABatchContext:
             else:
                 self.set(old_active, old_gates, old_rows, old_arrow)
 
-    def gates_for(self, cols: torch.Tensor) -> torch.Tensor:
-        """Gates expanded to rank columns, [B, R]: computed once per step for all the layers
-        that share a stack layout, not once per module call."""
-        key = id(cols)
+    def gates_for(self, layout: tuple[tuple[int, int], ...], cols: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gates of the rows with adapters (`rows`) expanded to rank columns, [b, R] in
+        `dtype`, and where they are 0 ([b, R] bool, for `gated`).
+
+        Computed once per forward for each column layout (`layout`: the active positions with
+        factors in a layer and their ranks, which fixes `cols`), not once per module call: every
+        layer an adapter set targets has the same layout, so a routed GPT-2 step expands its
+        gates once instead of 36 times (a gather, a row gather and a compare each)."""
+        key = (layout, dtype)
         hit = self._expanded.get(key)
         if hit is None:
             assert self.gates is not None
-            hit = self._expanded[key] = (self.gates[:, cols], cols)  # keep cols alive: its id stays unique
-        return hit[0]
+            g = self.gates[:, cols] if self.rows is None else self.gates[self.rows][:, cols]
+            g = g.to(dtype)
+            hit = self._expanded[key] = (g, g == 0)
+        return hit
 
 
 class MultiLoRAConv1D(nn.Module):
@@ -153,8 +170,7 @@ class MultiLoRAConv1D(nn.Module):
         # Per slot: the adapter's Arrow prototype in this layer, [in] fp32 (router_core.arrow)
         self.protos: list[torch.Tensor | None] = [None] * num_slots
         self._proto_stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stacks: dict[tuple[tuple[int, ...], torch.dtype],
-                           tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+        self._stacks: dict[tuple[tuple[int, ...], torch.dtype], Stack | None] = {}
         # [out, in] storage of the base weight when oneDNN computes the base matmul (CPU), else None.
         self.weight_t: torch.Tensor | None = None
         self.int8: Int8Linear | None = None  # `--quant int8`: the base matmul reads this (quant.quantize_model)
@@ -202,25 +218,27 @@ class MultiLoRAConv1D(nn.Module):
             hit = self._proto_stacks[active] = (protos, has)
         return hit
 
-    def _stack(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _stack(self, active: tuple[int, ...]) -> Stack | None:
         """Concatenate the active slots' factors once per distinct active set (cached)."""
         key = (active, self.factor_dtype)
         if key in self._stacks:
             return self._stacks[key]
-        a_parts, b_parts, cols = [], [], []
+        a_parts, b_parts, cols, layout = [], [], [], []
         for pos, slot in enumerate(active):
             a, b = self.lora_a[slot], self.lora_b[slot]
             if a is None or b is None:
                 continue
+            layout.append((pos, int(a.shape[1])))
             a_parts.append(a.to(self.factor_dtype))
             b_parts.append(b.to(self.factor_dtype))
             cols.append(torch.full((a.shape[1],), pos, dtype=torch.long, device=a.device))
         stack = None
         if a_parts:
-            stack = (
+            stack = Stack(
                 torch.cat(a_parts, dim=1),  # [in, R]
                 torch.cat(b_parts, dim=0),  # [R, out]
                 torch.cat(cols),  # [R] position in `active` of each rank column
+                tuple(layout),
             )
         if len(self._stacks) >= self.max_cached_stacks:
             self._stacks.clear()
@@ -236,15 +254,12 @@ class MultiLoRAConv1D(nn.Module):
         x2 = x.reshape(B * T, self.in_features)  # [B*T, in]
         if stack is None:  # no adapter in this batch targets this module
             return self._base(x2).view(B, T, self.out_features)  # what Conv1D computes
-        a_cat, b_cat, cols = stack
-        gates = ctx.gates_for(cols)  # [B, R]
-        if gates.dtype != b_cat.dtype and b_cat.dtype != torch.float32:  # fp32 factors take any gates as they are
-            gates = gates.to(b_cat.dtype)
+        a_cat, b_cat, cols, layout = stack
+        g, zero = ctx.gates_for(layout, cols, b_cat.dtype)  # [b, R] each
         rows = ctx.rows
         y = self._base(x2)  # [B*T, out]
         h = (x2 if rows is None else x[rows].reshape(-1, self.in_features)).to(a_cat.dtype) @ a_cat
-        g = gates if rows is None else gates[rows]  # [b, R]
-        h = gated(h.to(b_cat.dtype), g, T)  # [b*T, R]
+        h = gated(h.to(b_cat.dtype), g, T, zero)  # [b*T, R]
         if rows is not None:
             delta = (h @ b_cat).view(-1, T, self.out_features).to(y.dtype)  # [b, T, out]
             return y.view(B, T, self.out_features).index_add(0, rows, delta)
@@ -265,7 +280,7 @@ class MultiLoRAConv1D(nn.Module):
         stack = self._stack(ctx.active)
         if stack is None:  # no active adapter targets this module
             return y.view(B, T, self.out_features)
-        a_cat, b_cat, cols = stack
+        a_cat, b_cat, cols, _ = stack
         protos, has = self._proto_stack(ctx.active)  # [E, in], [E]
         gates = ctx.gates.to(b_cat.dtype)  # [B, E]
         per_token = gates[:, None, :].expand(B, T, gates.shape[1]).clone()  # [B, T, E]
@@ -277,15 +292,17 @@ class MultiLoRAConv1D(nn.Module):
         return y.add_((h.to(b_cat.dtype) @ b_cat).to(y.dtype)).view(B, T, self.out_features)
 
 
-def gated(h: torch.Tensor, g: torch.Tensor, T: int) -> torch.Tensor:
+def gated(h: torch.Tensor, g: torch.Tensor, T: int, zero: torch.Tensor | None = None) -> torch.Tensor:
     """`h * g` per rank column (h [b*T, R], g [b, R]), exactly 0 wherever the gate is 0.
 
     A plain product is not enough: an adapter whose `x A` overflowed the serving dtype gives inf
     in its columns, and inf x 0 = NaN, so every row of the batch that gave it no weight would
     fail with it. Masking costs one elementwise pass over a [b*T, R] tensor and leaves finite
     products bit for bit as they were; a non-finite delta reaches only the rows that weighted it.
+    `zero`: `g == 0`, when the caller has it (`LoRABatchContext.gates_for` computes it once a step).
     """
-    zero = g == 0
+    if zero is None:
+        zero = g == 0
     if T == 1:
         return (h * g).masked_fill_(zero, 0)
     R = h.shape[1]
