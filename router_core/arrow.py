@@ -9,8 +9,8 @@ turns them into gates with a softmax at `temperature`. No examples, no centroids
 training: any adapter is routable.
 
 Here the prototypes are computed once per adapter version when it is registered (the engine's
-registry calls `prototypes`), exactly (a thin SVD of an `[in, r]` matrix) rather than by PEFT's
-15 power iterations from a random start; the per-token gates are computed inside the batched
+registry calls `prototypes`), exactly (r x r eigendecompositions, `top_directions`) rather than
+by PEFT's 15 power iterations from a random start; the per-token gates are computed inside the batched
 LoRA layer (`server.engine.lora_layer`) for the rows that use this router, beside rows with
 fixed, manual or centroid gates. `ArrowRouter` is the `Router` the catalogue lists: its route
 vector only names the candidate adapters (uniform weights); the weights a token really gets
@@ -26,32 +26,53 @@ DEFAULT_TOP_K = 3  # PEFT's ArrowConfig default
 DEFAULT_TEMPERATURE = 1.0  # PEFT's ArrowConfig default (router_temperature)
 
 
-@torch.no_grad()
 def prototype(a: Tensor, b: Tensor) -> Tensor:
     """The top right singular vector (input space, `[in]`, unit norm, fp32) of one adapter's
     layer, from its factors in the engine's layout: `a` `[in, r]`, `b` `[r, out]` (x ↦ x a b,
     the transpose of PEFT's ΔW = B·A, so PEFT's right singular vector is our left one).
+    See `top_directions`, which computes it for a batch of layers at once."""
+    return top_directions(a[None], b[None])[0]
 
-    With b = (Q R)ᵀ (thin QR of bᵀ, Q `[out, r]` orthonormal), a b = (a Rᵀ) Qᵀ has the left
-    singular vectors of the `[in, r]` matrix a Rᵀ: an SVD of r columns, never ΔW itself. The
-    sign is fixed (largest-magnitude entry positive) so a version's prototype is reproducible;
-    Arrow's scores are sign-free anyway."""
-    # in float64 and rescaled to unit max entry: the direction does not depend on the scale, and
-    # an adapter with huge-but-finite factors (accepted up to the serving dtype's bound) would
-    # overflow float32 in a·Rᵀ and leave the SVD nothing finite to work on
-    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    a64 = a64 / a64.abs().max().clamp(min=1e-300)
-    b64 = b64 / b64.abs().max().clamp(min=1e-300)
-    _, r = torch.linalg.qr(b64.t())  # bᵀ = Q R, R [r, r]
-    u, _, _ = torch.linalg.svd(a64 @ r.t(), full_matrices=False)  # [in, r]
-    v = u[:, 0]
-    return (v * torch.sign(v[v.abs().argmax()])).to(torch.float32)
+
+@torch.no_grad()
+def top_directions(a: Tensor, b: Tensor) -> Tensor:
+    """`prototype` for n layers of one shape at once: `a` `[n, in, r]`, `b` `[n, r, out]` -> `[n, in]`.
+
+    The r x r route, never ΔW: with R any square root of b bᵀ (Rᵀ R = b bᵀ, from its
+    eigendecomposition), a b and M = a Rᵀ have the same left singular vectors, and M's top one
+    is M w for w the top eigenvector of Mᵀ M = R (aᵀ a) Rᵀ. So a registration costs two Gram
+    products per layer and two batched r x r eigendecompositions per layer shape, where a thin
+    SVD per layer (the first version) cost several times as much (docs/performance.md). Each
+    layer's factors are rescaled to unit max entry first: the direction does not depend on the
+    scale, and an adapter with huge-but-finite factors (accepted up to the serving dtype's bound)
+    would overflow its Gram products; rescaled, every entry of them is at most in or out, so fp32
+    holds them, to ~1e-6 of the direction for any spectral gap above 1e-3 of σ₁² (ties have no
+    defined top direction in any method). The sign is fixed (largest-magnitude entry positive)
+    so a version's prototype is reproducible; Arrow's scores are sign-free anyway."""
+    a = a.detach().float()
+    b = b.detach().float()
+    a = a / a.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1e-30)
+    b = b / b.abs().amax(dim=(1, 2), keepdim=True).clamp(min=1e-30)
+    lam, vec = torch.linalg.eigh(b @ b.mT)  # b bᵀ = V Λ Vᵀ, [n, r, r]
+    rt = vec * lam.clamp(min=0).sqrt()[:, None, :]  # Rᵀ = V Λ^½, so Rᵀ R = b bᵀ
+    _, w = torch.linalg.eigh(rt.mT @ (a.mT @ a) @ rt)  # eigenvalues ascending: the top one last
+    v = (a @ (rt @ w[:, :, -1:]))[:, :, 0]  # [n, in] = M w
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp(min=1e-30)
+    top = v.gather(1, v.abs().argmax(dim=1, keepdim=True))  # [n, 1]
+    return v * torch.where(top < 0, -1.0, 1.0)
 
 
 def prototypes(tensors: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Prototype `[in]` per module path of one adapter (`AdapterWeights.tensors`: A, B·scale;
-    the scale does not change the direction)."""
-    return {path: prototype(a, b) for path, (a, b) in tensors.items()}
+    the scale does not change the direction), batched over the layers of each shape."""
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    for path, (a, b) in tensors.items():
+        groups.setdefault((tuple(a.shape), tuple(b.shape)), []).append(path)
+    out: dict[str, Tensor] = {}
+    for paths in groups.values():
+        v = top_directions(torch.stack([tensors[p][0] for p in paths]), torch.stack([tensors[p][1] for p in paths]))
+        out.update(zip(paths, v.unbind(0), strict=True))
+    return {path: out[path] for path in tensors}
 
 
 def token_gates(x: Tensor, protos: Tensor, candidates: Tensor, top_k: Tensor, temperature: Tensor) -> Tensor:
