@@ -185,20 +185,35 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factor
     modules = sorted(pairs)
     for module in modules:
         _check_shapes(module, tuple(raw[pairs[module]["A"]].shape), tuple(raw[pairs[module]["B"]].shape), rank, spec)
-    # every check over all modules at once (a few list ops, not a dozen small ops per module: most
-    # of a registration's cost at GPT-2's 48 projections was per-op overhead, docs/performance.md)
+    # the values checked over all modules at once (one fp32 norm per factor, two list ops), not
+    # a dozen small ops per module: at GPT-2's projections most of a registration was per-op
+    # overhead (docs/performance.md). A module the bounds below do not clear outright (NaN, inf,
+    # or near a bound) takes the exact checks one by one, with their messages.
     a32 = [raw[pairs[m]["A"]].float() for m in modules]
     b32 = [raw[pairs[m]["B"]].float() for m in modules]
-    a_max, b_max = (torch.stack(torch._foreach_norm(t, math.inf)).tolist() for t in (a32, b32))  # NaN stays NaN
-    a_l2, b_l2 = (torch.stack(torch._foreach_norm(t, 2)).tolist() for t in (a32, b32))
+    a_l2, b_l2 = (torch.stack(torch._foreach_norm(t, 2)).tolist() for t in (a32, b32))  # NaN/inf stay so
+    budget, s = factor_budget(spec.dtype), abs(scale)
     for i, module in enumerate(modules):
-        if not (math.isfinite(a_max[i]) and math.isfinite(b_max[i])):
-            raise InvalidAdapter(f"module {module!r} holds NaN or infinite weights")
-        if not (a_max[i] <= largest and b_max[i] * scale <= largest):
-            raise InvalidAdapter(f"module {module!r}: weights times the LoRA scale {scale:.3g} overflow {spec.dtype}")
-        _check_norms(module, a_l2[i], a_l2[i] * b_l2[i] * scale, spec.dtype)
-    b_scaled = torch._foreach_mul(b32, scale)
-    return {m: (_transposed(a, spec.dtype), _transposed(b, spec.dtype)) for m, a, b in zip(modules, a32, b_scaled, strict=True)}
+        # max |a| <= ‖A‖ and max |s·b| <= |s|·‖B‖, so these clear every exact check below
+        if not (a_l2[i] <= budget and a_l2[i] * b_l2[i] * s <= budget and b_l2[i] * s <= largest):
+            _check_values(module, a32[i], b32[i], scale, spec.dtype)
+    out: Factors = {}
+    for m, a, b in zip(modules, a32, b32, strict=True):
+        b_t = torch.empty(b.shape[::-1], dtype=spec.dtype)  # [r, out] <- [out, r]: scaled, transposed,
+        out[m] = (_transposed(a, spec.dtype), torch.mul(b.t(), scale, out=b_t))  # rounded in one pass
+    return out
+
+
+def _check_values(module: str, a32: torch.Tensor, b32: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
+    """The exact checks of one module's factors (fp32): finite; finite in `dtype` once scaled;
+    within the range budget (`_check_range`)."""
+    largest = torch.finfo(dtype).max
+    if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+        raise InvalidAdapter(f"module {module!r} holds NaN or infinite weights")
+    b_scaled = b32 * scale
+    if not (a32.abs().max() <= largest and b_scaled.abs().max() <= largest):
+        raise InvalidAdapter(f"module {module!r}: weights times the LoRA scale {scale:.3g} overflow {dtype}")
+    _check_range(module, a32, b_scaled, dtype)
 
 
 def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -233,12 +248,12 @@ def factor_budget(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max)
 
 
-def _check_norms(module: str, a_norm: float, ab_norm: float, dtype: torch.dtype) -> None:
+def _check_range(module: str, a: torch.Tensor, b_scaled: torch.Tensor, dtype: torch.dtype) -> None:
     """Refuse factors whose products overflow `dtype` for ordinary inputs (see `factor_budget`):
-    finite weights whose `x A` is inf would make every row that uses the adapter fail. `a_norm`
-    is ‖A‖_F and `ab_norm` ‖A‖_F·‖scale·B‖_F, from fp32 norms: a norm that overflowed fp32 is inf,
-    and refused, rightly: its true value is above √(fp32 max), which no budget exceeds."""
+    finite weights whose `x A` is inf would make every row that uses the adapter fail."""
     budget = factor_budget(dtype)
+    a_norm = torch.linalg.vector_norm(a.double()).item()
+    ab_norm = a_norm * torch.linalg.vector_norm(b_scaled.double()).item()
     if not (a_norm <= budget and ab_norm <= budget):
         raise InvalidAdapter(
             f"module {module!r}: ‖lora_A‖ = {a_norm:.3g} and ‖lora_A‖·‖scale·lora_B‖ = {ab_norm:.3g} overflow "
