@@ -84,6 +84,7 @@ class BenchConfig:
             cfg.remerge_tokens = 8
             cfg.serving_tokens = 32
             cfg.serving_rounds = 1
+            cfg.concurrency = (1, 8)  # the levels the ratios read (http8_*); 4 and 16 in a full run
             cfg.register_repeats = 5
             cfg.resident_tokens = 8
             cfg.resident_repeats = 1
@@ -91,6 +92,8 @@ class BenchConfig:
             cfg.notes.append("quick mode: 32 new tokens per sequence instead of 128 (the prompt stays 64 tokens)")
             cfg.notes.append("quick mode: the PEFT re-merge loop decodes 8 tokens; its tok/s for 32 tokens is "
                              "extrapolated from the measured prefill and per-token cost")
+            cfg.notes.append("quick mode: HTTP serving at 1 and 8 clients (4 and 16 in a full run); the quality "
+                             "model trains for 30 s instead of 180")
         if tiny:
             cfg.new_tokens = 6
             cfg.prompt_tokens = 8

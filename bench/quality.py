@@ -156,7 +156,7 @@ def run(cfg: BenchConfig) -> dict:
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, **shape)
     model = GPT2LMHeadModel(config)
-    seconds = 5 if cfg.tiny else (60 if cfg.quick else 180)
+    seconds = 5 if cfg.tiny else (30 if cfg.quick else 180)
     with torch.enable_grad():
         trained = train(model, stream, seconds, max_steps=20 if cfg.tiny else 5000)
     log(f"quality: trained {shape} for {trained['steps']} steps in {trained['seconds']} s, "
