@@ -23,7 +23,7 @@ OPTIONAL = ("many-adapters",)  # run only when named in --only (writes a store o
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="shorter runs (32 new tokens, fewer repeats); < 3 min on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="shorter runs (32 new tokens, fewer repeats); ~6 min on 2 CPU cores")
     p.add_argument("--tiny", action="store_true", help="a 2-layer GPT-2: checks the benchmark code in seconds (numbers meaningless)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
