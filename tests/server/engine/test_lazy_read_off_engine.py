@@ -6,6 +6,7 @@ and a read that fails ends that row alone."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import load_base_model
@@ -20,8 +21,11 @@ PROMPTS = {"alpha": [5, 17, 42, 8, 99], "beta": [3, 250, 11, 64]}
 MAX_TOKENS = 6
 
 
-class ByPrompt:
-    """Routes each row to one adapter by its first prompt token (a stand-in for a router)."""
+class Routes:
+    """A stand-in router (the engine's GateSource): `pick(seq)` is each row's mixture."""
+
+    def __init__(self, pick: Callable[[Sequence], dict[str, float]]) -> None:
+        self.pick = pick
 
     def needs_hidden(self, seq: Sequence) -> bool:
         return False
@@ -30,7 +34,29 @@ class ByPrompt:
         return ["" for _ in seqs]
 
     def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
-        return [{"alpha": 1.0} if s.prompt_ids[0] == 5 else {"beta": 1.0} for s in seqs]
+        return [self.pick(s) for s in seqs]
+
+
+# each row to one adapter by its first prompt token
+BY_PROMPT = Routes(lambda s: {"alpha": 1.0} if s.prompt_ids[0] == 5 else {"beta": 1.0})
+# the first decision gives beta, every re-route from the second token on gives alpha
+SWITCH_AT_TWO = Routes(lambda s: {"beta": 1.0} if len(s.generated) < 2 else {"alpha": 1.0})
+
+
+def _blocked(weights) -> tuple[threading.Event, threading.Event]:
+    """Make `weights`' disk read wait until the returned `release` is set; `reading` is set once
+    the read has started (on the loader's thread)."""
+    release, reading = threading.Event(), threading.Event()
+    real = weights.loader
+    assert real is not None and weights.tensors is None  # indexed only: the factors are on disk
+
+    def blocked():
+        reading.set()
+        assert release.wait(30), "the test never released the read"
+        return real()
+
+    weights.loader = blocked
+    return release, reading
 
 
 def _setup(store, tiny_model_dir):
@@ -38,7 +64,7 @@ def _setup(store, tiny_model_dir):
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
     registry = AdapterRegistry()
     registry.register_many([(index_adapter(n, store / n, spec, store), False) for n in ("alpha", "beta")])
-    engine = Engine(resident, registry, EngineConfig(max_loras=4, decode_step="eager"), gate_source=ByPrompt())
+    engine = Engine(resident, registry, EngineConfig(max_loras=4, decode_step="eager"), gate_source=BY_PROMPT)
     return registry, engine
 
 
@@ -74,17 +100,7 @@ def test_blocked_read_does_not_stall_other_rows(store, tiny_model_dir, one_torch
     assert all(len(t) == MAX_TOKENS for t in expected.values())
 
     registry, engine = _setup(store, tiny_model_dir)
-    alpha = registry.get("alpha").weights
-    release, reading = threading.Event(), threading.Event()
-    real = alpha.loader
-    assert real is not None and alpha.tensors is None  # indexed only: the factors are on disk
-
-    def blocked():
-        reading.set()
-        assert release.wait(30), "the test never released the read"
-        return real()
-
-    alpha.loader = blocked
+    release, reading = _blocked(registry.get("alpha").weights)
     events: dict = {}
     slow, fast = _row(registry, "alpha", events), _row(registry, "beta", events)
     engine.submit(slow)
@@ -120,33 +136,10 @@ def test_failed_read_ends_that_row_alone(store, tiny_model_dir, one_torch_thread
     assert not engine.parked and not engine.loader.pending()
 
 
-class SwitchAtTwo:
-    """The first decision gives beta, every re-route from the second token on gives alpha."""
-
-    def needs_hidden(self, seq: Sequence) -> bool:
-        return False
-
-    def contexts(self, seqs: list[Sequence]) -> list[str]:
-        return ["" for _ in seqs]
-
-    def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
-        return [{"beta": 1.0} if len(s.generated) < 2 else {"alpha": 1.0} for s in seqs]
-
-
 def test_reroute_to_unread_adapter_keeps_mixture_until_read(store, tiny_model_dir, one_torch_thread):
     registry, engine = _setup(store, tiny_model_dir)
-    engine.route_step.source = SwitchAtTwo()
-    alpha = registry.get("alpha").weights
-    release, reading = threading.Event(), threading.Event()
-    real = alpha.loader
-    assert real is not None
-
-    def blocked():
-        reading.set()
-        assert release.wait(30), "the test never released the read"
-        return real()
-
-    alpha.loader = blocked
+    engine.route_step.source = SWITCH_AT_TWO
+    release, reading = _blocked(registry.get("alpha").weights)
     events: dict = {}
     seq = _row(registry, "beta", events)
     seq.max_tokens = 12
