@@ -73,7 +73,10 @@ class Int8Linear(nn.Module):
     Holds no parameter and only non-persistent buffers, so attaching it to a model changes
     neither its `state_dict` nor its fingerprint. `bias` is the float module's own tensor."""
 
-    max_rows = 32  # above this many rows the dequantised dense matmul is faster (prefill)
+    # above this many rows dequantising the weight for a dense matmul is faster than the kernel
+    # (measured per projection shape on a quiet 2-core AVX2 EPYC: the kernel wins up to ~100 rows
+    # for c_fc, ~150 for c_attn, past 256 for the mlp c_proj; docs/performance.md)
+    max_rows = 96
     qweight: torch.Tensor  # [out, in] int8
     scales: torch.Tensor  # [out] bf16
 

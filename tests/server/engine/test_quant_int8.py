@@ -33,7 +33,7 @@ def test_per_channel_quantisation_is_within_half_a_scale():
     assert int(q.abs().max()) == 127  # every row uses the full range (one scale per row, not per tensor)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 40])  # 40 > max_rows: the dequantised path
+@pytest.mark.parametrize("rows", [1, 8, 40, 120])  # 120 > max_rows: the dequantised path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_matches_the_float_linear(rows, dtype):
     gen = torch.Generator().manual_seed(0)
@@ -44,6 +44,7 @@ def test_int8_linear_matches_the_float_linear(rows, dtype):
         got = lin(x.to(dtype))
     assert got.dtype == dtype and got.shape == (rows, 96)
     assert _rel(got.float(), x @ w.t() + b) < 0.02
+    assert rows != 120 or rows > Int8Linear.max_rows  # the largest case really takes the dequantised path
     if rows <= Int8Linear.max_rows and lin.kernel:  # the kernel and the dequantised matmul agree
         dense = torch.nn.functional.linear(x.to(dtype), lin.dequantized(dtype), b.to(dtype))
         assert _rel(got.float(), dense.float()) < 0.01
