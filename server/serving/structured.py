@@ -42,6 +42,21 @@ def compiler(state: Services) -> GrammarCompiler:
     return found
 
 
+def _guided(schema: Any, regex: str | None, choice: list | None, grammar: str | None, param: str) -> list[GrammarSpec]:
+    """vLLM's four guided kinds, named as the request names them (`param` formats the kind:
+    `guided_{}` for the legacy fields, `structured_outputs.{}` for the object)."""
+    found = []
+    if schema is not None:
+        found.append(json_schema_spec(schema, param.format("json")))
+    if regex is not None:
+        found.append(GrammarSpec("regex", regex, param.format("regex")))
+    if choice is not None:
+        found.append(GrammarSpec("choice", json.dumps(choice), param.format("choice")))
+    if grammar is not None:
+        found.append(GrammarSpec("grammar", grammar, param.format("grammar")))
+    return found
+
+
 def grammar_spec(req: StructuredFields) -> GrammarSpec | None:
     """The one constraint the request asks for, or None; 400 if it asks for several."""
     found: list[GrammarSpec] = []
@@ -52,28 +67,14 @@ def grammar_spec(req: StructuredFields) -> GrammarSpec | None:
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise InvalidRequest("response_format json_schema needs `json_schema.schema`", param="response_format")
         found.append(json_schema_spec(rf.json_schema.schema_, "response_format"))
-    if req.guided_json is not None:
-        found.append(json_schema_spec(req.guided_json, "guided_json"))
-    if req.guided_regex is not None:
-        found.append(GrammarSpec("regex", req.guided_regex, "guided_regex"))
-    if req.guided_choice is not None:
-        found.append(GrammarSpec("choice", json.dumps(req.guided_choice), "guided_choice"))
-    if req.guided_grammar is not None:
-        found.append(GrammarSpec("grammar", req.guided_grammar, "guided_grammar"))
+    found += _guided(req.guided_json, req.guided_regex, req.guided_choice, req.guided_grammar, "guided_{}")
     so = req.structured_outputs
     if so is not None:
         for name in ("structural_tag", "whitespace_pattern"):
             if (so.model_extra or {}).get(name) is not None:
                 raise InvalidRequest(f"`structured_outputs.{name}` is not supported by this server",
                                      param=f"structured_outputs.{name}", code="unsupported_parameter")
-        if so.json_ is not None:
-            found.append(json_schema_spec(so.json_, "structured_outputs.json"))
-        if so.regex is not None:
-            found.append(GrammarSpec("regex", so.regex, "structured_outputs.regex"))
-        if so.choice is not None:
-            found.append(GrammarSpec("choice", json.dumps(so.choice), "structured_outputs.choice"))
-        if so.grammar is not None:
-            found.append(GrammarSpec("grammar", so.grammar, "structured_outputs.grammar"))
+        found += _guided(so.json_, so.regex, so.choice, so.grammar, "structured_outputs.{}")
         if so.json_object:
             found.append(GrammarSpec("json_object", "", "structured_outputs.json_object"))
     if len(found) > 1:
