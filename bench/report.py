@@ -106,21 +106,21 @@ def compute_ratios(results: dict) -> dict:
     }
 
 
+def _target(label: str, v, limit: float, higher: bool, gap) -> dict:
+    """One "done when" line: met when `v` reaches `limit` (≥ when `higher`, else ≤); `gap(v)`
+    words the miss. `v` None (the section did not run): met and gap are None."""
+    met = None if v is None else (v >= limit if higher else v <= limit)
+    return {"target": label, "value": v, "met": met, "gap": None if met in (None, True) else gap(v)}
+
+
 def targets(results: dict) -> list[dict]:
     r = results["ratios"]
-    reg = results.get("register_ms", {}).get("r16")
-    out = []
-    for b in (1, 8):
-        v = r.get(f"routed_vs_hf_b{b}")
-        out.append({"target": f"engine routed ≥ 1.0× HF generate, batch {b}", "value": v,
-                    "met": None if v is None else v >= 1.0,
-                    "gap": None if v is None or v >= 1.0 else f"{(1 - v) * 100:.0f} % slower"})
-    v = r.get("routed_vs_floor_b1")
-    out.append({"target": "engine routed ms/step ≤ 1.5× the bandwidth floor, batch 1", "value": v,
-                "met": None if v is None else v <= 1.5,
-                "gap": None if v is None or v <= 1.5 else f"{v / 1.5:.2f}× too slow"})
-    out.append({"target": "register latency r=16 ≤ 20 ms", "value": reg, "met": None if reg is None else reg <= 20.0,
-                "gap": None if reg is None or reg <= 20 else f"{reg - 20:.1f} ms over"})
+    out = [_target(f"engine routed ≥ 1.0× HF generate, batch {b}", r.get(f"routed_vs_hf_b{b}"), 1.0, True,
+                   lambda v: f"{(1 - v) * 100:.0f} % slower") for b in (1, 8)]
+    out.append(_target("engine routed ms/step ≤ 1.5× the bandwidth floor, batch 1", r.get("routed_vs_floor_b1"),
+                       1.5, False, lambda v: f"{v / 1.5:.2f}× too slow"))
+    out.append(_target("register latency r=16 ≤ 20 ms", results.get("register_ms", {}).get("r16"), 20.0, False,
+                       lambda v: f"{v - 20:.1f} ms over"))
     n1000 = results.get("many_adapters", {}).get("1000")
     if n1000:  # issue 26's "done when", with 1,000 adapters in the store
         for label, key, limit, unit, higher in (
@@ -128,22 +128,15 @@ def targets(results: dict) -> list[dict]:
                 ("RSS at ready ≤ base + 1 GB (N=1000)", "rss_over_base_mb", 1024.0, "MB", False),
                 ("register ≤ 20 ms (N=1000)", "register_ms_p50", 20.0, "ms", False),
                 ("8 distinct adapters ≥ 0.9× one adapter's tok/s (N=1000)", "distinct8_vs_one", 0.9, "×", True)):
-            v = n1000.get(key)
-            met = None if v is None else (v >= limit if higher else v <= limit)
-            out.append({"target": label, "value": v, "met": met,
-                        "gap": None if met in (None, True) else f"{abs(v - limit):.2f} {unit} {'short' if higher else 'over'}"})
-    for b in (1, 8):
-        v = r.get(f"routed_int8_vs_hf_b{b}")
-        out.append({"target": f"engine routed int8 ≥ 2.0× HF generate, batch {b}", "value": v,
-                    "met": None if v is None else v >= 2.0,
-                    "gap": None if v is None or v >= 2.0 else f"{v / 2.0:.2f}× of the target"})
-    v = r.get("routed_int8_vs_floor16_b1")
-    out.append({"target": "engine routed int8 ms/step ≤ 1.0× the 16-bit floor, batch 1", "value": v,
-                "met": None if v is None else v <= 1.0,
-                "gap": None if v is None or v <= 1.0 else f"{v:.2f}× too slow"})
-    v = r.get("int8_ppl_ratio")
-    out.append({"target": "int8 ÷ float held-out perplexity ≤ 1.01", "value": v, "met": None if v is None else v <= 1.01,
-                "gap": None if v is None or v <= 1.01 else f"{(v - 1) * 100:.2f} % worse"})
+            out.append(_target(label, n1000.get(key), limit, higher,
+                               lambda v, limit=limit, unit=unit, higher=higher:
+                               f"{abs(v - limit):.2f} {unit} {'short' if higher else 'over'}"))
+    out += [_target(f"engine routed int8 ≥ 2.0× HF generate, batch {b}", r.get(f"routed_int8_vs_hf_b{b}"), 2.0, True,
+                    lambda v: f"{v / 2.0:.2f}× of the target") for b in (1, 8)]
+    out.append(_target("engine routed int8 ms/step ≤ 1.0× the 16-bit floor, batch 1", r.get("routed_int8_vs_floor16_b1"),
+                       1.0, False, lambda v: f"{v:.2f}× too slow"))
+    out.append(_target("int8 ÷ float held-out perplexity ≤ 1.01", r.get("int8_ppl_ratio"), 1.01, False,
+                       lambda v: f"{(v - 1) * 100:.2f} % worse"))
     return out
 
 
