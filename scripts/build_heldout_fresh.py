@@ -5,7 +5,7 @@ every input is a file already on the machine, nothing is downloaded:
 
     python scripts/build_heldout_fresh.py tests/data/routing \
         --tcl /usr/share/tcltk/tcl8.6 /usr/share/tcltk/tk8.6 \
-        --licences /work/main/.venv/lib/python3*/site-packages/*.dist-info
+        --licences .venv/lib/python3*/site-packages/*.dist-info
 
 * `tcl` (code): Tcl/Tk 8.6 library scripts, cut into blocks exactly as
   `scripts/build_heldout_sources.py` cuts code (comments kept, licence headers skipped).
