@@ -303,6 +303,8 @@ class Engine:
         mean weights their layers chose (for the trace)."""
         active, gates, rows = self._gates(seqs)
         arrow = per_token_rows(seqs, gates, self.resident.device, lengths)
+        if arrow is not None:  # Arrow's prototypes are computed on the first step that needs them
+            self.slots.ensure_prototypes(active)
         with self.ctx.applied(active, gates, rows, arrow):
             yield
         if arrow is not None:

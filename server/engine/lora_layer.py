@@ -201,6 +201,11 @@ class MultiLoRAConv1D(nn.Module):
         self._stacks.clear()
         self._proto_stacks.clear()
 
+    def set_proto(self, slot: int, proto: torch.Tensor | None) -> None:
+        """The slot's Arrow prototype in this layer, given on the first Arrow step over it."""
+        self.protos[slot] = proto
+        self._proto_stacks.clear()
+
     def _proto_stack(self, active: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prototypes of the active slots `[E, in]` (zeros where a slot has none here) and which
         positions have one `[E]` bool; cached per active set like `_stack`."""

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from router_core.arrow import prototypes
 from server.engine.adapter_weights import AdapterWeights
 from server.engine.errors import AdapterNotFound
 from server.engine.host_tier import HostTier
@@ -36,13 +35,12 @@ class AdapterVersion:
     created: float = field(default_factory=time.time)
     refcount: int = 0  # guarded by the registry's lock
     retired: bool = False  # replaced or removed: free its slot once refcount drops to zero
-    # Arrow's prototype per module path (router_core.arrow), computed once per version, here at
-    # registration, so any adapter is routable per token without examples
-    prototypes: dict[str, torch.Tensor] = field(init=False)
-
-    def __post_init__(self) -> None:
-        # factors still on disk (indexed at start): computed at the first slot install instead
-        self.prototypes = {} if self.weights.tensors is None else prototypes(self.weights.tensors)
+    # Arrow's prototype per module path (router_core.arrow), so any adapter is routable per token
+    # without examples. Computed once per version, by the engine thread on the first step that
+    # routes a row by Arrow over it (`SlotManager.ensure_prototypes`), not at registration: most
+    # adapters are never routed by Arrow, and it was ~half of a registration (docs/performance.md).
+    # None until then.
+    prototypes: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     @property
     def name(self) -> str:

@@ -30,6 +30,7 @@ class SlotManager:
         self.num_slots = num_slots
         self.device, self.dtype = device, dtype
         self.slot_version: list[AdapterVersion | None] = [None] * num_slots
+        self.has_protos: list[bool] = [False] * num_slots  # the layers hold the slot's Arrow prototypes
         self.last_used: list[float] = [0.0] * num_slots
         self.loads = 0  # installs into a slot, for tests and metrics
         # per slot, changed by every install and eviction: keys caches of what is in the slots
@@ -86,24 +87,44 @@ class SlotManager:
         cuda = self.device.type == "cuda"
         factors = self.host.tensors(version)  # read from disk if evicted; raises for this step's rows if it cannot be
         tensors = version.weights.staged(self.dtype, pin=cuda, factors=factors)  # pre-cast (and pinned on CUDA) once
-        if not version.prototypes:  # indexed lazily: Arrow's prototypes from the factors now read
-            version.prototypes = prototypes(factors)
+        protos = version.prototypes  # None until a step routes a row by Arrow over it (ensure_prototypes)
         for path, layer in self.layers.items():
             pair = tensors.get(path)
             if pair is None:
                 layer.set_slot(slot, None, None)
             else:
                 a, b = pair
-                proto = version.prototypes.get(path)
+                proto = None if protos is None else protos.get(path)
                 layer.set_slot(slot, a.to(self.device, non_blocking=cuda), b.to(self.device, non_blocking=cuda),
                                None if proto is None else proto.to(self.device, non_blocking=cuda))
+        self.has_protos[slot] = protos is not None
         self.slot_version[slot] = version
         self.loads += 1
         self._touch(slot)
 
+    def ensure_prototypes(self, active: tuple[int, ...]) -> None:
+        """Give the layers Arrow's prototypes of the `active` slots that lack them (a step with
+        rows routed per token calls this before its forward). A version's prototypes are computed
+        once, from the factors its slot holds (`router_core.arrow.prototypes`), and kept on the
+        version, so a later install of it in any slot reuses them; registering never pays for
+        them. Engine thread only, like the slots themselves."""
+        for slot in active:
+            version = self.slot_version[slot]
+            if version is None or self.has_protos[slot]:
+                continue
+            if version.prototypes is None:
+                factors = {path: (a, b) for path, layer in self.layers.items()
+                           if (a := layer.lora_a[slot]) is not None and (b := layer.lora_b[slot]) is not None}
+                version.prototypes = prototypes(factors)
+            for path, layer in self.layers.items():
+                proto = version.prototypes.get(path)
+                layer.set_proto(slot, None if proto is None else proto.to(self.device))
+            self.has_protos[slot] = True
+
     def evict(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.set_slot(slot, None, None)
+        self.has_protos[slot] = False
         self.slot_version[slot] = None
         self._touch(slot)
 

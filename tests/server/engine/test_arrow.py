@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
 from router_core.arrow import prototype, token_gates
+from server.engine.adapter_weights import BaseSpec
 from server.engine.sequence import RoutingSpec
+from server.store.folder import read_adapter
 from tests.server.engine.rows import PROMPT, hold, row, tiny_engine, token_ids
 from tests.tiny import make_adapter, run_engine
 
@@ -76,12 +78,8 @@ def test_arrow_matches_peft_create_arrow_model(experts, tiny_model_dir, top_k, t
         ref_logits = ref(torch.tensor([PROMPT])).logits[0, -1]
         ref_tokens = ref.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False,
                                   pad_token_id=0)[0, len(PROMPT):].tolist()
-    # the prototypes PEFT built by power iteration are ours (up to sign)
-    layer = next(m for n, m in ref.named_modules() if n.endswith("h.0.attn.c_attn"))
-    peft_protos = layer.lora_arrow["arrow_router"].prototypes
-    ours = torch.stack([engine.registry.get(n).prototypes["transformer.h.0.attn.c_attn"] for n in NAMES])
-    assert (peft_protos * ours).sum(-1).abs().min() > 0.99999
-
+    # registering computed no prototype: the first Arrow step over the adapters does
+    assert all(engine.registry.get(n).prototypes is None for n in NAMES)
     seq = hold(engine, arrow_row(PROMPT, top_k, temperature))
     captured = {}
     orig = engine._forward
@@ -95,12 +93,58 @@ def test_arrow_matches_peft_create_arrow_model(experts, tiny_model_dir, top_k, t
     events = run_engine(engine, [seq])[seq.id]
     assert (captured["prefill"] - ref_logits).abs().max().item() <= 1e-4
     assert token_ids(events) == ref_tokens
+    # the prototypes PEFT built by power iteration are ours (up to sign), and the layers route by them
+    path = "transformer.h.0.attn.c_attn"
+    layer = next(m for n, m in ref.named_modules() if n.endswith("h.0.attn.c_attn"))
+    peft_protos = layer.lora_arrow["arrow_router"].prototypes
+    ours = torch.stack([engine.registry.get(n).prototypes[path] for n in NAMES])
+    assert (peft_protos * ours).sum(-1).abs().min() > 0.99999
+    held = engine.slots.layers[path].protos
+    for n in NAMES:
+        version = engine.registry.get(n)
+        assert torch.equal(held[engine.slots.slot_of(version)], version.prototypes[path])
     # and Arrow did route: a plain uniform mixture of the same experts decodes otherwise
     uniform = hold(engine, row(PROMPT, {n: 1.0 / len(NAMES) for n in NAMES}, 10))
     assert token_ids(run_engine(engine, [uniform])[uniform.id]) != ref_tokens
     # the trace: mean weight per adapter over layers, summing to 1 per stretch
     segs = seq.segments()
     assert segs and all(abs(sum(s["weights"].values()) - 1) < 1e-3 for s in segs)
+
+
+def test_prototypes_once_per_version_on_the_first_arrow_step(experts, tiny_model_dir, monkeypatch):
+    """Registering and serving rows with row gates compute no prototype; the first Arrow step
+    computes each version's once, and a later install of the same version (after its slot was
+    given away) reuses them; a new version of a name gets its own."""
+    from server.engine import slots as slots_module
+
+    calls: list[int] = []
+    real = slots_module.prototypes
+
+    def counted(factors):
+        calls.append(len(factors))
+        return real(factors)
+
+    monkeypatch.setattr(slots_module, "prototypes", counted)
+    engine = tiny_engine(experts, tiny_model_dir, NAMES)
+    fixed = hold(engine, row(PROMPT, {"e0": 0.5, "e1": 0.5}, 3))
+    run_engine(engine, [fixed])
+    assert calls == [] and all(engine.registry.get(n).prototypes is None for n in NAMES)
+
+    first = hold(engine, arrow_row(PROMPT, 2, 1.0, 6))
+    want = token_ids(run_engine(engine, [first])[first.id])
+    assert len(calls) == len(NAMES)
+    for slot in range(engine.slots.num_slots):  # give every slot away: the next step installs again
+        engine.slots.evict(slot)
+    again = hold(engine, arrow_row(PROMPT, 2, 1.0, 6))
+    assert token_ids(run_engine(engine, [again])[again.id]) == want
+    assert len(calls) == len(NAMES)  # reused, not recomputed
+
+    folder = experts / "e1"
+    spec = BaseSpec(engine.resident.module_shapes, engine.resident.fingerprint, 64)
+    engine.registry.register(read_adapter("e1", folder, spec))  # a new version of e1
+    third = hold(engine, arrow_row(PROMPT, 2, 1.0, 6))
+    assert token_ids(run_engine(engine, [third])[third.id]) == want  # same factors, same tokens
+    assert len(calls) == len(NAMES) + 1 and engine.registry.get("e1").prototypes is not None
 
 
 def test_arrow_row_beside_fixed_and_mixture_rows_changes_nobody(experts, tiny_model_dir):
