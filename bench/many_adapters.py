@@ -10,9 +10,16 @@ manifest listing them (the store a restarted server finds), then reports:
   model alone, the same run's baseline, so `ready_over_base_s` is what the store adds);
 * `rss_mb`: the server's resident memory at `/ready` (and `rss_over_base_mb`);
 * `register_ms_p50`: registering one more adapter through the admin API (and unloading it);
-* tok/s of 8 streaming clients all on one adapter vs on 8 distinct adapters drawn from all N
-  (a fresh draw per round, so their factors come from disk as a real mix would), rounds
-  interleaved, the median of each: `distinct8_vs_one`;
+* tok/s of 8 streaming clients all on one adapter vs on 8 distinct adapters drawn from all N,
+  in steady state: each round draws 8 adapters the run has not used, serves them one token
+  each first (untimed for tok/s: their factors come from disk, are checked and installed), then
+  times the one-adapter and the 8-adapter level (32 tokens each, the order alternating per
+  round), the median of each: `distinct8_vs_one` (what serving 8 different adapters costs once
+  they are in memory: the LoRA work and factor bytes of 8 adapters instead of 1);
+* the first use on its own: the wall time of that one-token level on 8 adapters still on disk
+  (`distinct8_first_use_s`) against the same level on the one warm adapter right after
+  (`one_warm_s`), medians over the rounds: `first_use_vs_warm` (what a cold adapter adds; it
+  depends on the disk and the page cache, so it is reported apart);
 * `sigterm_exit`: the exit code after SIGTERM (0: drained and exited cleanly).
 
 Above `distinct_files` adapters the weight files are hard links to the first ones' (distinct
@@ -112,17 +119,28 @@ def measure(cfg: BenchConfig, assets, n: int, rounds: int, tokens: int, rng: ran
             vocab = len(assets.tokenizer)
             prompts = [[rng.randrange(1, vocab) for _ in range(cfg.prompt_tokens)] for _ in range(16)]
             asyncio.run(run_level(server.url, 2, 1, prompts, names[:2], 2))  # warm-up
-            one, distinct = [], []
-            for _ in range(rounds):  # interleaved: both see the same machine load
-                res = asyncio.run(run_level(server.url, 8, 1, prompts, [names[0]] * 8, tokens))
-                one.append(summarize(res, 8))
-                drawn = rng.sample(names, min(8, len(names)))
-                res = asyncio.run(run_level(server.url, 8, 1, prompts, drawn, tokens))
-                distinct.append(summarize(res, 8))
+            one, distinct, cold, warm = [], [], [], []
+            unused = [n for n in names if n not in names[:2]]
+            rng.shuffle(unused)
+            for i in range(rounds):  # interleaved: both see the same machine load
+                drawn = [unused.pop() for _ in range(min(8, len(unused)))] or names[:8]
+                t = time.perf_counter()  # first use: read from disk, checked, installed
+                cold.append(summarize(asyncio.run(run_level(server.url, 8, 1, prompts, drawn, 1)), 8))
+                cold[-1]["wall_s"] = time.perf_counter() - t
+                t = time.perf_counter()
+                warm.append(summarize(asyncio.run(run_level(server.url, 8, 1, prompts, [names[0]] * 8, 1)), 8))
+                warm[-1]["wall_s"] = time.perf_counter() - t
+                for which in (("one", "distinct") if i % 2 == 0 else ("distinct", "one")):
+                    models = [names[0]] * 8 if which == "one" else drawn
+                    res = summarize(asyncio.run(run_level(server.url, 8, 1, prompts, models, tokens)), 8)
+                    (one if which == "one" else distinct).append(res)
             out["one_tok_s"] = statistics.median(s.get("agg_tok_s", 0.0) for s in one)
             out["distinct8_tok_s"] = statistics.median(s.get("agg_tok_s", 0.0) for s in distinct)
             out["distinct8_vs_one"] = ratio(out["distinct8_tok_s"], out["one_tok_s"])
-            out["errors"] = [e for s in one + distinct for e in s.get("errors", [])][:5]
+            out["distinct8_first_use_s"] = round(statistics.median(s["wall_s"] for s in cold), 3)
+            out["one_warm_s"] = round(statistics.median(s["wall_s"] for s in warm), 3)
+            out["first_use_vs_warm"] = ratio(out["distinct8_first_use_s"], out["one_warm_s"])
+            out["errors"] = [e for s in one + distinct + cold + warm for e in s.get("errors", [])][:5]
             out["rss_after_mb"] = _rss_mb(server.proc.pid)
     finally:
         if server.proc is not None and server.proc.poll() is None:

@@ -12,7 +12,7 @@ RATIO_DOC = {
     "routed_vs_hf_b8": "the same at batch 8",
     "reroute2_vs_once_b1": "engine routed, re-route every 2 tok/s ÷ the same routed once on the prompt, batch 1 (base embedder)",
     "reroute2_vs_once_b8": "the same at batch 8",
-    "distinct8_vs_one_n1000": "many-adapters, 1,000 in the store: 8 HTTP clients on 8 distinct adapters (a fresh draw per round) ÷ all 8 on one adapter, aggregate tok/s",
+    "distinct8_vs_one_n1000": "many-adapters, 1,000 in the store: 8 HTTP clients on 8 distinct adapters (a fresh draw per round, each served once untimed first: steady state) ÷ all 8 on one adapter, aggregate tok/s",
     "http8_vs_http1_sequential": "8 concurrent HTTP streaming clients, aggregate tok/s ÷ one client sending its requests one after another",
     "http8_mixed_vs_peft_mixed8": "8 concurrent HTTP streaming clients on mixed adapters, aggregate tok/s ÷ PEFT mixed batch of 8 (adapter_names) tok/s",
     "peft_remerge_vs_hf_b1": "PEFT mixture re-merged every 2 tokens (add_weighted_adapter cat) tok/s ÷ HF generate tok/s, batch 1",
