@@ -9,7 +9,9 @@ The scale `s_k` is folded into `B_k` when a slot is filled, and the active slots
 concatenated along the rank axis, so a step costs two low-rank matmuls per layer whatever the
 number of adapters in the mixture (the `cat` combination of `add_weighted_adapter`, but per row
 and without materialising a merged adapter). With bf16 weights on CPU those two are computed in
-fp32 (see `MultiLoRAConv1D`).
+fp32 (see `MultiLoRAConv1D`). A prefill whose rows each use few of the active adapters takes the
+grouped path instead (`MultiLoRAConv1D._forward_grouped`): each adapter's products over its own
+rows only, so the LoRA work of a compute-bound prefill follows each row's own rank.
 
 Rows routed by Arrow (`router_core.arrow`, arXiv 2405.11157) get their gates per token and per
 layer instead: a separate branch of the forward (`MultiLoRAConv1D._forward_per_token`, taken
