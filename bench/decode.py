@@ -31,7 +31,8 @@ from bench.common import (
 from bench.rig import EngineRig, engine_generate
 
 METHODS = ("hf_generate", "peft_single", "peft_mixed4", "peft_remerge", "engine_fixed", "engine_routed_once",
-           "engine_routed", "engine_routed_int8")
+           "engine_routed", "engine_routed_int8", "engine_routed_w8a8")
+QUANT_METHODS = {"engine_routed_int8": "int8", "engine_routed_w8a8": "w8a8"}  # method -> --quant
 LABELS = {
     "hf_generate": "HF generate (no adapter), its faster dtype",
     "peft_single": "PEFT, 1 adapter unmerged",
@@ -41,6 +42,7 @@ LABELS = {
     "engine_routed_once": "Switchboard engine, routed over 4, routed once on the prompt",
     "engine_routed": "Switchboard engine, routed over 4, re-route every 2",
     "engine_routed_int8": "the same, --quant int8 (int8 base weights, float LoRA)",
+    "engine_routed_w8a8": "the same, --quant w8a8 (int8 base weights and activations, float LoRA)",
     "engine_routed_static": "the same, static-shape decode step run eagerly (--compile runs)",
     "engine_routed_compiled": "the same, static-shape decode step through torch.compile (--compile runs)",
 }
@@ -212,7 +214,7 @@ def run(cfg: BenchConfig, assets) -> dict:
                  for d in hf_dtypes(cfg)}
     peft_model = assets.peft()
     rig = assets.engine_rig()
-    int8_rig = assets.engine_rig(quant="int8")
+    quant_rigs = {m: assets.engine_rig(quant=q) for m, q in QUANT_METHODS.items()}
     names = adapter_names()
     vocab = assets.base.config.vocab_size
     router = CentroidRouter(names, [rig.registry.get(n).weights.centroids for n in names],
@@ -235,7 +237,7 @@ def run(cfg: BenchConfig, assets) -> dict:
             "engine_fixed": lambda: run_engine(rig, prompts, cfg, routed=False),
             "engine_routed_once": lambda: run_engine(rig, prompts, cfg, routed=True, reroute_every=0),
             "engine_routed": lambda: run_engine(rig, prompts, cfg, routed=True),
-            "engine_routed_int8": lambda: run_engine(int8_rig, prompts, cfg, routed=True),
+            **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in quant_rigs.items()},
             **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in rigs.items()},
         }
 
@@ -299,11 +301,11 @@ def run(cfg: BenchConfig, assets) -> dict:
             dtype = getattr(torch, x["dtype"]) if "dtype" in x else cfg.dtype
             rest = (adapters_read(m, batch) * one_adapter
                     + floor.kv_bytes(assets.base, dtype, batch, cfg.prompt_tokens, cfg.new_tokens))
-            weights_read = (floor.int8_weight_bytes(assets.base, dtype) if m == "engine_routed_int8"
+            weights_read = (floor.int8_weight_bytes(assets.base, dtype) if m in QUANT_METHODS
                             else floor.weight_bytes(assets.base, dtype))
             x["floor_ms"] = round(floor.floor_ms(weights_read + rest, bandwidth["gb_s"]), 3)
             x["vs_floor"] = round(x["ms_per_step"] / x["floor_ms"], 2) if x["floor_ms"] else None
-            if m == "engine_routed_int8":  # the same step with 16-bit weights: the floor no 16-bit engine passes
+            if m in QUANT_METHODS:  # the same step with 16-bit weights: the floor no 16-bit engine passes
                 sixteen = floor.weight_bytes(assets.base, torch.bfloat16) + rest
                 x["floor16_ms"] = round(floor.floor_ms(sixteen, bandwidth["gb_s"]), 3)
                 x["vs_floor16"] = round(x["ms_per_step"] / x["floor16_ms"], 2) if x["floor16_ms"] else None

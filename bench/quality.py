@@ -1,4 +1,4 @@
-"""Quality of `--quant int8`, measured: perplexity on held-out text and greedy agreement, int8
+"""Quality of `--quant int8` and `--quant w8a8`, measured: perplexity on held-out text and greedy agreement, int8
 against the float model, on a GPT-2 whose weights are not random.
 
 The decode benchmarks use random weights (no model hub here), whose logits say nothing about
@@ -7,7 +7,8 @@ data shipped in `training/starter_data` (prose, code, math; the last tenth of ea
 for a fixed time budget, then scores the held-out text with the engine's forward twice: float,
 and with the int8 base weights the engine serves under `--quant int8`. The int8 kernel path is
 forced for the scoring (`Int8Linear.max_rows`), so the activations are rounded to bf16 exactly as
-in a decode step. Greedy agreement: the engine decodes the same held-out prompts greedily both
+in a decode step; w8a8 quantises each row on its own, so a 128-token window scores as its
+tokens would decode. Greedy agreement: the engine decodes the same held-out prompts greedily both
 ways; the figure is the share of tokens before each row's first difference.
 """
 
@@ -163,7 +164,7 @@ def run(cfg: BenchConfig) -> dict:
         f"loss {trained['final_train_loss']}")
     if cfg.tiny:
         held_stream = held_stream[: 4 * CONTEXT + 1]
-    engines = {q: _engine(copy.deepcopy(model), tokenizer, q) for q in ("none", "int8")}
+    engines = {q: _engine(copy.deepcopy(model), tokenizer, q) for q in ("none", "int8", "w8a8")}
     ppl = {q: perplexity(e, held_stream) for q, e in engines.items()}
     gen = torch.Generator().manual_seed(1)
     starts = torch.randint(len(held_stream) - 33, (8,), generator=gen).tolist()
@@ -177,8 +178,11 @@ def run(cfg: BenchConfig) -> dict:
         "float_ppl": round(ppl["none"], 4), "int8_ppl": round(ppl["int8"], 4),
         "int8_ppl_ratio": round(ppl["int8"] / ppl["none"], 5),
         "greedy_agreement": agreement(outs["none"], outs["int8"]),
+        "w8a8_ppl": round(ppl["w8a8"], 4), "w8a8_ppl_ratio": round(ppl["w8a8"] / ppl["none"], 5),
+        "greedy_agreement_w8a8": agreement(outs["none"], outs["w8a8"]),
         "greedy_rows": len(prompts), "greedy_new_tokens": new_tokens,
     }
     log(f"quality: ppl float {result['float_ppl']}, int8 {result['int8_ppl']} "
-        f"(ratio {result['int8_ppl_ratio']}), greedy agreement {result['greedy_agreement']}")
+        f"(ratio {result['int8_ppl_ratio']}), w8a8 {result['w8a8_ppl']} (ratio {result['w8a8_ppl_ratio']}), "
+        f"greedy agreement int8 {result['greedy_agreement']}, w8a8 {result['greedy_agreement_w8a8']}")
     return result

@@ -40,6 +40,12 @@ RATIO_DOC = {
     "routed_int8_vs_routed_b1": "engine routed int8 tok/s ÷ engine routed in the float dtype tok/s, batch 1",
     "routed_int8_vs_routed_b8": "the same at batch 8",
     "int8_ppl_ratio": "held-out perplexity with int8 base weights ÷ float, small GPT-2 trained on the starter data (quality section)",
+    "routed_w8a8_vs_hf_b1": "engine routed with --quant w8a8 (int8 weights and activations) tok/s ÷ HF generate tok/s, batch 1",
+    "routed_w8a8_vs_hf_b8": "the same at batch 8",
+    "routed_w8a8_vs_floor16_b1": "engine routed w8a8 ms per step ÷ the floor of the same step with 16-bit weights, batch 1",
+    "routed_w8a8_vs_routed_b1": "engine routed w8a8 tok/s ÷ engine routed in the float dtype tok/s, batch 1",
+    "routed_w8a8_vs_routed_b8": "the same at batch 8",
+    "w8a8_ppl_ratio": "held-out perplexity under --quant w8a8 ÷ float, the same model as int8_ppl_ratio",
 }
 
 
@@ -96,6 +102,12 @@ def compute_ratios(results: dict) -> dict:
         "routed_int8_vs_routed_b1": ratio(_tok(d, 1, "engine_routed_int8"), _tok(d, 1, "engine_routed")),
         "routed_int8_vs_routed_b8": ratio(_tok(d, 8, "engine_routed_int8"), _tok(d, 8, "engine_routed")),
         "int8_ppl_ratio": results.get("quality", {}).get("int8_ppl_ratio"),
+        "routed_w8a8_vs_hf_b1": ratio(_tok(d, 1, "engine_routed_w8a8"), _tok(d, 1, "hf_generate")),
+        "routed_w8a8_vs_hf_b8": ratio(_tok(d, 8, "engine_routed_w8a8"), _tok(d, 8, "hf_generate")),
+        "routed_w8a8_vs_floor16_b1": d.get("b1", {}).get("engine_routed_w8a8", {}).get("vs_floor16"),
+        "routed_w8a8_vs_routed_b1": ratio(_tok(d, 1, "engine_routed_w8a8"), _tok(d, 1, "engine_routed")),
+        "routed_w8a8_vs_routed_b8": ratio(_tok(d, 8, "engine_routed_w8a8"), _tok(d, 8, "engine_routed")),
+        "w8a8_ppl_ratio": results.get("quality", {}).get("w8a8_ppl_ratio"),
         # structured output: the grammar mask's ms per decode step ÷ the free step (target ≤ 0.10)
         "grammar_mask_share_b1": results.get("grammar", {}).get("ratios", {}).get("mask_share_b1"),
         "grammar_mask_share_b8": results.get("grammar", {}).get("ratios", {}).get("mask_share_b8"),
@@ -131,12 +143,13 @@ def targets(results: dict) -> list[dict]:
             out.append(_target(label, n1000.get(key), limit, higher,
                                lambda v, limit=limit, unit=unit, higher=higher:
                                f"{abs(v - limit):.2f} {unit} {'short' if higher else 'over'}"))
-    out += [_target(f"engine routed int8 ≥ 2.0× HF generate, batch {b}", r.get(f"routed_int8_vs_hf_b{b}"), 2.0, True,
-                    lambda v: f"{v / 2.0:.2f}× of the target") for b in (1, 8)]
-    out.append(_target("engine routed int8 ms/step ≤ 1.0× the 16-bit floor, batch 1", r.get("routed_int8_vs_floor16_b1"),
-                       1.0, False, lambda v: f"{v:.2f}× too slow"))
-    out.append(_target("int8 ÷ float held-out perplexity ≤ 1.01", r.get("int8_ppl_ratio"), 1.01, False,
-                       lambda v: f"{(v - 1) * 100:.2f} % worse"))
+    for q in ("int8", "w8a8"):  # issue 22's targets, for each kind of int8 base weights
+        out += [_target(f"engine routed {q} ≥ 2.0× HF generate, batch {b}", r.get(f"routed_{q}_vs_hf_b{b}"), 2.0,
+                        True, lambda v: f"{v / 2.0:.2f}× of the target") for b in (1, 8)]
+        out.append(_target(f"engine routed {q} ms/step ≤ 1.0× the 16-bit floor, batch 1",
+                           r.get(f"routed_{q}_vs_floor16_b1"), 1.0, False, lambda v: f"{v:.2f}× too slow"))
+        out.append(_target(f"{q} ÷ float held-out perplexity ≤ 1.01", r.get(f"{q}_ppl_ratio"), 1.01, False,
+                           lambda v: f"{(v - 1) * 100:.2f} % worse"))
     return out
 
 
@@ -236,12 +249,14 @@ def markdown(results: dict) -> str:
             lines += [f"PEFT `add_weighted_adapter(cat)`: {rm['merge_ms_per_call']} ms per call (batch 1).", ""]
     q = results.get("quality")
     if q:
-        lines += ["## Quality of --quant int8", "",
+        lines += ["## Quality of --quant int8 and w8a8", "",
                   f"A GPT-2 {q['model']} trained from scratch on the starter data for {q['training']['steps']} steps "
                   f"({q['training']['seconds']} s, final train loss {q['training']['final_train_loss']}); held-out "
                   f"perplexity over {q['held_out_tokens']} tokens: float {q['float_ppl']}, int8 {q['int8_ppl']} "
-                  f"(ratio {q['int8_ppl_ratio']}); greedy agreement (tokens before the first difference, "
-                  f"{q['greedy_rows']} rows × {q['greedy_new_tokens']} tokens): {q['greedy_agreement']}.", ""]
+                  f"(ratio {q['int8_ppl_ratio']}), w8a8 {q.get('w8a8_ppl')} (ratio {q.get('w8a8_ppl_ratio')}); "
+                  f"greedy agreement with float (tokens before the first difference, "
+                  f"{q['greedy_rows']} rows × {q['greedy_new_tokens']} tokens): int8 {q['greedy_agreement']}, "
+                  f"w8a8 {q.get('greedy_agreement_w8a8')}.", ""]
     s = results.get("serving")
     if s:
         lines += ["## Serving (HTTP, streaming, loopback)", ""]

@@ -25,9 +25,9 @@ def build_routing(settings: RoutingSettings, resident: ResidentModel, registry: 
 
 
 def _step(engine: EngineSettings, resident: ResidentModel) -> str:
-    """What `--compile` selects; `--quant int8` stays on the eager step under `auto` (the static
+    """What `--compile` selects; `--quant int8`/`w8a8` stays on the eager step under `auto` (the static
     step reads the float weights; `--compile on` with int8 is refused by the settings)."""
-    if resident.quant == "int8" and engine.compile == "auto":
+    if resident.quant != "none" and engine.compile == "auto":
         return "eager"
     return step_for(engine.compile, resident.device)
 

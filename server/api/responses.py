@@ -57,7 +57,7 @@ class ModelCard(Open):
         None, description="adapters only: `slot` (in a compute slot), `host` (factors in host memory) or `disk` "
                           "(registered; read from the store on first use)")
     dtype: str | None = Field(None, description="the base model only: its float dtype")
-    quantization: str | None = Field(None, description="the base model only: `none` or `int8` (weight-only base weights)")
+    quantization: str | None = Field(None, description="the base model only: `none`, `int8` (weight-only int8 base weights) or `w8a8` (int8 weights and activations)")
 
 
 class ModelList(Open):

@@ -61,6 +61,9 @@ def resolve_quant(name: str, device: torch.device) -> str:
         return "none"
     if name not in quant.QUANTS:
         raise ModelLoadError(f"unknown quantisation {name!r}; choose auto, {', '.join(quant.QUANTS)}")
+    if name == "w8a8" and not quant.w8a8_works(device.type):
+        raise ModelLoadError(f"--quant w8a8 needs fbgemm's int8 GEMM, a CPU kernel this build lacks on {device}; "
+                             "use --quant int8 (weight-only) or none")
     if name == "int8" and not quant.int8pack_works(device.type):
         log.warning("--quant int8: torch's int8 kernel is unavailable on %s; the int8 weights are "
                     "dequantised per call (correct, not faster)", device)
@@ -86,7 +89,7 @@ class ResidentModel:
     fingerprint: str
     module_shapes: dict[str, tuple[int, int]]
     source: str = ""  # what --base-model said (hub id or folder), for messages that quote a command
-    quant: str = "none"  # "int8": the engine reads int8 copies of the base weights (`quant.py`)
+    quant: str = "none"  # "int8"/"w8a8": the engine reads int8 copies of the base weights (`quant.py`)
 
     @property
     def max_positions(self) -> int:

@@ -91,10 +91,10 @@ class Engine:
         cfg = resident.model.config
         self.ctx = LoRABatchContext()
         layers = wrap_targets(resident.model, set(LORA_TARGETS), config.max_loras, self.ctx)
-        if resident.quant == "int8":
+        if resident.quant != "none":
             if config.decode_step != "eager":
-                raise ModelLoadError("--quant int8 runs the eager decode step; use --compile off (or auto)")
-            quant.quantize_model(resident.model, layers.values())
+                raise ModelLoadError(f"--quant {resident.quant} runs the eager decode step; use --compile off (or auto)")
+            quant.quantize_model(resident.model, layers.values(), resident.quant)
         self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype, registry.host)
         full = resident.device.type == "cuda" if config.full_cache is None else config.full_cache
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,

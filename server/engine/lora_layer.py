@@ -32,7 +32,7 @@ from torch import nn
 
 from router_core.arrow import token_gates
 from server.engine import cpu_linear
-from server.engine.quant import Int8Linear
+from server.engine.quant import Int8Kind
 
 
 @dataclass
@@ -194,7 +194,7 @@ class MultiLoRAConv1D(nn.Module):
         self._stacks: dict[tuple[tuple[int, ...], torch.dtype], Stack | None] = {}
         # [out, in] storage of the base weight when oneDNN computes the base matmul (CPU), else None.
         self.weight_t: torch.Tensor | None = None
-        self.int8: Int8Linear | None = None  # `--quant int8`: the base matmul reads this (quant.quantize_model)
+        self.int8: Int8Kind | None = None  # `--quant int8`/`w8a8`: the base matmul reads this (quant.quantize_model)
         # dtype of the cached stacks and of the low-rank products (see the class docstring)
         self.factor_dtype = weight.dtype
         if cpu_linear.onednn_available(weight.device, weight.dtype):

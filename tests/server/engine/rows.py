@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from server.engine import gpt2
 from server.engine.adapter_weights import BaseSpec
 from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
@@ -20,9 +23,10 @@ PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
 
 
 def tiny_engine(store: Path, model_dir: Path, names: tuple[str, ...] = ("alpha", "beta"),
-                **config) -> Engine:
-    """An fp32 engine on the tiny model with `names` from `store` registered (`config`: EngineConfig)."""
-    resident = load_base_model(str(model_dir), "cpu", "float32")
+                quant: str = "none", **config) -> Engine:
+    """An fp32 engine on the tiny model with `names` from `store` registered (`quant`: --quant,
+    `config`: EngineConfig)."""
+    resident = load_base_model(str(model_dir), "cpu", "float32", quant)
     registry = AdapterRegistry()
     spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
     for name in names:
@@ -53,3 +57,16 @@ def held_row(engine: Engine, prompt: list[int], weights: dict[str, float], max_t
 
 def token_ids(events) -> list[int]:
     return [e.token_id for e in events if e.token_id is not None]
+
+
+def prompt_logits(engine: Engine, weights: dict[str, float]) -> torch.Tensor:
+    """Every position's logits for PROMPT under the fixed mixture `weights` ({} = the base), fp32."""
+    versions = [engine.registry.get(n) for n in weights]
+    ctx = engine.ctx
+    if weights:
+        ctx.set(tuple(engine.slots.ensure(versions)), torch.tensor([list(weights.values())]), None)
+    with torch.inference_mode():
+        logits, _ = gpt2.forward(engine.resident.model, torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None],
+                                 engine.cache, all_logits=True)
+    ctx.clear()
+    return logits.float()

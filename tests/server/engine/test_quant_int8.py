@@ -16,7 +16,7 @@ import torch
 from server.engine import gpt2
 from server.engine.quant import Int8Linear, int8pack_works, quantize_per_channel
 from server.settings import EngineSettings, ModelSettings, Settings
-from tests.server.engine.rows import PROMPT, hold, row, tiny_engine, token_ids
+from tests.server.engine.rows import PROMPT, hold, prompt_logits, row, tiny_engine, token_ids
 from tests.tiny import run_engine
 
 
@@ -54,46 +54,19 @@ def test_the_kernel_is_used_on_this_cpu():
     assert int8pack_works("cpu")  # otherwise --quant int8 is correct but not faster: say so loudly
 
 
-def _logits(engine, weights: dict[str, float]) -> torch.Tensor:
-    versions = [engine.registry.get(n) for n in weights]
-    ctx = engine.ctx
-    if weights:
-        ctx.set(tuple(engine.slots.ensure(versions)), torch.tensor([list(weights.values())]), None)
-    with torch.inference_mode():
-        logits, _ = gpt2.forward(engine.resident.model, torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None],
-                                 engine.cache, all_logits=True)
-    ctx.clear()
-    return logits.float()
-
-
-def _int8_engine(store, model_dir):
-    from server.engine.adapter_weights import BaseSpec
-    from server.engine.base_model import load_base_model
-    from server.engine.engine import Engine, EngineConfig
-    from server.engine.registry import AdapterRegistry
-    from server.store.folder import read_adapter
-
-    resident = load_base_model(str(model_dir), "cpu", "float32", "int8")
-    registry = AdapterRegistry()
-    spec = BaseSpec(resident.module_shapes, resident.fingerprint, 64)
-    for name in ("alpha", "beta"):
-        registry.register(read_adapter(name, store / name, spec))
-    return Engine(resident, registry, EngineConfig(max_loras=4))
-
-
 def test_int8_engine_against_the_float_engine(store, tiny_model_dir):
     """Same tiny model, same adapters: int8 base logits within the tolerance of the float ones,
     the LoRA mixture's delta unchanged, the state_dict (and so the fingerprint) untouched."""
-    e32, e8 = tiny_engine(store, tiny_model_dir), _int8_engine(store, tiny_model_dir)
+    e32, e8 = tiny_engine(store, tiny_model_dir), tiny_engine(store, tiny_model_dir, quant="int8")
     assert e8.resident.quant == "int8" and e32.resident.quant == "none"
     assert e8.resident.fingerprint == e32.resident.fingerprint
     assert e8.resident.model.state_dict().keys() == e32.resident.model.state_dict().keys()
     layer = e8.slots.layers["transformer.h.0.attn.c_attn"]
     assert layer.int8 is not None and layer.int8.qweight.dtype == torch.int8
-    base32, base8 = _logits(e32, {}), _logits(e8, {})
+    base32, base8 = prompt_logits(e32, {}), prompt_logits(e8, {})
     assert 0 < _rel(base8, base32) < 0.02
     mix = {"alpha": 0.3, "beta": 0.7}
-    mix32, mix8 = _logits(e32, mix), _logits(e8, mix)
+    mix32, mix8 = prompt_logits(e32, mix), prompt_logits(e8, mix)
     assert _rel(mix8, mix32) < 0.02
     delta32, delta8 = mix32 - base32, mix8 - base8
     assert delta32.norm() > 10 * (base8 - base32).norm()  # the adapters' effect dwarfs the rounding
@@ -104,7 +77,7 @@ def test_int8_greedy_decode_agrees_with_float(store, tiny_model_dir):
     """Greedy decoding through the int8 kernel (one row per step) agrees with the float engine
     token for token, up to a first difference that may only come where float's top two logits
     were within the tolerance of each other (then either choice is a faithful rounding)."""
-    e8, e32 = _int8_engine(store, tiny_model_dir), tiny_engine(store, tiny_model_dir)
+    e8, e32 = tiny_engine(store, tiny_model_dir, quant="int8"), tiny_engine(store, tiny_model_dir)
     weights = {"alpha": 0.5, "beta": 0.5}
     a, b = hold(e8, row(PROMPT, weights, max_tokens=16)), hold(e32, row(PROMPT, weights, max_tokens=16))
     t8, t32 = token_ids(run_engine(e8, [a])[a.id]), token_ids(run_engine(e32, [b])[b.id])
