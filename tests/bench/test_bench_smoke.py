@@ -112,13 +112,17 @@ def test_int8_rows_quality_and_llamacpp(bench_out):
     out, _ = bench_out
     results = json.loads((out / "results.json").read_text())
     ratios = results["ratios"]
-    for key in ("routed_int8_vs_hf_b1", "routed_int8_vs_hf_b8", "routed_int8_vs_floor16_b1", "int8_ppl_ratio"):
-        assert isinstance(ratios[key], float) and ratios[key] > 0, key
-    for batch in ("b1", "b8"):
-        x = results["decode"][batch]["engine_routed_int8"]
-        assert x["tok_s"] > 0
-        # int8 weights: its own floor is below the same step's 16-bit floor
-        assert 0 < x["floor_ms"] < x["floor16_ms"]
+    for q in ("int8", "w8a8"):
+        for key in (f"routed_{q}_vs_hf_b1", f"routed_{q}_vs_hf_b8", f"routed_{q}_vs_floor16_b1", f"{q}_ppl_ratio"):
+            assert isinstance(ratios[key], float) and ratios[key] > 0, key
+        for batch in ("b1", "b8"):
+            x = results["decode"][batch][f"engine_routed_{q}"]
+            assert x["tok_s"] > 0
+            # int8 weights: its own floor is below the same step's 16-bit floor
+            assert 0 < x["floor_ms"] < x["floor16_ms"]
     q = results["quality"]
     assert q["int8_ppl_ratio"] == ratios["int8_ppl_ratio"] and q["float_ppl"] > 0 and 0 <= q["greedy_agreement"] <= 1
+    assert q["w8a8_ppl_ratio"] == ratios["w8a8_ppl_ratio"] and 0 <= q["greedy_agreement_w8a8"] <= 1
+    hf = results["decode"]["b1"]["hf_generate"]  # the TTFT comes from inside the timed generate
+    assert 0 < hf["ttft_ms"] < 1000 * hf["seconds"]
     assert "skipped" in results["llamacpp"] or "ratios" in results["llamacpp"]
