@@ -70,3 +70,20 @@ def prompt_logits(engine: Engine, weights: dict[str, float]) -> torch.Tensor:
                                  engine.cache, all_logits=True)
     ctx.clear()
     return logits.float()
+
+
+def assert_quantised_engine_close(e32: Engine, eq: Engine, tol: float) -> None:
+    """A `--quant` engine against the float one on the same model and adapters: base and mixture
+    logits within `tol` (relative, Frobenius), and the LoRA delta the float one to `tol` (factors
+    and gates stay float), the adapters' effect dwarfing the rounding."""
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    base32, baseq = prompt_logits(e32, {}), prompt_logits(eq, {})
+    assert 0 < rel(baseq, base32) < tol
+    mix = {"alpha": 0.3, "beta": 0.7}
+    mix32, mixq = prompt_logits(e32, mix), prompt_logits(eq, mix)
+    assert rel(mixq, mix32) < tol
+    delta32, deltaq = mix32 - base32, mixq - baseq
+    assert delta32.norm() > 10 * (baseq - base32).norm()  # the adapters' effect dwarfs the rounding
+    assert rel(deltaq, delta32) < tol  # LoRA stays float: its delta is the float one

@@ -16,7 +16,7 @@ import torch
 from server.engine import gpt2
 from server.engine.quant import Int8Linear, int8pack_works, quantize_per_channel
 from server.settings import EngineSettings, ModelSettings, Settings
-from tests.server.engine.rows import PROMPT, hold, prompt_logits, row, tiny_engine, token_ids
+from tests.server.engine.rows import PROMPT, assert_quantised_engine_close, hold, row, tiny_engine, token_ids
 from tests.tiny import run_engine
 
 
@@ -63,14 +63,7 @@ def test_int8_engine_against_the_float_engine(store, tiny_model_dir):
     assert e8.resident.model.state_dict().keys() == e32.resident.model.state_dict().keys()
     layer = e8.slots.layers["transformer.h.0.attn.c_attn"]
     assert layer.int8 is not None and layer.int8.qweight.dtype == torch.int8
-    base32, base8 = prompt_logits(e32, {}), prompt_logits(e8, {})
-    assert 0 < _rel(base8, base32) < 0.02
-    mix = {"alpha": 0.3, "beta": 0.7}
-    mix32, mix8 = prompt_logits(e32, mix), prompt_logits(e8, mix)
-    assert _rel(mix8, mix32) < 0.02
-    delta32, delta8 = mix32 - base32, mix8 - base8
-    assert delta32.norm() > 10 * (base8 - base32).norm()  # the adapters' effect dwarfs the rounding
-    assert _rel(delta8, delta32) < 0.02  # LoRA stays float: its delta is the float one
+    assert_quantised_engine_close(e32, e8, 0.02)
 
 
 def test_int8_greedy_decode_agrees_with_float(store, tiny_model_dir):
