@@ -19,7 +19,7 @@ from server.engine.kv_cache import KVCache
 
 
 def lm_head(model: GPT2LMHeadModel, h: torch.Tensor) -> torch.Tensor:  # h [..., d] -> [..., V]
-    """The tied LM head: its int8 copy under `--quant int8` (`quant.quantize_model`); else on CPU
+    """The tied LM head: its int8 copy under `--quant int8`/`w8a8` (`quant.quantize_model`); else on CPU
     through oneDNN, ~2.5x faster than F.linear at 8 rows (see `cpu_linear`). The tied embedding
     is already [V, d], the layout oneDNN wants."""
     q = getattr(model, "lm_head_int8", None)
