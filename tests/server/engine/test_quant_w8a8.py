@@ -58,6 +58,20 @@ def test_a_row_alone_equals_the_row_in_a_batch():
     assert _rel(batched[0], x[0] @ w.t() + lin.bias) < 0.04  # the 1e-3 row kept its own precision
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_row_stays_in_its_row(bad):
+    """The kernel's range is the whole input's: a NaN or inf row must not move the others' grid
+    (the engine fails a row with non-finite logits alone and keeps serving the rest)."""
+    gen = torch.Generator().manual_seed(2)
+    lin = W8A8Linear(torch.randn(64, 32, generator=gen) * 0.1, torch.randn(64, generator=gen))
+    x = torch.randn(4, 32, generator=gen)
+    with torch.inference_mode():
+        clean = lin(x)
+        x[1, 3] = bad
+        dirty = lin(x)
+    assert torch.equal(dirty[[0, 2, 3]], clean[[0, 2, 3]]) and not bool(dirty[1].isfinite().all())
+
+
 def test_w8a8_engine_against_the_float_engine(store, tiny_model_dir):
     """Same tiny model, same adapters: base and mixture logits within the tolerance of the float
     engine's, the LoRA delta the float one, the state_dict untouched."""
