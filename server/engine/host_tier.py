@@ -164,6 +164,8 @@ class HostTier:
         if self.max_bytes and size > self.max_bytes:
             raise Unavailable(f"adapter {version.name!r} needs {size >> 20} MiB of host memory, more than the "
                               f"whole budget ({self.max_bytes >> 20} MiB, --max-cpu-adapter-mb)")
+        if self._fits(1, size):
+            return  # room already: no pass over the held versions (a register stays O(1) in N)
         victims: list[AdapterVersion] = []
         freed_bytes = 0
         candidates = sorted(self._evictable(), key=lambda v: not v.retired)  # stable: LRU order kept
