@@ -173,13 +173,10 @@ class W8A8Linear(nn.Module):
         with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm's packing still takes one
             warnings.simplefilter("ignore")
             qt = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(out_f, dtype=torch.long), 0)
-            self.packed = torch.ops.quantized.linear_prepack(qt, None)  # fbgemm's packed int8 weight
-        self.qweight, self.scales = q[:, :in_f], scales  # [out, in] int8, [out] bf16: what `dequantized` reads
+            # fbgemm's packed int8 weight, the only copy kept (`linear_unpack` gives it back)
+            self.packed = torch.ops.quantized.linear_prepack(qt, None)
         self.bias = None if bias is None else bias.detach()
         self.in_features, self.out_features = in_f, out_f
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
-        return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
         # four ops around the kernel (each ~5-20 µs at one row; at batch 1 they were ~10 % of a

@@ -36,8 +36,10 @@ def test_w8a8_linear_matches_the_float_linear(rows, dtype):
     ref = x.to(dtype).float() @ w.t() + b.to(dtype).float()
     for i in range(rows):  # every row within the tolerance of its own size, small rows included
         assert _rel(got[i].float(), ref[i]) < 0.04, i
-    q, s = quantize_per_channel(w)  # the same int8 weights as the weight-only path
-    assert torch.equal(lin.qweight, q) and torch.equal(lin.scales, s)
+    q, s = quantize_per_channel(w)  # the same int8 weights as the weight-only path, zeros under the marks
+    packed, _ = torch.ops.quantized.linear_unpack(lin.packed)
+    assert torch.equal(packed.int_repr()[:, :64], q) and not packed.int_repr()[:, 64:].any()
+    assert torch.equal(packed.q_per_channel_scales().to(torch.bfloat16), s)
 
 
 def test_a_row_alone_equals_the_row_in_a_batch():
