@@ -121,7 +121,7 @@ def measure(cfg: BenchConfig, assets, n: int, rounds: int, tokens: int, rng: ran
             prompts = [[rng.randrange(1, vocab) for _ in range(cfg.prompt_tokens)] for _ in range(16)]
             asyncio.run(run_level(server.url, 2, 1, prompts, names[:2], 2))  # warm-up
             one, distinct, cold, warm = [], [], [], []
-            unused = [n for n in names if n not in names[:2]]
+            unused = [name for name in names if name not in names[:2]]
             rng.shuffle(unused)
             for i in range(rounds):  # interleaved: both see the same machine load
                 drawn = [unused.pop() for _ in range(min(8, len(unused)))] or names[:8]

@@ -23,21 +23,24 @@ import torch
 
 from bench.common import BenchConfig, log, random_prompts, setup_torch
 from bench.rig import Assets
+from server.engine.quant import QUANTS
 
 CATEGORIES = ("conv1d_base", "lora", "lm_head", "attention", "kv_write", "kv_concat", "elementwise", "other_ops",
               "python")
 
 
+# the ops a base projection runs as: float (MKL, oneDNN), --quant int8, --quant w8a8
+BASE_OPS = ("aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "quantized::linear_dynamic")
+
+
 def _classify(name: str, shapes: list, vocab: int, rank_cols: set[int]) -> str:
     flat = [d for s in shapes if isinstance(s, list | tuple) for d in s]
-    if name in ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul",
-                "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "quantized::linear_dynamic"):
+    if name in BASE_OPS or name in ("aten::addmm_", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"):
         if vocab in flat:
             return "lm_head"
         if any(d in rank_cols for d in flat):
             return "lora"
-        if name in ("aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
-                    "quantized::linear_dynamic"):
+        if name in BASE_OPS:
             return "conv1d_base"
         return "other_ops"
     if "scaled_dot_product" in name or name.startswith("aten::_flash") or "attention" in name:
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    p.add_argument("--quant", choices=("none", "int8", "w8a8"), default="none", help="the engine's --quant")
+    p.add_argument("--quant", choices=QUANTS, default="none", help="the engine's --quant")
     args = p.parse_args(argv)
     cfg = BenchConfig.make(tiny=args.tiny, device="cpu", threads=args.threads)
     cfg.new_tokens = args.new_tokens if not args.tiny else cfg.new_tokens

@@ -111,8 +111,9 @@ class LoRABatchContext:
         """Per active position, the batch rows that give it a non-zero gate, when computing
         each adapter over its own rows only saves work (`MultiLoRAConv1D._forward_grouped`):
         the non-zero gates are at most half of the [rows with adapters, active] pairs the
-        concatenated path computes (8 rows on 8 different adapters: 8 of 64). CPU gates only (reading them is free there; on a GPU it is a host
-        sync per forward), and None otherwise. Once per forward, for every layer."""
+        concatenated path computes (8 rows on 8 different adapters: 8 of 64). CPU gates only
+        (reading them is free there; on a GPU it is a host sync per forward), and None otherwise.
+        Once per forward, for every layer."""
         if self._grouped is None:
             g = self.gates
             self._grouped = False
