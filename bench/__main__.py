@@ -140,14 +140,14 @@ def finish(results: dict, cfg, started: float) -> dict:
 
 
 def write(results: dict, out: Path) -> list[Path]:
-    from bench import report
+    from bench import plots, report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / "results.md").write_text(report.markdown(results))
     written = [out / "results.json", out / "results.md"]
     try:
-        written += [out / name for name in report.plots(results, out)]
+        written += [out / name for name in plots.plots(results, out)]
     except Exception as e:  # noqa: BLE001 - plots are a bonus: keep the numbers
         results["errors"]["plots"] = f"{type(e).__name__}: {e}"
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -1,11 +1,26 @@
-"""Ratios, the Markdown report and the PNG plots from one run's results."""
+"""Ratios, the issues' targets and the Markdown report from one run's results (the PNG plots: `bench.plots`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from bench.common import ratio
 from bench.decode import LABELS, METHODS, STEP_KINDS
+
+
+def _quant_docs(q: str, kind: str) -> dict[str, str]:
+    """What each of `_quant_ratios`' keys means, for `--quant q`."""
+    return {
+        f"routed_{q}_vs_hf_b1": f"engine routed with --quant {q} ({kind}) tok/s ÷ HF generate tok/s (its faster dtype), "
+                                "batch 1",
+        f"routed_{q}_vs_hf_b8": "the same at batch 8",
+        f"routed_{q}_vs_floor16_b1": f"engine routed {q} ms per step ÷ the floor of the same step with 16-bit weights, "
+                                     "batch 1 (< 1: faster than any 16-bit engine can be)",
+        f"routed_{q}_vs_floor_b1": f"engine routed {q} ms per step ÷ its own (int8) floor, batch 1",
+        f"routed_{q}_vs_routed_b1": f"engine routed {q} tok/s ÷ engine routed in the float dtype tok/s, batch 1",
+        f"routed_{q}_vs_routed_b8": "the same at batch 8",
+        f"{q}_ppl_ratio": f"held-out perplexity under --quant {q} ÷ float, small GPT-2 trained on the starter data "
+                          "(quality section)",
+    }
+
 
 RATIO_DOC = {
     "routed_vs_hf_b1": "engine routed (4 adapters, re-route every 2) tok/s ÷ HF generate tok/s (its faster dtype), batch 1",
@@ -33,19 +48,8 @@ RATIO_DOC = {
     "compiled_vs_eager_step_b1": "engine routed ms per step, eager step ÷ compiled static step, batch 1 (> 1: compiling wins; --compile runs)",
     "compiled_vs_eager_step_b8": "the same at batch 8",
     "compiled_vs_floor_b1": "engine routed with the compiled static step, ms per step ÷ its floor, batch 1 (--compile runs)",
-    "routed_int8_vs_hf_b1": "engine routed with --quant int8 tok/s ÷ HF generate tok/s (its faster dtype), batch 1",
-    "routed_int8_vs_hf_b8": "the same at batch 8",
-    "routed_int8_vs_floor16_b1": "engine routed int8 ms per step ÷ the floor of the same step with 16-bit weights, batch 1 (< 1: faster than any 16-bit engine can be)",
-    "routed_int8_vs_floor_b1": "engine routed int8 ms per step ÷ its own (int8) floor, batch 1",
-    "routed_int8_vs_routed_b1": "engine routed int8 tok/s ÷ engine routed in the float dtype tok/s, batch 1",
-    "routed_int8_vs_routed_b8": "the same at batch 8",
-    "int8_ppl_ratio": "held-out perplexity with int8 base weights ÷ float, small GPT-2 trained on the starter data (quality section)",
-    "routed_w8a8_vs_hf_b1": "engine routed with --quant w8a8 (int8 weights and activations) tok/s ÷ HF generate tok/s, batch 1",
-    "routed_w8a8_vs_hf_b8": "the same at batch 8",
-    "routed_w8a8_vs_floor16_b1": "engine routed w8a8 ms per step ÷ the floor of the same step with 16-bit weights, batch 1",
-    "routed_w8a8_vs_routed_b1": "engine routed w8a8 tok/s ÷ engine routed in the float dtype tok/s, batch 1",
-    "routed_w8a8_vs_routed_b8": "the same at batch 8",
-    "w8a8_ppl_ratio": "held-out perplexity under --quant w8a8 ÷ float, the same model as int8_ppl_ratio",
+    **_quant_docs("int8", "int8 base weights"),
+    **_quant_docs("w8a8", "int8 weights and activations"),
 }
 
 
@@ -95,19 +99,8 @@ def compute_ratios(results: dict) -> dict:
         **({"distinct8_vs_one_n1000": results["many_adapters"]["1000"].get("distinct8_vs_one")}
            if "1000" in results.get("many_adapters", {}) else {}),
         "compiled_vs_floor_b1": _floor(d, 1, "engine_routed_compiled"),
-        "routed_int8_vs_hf_b1": ratio(_tok(d, 1, "engine_routed_int8"), _tok(d, 1, "hf_generate")),
-        "routed_int8_vs_hf_b8": ratio(_tok(d, 8, "engine_routed_int8"), _tok(d, 8, "hf_generate")),
-        "routed_int8_vs_floor16_b1": d.get("b1", {}).get("engine_routed_int8", {}).get("vs_floor16"),
-        "routed_int8_vs_floor_b1": _floor(d, 1, "engine_routed_int8"),
-        "routed_int8_vs_routed_b1": ratio(_tok(d, 1, "engine_routed_int8"), _tok(d, 1, "engine_routed")),
-        "routed_int8_vs_routed_b8": ratio(_tok(d, 8, "engine_routed_int8"), _tok(d, 8, "engine_routed")),
-        "int8_ppl_ratio": results.get("quality", {}).get("int8_ppl_ratio"),
-        "routed_w8a8_vs_hf_b1": ratio(_tok(d, 1, "engine_routed_w8a8"), _tok(d, 1, "hf_generate")),
-        "routed_w8a8_vs_hf_b8": ratio(_tok(d, 8, "engine_routed_w8a8"), _tok(d, 8, "hf_generate")),
-        "routed_w8a8_vs_floor16_b1": d.get("b1", {}).get("engine_routed_w8a8", {}).get("vs_floor16"),
-        "routed_w8a8_vs_routed_b1": ratio(_tok(d, 1, "engine_routed_w8a8"), _tok(d, 1, "engine_routed")),
-        "routed_w8a8_vs_routed_b8": ratio(_tok(d, 8, "engine_routed_w8a8"), _tok(d, 8, "engine_routed")),
-        "w8a8_ppl_ratio": results.get("quality", {}).get("w8a8_ppl_ratio"),
+        **_quant_ratios(results, "int8"),
+        **_quant_ratios(results, "w8a8"),
         # structured output: the grammar mask's ms per decode step ÷ the free step (target ≤ 0.10)
         "grammar_mask_share_b1": results.get("grammar", {}).get("ratios", {}).get("mask_share_b1"),
         "grammar_mask_share_b8": results.get("grammar", {}).get("ratios", {}).get("mask_share_b8"),
@@ -115,6 +108,20 @@ def compute_ratios(results: dict) -> dict:
             results.get("grammar", {}).get("ratios", {}).get("constrained_vs_free_step_b1"),
         "grammar_constrained_vs_free_step_b8":
             results.get("grammar", {}).get("ratios", {}).get("constrained_vs_free_step_b8"),
+    }
+
+
+def _quant_ratios(results: dict, q: str) -> dict:
+    """Issue 22's ratios for the engine routed under `--quant q` (`engine_routed_{q}` rows)."""
+    d, m = results.get("decode", {}), f"engine_routed_{q}"
+    return {
+        f"routed_{q}_vs_hf_b1": ratio(_tok(d, 1, m), _tok(d, 1, "hf_generate")),
+        f"routed_{q}_vs_hf_b8": ratio(_tok(d, 8, m), _tok(d, 8, "hf_generate")),
+        f"routed_{q}_vs_floor16_b1": d.get("b1", {}).get(m, {}).get("vs_floor16"),
+        f"routed_{q}_vs_floor_b1": _floor(d, 1, m),
+        f"routed_{q}_vs_routed_b1": ratio(_tok(d, 1, m), _tok(d, 1, "engine_routed")),
+        f"routed_{q}_vs_routed_b8": ratio(_tok(d, 8, m), _tok(d, 8, "engine_routed")),
+        f"{q}_ppl_ratio": results.get("quality", {}).get(f"{q}_ppl_ratio"),
     }
 
 
@@ -350,73 +357,3 @@ def markdown(results: dict) -> str:
     lines += ["## Plots", "", "![throughput](throughput_vs_concurrency.png) ![latency](latency_cdf.png) "
               "![decode](decode_vs_hf.png)", ""]
     return "\n".join(lines)
-
-
-# -- plots --------------------------------------------------------------------------------------------------
-def plots(results: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    s, d = results.get("serving"), results.get("decode")
-    if s and s.get("levels"):
-        levels = [(int(c), x) for c, x in s["levels"].items() if x.get("tokens")]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([c for c, _ in levels], [x["agg_tok_s"] for _, x in levels], "o-", label="Switchboard HTTP (mixed adapters)")
-        if s.get("peft_mixed8_tok_s"):
-            ax.axhline(s["peft_mixed8_tok_s"], color="C1", ls="--", label="PEFT mixed batch of 8 (in-process)")
-        if d and d.get("b8"):
-            ax.axhline(d["b8"]["hf_generate"]["tok_s"], color="C2", ls=":", label="HF generate batch 8 (no adapter)")
-        ax.set_xlabel("concurrent streaming clients")
-        ax.set_ylabel("aggregate tokens / s")
-        ax.set_xticks([c for c, _ in levels])
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title("Throughput vs concurrency")
-        fig.tight_layout()
-        fig.savefig(out / "throughput_vs_concurrency.png", dpi=120)
-        plt.close(fig)
-        written.append("throughput_vs_concurrency.png")
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for c, x in levels:
-            for ax, key in zip(axes, ("itl_ms", "ttft_ms"), strict=True):
-                xs = [max(v, 1e-3) for v in sorted(x["samples"][key])]
-                if xs:
-                    ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], drawstyle="steps-post",
-                            marker="o" if len(xs) < 20 else None, ms=3, label=f"{c} client{'s' if c > 1 else ''}")
-        for ax, title in zip(axes, ("inter-token latency", "time to first token"), strict=True):
-            ax.set_xscale("log")
-            ax.set_ylim(0, 1.02)
-            ax.set_xlabel("ms (log scale)")
-            ax.set_ylabel("fraction ≤ x")
-            ax.set_title(f"CDF: {title}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "latency_cdf.png", dpi=120)
-        plt.close(fig)
-        written.append("latency_cdf.png")
-    if d:
-        batches = [b for b in (1, 8) if d.get(f"b{b}")]
-        fig, ax = plt.subplots(figsize=(9, 4))
-        width = 0.8 / max(len(batches), 1)
-        for j, b in enumerate(batches):
-            hf = d[f"b{b}"]["hf_generate"]["tok_s"]
-            vals = [d[f"b{b}"][m]["tok_s"] / hf for m in METHODS]
-            ax.bar([i + j * width for i in range(len(METHODS))], vals, width, label=f"batch {b}")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(METHODS))])
-        ax.set_xticklabels([m.replace("_", "\n") for m in METHODS], fontsize=8)
-        ax.set_ylabel("tok/s ÷ HF generate (same batch)")
-        ax.set_title("Decode speed relative to HF generate")
-        ax.legend()
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "decode_vs_hf.png", dpi=120)
-        plt.close(fig)
-        written.append("decode_vs_hf.png")
-    return written
