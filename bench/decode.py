@@ -252,8 +252,7 @@ def run(cfg: BenchConfig, assets) -> dict:
             "engine_fixed": lambda: run_engine(rig, prompts, cfg, routed=False),
             "engine_routed_once": lambda: run_engine(rig, prompts, cfg, routed=True, reroute_every=0),
             "engine_routed": lambda: run_engine(rig, prompts, cfg, routed=True),
-            **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in quant_rigs.items()},
-            **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in rigs.items()},
+            **{m: (lambda r=r: run_engine(r, prompts, cfg, routed=True)) for m, r in {**quant_rigs, **rigs}.items()},
         }
 
     # Warm up every path once (lazy initialisation, allocator, stacked LoRA factors).
