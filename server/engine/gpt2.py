@@ -8,7 +8,10 @@ token each, every row at its own position).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +41,51 @@ def lm_head(model: GPT2LMHeadModel, h: torch.Tensor) -> torch.Tensor:  # h [...,
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
-def mlp(block: Any, h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The block's MLP (dropout is off in eval)."""
-    m = block.mlp
-    if activation in TANH_GELU:
-        return m.c_proj(F.gelu(m.c_fc(h), approximate="tanh"))
-    return m(h)
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Block(NamedTuple):
+    """One transformer block's parts as `forward` calls them.
+
+    Why: a decode step at batch 1 is ~40 % Python on CPU, and reading them off the modules cost
+    ~10 `nn.Module.__getattr__` (a Python function each) and 7 `nn.Module.__call__` (hook checks)
+    per block, every step. Read once per model (`blocks`); the projections are the modules' bound
+    `forward`s (the engine's models have no hooks), so what a wrapper does at call time (its
+    gates, its `--quant` copy) is still read then."""
+
+    ln_1: tuple[torch.Tensor, torch.Tensor, float]  # LayerNorm weight, bias, eps
+    c_attn: Op  # [N, T, d] -> [N, T, 3d]
+    attn_proj: Op  # [N, T, d] -> [N, T, d]
+    ln_2: tuple[torch.Tensor, torch.Tensor, float]
+    c_fc: Op  # [N, T, d] -> [N, T, 4d]
+    act: Op
+    mlp_proj: Op  # [N, T, 4d] -> [N, T, d]
+    scaling: float  # the attention's 1/sqrt(head dim) (or HF's variant of it)
+
+
+_BLOCKS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Block, ...]] = weakref.WeakKeyDictionary()
+
+
+def blocks(model: GPT2LMHeadModel) -> tuple[Block, ...]:
+    """The model's blocks as `Block`s, built on first use. Whoever replaces a module of the model
+    after that (`lora_layer.wrap_targets`) calls `forget`."""
+    hit = _BLOCKS.get(model)
+    if hit is None:
+        act = model.config.activation_function
+        hit = _BLOCKS[model] = tuple(_block(b, act) for b in model.transformer.h)
+    return hit
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Drop `model`'s cached `blocks` (its modules were replaced)."""
+    _BLOCKS.pop(model, None)
+
+
+def _block(b: Any, activation: str) -> Block:
+    act = functools.partial(F.gelu, approximate="tanh") if activation in TANH_GELU else b.mlp.act
+    return Block((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), b.attn.c_attn.forward, b.attn.c_proj.forward,
+                 (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps), b.mlp.c_fc.forward, act, b.mlp.c_proj.forward,
+                 float(b.attn.scaling))
 
 
 def forward(
@@ -69,7 +111,7 @@ def forward(
     tr: Any = model.transformer  # HF's module attributes are untyped
     cfg = model.config
     B, T = input_ids.shape
-    d, act = cfg.n_embd, cfg.activation_function  # read once: a config attribute costs ~1 µs a read
+    d = cfg.n_embd  # read once: a config attribute costs ~1 µs a read
     H, hd = cfg.n_head, d // cfg.n_head
     dev = input_ids.device
     rows = slice(row_start, row_start + B)
@@ -89,13 +131,10 @@ def forward(
         key_pos = torch.arange(L, device=dev)
         mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, L] causal per row
     row_idx = torch.arange(row_start, row_start + B, device=dev) if T == 1 and not aligned else None
-    for layer, block in enumerate(tr.h):
-        attn = block.attn
-        h = block.ln_1(x)
-        q, k, v = attn.c_attn(h).split(d, dim=2)  # each [B, T, d]
-        q = q.view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, H, hd).transpose(1, 2)
-        v = v.view(B, T, H, hd).transpose(1, 2)
+    shape = (d,)
+    for layer, blk in enumerate(blocks(model)):
+        h = torch.layer_norm(x, shape, *blk.ln_1)
+        q, k, v = blk.c_attn(h).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
         ck, cv = cache.keys[layer], cache.values[layer]  # [Bcap, H, Tcap, hd]
         if row_idx is not None:  # decode, rows at different positions
             ck[row_idx, :, first] = k[:, :, 0]
@@ -104,13 +143,13 @@ def forward(
             ck[rows, :, start:start + T] = k
             cv[rows, :, start:start + T] = v
         if fresh_prefill:  # plain causal attention over the prompts themselves, no mask or cache read
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=blk.scaling)
         else:  # mask is None when all rows decode at one position: every cached key is visible
             y = F.scaled_dot_product_attention(q, ck[rows, :, :L], cv[rows, :, :L], attn_mask=mask,
-                                               scale=attn.scaling)
+                                               scale=blk.scaling)
         y = y.transpose(1, 2).reshape(B, T, d)  # [B, T, d]
-        x = x + attn.c_proj(y)
-        x = x + mlp(block, block.ln_2(x), act)
+        x = x + blk.attn_proj(y)
+        x = x + blk.mlp_proj(blk.act(blk.c_fc(torch.layer_norm(x, shape, *blk.ln_2))))
     hidden = tr.ln_f(x)  # [B, T, d]
     if not logits:
         return None, hidden
