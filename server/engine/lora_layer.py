@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from router_core.arrow import token_gates
@@ -74,7 +75,7 @@ class ArrowRows:
 class Stack(NamedTuple):
     """The active slots' factors of one layer, concatenated along the rank axis."""
 
-    a: torch.Tensor  # [in, R]
+    a_t: torch.Tensor  # [R, in]: A transposed, what `F.linear` reads (see `_stack`)
     b: torch.Tensor  # [R, out], scales folded in
     cols: torch.Tensor  # [R] long: position in `active` of each rank column
     layout: tuple[tuple[int, int], ...]  # (position in `active`, rank) of each slot with factors here
@@ -256,13 +257,15 @@ class MultiLoRAConv1D(nn.Module):
             if a is None or b is None:
                 continue
             layout.append((pos, int(a.shape[1])))
-            a_parts.append(a.to(self.factor_dtype))
+            a_parts.append(a.to(self.factor_dtype).t())
             b_parts.append(b.to(self.factor_dtype))
             cols.append(torch.full((a.shape[1],), pos, dtype=torch.long, device=a.device))
         stack = None
         if a_parts:
             stack = Stack(
-                torch.cat(a_parts, dim=1),  # [in, R]
+                # [R, in]: at one row F.linear over this layout is 1.5-1.8x faster than x @ A over
+                # [in, R] (MKL, fp32, cold cache: 97 vs 170 µs for 3072 x 64), 1.2x at eight
+                torch.cat(a_parts, dim=0),
                 torch.cat(b_parts, dim=0),  # [R, out]
                 torch.cat(cols),  # [R] position in `active` of each rank column
                 tuple(layout),
@@ -281,16 +284,16 @@ class MultiLoRAConv1D(nn.Module):
         x2 = x.reshape(B * T, self.in_features)  # [B*T, in]
         if stack is None:  # no adapter in this batch targets this module
             return self._base(x2).view(B, T, self.out_features)  # what Conv1D computes
-        a_cat, b_cat, cols, layout = stack
+        a_t, b_cat, cols, layout = stack
         if T > 1 and len(layout) > 1 and (groups := ctx.groups()) is not None:
             return self._forward_grouped(x, stack, groups)
         g, zero = ctx.gates_for(layout, cols, b_cat.dtype)  # [b, R] each
         rows = ctx.rows
         y = self._base(x2)  # [B*T, out]
         xa = x2 if rows is None else x[rows].reshape(-1, self.in_features)
-        if xa.dtype != a_cat.dtype:  # fp32 factors beside bf16 weights (a no-op `.to` costs ~2 µs)
-            xa = xa.to(a_cat.dtype)
-        h = gated(xa @ a_cat, g, T, zero)  # [b*T, R]; a_cat and b_cat share the factor dtype
+        if xa.dtype != a_t.dtype:  # fp32 factors beside bf16 weights (a no-op `.to` costs ~2 µs)
+            xa = xa.to(a_t.dtype)
+        h = gated(F.linear(xa, a_t), g, T, zero)  # [b*T, R]; a_t and b_cat share the factor dtype
         if rows is not None:
             delta = (h @ b_cat).view(-1, T, self.out_features).to(y.dtype)  # [b, T, out]
             return y.view(B, T, self.out_features).index_add(0, rows, delta)
@@ -315,7 +318,7 @@ class MultiLoRAConv1D(nn.Module):
         assert ctx.gates is not None
         B, T = x.shape[0], x.shape[1]
         y = self._base(x.reshape(B * T, self.in_features))  # [B*T, out]
-        a_cat, b_cat, _, layout = stack
+        a_t, b_cat, _, layout = stack
         # fp32 factors beside bf16 weights: the delta summed in fp32 and rounded into y once;
         # factors in y's dtype: added into y directly, as the concatenated path's addmm_ does
         same = b_cat.dtype == y.dtype
@@ -323,12 +326,12 @@ class MultiLoRAConv1D(nn.Module):
             torch.zeros(B, T, self.out_features, dtype=b_cat.dtype, device=y.device)
         at = 0
         for pos, r in layout:
-            a, b, at = a_cat[:, at:at + r], b_cat[at:at + r], at + r
+            a, b, at = a_t[at:at + r], b_cat[at:at + r], at + r
             rows = groups[pos]
             if rows.numel() == 0:
                 continue
             g = ctx.gates[rows, pos].to(b.dtype)  # [n]
-            h = x[rows].reshape(-1, self.in_features).to(a.dtype) @ a  # [n*T, r]
+            h = F.linear(x[rows].reshape(-1, self.in_features).to(a.dtype), a)  # [n*T, r]
             h = (h.view(-1, T, r) * g[:, None, None]).view(-1, r)
             delta.index_add_(0, rows, (h.to(b.dtype) @ b).view(-1, T, self.out_features))
         if same:
@@ -348,7 +351,7 @@ class MultiLoRAConv1D(nn.Module):
         stack = self._stack(ctx.active)
         if stack is None:  # no active adapter targets this module
             return y.view(B, T, self.out_features)
-        a_cat, b_cat, cols, _ = stack
+        a_t, b_cat, cols, _ = stack
         protos, has = self._proto_stack(ctx.active)  # [E, in], [E]
         gates = ctx.gates.to(b_cat.dtype)  # [B, E]
         per_token = gates[:, None, :].expand(B, T, gates.shape[1]).clone()  # [B, T, E]
@@ -356,7 +359,7 @@ class MultiLoRAConv1D(nn.Module):
         w = token_gates(x[arrow.rows], protos.to(x.device), candidates, arrow.top_k, arrow.temperature)  # [a, T, E]
         arrow.observe(w)
         per_token[arrow.rows] = w.to(per_token.dtype)
-        h = (x2.to(a_cat.dtype) @ a_cat) * per_token.view(B * T, -1)[:, cols]  # [B*T, R]
+        h = F.linear(x2.to(a_t.dtype), a_t) * per_token.view(B * T, -1)[:, cols]  # [B*T, R]
         return y.add_((h.to(b_cat.dtype) @ b_cat).to(y.dtype)).view(B, T, self.out_features)
 
 

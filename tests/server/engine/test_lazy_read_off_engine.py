@@ -6,6 +6,7 @@ and a read that fails ends that row alone."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from server.engine.adapter_weights import BaseSpec
@@ -81,10 +82,12 @@ def _tokens(events: list) -> list[int]:
 
 
 def _steps(engine: Engine, until, limit: int = 500) -> None:
-    for _ in range(limit):
+    for i in range(limit):
         if until():
             return
         engine.step()
+        if i >= 50:  # the reader thread needs the CPU too: on a loaded machine 500 bare steps were not enough
+            time.sleep(0.002)
     raise AssertionError("the engine did not get there")
 
 
