@@ -42,7 +42,7 @@ def engine_adapter_tensors(rig):
         yield from layer.lora_b
         for stack in layer._stacks.values():
             if stack is not None:
-                yield from (stack.a, stack.b, stack.cols)
+                yield from (stack.a_t, stack.b, stack.cols)
 
 
 def _median(xs: list[float]) -> float:
@@ -145,7 +145,7 @@ def stack_cache(assets, rig) -> dict:
     """The engine's stacked-factor cache as the decode section left it (filling a slot clears it,
     so this is read before anything else here touches the slots)."""
     stacks = [t for layer in rig.engine.slots.layers.values() for st in layer._stacks.values() if st
-              for t in (st.a, st.b, st.cols)]
+              for t in (st.a_t, st.b, st.cols)]
     routed = sum(rig.registry.get(n).weights.nbytes for n in assets.folders if n in rig.registry)
     return {"bytes": tensor_bytes(stacks), "routed_adapters_param_bytes": routed,
             "vs_routed_adapters": ratio(tensor_bytes(stacks), routed),
