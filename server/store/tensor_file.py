@@ -20,8 +20,8 @@ import os
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -38,8 +38,7 @@ class TensorFileError(ValueError):
     """The file is no readable safetensors file (the message says why)."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
 
@@ -121,14 +120,19 @@ def _entry(name: str, info: object) -> tuple[int, int, str, TensorInfo]:
     if not isinstance(info, dict):
         raise TensorFileError(f"tensor {name!r}: header entry is not an object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(code, str) or code not in DTYPES:
+    if type(code) is not str or code not in DTYPES:
         raise TensorFileError(f"tensor {name!r}: dtype {code!r} is not supported")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+    if not _sizes(shape):
         raise TensorFileError(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+    if not (_sizes(offsets) and len(offsets) == 2):
         raise TensorFileError(f"tensor {name!r}: data_offsets {offsets!r} are not two byte offsets")
     begin, end = offsets
     dtype = DTYPES[code]
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise TensorFileError(f"tensor {name!r}: bytes {begin}..{end} do not hold a {code} tensor of shape {shape}")
     return begin, end, name, TensorInfo(dtype, tuple(shape))
+
+
+def _sizes(v: object) -> bool:
+    """A JSON list of non-negative integers (not bools); checked at C speed, 72 entries a file."""
+    return type(v) is list and set(map(type, v)) <= {int} and min(v, default=0) >= 0
