@@ -2,11 +2,13 @@
 
 Everything is checked before anything is installed (files, JSON, target modules, shapes, rank,
 base fingerprint), so a refused adapter leaves the registry exactly as it was. Weights are read
-with safetensors only: a pickle `adapter_model.bin` is refused without being opened.
+from safetensors files only (`tensor_file`): a pickle `adapter_model.bin` is refused without
+being opened.
 
 Two depths: `index_adapter` checks everything but the factors' values (config, metadata, the
 safetensors header's names, shapes and dtypes; centroids) and gives weights whose `loader` reads
-and checks the values later, on first use; `read_adapter` does both at once (the admin API).
+and checks the values later, on first use; `read_adapter` does both at once (the admin API), in
+one read: the loader checks the header's names, dtypes and shapes with the same messages.
 Thousands of adapters are indexed at start in the time it takes to read their headers.
 """
 
@@ -174,15 +176,16 @@ def _index_tensors(path: Path, rank: int, spec: BaseSpec) -> tuple[list[str], in
 
 
 SCRATCH_BYTES = 16 << 20
-CHUNK_BYTES = 192 << 10
+CHUNK_BYTES = 768 << 10  # per chunk of output; whole stacks (1-2.4 MB) came back as fresh pages per register
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # _FLOAT_DTYPES
 _SCRATCH = threading.local()
 
 
 def _scratch(nbytes: int) -> torch.Tensor:
-    """`nbytes` of this thread's read buffer, kept from one read to the next (up to SCRATCH_BYTES):
-    a buffer of MBs malloc'd and freed per read came back as fresh pages each time (~1,500 page
-    faults, ~4 ms a register on this VM; docs/performance.md)."""
+    """`nbytes` of this thread's read buffer, kept from one read to the next (up to SCRATCH_BYTES,
+    so a reading thread holds at most 16 MiB; 6.5 MB for GPT-2 124M at rank 16): a buffer of MBs
+    malloc'd and freed per read came back as fresh pages each time (~1,500 page faults, ~4 ms a
+    register on this VM; docs/performance.md). Nothing returned is a view of it."""
     if nbytes > SCRATCH_BYTES:
         return torch.empty(nbytes, dtype=torch.uint8)
     buf = getattr(_SCRATCH, "buf", None)
@@ -238,7 +241,7 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factor
         stack = buf[at:at + len(modules) * math.prod(shape) * dtype.itemsize].view(dtype).view(len(modules), *shape)
         files.setdefault(side, []).append((modules, stack))
         norms.update(zip(((m, side) for m in modules),
-                         torch.linalg.vector_norm(stack, dim=(1, 2), dtype=torch.float32).tolist(), strict=True))
+                         _norms(stack).tolist(), strict=True))
     largest, budget, s = torch.finfo(spec.dtype).max, factor_budget(spec.dtype), abs(scale)
     for module in sorted({m for m, _ in norms}):
         a, b = norms[module, "A"], norms[module, "B"]
@@ -261,6 +264,12 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factor
                 for m, f in zip(modules[lo:lo + k], t.unbind(0), strict=True):
                     out.setdefault(m, {})[side] = f
     return {m: (out[m]["A"], out[m]["B"]) for m in sorted(out)}
+
+
+def _norms(stack: torch.Tensor) -> torch.Tensor:
+    """The Frobenius norm of each matrix of `stack` [k, m, n], summed in fp32 (fp64 files in fp64)."""
+    wide = torch.float64 if stack.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(stack, dim=(1, 2), dtype=wide)
 
 
 def _check_values(module: str, a32: torch.Tensor, b32: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
