@@ -21,7 +21,7 @@ import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import torch
 
@@ -133,6 +133,6 @@ def _entry(name: str, info: object) -> tuple[int, int, str, TensorInfo]:
     return begin, end, name, TensorInfo(dtype, tuple(shape))
 
 
-def _sizes(v: object) -> bool:
+def _sizes(v: object) -> TypeGuard[list[int]]:
     """A JSON list of non-negative integers (not bools); checked at C speed, 72 entries a file."""
     return type(v) is list and set(map(type, v)) <= {int} and min(v, default=0) >= 0
