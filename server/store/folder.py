@@ -198,12 +198,12 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factor
     """Read and check the factors' values: finite, and finite in the serving dtype once scaled.
     They are kept in the serving dtype (half the host memory of fp32 when serving bf16).
 
-    The file's factors of one side and shape (GPT-2's 12 c_attn lora_A, ...) are read straight
-    into one stack of this thread's read buffer and worked on a few at a time (CHUNK_BYTES of
-    output: a batched transpose into the serving layout, the scale, one norm per factor, the
-    rounding); each module keeps views of those outputs. Per-factor ops were most of a
-    registration at GPT-2's sizes, and outputs of MBs came back as fresh pages from malloc on
-    every register (docs/performance.md)."""
+    The file's factors of one side, dtype and shape (GPT-2's 12 c_attn lora_A, ...) are read
+    straight into one stack of this thread's read buffer: one norm call per stack, then a few
+    factors at a time (CHUNK_BYTES of output) a batched transpose into the serving layout, the
+    scale and the rounding; each module keeps views of those outputs. Per-factor ops were most
+    of a registration at GPT-2's sizes, and outputs of MBs came back as fresh pages from malloc
+    on every register (docs/performance.md)."""
     if path.stat().st_size > MAX_ADAPTER_BYTES:
         raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
     stacks: list[tuple[str, list[str], torch.dtype, tuple[int, ...], int]] = []  # side, modules, dtype, shape, at
