@@ -220,6 +220,7 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factor
             kinds.setdefault(("B", b.dtype, b.shape), []).append(module)
         offsets, at = {}, 0
         for (side, dtype, shape), modules in kinds.items():
+            at += -at % 64  # each stack aligned (a 2-byte stack of odd size would misalign the next)
             stacks.append((side, modules, dtype, shape, at))
             for m in modules:
                 offsets[pairs[m][side]] = at

@@ -1,11 +1,12 @@
 """A safetensors file read straight into memory its caller chose: the header parsed and checked,
-then every tensor's bytes read once, in file order, into the tensor `place` gave for it.
+then every tensor's bytes read once, in one `preadv`, to the offset `place` chose for it in the
+buffer `place` gave.
 
 Why not `safetensors.torch.load_file`: for an adapter's 72 small factors it made 72 tensors, one
 call and one copy out of a memory map each (4.5 ms of the 6.5 MB rank-16 adapter of GPT-2 124M,
 against ~1 ms for reading the bytes; docs/performance.md), and the register then copied every
-factor once more into stacks of its own. Here the caller hands out slices of a few stacked
-buffers (`server.store.folder`), so the file's bytes land where the register works on them.
+factor once more into stacks of its own. Here the caller places the factors in stacks of one
+buffer (`server.store.folder`), so the file's bytes land where the register works on them.
 
 The header is checked as safetensors checks it: its length, a JSON object, every entry's dtype,
 shape and byte range, the ranges tiling the data with no gap or overlap up to the file's end.
