@@ -2,11 +2,13 @@
 
 Everything is checked before anything is installed (files, JSON, target modules, shapes, rank,
 base fingerprint), so a refused adapter leaves the registry exactly as it was. Weights are read
-with safetensors only: a pickle `adapter_model.bin` is refused without being opened.
+from safetensors files only (`tensor_file`): a pickle `adapter_model.bin` is refused without
+being opened.
 
 Two depths: `index_adapter` checks everything but the factors' values (config, metadata, the
 safetensors header's names, shapes and dtypes; centroids) and gives weights whose `loader` reads
-and checks the values later, on first use; `read_adapter` does both at once (the admin API).
+and checks the values later, on first use; `read_adapter` does both at once (the admin API), in
+one read: the loader checks the header's names, dtypes and shapes with the same messages.
 Thousands of adapters are indexed at start in the time it takes to read their headers.
 """
 
@@ -15,17 +17,19 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from router_core import store_rules
 from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FILE, META_FILE, StoreRuleError
 from server.engine.adapter_weights import AdapterWeights, BaseSpec, Factors
 from server.engine.errors import InvalidAdapter, InvalidRequest, out_of_memory
+from server.store.tensor_file import TensorFileError, TensorInfo, read_into
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024  # adapter_config.json and switchboard.json are a few hundred bytes
@@ -171,37 +175,102 @@ def _index_tensors(path: Path, rank: int, spec: BaseSpec) -> tuple[list[str], in
     return sorted(pairs), numel * itemsize
 
 
+SCRATCH_BYTES = 16 << 20
+CHUNK_BYTES = 768 << 10  # per chunk of output; whole stacks (1-2.4 MB) came back as fresh pages per register
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # _FLOAT_DTYPES
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> torch.Tensor:
+    """`nbytes` of this thread's read buffer, kept from one read to the next (up to SCRATCH_BYTES,
+    so a reading thread holds at most 16 MiB; 6.5 MB for GPT-2 124M at rank 16): a buffer of MBs
+    malloc'd and freed per read came back as fresh pages each time (~1,500 page faults, ~4 ms a
+    register on this VM; docs/performance.md). Nothing returned is a view of it."""
+    if nbytes > SCRATCH_BYTES:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _SCRATCH.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
 def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factors:
     """Read and check the factors' values: finite, and finite in the serving dtype once scaled.
-    They are kept in the serving dtype (half the host memory of fp32 when serving bf16)."""
-    largest = torch.finfo(spec.dtype).max
+    They are kept in the serving dtype (half the host memory of fp32 when serving bf16).
+
+    The file's factors of one side, dtype and shape (GPT-2's 12 c_attn lora_A, ...) are read
+    straight into one stack of this thread's read buffer: one norm call per stack, then a few
+    factors at a time (CHUNK_BYTES of output) a batched transpose into the serving layout, the
+    scale and the rounding; each module keeps views of those outputs. Per-factor ops were most
+    of a registration at GPT-2's sizes, and outputs of MBs came back as fresh pages from malloc
+    on every register (docs/performance.md)."""
     if path.stat().st_size > MAX_ADAPTER_BYTES:
         raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
+    stacks: list[tuple[str, list[str], torch.dtype, tuple[int, ...], int]] = []  # side, modules, dtype, shape, at
+
+    def place(infos: dict[str, TensorInfo]) -> tuple[torch.Tensor, dict[str, int]]:
+        pairs = _pair_keys(list(infos), spec, path)
+        kinds: dict[tuple[str, torch.dtype, tuple[int, ...]], list[str]] = {}
+        for module, ab in sorted(pairs.items()):
+            a, b = infos[ab["A"]], infos[ab["B"]]
+            if a.dtype not in _FLOATS or b.dtype not in _FLOATS:
+                raise InvalidAdapter(f"module {module!r}: LoRA weights must be floating point")
+            _check_shapes(module, a.shape, b.shape, rank, spec)
+            kinds.setdefault(("A", a.dtype, a.shape), []).append(module)
+            kinds.setdefault(("B", b.dtype, b.shape), []).append(module)
+        offsets, at = {}, 0
+        for (side, dtype, shape), modules in kinds.items():
+            at += -at % 64  # each stack aligned (a 2-byte stack of odd size would misalign the next)
+            stacks.append((side, modules, dtype, shape, at))
+            for m in modules:
+                offsets[pairs[m][side]] = at
+                at += math.prod(shape) * dtype.itemsize
+        held.append(_scratch(at))
+        return held[0], offsets
+
+    held: list[torch.Tensor] = []
     try:
-        raw = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        read_into(path, MAX_ADAPTER_BYTES, place)
+    except TensorFileError as e:
         raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
-    pairs = _pair_keys(list(raw), spec, path)
-    modules = sorted(pairs)
-    for module in modules:
-        _check_shapes(module, tuple(raw[pairs[module]["A"]].shape), tuple(raw[pairs[module]["B"]].shape), rank, spec)
-    # the values checked over all modules at once (one fp32 norm per factor, two list ops), not
-    # a dozen small ops per module: at GPT-2's projections most of a registration was per-op
-    # overhead (docs/performance.md). A module the bounds below do not clear outright (NaN, inf,
-    # or near a bound) takes the exact checks one by one, with their messages.
-    a32 = [raw[pairs[m]["A"]].float() for m in modules]
-    b32 = [raw[pairs[m]["B"]].float() for m in modules]
-    a_l2, b_l2 = (torch.stack(torch._foreach_norm(t, 2)).tolist() for t in (a32, b32))  # NaN/inf stay so
-    budget, s = factor_budget(spec.dtype), abs(scale)
-    for i, module in enumerate(modules):
+    buf = held[0]
+    # one fp32 norm per factor, each side and shape at once; a module the bounds below do not clear
+    # outright (NaN, inf, or near a bound) takes the exact checks, with their messages
+    files: dict[str, list[tuple[list[str], torch.Tensor]]] = {}  # side -> (its modules, their stack as in the file)
+    norms: dict[tuple[str, str], float] = {}  # (module, side) -> ‖factor‖
+    for side, modules, dtype, shape, at in stacks:
+        stack = buf[at:at + len(modules) * math.prod(shape) * dtype.itemsize].view(dtype).view(len(modules), *shape)
+        files.setdefault(side, []).append((modules, stack))
+        norms.update(zip(((m, side) for m in modules),
+                         _norms(stack).tolist(), strict=True))
+    largest, budget, s = torch.finfo(spec.dtype).max, factor_budget(spec.dtype), abs(scale)
+    for module in sorted({m for m, _ in norms}):
+        a, b = norms[module, "A"], norms[module, "B"]
         # max |a| <= ‖A‖ and max |s·b| <= |s|·‖B‖, so these clear every exact check below
-        if not (a_l2[i] <= budget and a_l2[i] * b_l2[i] * s <= budget and b_l2[i] * s <= largest):
-            _check_values(module, a32[i], b32[i], scale, spec.dtype)
-    out: Factors = {}
-    for m, a, b in zip(modules, a32, b32, strict=True):
-        b_t = torch.empty(b.shape[::-1], dtype=spec.dtype)  # [r, out] <- [out, r]: scaled, transposed,
-        out[m] = (_transposed(a, spec.dtype), torch.mul(b.t(), scale, out=b_t))  # rounded in one pass
-    return out
+        if not (a <= budget and a * b * s <= budget and b * s <= largest):  # NaN/inf fail them too
+            a32, b32 = (next(st[ms.index(module)] for ms, st in files[side] if module in ms).float() for side in "AB")
+            _check_values(module, a32, b32, scale, spec.dtype)
+    # the serving layout, a chunk of factors at a time: A [in, r] <- [r, in], B·scale [r, out] <-
+    # [out, r], in fp32 then rounded once to the serving dtype
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for side, parts in files.items():
+        for modules, stack in parts:
+            k = max(1, CHUNK_BYTES // (4 * stack[0].numel()))
+            for lo in range(0, len(modules), k):
+                t = _transposed(stack[lo:lo + k].float())
+                if side == "B":
+                    t.mul_(scale)
+                if spec.dtype != torch.float32:
+                    t = t.to(spec.dtype)
+                for m, f in zip(modules[lo:lo + k], t.unbind(0), strict=True):
+                    out.setdefault(m, {})[side] = f
+    return {m: (out[m]["A"], out[m]["B"]) for m in sorted(out)}
+
+
+def _norms(stack: torch.Tensor) -> torch.Tensor:
+    """The Frobenius norm of each matrix of `stack` [k, m, n], summed in fp32 (fp64 files in fp64)."""
+    wide = torch.float64 if stack.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(stack, dim=(1, 2), dtype=wide)
 
 
 def _check_values(module: str, a32: torch.Tensor, b32: torch.Tensor, scale: float, dtype: torch.dtype) -> None:
@@ -216,10 +285,21 @@ def _check_values(module: str, a32: torch.Tensor, b32: torch.Tensor, scale: floa
     _check_range(module, a32, b_scaled, dtype)
 
 
-def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t`ᵀ, contiguous, in `dtype`: one copy (`.to` with a memory format keeps a same-dtype view)."""
-    t = t.t()
-    return t.contiguous() if t.dtype == dtype else t.to(dtype, memory_format=torch.contiguous_format)
+def _transposed(stack: torch.Tensor) -> torch.Tensor:
+    """Each matrix of `stack` [k, m, n] transposed, contiguous [k, n, m] (an exact copy). The
+    transpose is a channel shuffle: each [m, n] matrix seen as one channels-last pixel of m·n
+    channels in m groups is shuffled into [n, m], which torch does with FBGEMM's SIMD transpose
+    (`ATen/native/cpu/ChannelShuffleKernel.cpp`); torch's copy of a transposed [16, 768] fp32
+    factor took 3-4x as long, numpy's 2x (docs/performance.md). Where FBGEMM refuses the CPU
+    (x86 without AVX2), numpy's copy."""
+    k, m, n = stack.shape
+    src = stack.contiguous()
+    try:
+        out = torch.native_channel_shuffle(src.view(k, 1, 1, m * n).permute(0, 3, 1, 2), m).view(k, n, m)
+    except RuntimeError:  # "Your CPU does not support FBGEMM"
+        out = torch.empty(k, n, m, dtype=src.dtype)
+        np.copyto(out.numpy(), src.numpy().transpose(0, 2, 1))
+    return out.clone() if out.data_ptr() == src.data_ptr() else out  # never an alias: scaled in place
 
 
 def _load_factors(name: str, path: Path, stamp: tuple[int, int], rank: int, scale: float, spec: BaseSpec) -> Factors:
@@ -275,24 +355,22 @@ def read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
 def read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None = None) -> AdapterWeights:
     """Validate and read one adapter folder; raises InvalidAdapter with the first problem found.
     With `store`, every file must resolve inside it (a file symlinked out of the store is refused)."""
-    weights = index_adapter(name, folder, spec, store)
-    assert weights.loader is not None
-    try:
-        weights.tensors = weights.loader()
-    except MemoryError as e:
-        raise InvalidAdapter(f"{folder.name}: could not be read: MemoryError: {str(e)[:200]}") from None
-    return weights
+    return _guarded(name, folder, spec, store, read=True)
 
 
 def index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None = None) -> AdapterWeights:
     """Validate one adapter folder but the factors' values (read on first use by `loader`)."""
+    return _guarded(name, folder, spec, store, read=False)
+
+
+def _guarded(name: str, folder: Path, spec: BaseSpec, store: Path | None, read: bool) -> AdapterWeights:
     try:
-        return _index_adapter(name, folder, spec, store)
+        return _index_adapter(name, folder, spec, store, read)
     except (OSError, RuntimeError, RecursionError, MemoryError) as e:  # whatever the file system throws
         raise InvalidAdapter(f"{folder.name}: could not be read: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) -> AdapterWeights:
+def _index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None, read: bool) -> AdapterWeights:
     def inside(path: Path) -> Path:
         return path if store is None or not path.exists() else file_in_store(path, store)
 
@@ -318,12 +396,18 @@ def _index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None) 
                 f"resident {spec.fingerprint[:12]}…)"
             )
     st = weights_path.stat()
-    modules, nbytes = _index_tensors(weights_path, rank, spec)
+    loader = partial(_load_factors, name, weights_path, (st.st_size, st.st_mtime_ns), rank, scale, spec)
+    tensors = None
+    if read:  # the read checks all the header index does (names, dtypes, shapes), with its messages
+        tensors = loader()
+        modules = sorted(tensors)
+        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in tensors.values())
+    else:
+        modules, nbytes = _index_tensors(weights_path, rank, spec)
     centroids, embedder = read_centroids(inside(folder / CENTROID_FILE))
     return AdapterWeights(
         name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
-        tensors=None, meta=meta, centroids=centroids, centroid_embedder=embedder,
-        loader=partial(_load_factors, name, weights_path, (st.st_size, st.st_mtime_ns), rank, scale, spec),
-        factor_bytes=nbytes,
+        tensors=tensors, meta=meta, centroids=centroids, centroid_embedder=embedder,
+        loader=loader, factor_bytes=nbytes,
     )

@@ -89,3 +89,41 @@ def test_a_negative_scale_is_bounded_by_its_magnitude(tiny_model_dir, tmp_path, 
     assert read_adapter("neg", folder, specs[torch.float32]).scale < 0
     with pytest.raises(InvalidAdapter, match="overflow"):
         read_adapter("neg", folder, specs[torch.float16])
+
+
+def test_factors_of_mixed_dtypes_in_one_file_equal_the_float_reference(tiny_model_dir, tmp_path, specs):
+    """Factors are read into one stack per side, dtype and shape: a file mixing fp32, bf16, fp16 and
+    fp64 factors splits into several, and each module still gets its own values."""
+    folder = make_adapter(tiny_model_dir, tmp_path / "mixed", seed=8, rank=4, targets=("c_attn", "c_proj", "c_fc"))
+    kinds = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    _edit(folder, lambda k, v: v.to(kinds[(len(k) + ("lora_B" in k)) % 4]))
+    assert len({t.dtype for t in load_file(str(folder / FILE)).values()}) > 2
+    for dtype in (torch.float32, torch.bfloat16):
+        w = read_adapter("mixed", folder, specs[dtype])
+        want = _reference(folder, specs[dtype], w.scale)
+        assert set(w.tensors) == set(want)
+        assert all(torch.equal(w.tensors[m][i], want[m][i]) for m in want for i in (0, 1))
+
+
+def test_integer_factors_are_refused_at_registration(tiny_model_dir, tmp_path, specs):
+    folder = make_adapter(tiny_model_dir, tmp_path / "int", seed=9, rank=4, targets=("c_attn",))
+    _edit(folder, lambda k, v: v.to(torch.int32) if "h.0.attn.c_attn.lora_B" in k else v)
+    with pytest.raises(InvalidAdapter, match="'transformer.h.0.attn.c_attn': LoRA weights must be floating point"):
+        read_adapter("int", folder, specs[torch.float32])
+
+
+def test_stacks_of_odd_byte_sizes_do_not_misalign_the_next(tmp_path):
+    """Factors are read into stacks of one buffer: an fp16 stack of 3 values (6 bytes) must not
+    leave the fp32 and fp64 stacks after it at offsets their dtypes cannot be viewed at."""
+    spec = BaseSpec({"m.a": (3, 5), "m.b": (5, 3)}, "fp", 4)
+    g = torch.Generator().manual_seed(11)
+    factors = {"m.a": (torch.randn(1, 3, generator=g).half(), torch.randn(5, 1, generator=g)),
+               "m.b": (torch.randn(1, 5, generator=g).double(), torch.randn(3, 1, generator=g).half())}
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2}))
+    save_file({f"base_model.model.{m}.lora_{ab}.weight": t for m, pair in factors.items() for ab, t in zip("AB", pair, strict=True)},
+              folder / FILE)
+    w = read_adapter("odd", folder, spec)
+    for m, (a, b) in factors.items():
+        assert torch.equal(w.tensors[m][0], a.float().t()) and torch.equal(w.tensors[m][1], (b.float() * 2.0).t()), m
