@@ -10,8 +10,10 @@ probes and scrapers. CORS is off unless `--allowed-origins` lists origins (or `*
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import importlib.metadata
+import logging
 import time
 from typing import Any
 
@@ -19,9 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from server.api.http_errors import error_body, log_refusal
+from server.api.http_errors import error_body, error_response, log_refusal
+from server.engine.errors import Unavailable
 from server.serving.chat_template import load_template
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 INFERENCE_ENDPOINTS = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
                        "GET /v1/models/{id}")
@@ -81,6 +86,44 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+class PanicGuard:
+    """A library's panic fails its own request, not the server.
+
+    pydantic-core's `PanicException` (a Rust panic, e.g. an allocation the OS refused under a
+    memory limit while a response was serialised: "PyObject pointer is null") derives from
+    BaseException, not Exception, so it passed every handler and ended the server's event loop
+    (tests/product/test_memory_limit.py, about one run in three). Here such an exception becomes
+    a retryable 503 in the OpenAI error shape when no response has started, and an ordinary
+    error (the connection closed) when one has; the server goes on. Cancellation, exit and
+    interrupts pass through untouched."""
+
+    PASS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except (Exception, *self.PASS):
+            raise
+        except BaseException as e:  # noqa: BLE001 - what no handler below takes
+            what = f"{type(e).__name__}: {str(e)[:200]}"
+            log.error("%s %s failed inside a library (%s); the server goes on", scope.get("method"),
+                      scope.get("path"), what)
+            if scope["type"] != "http" or started:
+                raise RuntimeError(f"the request failed inside a library ({what})") from e
+            error = Unavailable(f"the server could not finish this request ({what}); retry it")
+            await error_response(error)(scope, receive, send)
+
+
 def origins(value: str) -> list[str]:
     return [o.strip() for o in value.split(",") if o.strip()]
 
@@ -93,6 +136,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     if s.api_key:
         app.add_middleware(ApiKeyMiddleware, key=s.api_key)
     app.add_middleware(HeadAsGet)  # outside the key check: HEAD is checked like the GET it becomes
+    app.add_middleware(PanicGuard)  # outside the routes' own handlers, inside Starlette's last-resort 500
     if origins(s.allowed_origins):  # added last = outermost: preflights are answered before the key check
         app.add_middleware(CORSMiddleware, allow_origins=origins(s.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in origins(s.allowed_origins))

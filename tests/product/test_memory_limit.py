@@ -66,7 +66,11 @@ def test_store_larger_than_memory_limit_serves_and_refuses_clearly(tmp_path):
                     assert r.status_code == 503, r.text
                     assert "memory" in r.json()["error"]["message"], r.text
             assert client.get("/ready").status_code == 200
-            assert client.get("/v1/models").status_code == 200
+            # listing 600 models needs memory too: at the limit the JSON serialiser itself may be
+            # refused (pydantic-core panicked, which once ended the server): a clear 503 then
+            listing = client.get("/v1/models")
+            assert listing.status_code == 200 or (listing.status_code == 503 and listing.json()["error"]), listing.text
+            assert client.get("/health").status_code == 200  # and the server goes on
         assert proc.poll() is None
     finally:
         stop_process(proc, timeout=30)

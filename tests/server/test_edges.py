@@ -79,3 +79,18 @@ def test_api_key_from_environment(monkeypatch, store, tiny_model_dir):
     from server.settings import ServerSettings
 
     assert ServerSettings().api_key == "E"
+
+
+class _Panic(BaseException):
+    """Like pyo3's `PanicException` (pydantic-core's Rust panics): a BaseException, not an Exception."""
+
+
+def test_a_library_panic_fails_its_request_not_the_server(app_client):
+    async def panics() -> dict:
+        raise _Panic("PyObject pointer is null")
+
+    app_client.app.add_api_route("/panic-test", panics)
+    r = app_client.get("/panic-test")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["error"]["type"] == "service_unavailable" and "_Panic" in r.json()["error"]["message"]
+    assert app_client.get("/v1/models").status_code == 200  # the server goes on
