@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from router_core import store_rules
 from router_core.store_rules import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CENTROID_FILE, META_FILE, StoreRuleError
 from server.engine.adapter_weights import AdapterWeights, BaseSpec, Factors
 from server.engine.errors import InvalidAdapter, InvalidRequest, out_of_memory
-from server.store.tensor_file import TensorFileError, TensorInfo, read_into
+from server.store.tensor_file import DTYPES, TensorFileError, TensorInfo, read_header, read_into
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024  # adapter_config.json and switchboard.json are a few hundred bytes
@@ -123,7 +122,7 @@ def _check_config(cfg: dict, spec: BaseSpec) -> tuple[int, float, float]:
     return rank, float(alpha), float(scale)
 
 
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_FLOATS = frozenset(DTYPES[code] for code in ("F16", "BF16", "F32", "F64"))  # the factor dtypes accepted
 
 
 def _pair_keys(keys: list[str], spec: BaseSpec, path: Path) -> dict[str, dict[str, str]]:
@@ -153,31 +152,35 @@ def _check_shapes(module: str, a: tuple[int, ...], b: tuple[int, ...], rank: int
         )
 
 
+def _checked_pairs(infos: dict[str, TensorInfo], rank: int, spec: BaseSpec, path: Path) -> dict[str, dict[str, str]]:
+    """`_pair_keys` of a file's header, every factor floating point and of its module's shape:
+    the checks an index and a read share, with the same messages."""
+    pairs = _pair_keys(list(infos), spec, path)
+    for module, ab in sorted(pairs.items()):
+        a, b = infos[ab["A"]], infos[ab["B"]]
+        if a.dtype not in _FLOATS or b.dtype not in _FLOATS:
+            raise InvalidAdapter(f"module {module!r}: LoRA weights must be floating point")
+        _check_shapes(module, a.shape, b.shape, rank, spec)
+    return pairs
+
+
 def _index_tensors(path: Path, rank: int, spec: BaseSpec) -> tuple[list[str], int]:
     """Check the safetensors header (names, shapes, dtypes) without reading the values; returns
     the target module paths and the factors' size in the serving dtype."""
     if path.stat().st_size > MAX_ADAPTER_BYTES:
         raise InvalidAdapter(f"{path.name} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            pairs = _pair_keys(keys, spec, path)
-            numel = 0
-            for module, ab in sorted(pairs.items()):
-                sa, sb = f.get_slice(ab["A"]), f.get_slice(ab["B"])
-                if sa.get_dtype() not in _FLOAT_DTYPES or sb.get_dtype() not in _FLOAT_DTYPES:
-                    raise InvalidAdapter(f"module {module!r}: LoRA weights must be floating point")
-                _check_shapes(module, tuple(sa.get_shape()), tuple(sb.get_shape()), rank, spec)
-                numel += math.prod(sa.get_shape()) + math.prod(sb.get_shape())
-    except (SafetensorError, ValueError) as e:
+        infos = read_header(path, MAX_ADAPTER_BYTES)
+    except TensorFileError as e:
         raise InvalidAdapter(f"{path.name} is not a readable safetensors file: {e}") from e
+    pairs = _checked_pairs(infos, rank, spec, path)
+    numel = sum(math.prod(infos[key].shape) for ab in pairs.values() for key in ab.values())
     itemsize = torch.empty((), dtype=spec.dtype).element_size()
     return sorted(pairs), numel * itemsize
 
 
 SCRATCH_BYTES = 16 << 20
 CHUNK_BYTES = 768 << 10  # per chunk of output; whole stacks (1-2.4 MB) came back as fresh pages per register
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # _FLOAT_DTYPES
 _SCRATCH = threading.local()
 
 
@@ -209,13 +212,10 @@ def _read_tensors(path: Path, rank: int, scale: float, spec: BaseSpec) -> Factor
     stacks: list[tuple[str, list[str], torch.dtype, tuple[int, ...], int]] = []  # side, modules, dtype, shape, at
 
     def place(infos: dict[str, TensorInfo]) -> tuple[torch.Tensor, dict[str, int]]:
-        pairs = _pair_keys(list(infos), spec, path)
+        pairs = _checked_pairs(infos, rank, spec, path)
         kinds: dict[tuple[str, torch.dtype, tuple[int, ...]], list[str]] = {}
         for module, ab in sorted(pairs.items()):
             a, b = infos[ab["A"]], infos[ab["B"]]
-            if a.dtype not in _FLOATS or b.dtype not in _FLOATS:
-                raise InvalidAdapter(f"module {module!r}: LoRA weights must be floating point")
-            _check_shapes(module, a.shape, b.shape, rank, spec)
             kinds.setdefault(("A", a.dtype, a.shape), []).append(module)
             kinds.setdefault(("B", b.dtype, b.shape), []).append(module)
         offsets, at = {}, 0

@@ -53,10 +53,7 @@ def read_into(path: Path, max_bytes: int, place: Placer) -> None:
     the offset `place` chose (whatever `place` raises propagates, before any value is read): one
     `preadv` scattering the file's data straight into those places. OSError propagates."""
     with open(path, "rb", buffering=0) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size > max_bytes:
-            raise TensorFileError(f"larger than {max_bytes >> 20} MiB")
-        entries, start = _header(fh, size)
+        entries, start = _checked_header(fh, max_bytes)
         buf, offsets = place({name: info for _, name, info in entries})
         if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
             raise ValueError("place must give a contiguous 1-D uint8 buffer")
@@ -83,6 +80,21 @@ def read_into(path: Path, max_bytes: int, place: Placer) -> None:
 
 
 _IOV_MAX = 1024
+
+
+def read_header(path: Path, max_bytes: int) -> dict[str, TensorInfo]:
+    """Every tensor's dtype and shape, the header checked as `read_into` checks it; no value is read
+    (what indexing a store at start needs)."""
+    with open(path, "rb", buffering=0) as fh:
+        entries, _ = _checked_header(fh, max_bytes)
+    return {name: info for _, name, info in entries}
+
+
+def _checked_header(fh, max_bytes: int) -> tuple[list[tuple[int, str, TensorInfo]], int]:
+    size = os.fstat(fh.fileno()).st_size
+    if size > max_bytes:
+        raise TensorFileError(f"larger than {max_bytes >> 20} MiB")
+    return _header(fh, size)
 
 
 def _header(fh, size: int) -> tuple[list[tuple[int, str, TensorInfo]], int]:
