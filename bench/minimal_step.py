@@ -1,0 +1,124 @@
+"""How far the kernel alone is from the 16-bit floor: `python -m bench.minimal_step`.
+
+Issue 22 asks for a routed batch-1 step at or under the floor a 16-bit engine would have. This
+measures, in one process, three steps of GPT-2 124M (random weights) over a 64-token context:
+
+- `min_fbgemm_only`: the least an eager PyTorch w8a8 step can be here — fbgemm's int8 products,
+  layer norms, attention over a static cache, nothing else (no per-row scaling, so it is not
+  batch invariant: the kernel's own cost);
+- `min_w8a8_rowscaled`: the same through the engine's `W8A8Linear` (per-row scaling, a row's
+  numerics its own);
+- `engine_routed_w8a8`: the engine's step, routed over 4 adapters, re-routing every 2 tokens.
+
+Each is printed with its ratio to the floor of the base weights at 16 bits (the bandwidth
+measured in the same run). The gap between the first and the floor is the kernel's and eager
+PyTorch's; the gap between the second and the third is the engine's (LoRA, routing, sampling,
+its Python). Timings only; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench import floor
+from bench.common import BenchConfig, setup_torch
+from bench.profile_engine import _engine_stepper, _shutdown
+from bench.rig import Assets
+from server.engine.quant import _MARKS, W8A8Linear, _linear_dynamic
+
+Lin = Callable[[W8A8Linear, torch.Tensor], torch.Tensor]
+PROMPT, NEW = 64, 32  # the decode bench's context and steps
+
+
+def _fbgemm_only(m: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The kernel alone: the input padded by the packed weight's mark columns, quantised on one scale."""
+    return _linear_dynamic(F.pad(x, (0, _MARKS)), m.packed, True)
+
+
+class MinimalGPT2:
+    """GPT-2 124M as a bare decode step: w8a8 projections and head, a static KV cache."""
+
+    def __init__(self, d: int = 768, layers: int = 12, heads: int = 12, vocab: int = 50257) -> None:
+        torch.manual_seed(0)
+        self.d, self.heads = d, heads
+
+        def lin(o: int, i: int, bias: bool = True) -> W8A8Linear:
+            return W8A8Linear(torch.randn(o, i) * 0.02, torch.zeros(o) if bias else None)
+
+        self.layers = [{"attn": lin(3 * d, d), "proj": lin(d, d), "fc": lin(4 * d, d), "mproj": lin(d, 4 * d)}
+                       for _ in range(layers)]
+        self.head = lin(vocab, d, bias=False)
+        self.wte, self.wpe = torch.randn(vocab, d) * 0.02, torch.randn(1024, d) * 0.01
+        self.ln = (torch.ones(d), torch.zeros(d))
+
+    def decode(self, lin: Lin, batch: int) -> float:
+        """ms per step over NEW steps after PROMPT steps have filled the cache."""
+        d, H = self.d, self.heads
+        hd = d // H
+        K = [torch.zeros(batch, H, PROMPT + NEW, hd) for _ in self.layers]
+        V = [torch.zeros(batch, H, PROMPT + NEW, hd) for _ in self.layers]
+        ids = torch.zeros(batch, dtype=torch.long)
+        start = 0.0
+        for pos in range(PROMPT + NEW):
+            if pos == PROMPT:
+                start = time.perf_counter()
+            x = self.wte[ids] + self.wpe[pos]  # [B, d]
+            for i, layer in enumerate(self.layers):
+                q, k, v = lin(layer["attn"], F.layer_norm(x, (d,), *self.ln)).split(d, dim=1)
+                K[i][:, :, pos], V[i][:, :, pos] = k.view(batch, H, hd), v.view(batch, H, hd)
+                y = F.scaled_dot_product_attention(q.view(batch, H, 1, hd), K[i][:, :, :pos + 1], V[i][:, :, :pos + 1])
+                x = x + lin(layer["proj"], y.reshape(batch, d))
+                x = x + lin(layer["mproj"], F.gelu(lin(layer["fc"], F.layer_norm(x, (d,), *self.ln)), approximate="tanh"))
+            ids = lin(self.head, F.layer_norm(x, (d,), *self.ln)).argmax(-1)
+        return (time.perf_counter() - start) / NEW * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.minimal_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", default="1,8")
+    args = p.parse_args(argv)
+    cfg = BenchConfig.make(device="cpu", threads=args.threads)
+    setup_torch(cfg.threads)
+    model = MinimalGPT2()
+    minimal: dict[str, Lin] = {"min_fbgemm_only": _fbgemm_only, "min_w8a8_rowscaled": lambda m, x: m(x)}
+    with tempfile.TemporaryDirectory(prefix="switchboard-minimal-") as tmp:
+        assets = Assets(cfg, Path(tmp))
+        rig = assets.engine_rig(quant="w8a8")
+        base16 = floor.weight_bytes(assets.base, torch.bfloat16)
+        for batch in (int(b) for b in args.batches.split(",")):
+            engine_step = _engine_stepper(rig, batch, assets.base.config.vocab_size, cfg)
+            runs: dict[str, list[float]] = {m: [] for m in (*minimal, "engine_routed_w8a8")}
+            gb_s = 0.0
+            for _ in range(args.repeats):  # interleaved, so a disturbance spreads over all three
+                with torch.inference_mode():
+                    for name, lin in minimal.items():
+                        runs[name].append(model.decode(lin, batch))
+                for _ in range(2):
+                    engine_step()
+                start = time.perf_counter()
+                for _ in range(NEW // 2):
+                    engine_step()
+                runs["engine_routed_w8a8"].append((time.perf_counter() - start) / (NEW // 2) * 1e3)
+                gb_s = max(gb_s, floor.measure(torch.device("cpu"), torch.float32, base16, 768)["gb_s"])
+            _shutdown(rig.engine)
+            floor16 = floor.floor_ms(base16, gb_s)
+            print(f"batch {batch}: 16-bit floor of the base weights {floor16:.2f} ms ({gb_s} GB/s, best of the run)")
+            for name, ms in runs.items():
+                med = statistics.median(ms)
+                print(f"  {name:<20} {med:6.2f} ms/step  ÷ floor16 {med / floor16:.2f}  "
+                      f"(repeats {', '.join(f'{x:.1f}' for x in ms)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
