@@ -46,7 +46,7 @@ def take_tokens(seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor |
         block = torch.stack([logits[i] for i in ok]) if ok else torch.empty(0)  # type: ignore[misc]
     if not ok:
         return outcome
-    finite = torch.isfinite(block).all(dim=-1).tolist()  # [b]: NaN/inf logits fail their row alone
+    finite = finite_rows(block)  # [b]: NaN/inf logits fail their row alone
     good = [i for i, f in zip(ok, finite, strict=True) if f]
     for i, f in zip(ok, finite, strict=True):
         if not f:
@@ -70,6 +70,17 @@ def take_tokens(seqs: list[Sequence], logits: torch.Tensor | list[torch.Tensor |
         except Exception as e:
             outcome[i] = row_error(e, "handling its token (stop strings, detokenising)")
     return outcome
+
+
+def finite_rows(block: torch.Tensor) -> list[bool]:
+    """Whether each row of `block` [b, V] is free of NaN and inf. A row's sum is finite only if
+    every value in it is (inf + x is inf or NaN, NaN + x is NaN), so one sum per row settles the
+    usual case; the exact per-value check runs only when a sum is not finite (NaN/inf, or finite
+    values large enough to overflow the sum). Why: `isfinite(block).all(-1)` builds a [b, V] bool
+    tensor and reduces it, ~0.14 ms at one row and ~1.1 ms at eight (one thread), every step;
+    the sum is 0.03-0.05 ms."""
+    sums = block.sum(dim=-1, dtype=torch.float32).isfinite().tolist()  # fp16 sums overflow at 65504
+    return sums if all(sums) else torch.isfinite(block).all(dim=-1).tolist()
 
 
 # The batched device sampler (`device_sampling`) serves the rows it can on CUDA; tests set this
