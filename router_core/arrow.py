@@ -132,8 +132,8 @@ class ArrowRouter:
         return torch.zeros(embeddings.shape[0], len(self.adapter_names))
 
     def route(self, embeddings: Tensor, complexity: Tensor | None = None, *,
-              temperature: float | None = None, top_k: int | None = None) -> Tensor:
-        """Uniform over the candidates `[B, n]` (the layers pick per token)."""
+              temperature: float | None = None, top_k: int | None = None, form: Tensor | None = None) -> Tensor:
+        """Uniform over the candidates `[B, n]` (the layers pick per token); `form` is ignored."""
         n = len(self.adapter_names)
         return torch.full((embeddings.shape[0], n), 1.0 / n) if n else torch.zeros(embeddings.shape[0], 0)
 

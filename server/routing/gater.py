@@ -55,6 +55,18 @@ class Gater:
         tails = [s.route.hidden_tail for s in seqs if s.route.hidden_tail is not None]
         return torch.cat([pool_hidden(t[None].float()) for t in tails])  # [B, d]
 
+    def _form(self, router: Router, seqs: list[Sequence], texts: list[str]) -> torch.Tensor | None:
+        """P(code, request, prose) `[b, 3]` of the rows making their first decision (the prompt,
+        whose sentences show their form), NaN rows for re-routes (a 32-token window does not, and
+        a parse per re-route would cost decode time); None when `router` reads no form."""
+        reader = self.catalogue.form_reader
+        first = [j for j, seq in enumerate(seqs) if not seq.generated]
+        if reader is None or getattr(router, "form_groups", None) is None or not first:
+            return None
+        form = torch.full((len(seqs), 3), float("nan"))  # [b, 3]
+        form[first] = reader.read([texts[j] for j in first])
+        return form
+
     def route(self, seqs: list[Sequence], contexts: list[str] | None = None) -> list[dict[str, float]]:
         """Gates per sequence. `contexts` (from `contexts()`) lets the engine route on a
         snapshot taken on its thread while this runs on another.
@@ -93,7 +105,9 @@ class Gater:
             vectors = self.policy.propose(router, embeddings, complexity=complexity,
                                           previous=[s.route_vector for s in states],
                                           previous_names=[s.route_names for s in states],
-                                          temperature=temperature, top_k=top_k)  # [b, n]
+                                          temperature=temperature, top_k=top_k,
+                                          form=self._form(router, [seqs[i] for i in rows],
+                                                          [text(i) for i in rows]))  # [b, n]
             proposals.append((router, rows, vectors))
         host = to_host([vectors for _, _, vectors in proposals])  # the step's one read
         for (router, rows, vectors), values in zip(proposals, host, strict=True):

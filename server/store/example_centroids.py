@@ -4,7 +4,9 @@
 adapter that arrives with those prompts but without a centroid in the server's embedding space
 (none at all, or one fitted with another embedder) would otherwise be invisible to `model:
 "auto"`. This hook embeds the prompts with the active embedder, the same way
-`POST /admin/adapters {"examples": [...]}` does, and keeps the centroid with the adapter. A
+`POST /admin/adapters {"examples": [...]}` does, and keeps the centroid with the adapter. When
+the centroid router reads form (`router_core.form`), it also reads the form of the first
+examples, even beside a usable centroid, for the adapter's form group (kept in memory only). A
 missing centroid file is written beside the adapter (or beside the name, for a name that borrows
 another adapter's folder) so a restart finds it; one fitted for another embedder is left on disk
 untouched. A broken examples file never refuses the adapter: it is
@@ -13,6 +15,7 @@ served by name, just not routed, and the log says why.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -51,12 +54,23 @@ def read_example_prompts(path: Path, limit: int = MAX_EXAMPLES) -> list[str]:
     return texts
 
 
+async def form_of(routing: Any, name: str, texts: list[str]) -> str | None:
+    """The adapter's form group from its examples, or None (logged) when they cannot be read:
+    the adapter is then routed on topic alone, never refused."""
+    try:
+        return await asyncio.to_thread(routing.example_form, texts)
+    except Exception as e:
+        log.warning("adapter %s: the form of its examples was not read (%s: %s)", name, type(e).__name__, str(e)[:200])
+        return None
+
+
 def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], Any]], Awaitable[Any]]):
     """A `prepare` hook for `AdapterService.load`: fills in the centroid of an adapter that has
     example prompts but no centroid the router can use."""
 
     async def prepare(weights: AdapterWeights) -> str | None:
-        if routing.centroid_usable(weights.centroids, weights.centroid_embedder):
+        usable = routing.centroid_usable(weights.centroids, weights.centroid_embedder)
+        if usable and getattr(routing, "form_reader", None) is None:
             return None
         path = weights.path / EXAMPLES_FILE
         try:
@@ -65,6 +79,10 @@ def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], An
             texts = read_example_prompts(file_in_store(path, routing.store))
             if not texts:
                 raise ValueError("no prompts in it")
+            if weights.example_form is None:  # the form group the centroid router's form term needs
+                weights.example_form = await form_of(routing, weights.name, texts)
+            if usable:
+                return None
             emb = await routing.embed_examples(texts, engine_call)  # [n, d]
             centroid = fit_centroids(emb.float().cpu(), k=64)  # [min(n, 64), d]: examples kept as rows (voting)
         except Exception as e:  # any bad file: the adapter is served by name, just not routed

@@ -25,6 +25,7 @@ from server.engine.registry import AdapterVersion
 from server.serving import validation
 from server.state import Services
 from server.store.adapters import SAVE, AdapterService
+from server.store.example_centroids import form_of as example_form
 
 router = APIRouter(tags=["admin"])
 
@@ -57,6 +58,7 @@ def _centroids_from(examples: list[str] | None, k: int, state: Services):
         emb = await state.routing.embed_examples(examples, state.engine_call)  # [n, d]
         centroid = fit_centroids(emb.float().cpu(), k=k)  # [min(k, n), d] unit rows (the mean when k == 1)
         weights.centroids, weights.centroid_embedder = centroid.cpu(), state.routing.embedder_id
+        weights.example_form = await example_form(state.routing, weights.name, examples)
         return SAVE  # with the registration, all or nothing (AdapterService.derived_path says where)
 
     return prepare
@@ -102,7 +104,8 @@ async def list_routers(_: Admin, state: ReadyState) -> dict:
     return {"routers": [{"name": "centroid", "kind": "centroid", "adapters": list(centroid.adapter_names),
                          "temperature": centroid.temperature, "voting": centroid.voting,
                          "switch_margin": centroid.switch_margin,
-                         "confidence_rate": centroid.confidence_map.rate if centroid.confidence_map else None},
+                         "confidence_rate": centroid.confidence_map.rate if centroid.confidence_map else None,
+                         "form": state.routing.form_status()},
                         {"name": "arrow", "kind": "arrow", "adapters": list(state.routing._arrow.adapter_names),
                          "top_k": state.routing._arrow.top_k, "temperature": state.routing._arrow.temperature}]
             + [{"name": n, "kind": "mlp", "adapters": list(r.adapter_names), "embedder": r.embedder_id,
