@@ -120,6 +120,9 @@ class RouterCatalogue:
         router = self._centroid
         if self.form_reader is None:
             return {"on": False, "note": self.form_note}
+        if router.form_groups is None and router.adapter_names and not self._form_fits(router):
+            return {"on": False, "note": "off: the temperature is not fitted on the examples (fewer than 4 x "
+                                         "route_vote per adapter, or route_temperature set)"}
         if router.form_groups is None:
             snapshot = self.registry.snapshot()
             missing = [n for n in router.adapter_names if n not in snapshot or snapshot[n].weights.example_form is None]
@@ -128,11 +131,18 @@ class RouterCatalogue:
             return {"on": False, "note": note}
         return {"on": True, "note": "on", "groups": dict(zip(router.adapter_names, router.form_groups, strict=True))}
 
+    def _form_fits(self, router: CentroidRouter) -> bool:
+        """The form term is a product with the topic's softmax at a temperature *fitted* on the
+        examples (calibrated): a voting router (4 × `route_vote` rows per adapter) and no fixed
+        `route_temperature`. At an unfitted T (1 by default) the topic's softmax is so soft that
+        the form would decide alone."""
+        return router.voting and not self.settings.route_temperature
+
     def _with_form(self, router: CentroidRouter, snapshot: dict) -> CentroidRouter:
-        """`router` with each adapter's form group when form is read and every adapter has one
-        (else without the form term: one adapter of unknown form would be judged against the
-        others' forms)."""
-        if self.form_reader is None or not router.adapter_names:
+        """`router` with each adapter's form group when form is read, its temperature is fitted
+        and every adapter has a group (else without the form term: one adapter of unknown form
+        would be judged against the others' forms)."""
+        if self.form_reader is None or not router.adapter_names or not self._form_fits(router):
             return router.with_form_groups(None)
         groups = [snapshot[n].weights.example_form if n in snapshot else None for n in router.adapter_names]
         return router.with_form_groups(None if any(g is None for g in groups) else [str(g) for g in groups])
