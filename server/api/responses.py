@@ -231,11 +231,18 @@ class ReloadReport(Open):
 
 
 # -- admin: routers -----------------------------------------------------------------------------------------
+class FormInfo(Open):
+    on: bool = Field(description="whether the centroid router reads each prompt's form beside its topic")
+    note: str = Field(description="`on`, or why it is off (no spaCy, an unfitted temperature, an adapter without examples)")
+    groups: dict[str, str] | None = Field(None, description="adapter -> the form of its examples: code, request or prose")
+
+
 class RouterInfo(Open):
     name: str
     kind: str = Field(description="centroid | arrow | mlp")
     adapters: list[str]
     embedder: str | None = Field(None, description="MLP routers: the embedder it was trained on")
+    form: FormInfo | None = Field(None, description="centroid router: its form term (router_core/form.py)")
 
 
 class RouterList(Open):
