@@ -126,7 +126,7 @@ class FormHead:
 
 def default_head() -> FormHead:
     """The head shipped in `router_core.form_head_weights` (see `scripts/fit_form_head.py`)."""
-    from router_core import form_head_weights as w
+    import router_core.form_head_weights as w
 
     if w.FEATURES != FEATURE_NAMES or w.FORMS != FORMS:
         raise ValueError("router_core/form_head_weights.py was fitted on other features: rerun scripts/fit_form_head.py")
