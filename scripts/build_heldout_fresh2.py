@@ -1,0 +1,77 @@
+"""Build `tests/data/routing/heldout_{code,literature}_fresh2.jsonl`: a second fresh pair of
+held-out routing sources (issue 25), built and committed *before* the revised three-way form head
+was scored, after the first fresh pair (`scripts/build_heldout_fresh.py`) had been used to compare
+form rules. Run once by hand; every input is a file already on the machine, nothing is downloaded:
+
+    SP=.venv/lib/python3*/site-packages
+    python scripts/build_heldout_fresh2.py tests/data/routing \
+        --cpp $SP/torch $SP/torchgen $SP/triton $SP/greenlet $SP/tvm_ffi $SP/sklearn $SP/srsly \
+        --readmes $SP/*.dist-info
+
+* `cpp` (code): C++ sources of installed packages (`*.cpp`, `*.cc`, `*.hpp`), a language no
+  example and no other held-out source is written in, cut into blocks exactly as
+  `scripts/build_heldout_sources.py` cuts code (comments kept, licence headers skipped).
+* `readme-prose` (literature): prose paragraphs of the installed packages' descriptions (the
+  README that `*.dist-info/METADATA` carries after its headers): expository prose about software,
+  the form/topic conflict of the Zen and licence sources, but no licence text (paragraphs naming a
+  licence, copyright or warranty are left out, so none overlaps `licence-prose`). A paragraph is
+  kept when, whitespace joined, it has 60-600 characters, starts with a capital letter, ends with
+  a full stop, has at least 10 words, and holds no markup or code: none of `{};=<>$[]|*#@\\` and
+  backticks, no URL, no `::`, `>>>` or `name(`, and no line that opens a list, a heading, an
+  underline, a directive or an indented block. Deduplicated.
+Deterministic: files sorted, every k-th item taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_heldout_sources import LICENCE, MAX_CHARS, MIN_CHARS, code_records  # noqa: E402
+
+MARKUP = re.compile(r"[{};=<>$\[\]|*#@\\`]|https?:|www\.|::|>>>|\b\w+\(")
+LINE_OPENERS = re.compile(r"^(\s|[-+*>#=~^.:|]|\d+[.)]\s)")
+
+
+def readme_records(roots: list[str], n: int) -> list[dict]:
+    files = sorted({p for r in roots for p in Path(r).rglob("METADATA") if p.is_file()})
+    seen, pool = set(), []
+    for f in files:
+        body = f.read_text(errors="replace").split("\n\n", 1)  # headers, then the description
+        if len(body) < 2:
+            continue
+        for para in re.split(r"\n\s*\n", body[1]):
+            lines = [ln for ln in para.splitlines() if ln.strip()]
+            text = " ".join(para.split())
+            key = text.lower()
+            if (MIN_CHARS // 2 <= len(text) <= MAX_CHARS and key not in seen and text[:1].isupper()
+                    and text.endswith(".") and len(text.split()) >= 10 and not MARKUP.search(text)
+                    and not LICENCE.search(text) and not any(LINE_OPENERS.match(ln) for ln in lines)):
+                seen.add(key)
+                pool.append(text)
+    step = max(len(pool) // n, 1)
+    return [{"text": t, "source": "readme-prose"} for t in pool[::step][:n]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--cpp", nargs="+", required=True)
+    ap.add_argument("--readmes", nargs="+", required=True)
+    ap.add_argument("-n", type=int, default=30, help="texts per source")
+    a = ap.parse_args()
+    code = code_records("cpp", a.cpp, ("*.cpp", "*.cc", "*.hpp"), a.n)
+    lit = readme_records(a.readmes, a.n)
+    for name, rows in (("heldout_code_fresh2", code), ("heldout_literature_fresh2", lit)):
+        with open(a.out / f"{name}.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print(name, len(rows), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
