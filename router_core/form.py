@@ -56,6 +56,7 @@ _CODE_CHARS = set("{}[]();=<>$#_\\|&*/+%@^~`")
 _QUOTES = {'"', "“", "”", "‘", "’", "'"}
 _CODE_ENDS = tuple(";{}):,\\([")
 _FLOOR = 1e-12  # a form probability is never taken as exactly 0 (its log would veto any topic)
+VETO_PENALTY = 10.0  # subtracted from a vetoed adapter's score: scores are votes of cosines minus a baseline, |s| <= 2
 
 
 def form_features(doc: Any) -> list[float]:
@@ -115,6 +116,7 @@ class FormHead:
     scale: tuple[float, ...]
     coef: tuple[tuple[float, ...], ...]  # [len(FORMS)][len(FEATURE_NAMES)]
     intercept: tuple[float, ...]
+    max_chars: int = 2000  # each text's last characters the head was fitted on (and reads)
 
     def probs(self, features: Tensor) -> Tensor:
         """P(form | text) `[B, 3]` (float32) from `[B, len(FEATURE_NAMES)]` features."""
@@ -130,20 +132,22 @@ def default_head() -> FormHead:
 
     if w.FEATURES != FEATURE_NAMES or w.FORMS != FORMS:
         raise ValueError("router_core/form_head_weights.py was fitted on other features: rerun scripts/fit_form_head.py")
-    return FormHead(w.MEAN, w.SCALE, w.COEF, w.INTERCEPT)
+    return FormHead(w.MEAN, w.SCALE, w.COEF, w.INTERCEPT, w.MAX_CHARS)
 
 
 class FormReader:
     """P(form | text) for texts, through a loaded spaCy pipeline (it needs a tagger and a
-    parser, as `en_core_web_sm` has). Long texts keep their last `max_chars` characters, the
-    newest text, as the sentence encoder keeps its newest tokens."""
+    parser, as `en_core_web_sm` has). Long texts keep their last `max_chars` characters (by
+    default the head's own cap), the newest text, as the sentence encoder keeps its newest
+    tokens: the parse's cost grows with the text, and it runs on the engine thread."""
 
-    def __init__(self, nlp: Any, head: FormHead | None = None, *, max_chars: int = 2000, batch_size: int = 32) -> None:
+    def __init__(self, nlp: Any, head: FormHead | None = None, *, max_chars: int | None = None,
+                 batch_size: int = 32) -> None:
         missing = {"tagger", "parser"} - set(nlp.pipe_names)
         if missing:
             raise ValueError(f"the form head needs a spaCy pipeline with {sorted(missing)}")
         self.nlp, self.head = nlp, head or default_head()
-        self.max_chars, self.batch_size = max_chars, batch_size
+        self.max_chars, self.batch_size = max_chars or self.head.max_chars, batch_size
 
     def features(self, texts: Sequence[str]) -> Tensor:
         """`[B, len(FEATURE_NAMES)]` (float64)."""
@@ -171,3 +175,17 @@ def form_log_likelihood(text_probs: Tensor, groups: Sequence[str]) -> Tensor:
     is_prose = torch.tensor([g == "prose" for g in groups], device=text_probs.device)  # [n]
     m = torch.where(is_prose[None, :], prose[:, None], 1.0 - prose[:, None])  # [B, n]
     return m.clamp(min=_FLOOR).log()
+
+
+def prose_veto(text_probs: Tensor, groups: Sequence[str], p0: float) -> Tensor:
+    """`[B, n]` True where adapter a is ruled out: the text is prose with P(prose) >= `p0` and a's
+    form group is not prose. Nothing is ruled out when no adapter's group is prose (the text
+    would have nowhere to go) or in rows of `text_probs` that are NaN."""
+    unknown = set(groups) - set(FORMS)
+    if unknown:
+        raise ValueError(f"unknown form groups {sorted(unknown)}; expected {FORMS}")
+    is_prose = torch.tensor([g == "prose" for g in groups], device=text_probs.device)  # [n]
+    sure = text_probs[:, PROSE] >= p0  # [B] (False on NaN)
+    if not bool(is_prose.any()):
+        return torch.zeros(text_probs.shape[0], len(groups), dtype=torch.bool, device=text_probs.device)
+    return sure[:, None] & ~is_prose[None, :]  # [B, n]
