@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_heldout_sources import MAX_CHARS, MIN_CHARS, code_records  # noqa: E402
+from build_heldout_sources import code_records, paragraphs, sampled, write_records  # noqa: E402
 
 
 def zen_records() -> list[dict]:
@@ -41,16 +40,9 @@ def zen_records() -> list[dict]:
 def licence_records(roots: list[str], n: int) -> list[dict]:
     files = sorted({p for r in roots for p in Path(r).rglob("*") if p.is_file()
                     and re.match(r"(LICEN[CS]E|COPYING)", p.name, re.I)})
-    seen, pool = set(), []
-    for f in files:
-        for para in re.split(r"\n\s*\n", f.read_text(errors="replace")):
-            text = " ".join(para.split())
-            key = text.lower()
-            if MIN_CHARS // 2 <= len(text) <= MAX_CHARS and key not in seen and not re.search(r"[{};=<>$]", text):
-                seen.add(key)
-                pool.append(text)
-    step = max(len(pool) // n, 1)
-    return [{"text": t, "source": "licence-prose"} for t in pool[::step][:n]]
+    pool = paragraphs([f.read_text(errors="replace") for f in files],
+                      lambda text, _lines: not re.search(r"[{};=<>$]", text))
+    return sampled(pool, n, "licence-prose")
 
 
 def main() -> None:
@@ -62,11 +54,7 @@ def main() -> None:
     a = ap.parse_args()
     code = code_records("tcl", a.tcl, ("*.tcl",), a.n)
     lit = zen_records() + licence_records(a.licences, a.n)
-    for name, rows in (("heldout_code_fresh", code), ("heldout_literature_fresh", lit)):
-        with open(a.out / f"{name}.jsonl", "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        print(name, len(rows), file=sys.stderr)
+    write_records(a.out, {"heldout_code_fresh": code, "heldout_literature_fresh": lit})
 
 
 if __name__ == "__main__":

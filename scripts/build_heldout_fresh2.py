@@ -25,13 +25,12 @@ Deterministic: files sorted, every k-th item taken.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_heldout_sources import LICENCE, MAX_CHARS, MIN_CHARS, code_records  # noqa: E402
+from build_heldout_sources import LICENCE, code_records, paragraphs, sampled, write_records  # noqa: E402
 
 MARKUP = re.compile(r"[{};=<>$\[\]|*#@\\`]|https?:|www\.|::|>>>|\b\w+\(")
 LINE_OPENERS = re.compile(r"^(\s|[-+*>#=~^.:|]|\d+[.)]\s)")
@@ -39,22 +38,13 @@ LINE_OPENERS = re.compile(r"^(\s|[-+*>#=~^.:|]|\d+[.)]\s)")
 
 def readme_records(roots: list[str], n: int) -> list[dict]:
     files = sorted({p for r in roots for p in Path(r).rglob("METADATA") if p.is_file()})
-    seen, pool = set(), []
-    for f in files:
-        body = f.read_text(errors="replace").split("\n\n", 1)  # headers, then the description
-        if len(body) < 2:
-            continue
-        for para in re.split(r"\n\s*\n", body[1]):
-            lines = [ln for ln in para.splitlines() if ln.strip()]
-            text = " ".join(para.split())
-            key = text.lower()
-            if (MIN_CHARS // 2 <= len(text) <= MAX_CHARS and key not in seen and text[:1].isupper()
-                    and text.endswith(".") and len(text.split()) >= 10 and not MARKUP.search(text)
-                    and not LICENCE.search(text) and not any(LINE_OPENERS.match(ln) for ln in lines)):
-                seen.add(key)
-                pool.append(text)
-    step = max(len(pool) // n, 1)
-    return [{"text": t, "source": "readme-prose"} for t in pool[::step][:n]]
+    bodies = [f.read_text(errors="replace").split("\n\n", 1) for f in files]  # headers, then the description
+
+    def keep(text: str, lines: list[str]) -> bool:
+        return (text[:1].isupper() and text.endswith(".") and len(text.split()) >= 10 and not MARKUP.search(text)
+                and not LICENCE.search(text) and not any(LINE_OPENERS.match(ln) for ln in lines))
+
+    return sampled(paragraphs([b[1] for b in bodies if len(b) == 2], keep), n, "readme-prose")
 
 
 def main() -> None:
@@ -66,11 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     code = code_records("cpp", a.cpp, ("*.cpp", "*.cc", "*.hpp"), a.n)
     lit = readme_records(a.readmes, a.n)
-    for name, rows in (("heldout_code_fresh2", code), ("heldout_literature_fresh2", lit)):
-        with open(a.out / f"{name}.jsonl", "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        print(name, len(rows), file=sys.stderr)
+    write_records(a.out, {"heldout_code_fresh2": code, "heldout_literature_fresh2": lit})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_CHARS, MIN_CHARS = 600, 120
@@ -80,6 +81,36 @@ def fortune_records(folder: str, files: tuple[str, ...], n: int) -> list[dict]:
     return out
 
 
+def paragraphs(texts: list[str], keep: Callable[[str, list[str]], bool]) -> list[str]:
+    """The blank-line-separated paragraphs of `texts`, whitespace joined, within the length
+    bounds, each once (case-insensitively), that `keep(text, its non-blank lines)` accepts."""
+    seen: set[str] = set()
+    pool = []
+    for body in texts:
+        for para in re.split(r"\n\s*\n", body):
+            text = " ".join(para.split())
+            lines = [ln for ln in para.splitlines() if ln.strip()]
+            if MIN_CHARS // 2 <= len(text) <= MAX_CHARS and text.lower() not in seen and keep(text, lines):
+                seen.add(text.lower())
+                pool.append(text)
+    return pool
+
+
+def sampled(pool: list[str], n: int, source: str) -> list[dict]:
+    """`n` of `pool`'s texts spread evenly over it (the pool is in file order), as records."""
+    step = max(len(pool) // n, 1)
+    return [{"text": t, "source": source} for t in pool[::step][:n]]
+
+
+def write_records(out: Path, files: dict[str, list[dict]]) -> None:
+    """Each list of records as `out/NAME.jsonl`, one JSON object a line."""
+    for name, rows in files.items():
+        with open(out / f"{name}.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print(name, len(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -92,11 +123,7 @@ def main() -> None:
             + code_records("perl", a.perl, ("*.pm",), a.n) + code_records("shell", a.shell, ("*",), a.n)
             + code_records("c", a.c, ("*.c",), a.n))
     lit = fortune_records(a.fortunes, ("songs-poems", "wisdom", "literature", "computers"), a.n)
-    for name, rows in (("heldout_code_sources", code), ("heldout_literature_sources", lit)):
-        with open(a.out / f"{name}.jsonl", "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        print(name, len(rows))
+    write_records(a.out, {"heldout_code_sources": code, "heldout_literature_sources": lit})
 
 
 if __name__ == "__main__":
