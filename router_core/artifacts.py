@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from router_core.confidence import ConfidenceMap
 from router_core.embedders import SentenceEncoder, encoder_name_from_path
 from router_core.errors import ArtifactError
+from router_core.form import FORMS
 from router_core.mlp import MLPRouter, MLPRouterNet
 
 log = logging.getLogger(__name__)
@@ -75,33 +76,54 @@ def _check_centroids(c: torch.Tensor, where: str) -> torch.Tensor:
     return F.normalize(c, dim=-1)  # [m, d]
 
 
-def save_centroids(path: str | os.PathLike[str], centroids: torch.Tensor, embedder_id: str) -> Path:
-    """Save L2-normalised centroids `[m, d]` (a `[d]` vector is taken as m = 1) with the embedder id."""
-    p = Path(path)
+def _centroid_file(centroids: torch.Tensor, embedder_id: str, example_form: str | None,
+                   where: str) -> tuple[torch.Tensor, dict[str, str]]:
+    """The checked tensor and metadata of a centroid file. `example_form` (optional) is the form
+    group of the examples the centroids come from (`router_core.form`), kept beside them so a
+    restart knows it without the examples."""
     c = centroids.detach().cpu()
-    c = _check_centroids(c.unsqueeze(0) if c.dim() == 1 else c, str(p))
+    c = _check_centroids(c.unsqueeze(0) if c.dim() == 1 else c, where)
     if not embedder_id:
-        raise ArtifactError(f"{p}: embedder_id must be a non-empty string")
+        raise ArtifactError(f"{where}: embedder_id must be a non-empty string")
     meta = {"embedder_id": embedder_id, "format": "switchboard-centroids", "version": "1"}
-    _atomic_write(p, lambda tmp: save_file({CENTROIDS_KEY: c.contiguous()}, tmp, metadata=meta))
+    if example_form is not None:
+        meta["example_form"] = _checked_form(example_form, where)
+    return c.contiguous(), meta
+
+
+def _checked_form(form: str, where: str) -> str:
+    if form not in FORMS:
+        raise ArtifactError(f"{where}: example_form must be one of {list(FORMS)}, got {form!r}")
+    return form
+
+
+def save_centroids(path: str | os.PathLike[str], centroids: torch.Tensor, embedder_id: str,
+                   example_form: str | None = None) -> Path:
+    """Save L2-normalised centroids `[m, d]` (a `[d]` vector is taken as m = 1) with the embedder id
+    (and the examples' form group, when known)."""
+    p = Path(path)
+    c, meta = _centroid_file(centroids, embedder_id, example_form, str(p))
+    _atomic_write(p, lambda tmp: save_file({CENTROIDS_KEY: c}, tmp, metadata=meta))
     return p
 
 
-def centroids_bytes(centroids: torch.Tensor, embedder_id: str) -> bytes:
+def centroids_bytes(centroids: torch.Tensor, embedder_id: str, example_form: str | None = None) -> bytes:
     """What `save_centroids` writes, as bytes (for a caller that writes them itself, e.g. the
     server's all-or-nothing store transactions)."""
     from safetensors.torch import save
 
-    c = centroids.detach().cpu()
-    c = _check_centroids(c.unsqueeze(0) if c.dim() == 1 else c, "centroids")
-    if not embedder_id:
-        raise ArtifactError("embedder_id must be a non-empty string")
-    meta = {"embedder_id": embedder_id, "format": "switchboard-centroids", "version": "1"}
-    return save({CENTROIDS_KEY: c.contiguous()}, metadata=meta)
+    c, meta = _centroid_file(centroids, embedder_id, example_form, "centroids")
+    return save({CENTROIDS_KEY: c}, metadata=meta)
 
 
 def load_centroids(path: str | os.PathLike[str]) -> tuple[torch.Tensor, str]:
     """Load `(centroids [m, d] re-normalised, embedder_id)`; raise `ArtifactError` if invalid."""
+    c, embedder_id, _ = load_centroid_file(path)
+    return c, embedder_id
+
+
+def load_centroid_file(path: str | os.PathLike[str]) -> tuple[torch.Tensor, str, str | None]:
+    """`load_centroids` and the examples' form group saved beside them (None when not saved)."""
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"centroid file not found: {p}")
@@ -119,7 +141,8 @@ def load_centroids(path: str | os.PathLike[str]) -> tuple[torch.Tensor, str]:
     embedder_id = meta.get("embedder_id")
     if not embedder_id:
         raise ArtifactError(f"{p}: metadata has no 'embedder_id'")
-    return _check_centroids(c, str(p)), embedder_id
+    form = meta.get("example_form")
+    return _check_centroids(c, str(p)), embedder_id, None if form is None else _checked_form(form, str(p))
 
 
 def _router_config(router: MLPRouter, extra: dict[str, Any] | None) -> dict[str, Any]:

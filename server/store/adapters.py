@@ -103,16 +103,17 @@ class AdapterService:
         try:
             weights = await asyncio.to_thread(read_adapter, name, folder, self.spec, self.store)
             if centroid:  # the name's own centroid, not the borrowed folder's
-                own, embedder = await asyncio.to_thread(read_centroids, file_in_store(self.store / centroid, self.store))
+                own, embedder, form = await asyncio.to_thread(read_centroids,
+                                                              file_in_store(self.store / centroid, self.store))
                 if own is not None:
-                    weights.centroids, weights.centroid_embedder = own, embedder
+                    weights.centroids, weights.centroid_embedder, weights.example_form = own, embedder, form
             persist = await prepare(weights) if prepare is not None else None
             writes: list[tuple[Path, bytes, bool]] = []
             if persist and weights.centroids is not None and weights.centroid_embedder:
                 target = self.derived_path(name, folder)
                 owned = target.parent == folder
                 if persist == SAVE or (owned and not target.exists()) or (not owned and record):
-                    writes.append((target, centroids_bytes(weights.centroids, weights.centroid_embedder),
+                    writes.append((target, centroids_bytes(weights.centroids, weights.centroid_embedder, weights.example_form),
                                    persist == SAVE))
             if writes or record:
                 rel = str(folder.relative_to(self.store.resolve()))
@@ -199,9 +200,9 @@ class AdapterService:
                     weights = index_adapter(name, resolve_in_store(self.store, path), self.spec, self.store)
                     own = centroids.get(name)
                     if own:  # the name's own derived centroid, not the borrowed folder's
-                        c, embedder = read_centroids(file_in_store(self.store / own, self.store))
+                        c, embedder, form = read_centroids(file_in_store(self.store / own, self.store))
                         if c is not None:
-                            weights.centroids, weights.centroid_embedder = c, embedder
+                            weights.centroids, weights.centroid_embedder, weights.example_form = c, embedder, form
                     out.append((weights, pinned.get(name, False)))
                 except SwitchboardError as e:
                     report.failed[name] = e.message
@@ -237,7 +238,8 @@ class AdapterService:
         if target.parent != weights.path or target.exists() or weights.centroids is None:
             return
         try:
-            durable.write_file(target, centroids_bytes(weights.centroids, weights.centroid_embedder or ""))
+            durable.write_file(target, centroids_bytes(weights.centroids, weights.centroid_embedder or "",
+                                                       weights.example_form))
         except OSError as e:
             log.warning("adapter %s: centroid not saved (%s); the next start recomputes it", weights.name, e)
 

@@ -340,16 +340,16 @@ def _check_range(module: str, a: torch.Tensor, b_scaled: torch.Tensor, dtype: to
             f"{str(dtype).removeprefix('torch.')} for ordinary activations; the server accepts at most {budget:.3g} for each")
 
 
-def read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None]:
+def read_centroids(path: Path) -> tuple[torch.Tensor | None, str | None, str | None]:
+    """(centroids, embedder id, the examples' form group) of a centroid file, Nones without one."""
     if not path.exists():
-        return None, None
-    from router_core.artifacts import ArtifactError, load_centroids
+        return None, None, None
+    from router_core.artifacts import ArtifactError, load_centroid_file
 
     try:
-        centroids, embedder = load_centroids(path)
+        return load_centroid_file(path)
     except ArtifactError as e:
         raise InvalidAdapter(f"centroid.safetensors: {e}") from e
-    return centroids, embedder
 
 
 def read_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None = None) -> AdapterWeights:
@@ -404,10 +404,10 @@ def _index_adapter(name: str, folder: Path, spec: BaseSpec, store: Path | None, 
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in tensors.values())
     else:
         modules, nbytes = _index_tensors(weights_path, rank, spec)
-    centroids, embedder = read_centroids(inside(folder / CENTROID_FILE))
+    centroids, embedder, form = read_centroids(inside(folder / CENTROID_FILE))
     return AdapterWeights(
         name=name, path=folder, rank=rank, alpha=alpha, scale=scale,
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
-        tensors=tensors, meta=meta, centroids=centroids, centroid_embedder=embedder,
+        tensors=tensors, meta=meta, centroids=centroids, centroid_embedder=embedder, example_form=form,
         loader=loader, factor_bytes=nbytes,
     )

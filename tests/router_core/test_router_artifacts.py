@@ -62,6 +62,30 @@ def test_save_centroids_validates(tmp_path: Path) -> None:
     assert not (tmp_path / "c.safetensors").exists()
 
 
+def test_centroid_file_keeps_the_examples_form_group(tmp_path: Path) -> None:
+    """The form group of the examples a centroid came from (router_core.form) is saved beside it,
+    by file and as bytes, and read back; a file without one reads None; a bad value is refused."""
+    from safetensors.torch import load
+
+    from router_core.artifacts import centroids_bytes, load_centroid_file
+
+    c = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    save_centroids(tmp_path / "a.safetensors", c, "minilm:x", example_form="prose")
+    got, embedder, form = load_centroid_file(tmp_path / "a.safetensors")
+    assert torch.allclose(got, c) and embedder == "minilm:x" and form == "prose"
+    (tmp_path / "b.safetensors").write_bytes(centroids_bytes(c, "minilm:x", "request"))
+    assert load_centroid_file(tmp_path / "b.safetensors")[2] == "request"
+    assert torch.equal(load(centroids_bytes(c, "minilm:x"))["centroids"], load(centroids_bytes(c, "minilm:x", "code"))["centroids"])
+    save_centroids(tmp_path / "c.safetensors", c, "minilm:x")
+    assert load_centroid_file(tmp_path / "c.safetensors")[2] is None
+    with pytest.raises(ArtifactError, match="example_form must be one of"):
+        centroids_bytes(c, "minilm:x", "poetry")
+    save_file({"centroids": c}, str(tmp_path / "d.safetensors"),
+              metadata={"embedder_id": "minilm:x", "example_form": "poetry"})
+    with pytest.raises(ArtifactError, match="example_form must be one of"):
+        load_centroid_file(tmp_path / "d.safetensors")
+
+
 def test_sentence_encoder_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not found"):
         load_sentence_encoder(tmp_path / "missing")

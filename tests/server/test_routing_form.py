@@ -66,6 +66,10 @@ def test_form_groups_from_examples_and_prose_about_software_goes_to_prose(form_s
         assert _centroid_router(client)["form"] == {"on": True, "note": "on",
                                                     "groups": {"code": "request", "literature": "prose"}}
         assert _tops(client) == ["literature", "literature", "code"]
+    # a restart: `literature` has no examples.jsonl; its group was saved with its centroid
+    with _serve(tiny_model_dir, form_store) as client:
+        assert _centroid_router(client)["form"]["groups"] == {"code": "request", "literature": "prose"}
+        assert _tops(client) == ["literature", "literature", "code"]
 
 
 def test_without_spacy_the_router_routes_on_topic_and_says_so(form_store, tiny_model_dir, monkeypatch) -> None:
