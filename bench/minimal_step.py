@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import floor
-from bench.common import BenchConfig, setup_torch
+from bench.common import BenchConfig, gpt2_config, setup_torch
 from bench.profile_engine import _engine_stepper, _shutdown
 from bench.rig import Assets
 from server.engine.quant import _MARKS, W8A8Linear, _linear_dynamic
@@ -81,25 +81,22 @@ class MinimalGPT2:
         return (time.perf_counter() - start) / NEW * 1e3
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.minimal_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--batches", default="1,8")
-    args = p.parse_args(argv)
-    cfg = BenchConfig.make(device="cpu", threads=args.threads)
-    setup_torch(cfg.threads)
-    model = MinimalGPT2()
+def measure(cfg: BenchConfig, batches: list[int], repeats: int) -> dict[int, dict]:
+    """Per batch: the 16-bit floor of the base weights (ms, at the run's best bandwidth) and each
+    step's ms per step (median and every repeat), the three steps interleaved per repeat."""
+    shape = gpt2_config(cfg.tiny)
+    model = MinimalGPT2(shape.n_embd, shape.n_layer, shape.n_head, shape.vocab_size)
     minimal: dict[str, Lin] = {"min_fbgemm_only": _fbgemm_only, "min_w8a8_rowscaled": lambda m, x: m(x)}
+    out: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="switchboard-minimal-") as tmp:
         assets = Assets(cfg, Path(tmp))
         rig = assets.engine_rig(quant="w8a8")
         base16 = floor.weight_bytes(assets.base, torch.bfloat16)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             engine_step = _engine_stepper(rig, batch, assets.base.config.vocab_size, cfg)
             runs: dict[str, list[float]] = {m: [] for m in (*minimal, "engine_routed_w8a8")}
             gb_s = 0.0
-            for _ in range(args.repeats):  # interleaved, so a disturbance spreads over all three
+            for _ in range(repeats):  # interleaved, so a disturbance spreads over all three
                 with torch.inference_mode():
                     for name, lin in minimal.items():
                         runs[name].append(model.decode(lin, batch))
@@ -109,14 +106,28 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(NEW // 2):
                     engine_step()
                 runs["engine_routed_w8a8"].append((time.perf_counter() - start) / (NEW // 2) * 1e3)
-                gb_s = max(gb_s, floor.measure(torch.device("cpu"), torch.float32, base16, 768)["gb_s"])
+                bw = floor.measure(torch.device("cpu"), torch.float32, base16, shape.n_embd, tiny=cfg.tiny)
+                gb_s = max(gb_s, bw["gb_s"])
             _shutdown(rig.engine)
-            floor16 = floor.floor_ms(base16, gb_s)
-            print(f"batch {batch}: 16-bit floor of the base weights {floor16:.2f} ms ({gb_s} GB/s, best of the run)")
-            for name, ms in runs.items():
-                med = statistics.median(ms)
-                print(f"  {name:<20} {med:6.2f} ms/step  ÷ floor16 {med / floor16:.2f}  "
-                      f"(repeats {', '.join(f'{x:.1f}' for x in ms)})")
+            out[batch] = {"floor16_ms": floor.floor_ms(base16, gb_s), "gb_s": gb_s,
+                          "ms": {m: statistics.median(ms) for m, ms in runs.items()}, "repeats": runs}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.minimal_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--tiny", action="store_true", help="the bench's tiny GPT-2 (tests): seconds, numbers meaningless")
+    args = p.parse_args(argv)
+    cfg = BenchConfig.make(tiny=args.tiny, device="cpu", threads=args.threads)
+    setup_torch(cfg.threads)
+    for batch, r in measure(cfg, [int(b) for b in args.batches.split(",")], args.repeats).items():
+        print(f"batch {batch}: 16-bit floor of the base weights {r['floor16_ms']:.2f} ms ({r['gb_s']} GB/s, best of the run)")
+        for name, med in r["ms"].items():
+            print(f"  {name:<20} {med:6.2f} ms/step  ÷ floor16 {med / r['floor16_ms']:.2f}  "
+                  f"(repeats {', '.join(f'{x:.1f}' for x in r['repeats'][name])})")
     return 0
 
 

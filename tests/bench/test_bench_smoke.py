@@ -126,3 +126,21 @@ def test_int8_rows_quality_and_llamacpp(bench_out):
     hf = results["decode"]["b1"]["hf_generate"]  # the TTFT comes from inside the timed generate
     assert 0 < hf["ttft_ms"] < 1000 * hf["seconds"]
     assert "skipped" in results["llamacpp"] or "ratios" in results["llamacpp"]
+
+
+def test_minimal_step_measures_three_steps_against_the_floor(torch_state_restored):
+    """`python -m bench.minimal_step` on the tiny GPT-2: per batch a positive 16-bit floor and a
+    median and one figure per repeat for each of the three steps (never a timing bound)."""
+    from bench.common import BenchConfig
+    from bench.minimal_step import measure
+    from server.engine.quant import w8a8_works
+
+    if not w8a8_works("cpu"):
+        pytest.skip("fbgemm's int8 GEMM is not in this torch build")
+    result = measure(BenchConfig.make(tiny=True, device="cpu", threads=1), [1, 3], repeats=2)
+    assert sorted(result) == [1, 3]
+    for r in result.values():
+        assert r["floor16_ms"] > 0 and r["gb_s"] > 0
+        assert set(r["ms"]) == {"min_fbgemm_only", "min_w8a8_rowscaled", "engine_routed_w8a8"}
+        for name, ms in r["ms"].items():
+            assert len(r["repeats"][name]) == 2 and ms > 0
