@@ -102,11 +102,8 @@ class AdapterService:
         start = time.perf_counter()
         try:
             weights = await asyncio.to_thread(read_adapter, name, folder, self.spec, self.store)
-            if centroid:  # the name's own centroid, not the borrowed folder's
-                own, embedder, form = await asyncio.to_thread(read_centroids,
-                                                              file_in_store(self.store / centroid, self.store))
-                if own is not None:
-                    weights.centroids, weights.centroid_embedder, weights.example_form = own, embedder, form
+            if centroid:
+                await asyncio.to_thread(self._take_own_centroid, weights, centroid)
             persist = await prepare(weights) if prepare is not None else None
             writes: list[tuple[Path, bytes, bool]] = []
             if persist and weights.centroids is not None and weights.centroid_embedder:
@@ -199,10 +196,8 @@ class AdapterService:
                 try:
                     weights = index_adapter(name, resolve_in_store(self.store, path), self.spec, self.store)
                     own = centroids.get(name)
-                    if own:  # the name's own derived centroid, not the borrowed folder's
-                        c, embedder, form = read_centroids(file_in_store(self.store / own, self.store))
-                        if c is not None:
-                            weights.centroids, weights.centroid_embedder, weights.example_form = c, embedder, form
+                    if own:
+                        self._take_own_centroid(weights, own)
                     out.append((weights, pinned.get(name, False)))
                 except SwitchboardError as e:
                     report.failed[name] = e.message
@@ -229,6 +224,13 @@ class AdapterService:
         if new:
             self.record_task = asyncio.create_task(self._record(new))
         return report
+
+    def _take_own_centroid(self, weights: AdapterWeights, rel: str) -> None:
+        """Route `weights` by the name's own derived centroid file (store-relative `rel`), not the
+        borrowed folder's: its centroids, embedder and examples' form group, when the file exists."""
+        own, embedder, form = read_centroids(file_in_store(self.store / rel, self.store))
+        if own is not None:
+            weights.centroids, weights.centroid_embedder, weights.example_form = own, embedder, form
 
     def _cache_centroid(self, weights: AdapterWeights) -> None:
         """Save a centroid computed at start-up from an adapter's examples beside it, when the name

@@ -6,7 +6,9 @@ adapter that arrives with those prompts but without a centroid in the server's e
 "auto"`. This hook embeds the prompts with the active embedder, the same way
 `POST /admin/adapters {"examples": [...]}` does, and keeps the centroid with the adapter. When
 the centroid router reads form (`router_core.form`), it also reads the form of the first
-examples, even beside a usable centroid, for the adapter's form group (kept in memory only). A
+examples for the adapter's form group, unless the centroid file already carries one: a centroid
+written here or at registration keeps the group in its metadata, one beside a usable centroid
+without it is read again from the examples at each start. A
 missing centroid file is written beside the adapter (or beside the name, for a name that borrows
 another adapter's folder) so a restart finds it; one fitted for another embedder is left on disk
 untouched. A broken examples file never refuses the adapter: it is
@@ -70,8 +72,8 @@ def centroids_from_examples(routing: Any, engine_call: Callable[[Callable[[], An
 
     async def prepare(weights: AdapterWeights) -> str | None:
         usable = routing.centroid_usable(weights.centroids, weights.centroid_embedder)
-        if usable and getattr(routing, "form_reader", None) is None:
-            return None
+        if usable and (getattr(routing, "form_reader", None) is None or weights.example_form is not None):
+            return None  # nothing to compute: the examples file is not read
         path = weights.path / EXAMPLES_FILE
         try:
             if not path.is_file():
