@@ -290,15 +290,9 @@ def in_distribution(env: Env, cap: int, new: FormHead, old: FormHead, chosen_p0:
     voting rows, temperature, switch margin and confidence map fitted on them as the server fits
     them), 100 held-out prompts per domain; code vs literature, then with GSM8K math."""
     from tests.conftest import SAMPLE_DATA
-    from tests.router_core.test_router_realdata import code_prompts, literature_prompts, math_prompts
+    from tests.server.test_routing_api import domain_split
 
-    rng = random.Random(0)
-    sets = {"code": code_prompts(SAMPLE_DATA), "literature": literature_prompts(SAMPLE_DATA),
-            "math": math_prompts(SAMPLE_DATA / "gsm8k" / "test.jsonl")}
-    dom = {}
-    for name, texts in sets.items():
-        rng.shuffle(texts)
-        dom[name] = ([t[:600] for t in texts[:40]], [t[:600] for t in texts[40:140]])
+    dom = domain_split(SAMPLE_DATA)
     for names in (["code", "literature"], ["code", "literature", "math"]):
         router = topic_router([env.embed(dom[n][0]) for n in names], names, k=None)
         out = []

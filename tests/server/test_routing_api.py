@@ -45,6 +45,13 @@ def domain_store(tmp_path, long_model_dir):
 
 @pytest.fixture()
 def domains(sample_data):
+    return domain_split(sample_data)
+
+
+def domain_split(sample_data) -> dict[str, tuple[list[str], list[str]]]:
+    """Per domain (code, literature, math): `N_EXAMPLES` example prompts and `N_HELD_OUT` held-out
+    ones, shuffled with a fixed seed and cut to `MAX_CHARS` (also scripts/measure_form_rules.py's
+    in-distribution check)."""
     rng = random.Random(0)
     sets = {"code": code_prompts(sample_data), "literature": literature_prompts(sample_data),
             "math": math_prompts(sample_data / "gsm8k" / "test.jsonl")}
