@@ -157,7 +157,9 @@ def install(app: FastAPI, settings: Settings) -> None:
         services = getattr(getattr(app.state, "switchboard", None), "services", None)
         # the resolved quantisation once the model is loaded, what was asked for before
         quant = services.resident.quant if services is not None else settings.model.quant
+        kernel = services.resident.quant_kernel if services is not None else ""  # which int8 kernel, once loaded
         try:
-            return {"version": importlib.metadata.version("lora-switchboard"), "quantization": quant}
+            version = importlib.metadata.version("lora-switchboard")
         except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
-            return {"version": app.version, "quantization": quant}
+            version = app.version
+        return {"version": version, "quantization": quant, "quantization_kernel": kernel}

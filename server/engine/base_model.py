@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
@@ -14,6 +15,9 @@ from router_core import store_rules
 from router_core.store_rules import StoreRuleError, base_fingerprint
 from server.engine import cpu_linear, quant
 from server.engine.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from server.kernels.native import NativeInt8
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,21 @@ def resolve_quant(name: str, device: torch.device) -> str:
     if name == "w8a8" and not quant.w8a8_works(device.type):
         raise ModelLoadError(f"--quant w8a8 needs fbgemm's int8 GEMM, a CPU kernel this build lacks on {device}; "
                              "use --quant int8 (weight-only) or none")
-    if name == "int8" and not quant.int8pack_works(device.type):
+    if name == "int8" and not quant.int8pack_works(device.type) and int8_kernel(name, device) is None:
         log.warning("--quant int8: torch's int8 kernel is unavailable on %s; the int8 weights are "
                     "dequantised per call (correct, not faster)", device)
     return name
+
+
+def int8_kernel(quant_name: str, device: torch.device) -> NativeInt8 | None:
+    """The native int8 kernel `--quant int8` uses on CPU (compiled on first use into a cache
+    folder: server/kernels/native.py), or None where it is not built (other quantisations, CUDA,
+    no compiler; then torch's kernel)."""
+    if quant_name != "int8" or device.type != "cpu":
+        return None
+    from server.kernels import native
+
+    return native.load()
 
 
 def targetable_modules(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -90,6 +105,7 @@ class ResidentModel:
     module_shapes: dict[str, tuple[int, int]]
     source: str = ""  # what --base-model said (hub id or folder), for messages that quote a command
     quant: str = "none"  # "int8"/"w8a8": the engine reads int8 copies of the base weights (`quant.py`)
+    quant_kernel: str = ""  # which kernel reads them (`quant.kernel_name`), set when the engine quantises
 
     @property
     def max_positions(self) -> int:

@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 
 from server.engine import gpt2, quant, static_step
-from server.engine.base_model import LORA_TARGETS, ResidentModel
+from server.engine.base_model import LORA_TARGETS, ResidentModel, int8_kernel
 from server.engine.batch import Batch, Gates, gate_matrix, padded, per_token_rows, record_layer_weights
 from server.engine.errors import (
     ContextTooLong,
@@ -94,7 +94,9 @@ class Engine:
         if resident.quant != "none":
             if config.decode_step != "eager":
                 raise ModelLoadError(f"--quant {resident.quant} runs the eager decode step; use --compile off (or auto)")
-            quant.quantize_model(resident.model, layers.values(), resident.quant)
+            native = int8_kernel(resident.quant, resident.device)
+            quant.quantize_model(resident.model, layers.values(), resident.quant, native)
+            resident.quant_kernel = quant.kernel_name(resident.model)
         self.slots = SlotManager(layers, config.max_loras, resident.device, resident.dtype, registry.host)
         full = resident.device.type == "cuda" if config.full_cache is None else config.full_cache
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.n_positions,

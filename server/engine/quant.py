@@ -27,11 +27,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from server.kernels.native import NativeInt8
 
 QUANTS = ("none", "int8", "w8a8")
 # the int8 base weights a projection can carry: weight-only (`Int8Linear`) or with int8
@@ -74,29 +77,47 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class Int8Linear(nn.Module):
     """`x [N, in] -> x Wᵀ + b` [N, out] with W held as int8 + per-row scales.
 
+    Two kernels: on CPU the native one (`server/kernels/int8_gemv.cpp`, passed in as `native`:
+    fp32 activations, weights widened in registers, at memory speed from one row; the weight is
+    kept in its packed layout) where it loaded, else torch's `_weight_int8pack_mm`.
+
     Holds no parameter and only non-persistent buffers, so attaching it to a model changes
-    neither its `state_dict` nor its fingerprint. `bias` is the float module's own tensor."""
+    neither its `state_dict` nor its fingerprint. `bias` is the float module's own tensor (the
+    native kernel keeps an fp32 copy)."""
 
     # above this many rows dequantising the weight for a dense matmul is faster than the kernel
-    # (measured per projection shape on a quiet 2-core AVX2 EPYC: the kernel wins up to ~100 rows
-    # for c_fc, ~150 for c_attn, past 256 for the mlp c_proj; docs/performance.md)
+    # (torch's: measured per projection shape on a quiet 2-core AVX2 EPYC, the kernel wins up to
+    # ~100 rows for c_fc, ~150 for c_attn, past 256 for the mlp c_proj; the native kernel's
+    # crossover is lower: docs/performance.md)
     max_rows = 96
-    qweight: torch.Tensor  # [out, in] int8
-    scales: torch.Tensor  # [out] bf16
+    native_max_rows = 32
+    qweight: torch.Tensor  # [out, in] int8 (the native kernel's packed layout when `native`)
+    scales: torch.Tensor  # [out] bf16 (fp32 when `native`; the same values)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:  # weight [out, in]
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 native: NativeInt8 | None = None) -> None:  # weight [out, in]
         super().__init__()
         q, scales = quantize_per_channel(weight)
+        usable = native is not None and weight.device.type == "cpu" and q.shape[1] % 8 == 0
+        self.native = native if usable else None
+        if self.native is not None:
+            q, scales = self.native.pack(q), scales.float()
         self.register_buffer("qweight", q.to(weight.device), persistent=False)
         self.register_buffer("scales", scales.to(weight.device), persistent=False)
         self.bias = None if bias is None else bias.detach()  # the float module's storage, not a parameter here
+        self.bias32 = None if bias is None or self.native is None else bias.detach().float().contiguous()
         self.in_features, self.out_features = int(weight.shape[1]), int(weight.shape[0])
-        self.kernel = int8pack_works(weight.device.type)
+        self.kernel = self.native is None and int8pack_works(weight.device.type)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
-        return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).contiguous()
+        q = self.qweight if self.native is None else self.native.unpack(self.qweight)
+        return (q.to(dtype) * self.scales.to(dtype)[:, None]).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
+        if self.native is not None and x.shape[0] <= self.native_max_rows:
+            xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
+            y = self.native.linear(xf, self.qweight, self.scales, self.bias32)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         if self.kernel and x.shape[0] <= self.max_rows:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)  # bf16
             if self.bias is None or self.bias.dtype != x.dtype:
@@ -106,22 +127,40 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
-def quantize_model(model: nn.Module, layers: Iterable[nn.Module], kind: str = "int8") -> int:
-    """Attach `Int8Linear`s (`kind` "int8") or `W8A8Linear`s ("w8a8") to the wrapped projections (`MultiLoRAConv1D.int8`, `layers`) and to
+def quantize_model(model: nn.Module, layers: Iterable[nn.Module], kind: str = "int8",
+                   native: NativeInt8 | None = None) -> int:
+    """Attach `Int8Linear`s (`kind` "int8", through the `native` kernel where given) or
+    `W8A8Linear`s ("w8a8") to the wrapped projections (`MultiLoRAConv1D.int8`, `layers`) and to
     the tied LM head (`model.lm_head_int8`, read by `gpt2.lm_head`); returns how many were made.
     Idempotent: a projection or head that already has one keeps it."""
-    cls = {"int8": Int8Linear, "w8a8": W8A8Linear}[kind]
+
+    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Kind:
+        return Int8Linear(weight, bias, native) if kind == "int8" else W8A8Linear(weight, bias)
+
     made = 0
     for layer in layers:
         if getattr(layer, "int8", None) is None:
             base: Any = layer.base  # a transformers Conv1D: weight [in, out]
-            layer.int8 = cls(base.weight.detach().t(), base.bias)
+            layer.int8 = make(base.weight.detach().t(), base.bias)
             made += 1
     if getattr(model, "lm_head_int8", None) is None:
         head: Any = model.get_output_embeddings()  # type: ignore[operator]
-        model.lm_head_int8 = cls(head.weight.detach(), head.bias)
+        model.lm_head_int8 = make(head.weight.detach(), head.bias)
         made += 1
     return made
+
+
+def kernel_name(model: nn.Module) -> str:
+    """Which kernel reads the model's int8 weights (reported by `/version`): `native-avx2`,
+    `native-scalar`, `torch-int8pack`, `fbgemm`, `dequantised` (a float matmul per call), or ``."""
+    head = getattr(model, "lm_head_int8", None)
+    if isinstance(head, W8A8Linear):
+        return "fbgemm"
+    if isinstance(head, Int8Linear):
+        if head.native is not None:
+            return "native-avx2" if head.native.simd else "native-scalar"
+        return "torch-int8pack" if head.kernel else "dequantised"
+    return ""
 
 
 # Columns appended to every normalised activation row: +1, -1, then zeros (weights 0 there).

@@ -102,10 +102,15 @@ def test_models_and_version_report_the_quantisation(store, tiny_model_dir, app_c
     base = app_client.get("/v1/models").json()["data"][0]
     assert base["quantization"] == "none" and base["dtype"] == "float32"
     assert app_client.get("/version").json()["quantization"] == "none"
+    assert app_client.get("/version").json()["quantization_kernel"] == ""
     with TestClient(create_app(app_settings(tiny_model_dir, store, model={"quant": "int8"}))) as client:
         base = client.get("/v1/models").json()["data"][0]
         assert base["quantization"] == "int8" and base["dtype"] == "float32"
         assert client.get("/version").json()["quantization"] == "int8"
+        from server.kernels import native
+
+        kernel = client.get("/version").json()["quantization_kernel"]  # which kernel reads the int8 weights
+        assert kernel == ("native-avx2" if native.load() is not None else "torch-int8pack")
         body = client.post("/v1/completions", json={"model": "alpha", "prompt": "hello", "max_tokens": 4,
                                                     "temperature": 0}).json()
         assert body["usage"]["completion_tokens"] == 4

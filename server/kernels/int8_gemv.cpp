@@ -1,0 +1,152 @@
+// y[m, n] = s[n] * sum_k x[m, k] * q[n, k] + bias[n]: fp32 activations, int8 weights with one
+// fp32 scale per output channel (weight-only int8, `--quant int8` on CPU; server/kernels/native.py).
+//
+// Why our own: at 1-8 rows a decode step streams every weight once, so the product should run
+// at memory speed on one byte a weight. torch's `_weight_int8pack_mm` has no AVX2 fast path and
+// fbgemm quantises the activations too. This is a plain dot-product kernel: int8 weights are
+// widened to fp32 in registers and multiplied into fp32 accumulators, 8 lanes at a time.
+//
+// Layout (`sb_int8_pack`): outputs in blocks of 8; inside a block, for each group of 8 inputs,
+// the 8 outputs' 8 int8 weights side by side: 64 bytes, one cache line. A block is then one
+// sequential stream whatever the batch, which the hardware prefetcher follows at full speed
+// (row-major weights read 8 rows at a time ran at a third of the bandwidth). The last N % 8
+// outputs stay row-major. K must be a multiple of 8 (the caller checks).
+//
+// Batch invariance: every (row m, output n) pair is computed the same way whatever the batch
+// size, the blocking or the thread count: one 8-lane accumulator fed k = 0, 8, 16, ... in order,
+// the same horizontal sum, then `* s[n] + bias[n]`. Blocking only decides which pairs share a
+// widened weight vector, never the order of a pair's own sums. Built with -ffp-contract=off so
+// the compiler adds no fused multiply-adds of its own.
+#include <stdint.h>
+#include <stddef.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SB_AVX2 1
+#endif
+
+namespace {
+
+#ifdef SB_AVX2
+inline float hsum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 fp32
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+inline float hsum8(const float* v) {  // the AVX2 path's order: lanes (i, i+4), then pairs, then the two
+    float a[4];
+    for (int i = 0; i < 4; ++i) a[i] = v[i] + v[i + 4];
+    const float b0 = a[0] + a[2], b1 = a[1] + a[3];
+    return b0 + b1;
+}
+#endif
+
+// NR outputs x BR activation rows (NR * BR <= 8 accumulators). `w` points at the first output's
+// first 8 weights; consecutive groups of 8 inputs are `step` bytes apart (64 in a packed block,
+// K in a row-major row). Writes y[b * ldy + r] for r < NR.
+template <int NR, int BR>
+void tile(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rstride, int64_t groups,
+          const float* s, const float* bias, float* y, int64_t ldy) {
+    float sum[NR][BR];
+#ifdef SB_AVX2
+    __m256 acc[NR][BR];
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) acc[r][b] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < groups; ++c) {
+        __m256 xv[BR];
+        _mm_prefetch(reinterpret_cast<const char*>(w + (c + 8) * step), _MM_HINT_T0);  // 8 groups ahead: measured best of 8/16/32
+        for (int b = 0; b < BR; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + c * 8);
+        for (int r = 0; r < NR; ++r) {
+            const __m256 wv = widen8(w + c * step + r * rstride);
+            for (int b = 0; b < BR; ++b) acc[r][b] = _mm256_fmadd_ps(xv[b], wv, acc[r][b]);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) sum[r][b] = hsum8(acc[r][b]);
+#else
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) {
+            float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t c = 0; c < groups; ++c)
+                for (int l = 0; l < 8; ++l)
+                    lanes[l] = __builtin_fmaf(x[b * ldx + c * 8 + l], static_cast<float>(w[c * step + r * rstride + l]), lanes[l]);
+            sum[r][b] = hsum8(lanes);
+        }
+#endif
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) {
+            const float v = sum[r][b] * s[r];
+            y[b * ldy + r] = bias ? v + bias[r] : v;
+        }
+}
+
+// NR outputs for all M rows, 4 rows at a time (then 3, 2, 1)
+template <int NR>
+void rows(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rstride, int64_t groups,
+          const float* s, const float* bias, float* y, int64_t ldy, int64_t M) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) tile<NR, 4>(x + m * ldx, ldx, w, step, rstride, groups, s, bias, y + m * ldy, ldy);
+    switch (M - m) {
+        case 3: tile<NR, 3>(x + m * ldx, ldx, w, step, rstride, groups, s, bias, y + m * ldy, ldy); break;
+        case 2: tile<NR, 2>(x + m * ldx, ldx, w, step, rstride, groups, s, bias, y + m * ldy, ldy); break;
+        case 1: tile<NR, 1>(x + m * ldx, ldx, w, step, rstride, groups, s, bias, y + m * ldy, ldy); break;
+        default: break;
+    }
+}
+
+// one packed block of 8 outputs (at n0) for all M rows: 8 accumulators per tile
+void block(const float* x, int64_t ldx, const int8_t* blk, int64_t groups, const float* s,
+           const float* bias, float* y, int64_t ldy, int64_t M, int64_t n0) {
+    const float* bb = bias ? bias + n0 : nullptr;
+    if (M == 1) {
+        rows<8>(x, ldx, blk, 64, 8, groups, s + n0, bb, y + n0, ldy, M);
+    } else if (M == 2) {
+        for (int r = 0; r < 8; r += 4)
+            rows<4>(x, ldx, blk + r * 8, 64, 8, groups, s + n0 + r, bb ? bb + r : nullptr, y + n0 + r, ldy, M);
+    } else {
+        for (int r = 0; r < 8; r += 2)
+            rows<2>(x, ldx, blk + r * 8, 64, 8, groups, s + n0 + r, bb ? bb + r : nullptr, y + n0 + r, ldy, M);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q [N, K] int8 row-major -> packed [N, K]: the first N - N % 8 outputs in blocks of 8 (above),
+// the rest row-major after them. K % 8 == 0.
+void sb_int8_pack(const int8_t* q, int8_t* packed, int64_t N, int64_t K) {
+    const int64_t n8 = N - N % 8, groups = K / 8;
+    for (int64_t i = 0; i < n8 / 8; ++i)
+        for (int64_t c = 0; c < groups; ++c)
+            for (int r = 0; r < 8; ++r)
+                for (int l = 0; l < 8; ++l)
+                    packed[((i * groups + c) * 8 + r) * 8 + l] = q[(i * 8 + r) * K + c * 8 + l];
+    for (int64_t i = n8 * K; i < N * K; ++i) packed[i] = q[i];
+}
+
+// x [M, K] fp32 (row stride ldx), packed from sb_int8_pack, s [N] fp32, bias [N] fp32 or null,
+// y [M, N] fp32 (row stride ldy). The blocks of 8 outputs are split across `threads`.
+void sb_int8_linear(const float* x, int64_t ldx, const int8_t* packed, const float* s, const float* bias,
+                    float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t nb = N / 8, groups = K / 8;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < nb; ++i) block(x, ldx, packed + i * 8 * K, groups, s, bias, y, ldy, M, i * 8);
+    for (int64_t n = nb * 8; n < N; ++n)  // the row-major tail: one output at a time
+        rows<1>(x, ldx, packed + n * K, 8, 0, groups, s + n, bias ? bias + n : nullptr, y + n, ldy, M);
+}
+
+int sb_int8_simd(void) {
+#ifdef SB_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+}

@@ -1,0 +1,165 @@
+"""Build and load the native int8 kernel (`int8_gemv.cpp`) once per machine, through ctypes.
+
+Why native: at 1–8 rows a decode step streams every weight once, so its products should run at
+memory speed on one byte a weight. On CPUs without AVX-512 neither of torch's int8 paths does:
+`_weight_int8pack_mm` has no AVX2 fast path, and fbgemm's dynamic int8 linear at one row runs at
+about half the bandwidth (docs/performance.md, "The native int8 kernel"). The kernel is ~150
+lines of C++ with AVX2 intrinsics (and a scalar fallback), so it is compiled here rather than
+shipped as a wheel: `-O3 -march=native` for the CPU it runs on, with OpenMP.
+
+Where the compiled library lives: `$SWITCHBOARD_KERNEL_DIR`, else `$XDG_CACHE_HOME/switchboard/
+kernels`, else `~/.cache/switchboard/kernels`, one file per (source, compiler, flags, CPU)
+hash, written to a temporary name and renamed into place, so concurrent builds never load a
+half-written file. A build takes ~2 s with g++.
+
+If anything fails — no compiler, a compile error, an unwritable cache, a library whose results
+disagree with a float reference — `load()` logs why once and returns None, and `--quant int8`
+falls back to torch's kernel. `SWITCHBOARD_NATIVE_KERNELS=0` turns it off (A/B runs, debugging).
+
+OpenMP: the library links `libgomp.so.1`, the soname torch's CPU wheel loads (torch is imported
+first), so the dynamic loader hands it torch's own runtime: one thread pool, not two spinning
+against each other on the same cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+_VOIDP, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+@dataclass(frozen=True)
+class NativeInt8:
+    """The loaded library's two entry points (see int8_gemv.cpp for their contracts)."""
+
+    lib: ctypes.CDLL
+    path: Path
+    simd: bool  # AVX2 + FMA compiled in (else the scalar fallback)
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """q [N, K] int8 row-major (K % 8 == 0) -> the kernel's packed layout, same shape and dtype."""
+        q = q.contiguous()
+        packed = torch.empty_like(q)
+        self.lib.sb_int8_pack(q.data_ptr(), packed.data_ptr(), q.shape[0], q.shape[1])
+        return packed
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] fp32 (unit column stride) -> [M, N] fp32: x (packed · scales)ᵀ + bias."""
+        n, k = packed.shape
+        m = x.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+        self.lib.sb_int8_linear(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
+                                None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k,
+                                torch.get_num_threads())
+        return y
+
+    @staticmethod
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        """The packed layout back to row-major [N, K] (the dense fallback's dequantisation)."""
+        n, k = packed.shape
+        n8 = n - n % 8
+        head = packed[:n8].reshape(n8 // 8, k // 8, 8, 8).permute(0, 2, 1, 3).reshape(n8, k)
+        return torch.cat([head, packed[n8:]]) if n8 < n else head.contiguous()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SWITCHBOARD_KERNEL_DIR"):
+        return Path(os.environ["SWITCHBOARD_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "switchboard" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    target = out_dir / f"int8_gemv-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".int8_gemv-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _agrees(kernel: NativeInt8) -> bool:
+    """The library's product against a float reference on awkward shapes (N % 8 != 0, 1–9 rows)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (21, 48), generator=gen, dtype=torch.int8)
+    s, b = torch.rand(21, generator=gen) / 100, torch.randn(21, generator=gen)
+    packed = kernel.pack(q)
+    if not torch.equal(kernel.unpack(packed), q):
+        return False
+    for m in (1, 2, 3, 9):
+        x = torch.randn(m, 48, generator=gen)
+        ref = x.double() @ (q.double() * s.double()[:, None]).t() + b.double()
+        if not torch.allclose(kernel.linear(x, packed, s, b).double(), ref, rtol=1e-4, atol=1e-4):
+            return False
+    return True
+
+
+@functools.cache
+def load() -> NativeInt8 | None:
+    """The native int8 kernel for this machine, built on first call; None (logged once) where it
+    cannot be built, loaded or trusted. CPU only."""
+    if os.environ.get("SWITCHBOARD_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        log.warning("native int8 kernel: no C++ compiler (g++ or $CXX) found; using torch's int8 kernel")
+        return None
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+        lib.sb_int8_pack.argtypes = [_VOIDP, _VOIDP, _I64, _I64]
+        lib.sb_int8_pack.restype = None
+        lib.sb_int8_linear.argtypes = [_VOIDP, _I64, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _I64, _I64, _I64, _I64,
+                                       ctypes.c_int]
+        lib.sb_int8_linear.restype = None
+        lib.sb_int8_simd.restype = ctypes.c_int
+        kernel = NativeInt8(lib, path, bool(lib.sb_int8_simd()))
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+        log.warning("native int8 kernel unavailable (%s); using torch's int8 kernel", exc)
+        return None
+    if not _agrees(kernel):
+        log.warning("native int8 kernel %s disagrees with a float reference; using torch's int8 kernel", path)
+        return None
+    log.info("native int8 kernel loaded from %s (%s)", path, "AVX2" if kernel.simd else "scalar")
+    return kernel

@@ -1,0 +1,139 @@
+"""The native int8 kernel (`server/kernels/int8_gemv.cpp`) against a float reference.
+
+Tolerance, stated: the kernel multiplies the exact int8 weights and fp32 scales by fp32
+activations in fp32, so against a float64 product of the same dequantised weights its error is
+fp32 accumulation over `in` terms (~1e-6 relative); the tests demand 1e-5. Against the original
+float weights the error is the int8 rounding (`test_quant_int8`'s ≤ 2 %). A row's result is
+bitwise the same alone, in any batch, in any order and on any thread count: each (row, output)
+pair is summed in one fixed order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from server.engine.quant import Int8Linear, quantize_per_channel
+from server.kernels import native
+
+KERNEL = native.load()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler (g++ or $CXX) to build the native kernel")
+
+
+def _reference(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ (q.double() * s.double()[:, None]).t()
+    return y if b is None else y + b.double()
+
+
+def _case(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    return q, torch.rand(n, generator=gen) / 50, torch.randn(n, generator=gen)
+
+
+def test_this_machine_builds_the_simd_kernel():
+    assert KERNEL is not None and KERNEL.simd  # the CI machines have AVX2; scalar would be slow: say so
+    assert KERNEL.path.exists()
+
+
+@pytest.mark.parametrize("n,k", [(8, 8), (21, 48), (96, 64), (2304 // 8, 768 // 4), (101, 256)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("bias", [True, False])
+def test_products_match_a_float64_reference(n, k, rows, bias):
+    q, s, b = _case(n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3
+    got = KERNEL.linear(x, KERNEL.pack(q), s, b if bias else None)
+    ref = _reference(x, q, s, b if bias else None)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_pack_and_unpack_round_trip():
+    for n in (8, 13, 64, 67):
+        q, _, _ = _case(n, 40, seed=n)
+        packed = KERNEL.pack(q)
+        assert packed.shape == q.shape and packed.dtype == torch.int8
+        assert torch.equal(KERNEL.unpack(packed), q)
+        assert n < 16 or not torch.equal(packed, q)  # a real re-layout, not a copy
+
+
+def test_a_row_is_the_same_alone_in_any_batch_order_and_thread_count():
+    q, s, b = _case(77, 96)
+    packed = KERNEL.pack(q)
+    x = torch.randn(9, 96) * torch.logspace(-3, 3, 9)[:, None]
+    threads = torch.get_num_threads()
+    try:
+        batched = KERNEL.linear(x, packed, s, b)
+        for m in range(1, 10):  # every batch size the kernel blocks differently (1, 2, 3, 4+)
+            part = KERNEL.linear(x[:m], packed, s, b)
+            assert torch.equal(part, batched[:m]), m
+        alone = torch.cat([KERNEL.linear(x[i:i + 1], packed, s, b) for i in range(9)])
+        assert torch.equal(alone, batched)
+        assert torch.equal(KERNEL.linear(x.flip(0), packed, s, b).flip(0), batched)
+        torch.set_num_threads(1)
+        assert torch.equal(KERNEL.linear(x, packed, s, b), batched)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_strided_rows_and_a_non_finite_row_stay_in_their_rows():
+    q, s, b = _case(40, 64)
+    packed = KERNEL.pack(q)
+    wide = torch.randn(5, 100)
+    x = wide[:, 10:74]  # rows 100 floats apart, unit column stride
+    assert not x.is_contiguous()
+    assert torch.equal(KERNEL.linear(x, packed, s, b), KERNEL.linear(x.contiguous(), packed, s, b))
+    x = x.contiguous()
+    x[2, 5] = float("nan")
+    got = KERNEL.linear(x, packed, s, b)
+    assert bool(got[2].isnan().all()) and bool(torch.isfinite(got[[0, 1, 3, 4]]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_uses_the_native_kernel_and_matches_the_float_weights(dtype):
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(96, 64, generator=gen) * 0.05, torch.randn(96, generator=gen) * 0.1
+    lin = Int8Linear(w, b.to(dtype), KERNEL)
+    assert lin.native is KERNEL and not lin.kernel  # torch's kernel is not used beside it
+    q, scales = quantize_per_channel(w)
+    assert torch.equal(lin.dequantized(torch.float32), q.float() * scales.float()[:, None])
+    for rows in (1, 8, Int8Linear.native_max_rows + 8):  # the last: the dense fallback
+        x = torch.randn(rows, 64, generator=gen).to(dtype)
+        with torch.inference_mode():
+            got = lin(x)
+        assert got.dtype == dtype and got.shape == (rows, 96)
+        ref = x.float() @ w.t() + b.to(dtype).float()
+        assert float((got.float() - ref).norm() / ref.norm()) < 0.02
+    odd = Int8Linear(torch.randn(16, 12), None, KERNEL)  # in % 8 != 0: torch's kernel
+    assert odd.native is None
+
+
+def test_off_switch_and_missing_compiler_fall_back_with_a_reason(monkeypatch, caplog):
+    try:
+        native.load.cache_clear()
+        monkeypatch.setenv("SWITCHBOARD_NATIVE_KERNELS", "0")
+        assert native.load() is None
+        monkeypatch.delenv("SWITCHBOARD_NATIVE_KERNELS")
+        native.load.cache_clear()
+        monkeypatch.setenv("CXX", "/nonexistent/g++")
+        with caplog.at_level(logging.WARNING, logger="server.kernels.native"):
+            assert native.load() is None
+        assert "native int8 kernel unavailable" in caplog.text
+    finally:
+        native.load.cache_clear()
+
+
+def test_builds_into_its_own_folder_atomically(monkeypatch, tmp_path):
+    try:
+        native.load.cache_clear()
+        monkeypatch.setenv("SWITCHBOARD_KERNEL_DIR", str(tmp_path / "k"))
+        kernel = native.load()
+        assert kernel is not None and kernel.path.parent == tmp_path / "k"
+        assert [p.name for p in (tmp_path / "k").iterdir()] == [kernel.path.name]  # no temporary left
+        native.load.cache_clear()
+        again = native.load()  # a second process finds the built file and does not rebuild it
+        assert again is not None and again.path == kernel.path
+    finally:
+        native.load.cache_clear()
