@@ -8,7 +8,12 @@ measures, in one process, three steps of GPT-2 124M (random weights) over a 64-t
   batch invariant: the kernel's own cost);
 - `min_w8a8_rowscaled`: the same through the engine's `W8A8Linear` (per-row scaling, a row's
   numerics its own);
-- `engine_routed_w8a8`: the engine's step, routed over 4 adapters, re-routing every 2 tokens.
+- `min_native_int8`, `min_native_w8a8`: the same bare step through the native kernels
+  (`server/kernels/int8_gemv.cpp`: fp32 activations, or activations quantised per row), when
+  they build here;
+- `engine_routed_w8a8_fbgemm`, `engine_routed_w8a8`, `engine_routed_int8`: the engine's step
+  (w8a8 through fbgemm, then through the native kernel, and weight-only int8), routed over 4
+  adapters, re-routing every 2 tokens.
 
 Each is printed with its ratio to the floor of the base weights at 16 bits (the bandwidth
 measured in the same run). The gap between the first and the floor is the kernel's and eager
@@ -24,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +38,10 @@ from bench import floor
 from bench.common import BenchConfig, gpt2_config, setup_torch
 from bench.profile_engine import _engine_stepper, _shutdown
 from bench.rig import Assets
-from server.engine.quant import _MARKS, W8A8Linear, _linear_dynamic
+from server.engine.quant import _MARKS, Int8Linear, W8A8Linear, _linear_dynamic
+from server.kernels import native
 
-Lin = Callable[[W8A8Linear, torch.Tensor], torch.Tensor]
+Lin = Callable[[Any, torch.Tensor], torch.Tensor]
 PROMPT, NEW = 64, 32  # the decode bench's context and steps
 
 
@@ -44,14 +51,17 @@ def _fbgemm_only(m: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class MinimalGPT2:
-    """GPT-2 124M as a bare decode step: w8a8 projections and head, a static KV cache."""
+    """GPT-2 124M as a bare decode step: int8 projections and head (`W8A8Linear`s, or `Int8Linear`s
+    for `kind` "int8"; through the native kernel when `kernel` is given), a static KV cache."""
 
-    def __init__(self, d: int = 768, layers: int = 12, heads: int = 12, vocab: int = 50257) -> None:
+    def __init__(self, d: int = 768, layers: int = 12, heads: int = 12, vocab: int = 50257,
+                 kernel: native.NativeInt8 | None = None, kind: str = "w8a8") -> None:
         torch.manual_seed(0)
         self.d, self.heads = d, heads
 
-        def lin(o: int, i: int, bias: bool = True) -> W8A8Linear:
-            return W8A8Linear(torch.randn(o, i) * 0.02, torch.zeros(o) if bias else None)
+        def lin(o: int, i: int, bias: bool = True) -> Any:
+            w, b = torch.randn(o, i) * 0.02, torch.zeros(o) if bias else None
+            return Int8Linear(w, b, kernel) if kind == "int8" else W8A8Linear(w, b, kernel)
 
         self.layers = [{"attn": lin(3 * d, d), "proj": lin(d, d), "fc": lin(4 * d, d), "mproj": lin(d, 4 * d)}
                        for _ in range(layers)]
@@ -83,32 +93,43 @@ class MinimalGPT2:
 
 def measure(cfg: BenchConfig, batches: list[int], repeats: int) -> dict[int, dict]:
     """Per batch: the 16-bit floor of the base weights (ms, at the run's best bandwidth) and each
-    step's ms per step (median and every repeat), the three steps interleaved per repeat."""
+    step's ms per step (median and every repeat), the steps interleaved per repeat."""
     shape = gpt2_config(cfg.tiny)
-    model = MinimalGPT2(shape.n_embd, shape.n_layer, shape.n_head, shape.vocab_size)
-    minimal: dict[str, Lin] = {"min_fbgemm_only": _fbgemm_only, "min_w8a8_rowscaled": lambda m, x: m(x)}
+    dims = (shape.n_embd, shape.n_layer, shape.n_head, shape.vocab_size)
+    w8a8 = MinimalGPT2(*dims)
+    minimal: dict[str, tuple[MinimalGPT2, Lin]] = {"min_fbgemm_only": (w8a8, _fbgemm_only),
+                                                   "min_w8a8_rowscaled": (w8a8, lambda m, x: m(x))}
+    kernel = native.load()
+    if kernel is not None:
+        minimal["min_native_int8"] = (MinimalGPT2(*dims, kernel=kernel, kind="int8"), lambda m, x: m(x))
+        minimal["min_native_w8a8"] = (MinimalGPT2(*dims, kernel=kernel), lambda m, x: m(x))
     out: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="switchboard-minimal-") as tmp:
         assets = Assets(cfg, Path(tmp))
-        rig = assets.engine_rig(quant="w8a8")
+        rigs = {"w8a8_fbgemm": assets.engine_rig(quant="w8a8", native=False)}
+        if kernel is not None:
+            rigs.update({q: assets.engine_rig(quant=q) for q in ("w8a8", "int8")})
         base16 = floor.weight_bytes(assets.base, torch.bfloat16)
         for batch in batches:
-            engine_step = _engine_stepper(rig, batch, assets.base.config.vocab_size, cfg)
-            runs: dict[str, list[float]] = {m: [] for m in (*minimal, "engine_routed_w8a8")}
+            steppers = {f"engine_routed_{q}": _engine_stepper(rig, batch, assets.base.config.vocab_size, cfg)
+                        for q, rig in rigs.items()}
+            runs: dict[str, list[float]] = {m: [] for m in (*minimal, *steppers)}
             gb_s = 0.0
-            for _ in range(repeats):  # interleaved, so a disturbance spreads over all three
+            for _ in range(repeats):  # interleaved, so a disturbance spreads over all of them
                 with torch.inference_mode():
-                    for name, lin in minimal.items():
+                    for name, (model, lin) in minimal.items():
                         runs[name].append(model.decode(lin, batch))
-                for _ in range(2):
-                    engine_step()
-                start = time.perf_counter()
-                for _ in range(NEW // 2):
-                    engine_step()
-                runs["engine_routed_w8a8"].append((time.perf_counter() - start) / (NEW // 2) * 1e3)
+                for name, engine_step in steppers.items():
+                    for _ in range(2):
+                        engine_step()
+                    start = time.perf_counter()
+                    for _ in range(NEW // 2):
+                        engine_step()
+                    runs[name].append((time.perf_counter() - start) / (NEW // 2) * 1e3)
                 bw = floor.measure(torch.device("cpu"), torch.float32, base16, shape.n_embd, tiny=cfg.tiny)
                 gb_s = max(gb_s, bw["gb_s"])
-            _shutdown(rig.engine)
+            for rig in rigs.values():
+                _shutdown(rig.engine)
             out[batch] = {"floor16_ms": floor.floor_ms(base16, gb_s), "gb_s": gb_s,
                           "ms": {m: statistics.median(ms) for m, ms in runs.items()}, "repeats": runs}
     return out

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -140,14 +142,18 @@ class Assets:
             self._peft = make_peft(self.base, self.folders, self.cfg)
         return self._peft
 
-    def engine_rig(self, decode_step: str = "eager", quant: str = "none") -> EngineRig:
+    def engine_rig(self, decode_step: str = "eager", quant: str = "none", native: bool = True) -> EngineRig:
         """The engine over its own copy of the base; `decode_step` as `EngineConfig.decode_step`,
-        `quant` as `--quant` (one rig per kind; a compiled one is warmed up, i.e. compiled, here)."""
-        key = decode_step if quant == "none" else f"{decode_step}/{quant}"
+        `quant` as `--quant` (one rig per kind; a compiled one is warmed up, i.e. compiled, here);
+        `native=False` keeps the quantised engine off the native kernel (torch's kernel or fbgemm)."""
+        key = (decode_step if quant == "none" else f"{decode_step}/{quant}") + ("" if native else "/torch")
         if key not in self._rigs:
             resident = resident_from(clone(self.base), self.tokenizer, self.cfg)
             resident.quant = quant
-            rig = make_engine(resident, self.folders, self.cfg, store=self.store, decode_step=decode_step)
+            with contextlib.ExitStack() as stack:
+                if not native:
+                    stack.enter_context(mock.patch("server.engine.engine.int8_kernel", return_value=None))
+                rig = make_engine(resident, self.folders, self.cfg, store=self.store, decode_step=decode_step)
             rig.warm_up_s = rig.engine.warm_up()
             self._rigs[key] = rig
         return self._rigs[key]

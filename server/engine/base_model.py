@@ -65,7 +65,7 @@ def resolve_quant(name: str, device: torch.device) -> str:
         return "none"
     if name not in quant.QUANTS:
         raise ModelLoadError(f"unknown quantisation {name!r}; choose auto, {', '.join(quant.QUANTS)}")
-    if name == "w8a8" and not quant.w8a8_works(device.type):
+    if name == "w8a8" and not quant.w8a8_works(device.type) and int8_kernel(name, device) is None:
         raise ModelLoadError(f"--quant w8a8 needs fbgemm's int8 GEMM, a CPU kernel this build lacks on {device}; "
                              "use --quant int8 (weight-only) or none")
     if name == "int8" and not quant.int8pack_works(device.type) and int8_kernel(name, device) is None:
@@ -75,10 +75,10 @@ def resolve_quant(name: str, device: torch.device) -> str:
 
 
 def int8_kernel(quant_name: str, device: torch.device) -> NativeInt8 | None:
-    """The native int8 kernel `--quant int8` uses on CPU (compiled on first use into a cache
-    folder: server/kernels/native.py), or None where it is not built (other quantisations, CUDA,
-    no compiler; then torch's kernel)."""
-    if quant_name != "int8" or device.type != "cpu":
+    """The native int8 kernel `--quant int8` and `w8a8` use on CPU (compiled on first use into a
+    cache folder: server/kernels/native.py), or None where it is not built (no quantisation,
+    CUDA, no compiler; then torch's kernel or fbgemm)."""
+    if quant_name not in ("int8", "w8a8") or device.type != "cpu":
         return None
     from server.kernels import native
 

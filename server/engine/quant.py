@@ -135,7 +135,7 @@ def quantize_model(model: nn.Module, layers: Iterable[nn.Module], kind: str = "i
     Idempotent: a projection or head that already has one keeps it."""
 
     def make(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Kind:
-        return Int8Linear(weight, bias, native) if kind == "int8" else W8A8Linear(weight, bias)
+        return Int8Linear(weight, bias, native) if kind == "int8" else W8A8Linear(weight, bias, native)
 
     made = 0
     for layer in layers:
@@ -154,11 +154,11 @@ def kernel_name(model: nn.Module) -> str:
     """Which kernel reads the model's int8 weights (reported by `/version`): `native-avx2`,
     `native-scalar`, `torch-int8pack`, `fbgemm`, `dequantised` (a float matmul per call), or ``."""
     head = getattr(model, "lm_head_int8", None)
+    if isinstance(head, (W8A8Linear, Int8Linear)) and head.native is not None:
+        return "native-avx2" if head.native.simd else "native-scalar"
     if isinstance(head, W8A8Linear):
         return "fbgemm"
     if isinstance(head, Int8Linear):
-        if head.native is not None:
-            return "native-avx2" if head.native.simd else "native-scalar"
         return "torch-int8pack" if head.kernel else "dequantised"
     return ""
 
@@ -202,22 +202,36 @@ class W8A8Linear(nn.Module):
     [-1, 1], and the output row is multiplied back: a row's numerics are its own, alone or
     batched. Activations are rounded to 7 bits per side (`reduce_range`, which keeps AVX2's
     16-bit pairwise sums from saturating): ~1.5-2 % relative error per projection on Gaussian
-    inputs, against ~0.8 % weight-only; `int8` stays for the tighter numerics."""
+    inputs, against ~0.8 % weight-only; `int8` stays for the tighter numerics.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:  # weight [out, in]
+    With the native kernel (`native`, `server/kernels/int8_gemv.cpp`) the same scheme runs in one
+    call without the marks: each row is quantised to 7 bits on its own scale inside the kernel
+    and its int32 dot products are exact, so a row is its own by construction; at one row it
+    is about twice as fast as fbgemm here (docs/performance.md). fbgemm stays the fallback."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 native: NativeInt8 | None = None) -> None:  # weight [out, in]
         super().__init__()
         q, scales = quantize_per_channel(weight.cpu())
         out_f, in_f = q.shape
+        self.bias = None if bias is None else bias.detach().float()  # the kernel's output is fp32
+        self.in_features, self.out_features = in_f, out_f
+        self.native = native if native is not None and in_f % 32 == 0 else None
+        if self.native is not None:
+            self.qweight, self.scales = self.native.pack_w8a8(q), scales.float()  # the only copy kept
+            return
         q = torch.cat([q, q.new_zeros(out_f, _MARKS)], dim=1)  # weights of the mark columns: 0
         with warnings.catch_warnings():  # quantized tensors are deprecated in torch; fbgemm's packing still takes one
             warnings.simplefilter("ignore")
             qt = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(out_f, dtype=torch.long), 0)
             # fbgemm's packed int8 weight, the only copy kept (`linear_unpack` gives it back)
             self.packed = torch.ops.quantized.linear_prepack(qt, None)
-        self.bias = None if bias is None else bias.detach().float()  # the kernel's output is fp32
-        self.in_features, self.out_features = in_f, out_f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
+        if self.native is not None:
+            xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
+            y = self.native.linear_w8a8(xf, self.qweight, self.scales, self.bias)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         # five ops around the kernel (each ~4-12 µs at one row; at batch 1 they were ~10 % of a
         # step): fewer than a preallocated buffer filled in place, measured. abs().amax() is the
         # same maximum as vector_norm(inf) (NaN and inf included) at 7 µs instead of 12-16 at

@@ -17,8 +17,10 @@
 // the same horizontal sum, then `* s[n] + bias[n]`. Blocking only decides which pairs share a
 // widened weight vector, never the order of a pair's own sums. Built with -ffp-contract=off so
 // the compiler adds no fused multiply-adds of its own.
+#include <math.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SB_AVX2 1
@@ -114,6 +116,92 @@ void block(const float* x, int64_t ldx, const int8_t* blk, int64_t groups, const
     }
 }
 
+// ---- int8 activations too (`--quant w8a8`) ----------------------------------------------------
+// Each activation row is quantised on its own scale to 7 bits (|xq| <= 63, like fbgemm's
+// `reduce_range`), the weights are stored as unsigned bytes u = q + 128, and AVX2's maddubs
+// multiplies 32 (u, xq) pairs into 16 int16 sums of two: 255 * 63 * 2 = 32130 never saturates.
+// The int32 dot product is exact, so its order cannot matter; sum(u * xq) - 128 * sum(xq) is
+// sum(q * xq). Then y = dot * (sx[m] * s[n]) + bias[n] in that fixed float order: a row's result
+// is its own, alone or batched. Layout (`sb_w8a8_pack`): blocks of 8 outputs, and in a block,
+// per group of 32 inputs, the 8 outputs' 32 bytes side by side (256 bytes); the last N % 8
+// outputs row-major. K % 32 == 0.
+
+#ifdef SB_AVX2
+inline int32_t hsum8i(__m256i v) {
+    __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4e));
+    lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xb1));
+    return _mm_cvtsi128_si32(lo);
+}
+#endif
+
+template <int NR, int BR>
+void itile(const int8_t* xq, int64_t K, const uint8_t* w, int64_t step, int64_t rstride, int64_t groups,
+           const int32_t* xsum, const float* sx, const float* s, const float* bias, float* y, int64_t ldy) {
+    int32_t dot[NR][BR];
+#ifdef SB_AVX2
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[NR][BR];
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) acc[r][b] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < groups; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (c + 2) * step), _MM_HINT_T0);
+        __m256i xv[BR];
+        for (int b = 0; b < BR; ++b) xv[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * K + c * 32));
+        for (int r = 0; r < NR; ++r) {
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * step + r * rstride));
+            for (int b = 0; b < BR; ++b)
+                acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[b]), ones));
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) dot[r][b] = hsum8i(acc[r][b]);
+#else
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) {
+            int32_t t = 0;
+            for (int64_t c = 0; c < groups; ++c)
+                for (int l = 0; l < 32; ++l)
+                    t += static_cast<int32_t>(w[c * step + r * rstride + l]) * xq[b * K + c * 32 + l];
+            dot[r][b] = t;
+        }
+#endif
+    for (int r = 0; r < NR; ++r)
+        for (int b = 0; b < BR; ++b) {
+            const float v = static_cast<float>(dot[r][b] - 128 * xsum[b]) * (sx[b] * s[r]);
+            y[b * ldy + r] = bias ? v + bias[r] : v;
+        }
+}
+
+template <int NR>
+void irows(const int8_t* xq, int64_t K, const uint8_t* w, int64_t step, int64_t rstride, int64_t groups,
+           const int32_t* xsum, const float* sx, const float* s, const float* bias, float* y, int64_t ldy,
+           int64_t M) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+        itile<NR, 4>(xq + m * K, K, w, step, rstride, groups, xsum + m, sx + m, s, bias, y + m * ldy, ldy);
+    switch (M - m) {
+        case 3: itile<NR, 3>(xq + m * K, K, w, step, rstride, groups, xsum + m, sx + m, s, bias, y + m * ldy, ldy); break;
+        case 2: itile<NR, 2>(xq + m * K, K, w, step, rstride, groups, xsum + m, sx + m, s, bias, y + m * ldy, ldy); break;
+        case 1: itile<NR, 1>(xq + m * K, K, w, step, rstride, groups, xsum + m, sx + m, s, bias, y + m * ldy, ldy); break;
+        default: break;
+    }
+}
+
+void iblock(const int8_t* xq, int64_t K, const uint8_t* blk, int64_t groups, const int32_t* xsum,
+            const float* sx, const float* s, const float* bias, float* y, int64_t ldy, int64_t M, int64_t n0) {
+    const float* bb = bias ? bias + n0 : nullptr;
+    if (M == 1) {
+        irows<8>(xq, K, blk, 256, 32, groups, xsum, sx, s + n0, bb, y + n0, ldy, M);
+    } else if (M == 2) {
+        for (int r = 0; r < 8; r += 4)
+            irows<4>(xq, K, blk + r * 32, 256, 32, groups, xsum, sx, s + n0 + r, bb ? bb + r : nullptr, y + n0 + r, ldy, M);
+    } else {  // one row at a time over all 8 outputs: the block's full lines in order, then from L1
+        for (int64_t m = 0; m < M; ++m)
+            irows<8>(xq + m * K, K, blk, 256, 32, groups, xsum + m, sx + m, s + n0, bb, y + m * ldy + n0, ldy, 1);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -139,6 +227,57 @@ void sb_int8_linear(const float* x, int64_t ldx, const int8_t* packed, const flo
     for (int64_t i = 0; i < nb; ++i) block(x, ldx, packed + i * 8 * K, groups, s, bias, y, ldy, M, i * 8);
     for (int64_t n = nb * 8; n < N; ++n)  // the row-major tail: one output at a time
         rows<1>(x, ldx, packed + n * K, 8, 0, groups, s + n, bias ? bias + n : nullptr, y + n, ldy, M);
+}
+
+// q [N, K] int8 row-major -> the w8a8 layout (above), as unsigned bytes q + 128. K % 32 == 0.
+void sb_w8a8_pack(const int8_t* q, uint8_t* packed, int64_t N, int64_t K) {
+    const int64_t n8 = N - N % 8, groups = K / 32;
+    for (int64_t i = 0; i < n8 / 8; ++i)
+        for (int64_t c = 0; c < groups; ++c)
+            for (int r = 0; r < 8; ++r)
+                for (int l = 0; l < 32; ++l)
+                    packed[((i * groups + c) * 8 + r) * 32 + l] = static_cast<uint8_t>(q[(i * 8 + r) * K + c * 32 + l] + 128);
+    for (int64_t i = n8 * K; i < N * K; ++i) packed[i] = static_cast<uint8_t>(q[i] + 128);
+}
+
+// x [M, K] fp32 (row stride ldx) quantised per row to 7 bits here; packed from sb_w8a8_pack;
+// s [N] fp32; bias [N] fp32 or null; y [M, N] fp32 (row stride ldy). A row holding NaN or inf
+// comes out all NaN (its scale is undefined), and only that row.
+void sb_w8a8_linear(const float* x, int64_t ldx, const uint8_t* packed, const float* s, const float* bias,
+                    float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int threads) {
+    std::vector<int8_t> xq(static_cast<size_t>(M * K));
+    std::vector<int32_t> xsum(static_cast<size_t>(M));
+    std::vector<float> sx(static_cast<size_t>(M));
+    std::vector<char> bad(static_cast<size_t>(M), 0);
+    for (int64_t m = 0; m < M; ++m) {
+        const float* row = x + m * ldx;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            const float a = fabsf(row[k]);
+            if (!(a <= 3.4028234663852886e38f)) bad[m] = 1;  // NaN or inf
+            else if (a > amax) amax = a;
+        }
+        const float inv = amax > 0.0f ? 63.0f / amax : 0.0f;
+        sx[m] = amax / 63.0f;
+        int32_t t = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            float v = nearbyintf(row[k] * inv);
+            v = v > 63.0f ? 63.0f : (v < -63.0f ? -63.0f : v);
+            xq[m * K + k] = bad[m] ? 0 : static_cast<int8_t>(v);
+            t += xq[m * K + k];
+        }
+        xsum[m] = t;
+    }
+    const int64_t nb = N / 8, groups = K / 32;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < nb; ++i)
+        iblock(xq.data(), K, packed + i * 8 * K, groups, xsum.data(), sx.data(), s, bias, y, ldy, M, i * 8);
+    for (int64_t n = nb * 8; n < N; ++n)
+        irows<1>(xq.data(), K, packed + n * K, 32, 0, groups, xsum.data(), sx.data(), s + n, bias ? bias + n : nullptr,
+                 y + n, ldy, M);
+    for (int64_t m = 0; m < M; ++m)
+        if (bad[m])
+            for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = NAN;
 }
 
 int sb_int8_simd(void) {

@@ -46,7 +46,9 @@ _VOIDP, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 @dataclass(frozen=True)
 class NativeInt8:
-    """The loaded library's two entry points (see int8_gemv.cpp for their contracts)."""
+    """The loaded library's entry points (see int8_gemv.cpp for their contracts): weight-only
+    (`pack`/`linear`, fp32 activations) and w8a8 (`pack_w8a8`/`linear_w8a8`, activations
+    quantised per row to 7 bits inside the call)."""
 
     lib: ctypes.CDLL
     path: Path
@@ -66,6 +68,24 @@ class NativeInt8:
         m = x.shape[0]
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
         self.lib.sb_int8_linear(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
+                                None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k,
+                                torch.get_num_threads())
+        return y
+
+    def pack_w8a8(self, q: torch.Tensor) -> torch.Tensor:
+        """q [N, K] int8 row-major (K % 32 == 0) -> the w8a8 layout: [N, K] uint8 (q + 128)."""
+        q = q.contiguous()
+        packed = torch.empty(q.shape, dtype=torch.uint8, device=q.device)
+        self.lib.sb_w8a8_pack(q.data_ptr(), packed.data_ptr(), q.shape[0], q.shape[1])
+        return packed
+
+    def linear_w8a8(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        """x [M, K] fp32 (unit column stride) -> [M, N] fp32, each row quantised on its own scale."""
+        n, k = packed.shape
+        m = x.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+        self.lib.sb_w8a8_linear(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
                                 None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k,
                                 torch.get_num_threads())
         return y
@@ -120,17 +140,21 @@ def _build(compiler: str) -> Path:
 
 
 def _agrees(kernel: NativeInt8) -> bool:
-    """The library's product against a float reference on awkward shapes (N % 8 != 0, 1–9 rows)."""
+    """The library's products against a float reference on awkward shapes (N % 8 != 0, 1–9 rows):
+    weight-only to fp32 rounding, w8a8 to its 7-bit activations (≤ 3 %)."""
     gen = torch.Generator().manual_seed(0)
-    q = torch.randint(-127, 128, (21, 48), generator=gen, dtype=torch.int8)
+    q = torch.randint(-127, 128, (21, 64), generator=gen, dtype=torch.int8)
     s, b = torch.rand(21, generator=gen) / 100, torch.randn(21, generator=gen)
-    packed = kernel.pack(q)
+    packed, packed8 = kernel.pack(q), kernel.pack_w8a8(q)
     if not torch.equal(kernel.unpack(packed), q):
         return False
     for m in (1, 2, 3, 9):
-        x = torch.randn(m, 48, generator=gen)
+        x = torch.randn(m, 64, generator=gen)
         ref = x.double() @ (q.double() * s.double()[:, None]).t() + b.double()
         if not torch.allclose(kernel.linear(x, packed, s, b).double(), ref, rtol=1e-4, atol=1e-4):
+            return False
+        got8 = kernel.linear_w8a8(x, packed8, s, b).double()
+        if float((got8 - ref).norm() / ref.norm()) > 0.03:
             return False
     return True
 
@@ -153,6 +177,10 @@ def load() -> NativeInt8 | None:
         lib.sb_int8_linear.argtypes = [_VOIDP, _I64, _VOIDP, _VOIDP, _VOIDP, _VOIDP, _I64, _I64, _I64, _I64,
                                        ctypes.c_int]
         lib.sb_int8_linear.restype = None
+        lib.sb_w8a8_pack.argtypes = [_VOIDP, _VOIDP, _I64, _I64]
+        lib.sb_w8a8_pack.restype = None
+        lib.sb_w8a8_linear.argtypes = lib.sb_int8_linear.argtypes
+        lib.sb_w8a8_linear.restype = None
         lib.sb_int8_simd.restype = ctypes.c_int
         kernel = NativeInt8(lib, path, bool(lib.sb_int8_simd()))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:

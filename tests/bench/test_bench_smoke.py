@@ -128,12 +128,14 @@ def test_int8_rows_quality_and_llamacpp(bench_out):
     assert "skipped" in results["llamacpp"] or "ratios" in results["llamacpp"]
 
 
-def test_minimal_step_measures_three_steps_against_the_floor(torch_state_restored):
+def test_minimal_step_measures_its_steps_against_the_floor(torch_state_restored):
     """`python -m bench.minimal_step` on the tiny GPT-2: per batch a positive 16-bit floor and a
-    median and one figure per repeat for each of the three steps (never a timing bound)."""
+    median and one figure per repeat for each step, the native kernel's where it builds (never a
+    timing bound)."""
     from bench.common import BenchConfig
     from bench.minimal_step import measure
     from server.engine.quant import w8a8_works
+    from server.kernels import native
 
     if not w8a8_works("cpu"):
         pytest.skip("fbgemm's int8 GEMM is not in this torch build")
@@ -141,6 +143,9 @@ def test_minimal_step_measures_three_steps_against_the_floor(torch_state_restore
     assert sorted(result) == [1, 3]
     for r in result.values():
         assert r["floor16_ms"] > 0 and r["gb_s"] > 0
-        assert set(r["ms"]) == {"min_fbgemm_only", "min_w8a8_rowscaled", "engine_routed_w8a8"}
+        steps = {"min_fbgemm_only", "min_w8a8_rowscaled", "engine_routed_w8a8_fbgemm"}
+        if native.load() is not None:
+            steps |= {"min_native_int8", "min_native_w8a8", "engine_routed_w8a8", "engine_routed_int8"}
+        assert set(r["ms"]) == steps
         for name, ms in r["ms"].items():
             assert len(r["repeats"][name]) == 2 and ms > 0
