@@ -7,14 +7,18 @@ engine. Weights are quantised symmetrically per output channel (`w ≈ q · s`, 
 without its outlier split (arXiv:2208.07339) and of gpt-fast's `WeightOnlyInt8Linear`.
 Activations stay float: only the weights are quantised.
 
-The kernel is torch's `_weight_int8pack_mm` (the op gpt-fast's int8 path and inductor's CPU
-int8 weight-only pattern lower to), measured against oneDNN fp32 and torchao's eager int8
-weight-only in docs/performance.md. Its fast CPU path wants bf16 activations and bf16 scales
-(with fp32 activations it is 8–28× slower), so the input is rounded to bf16 for the call and the
-output converted back; the scales are rounded to bf16 before the weights are divided by them, so
-`q · s` is the exact dequantised weight. The kernel is a matrix-vector product at heart: above
-`max_rows` rows (prefill, prompt logprobs) it loses to a dense matmul, so those calls
-dequantise the weight and take the float path.
+Two kernels. On CPU, where a C++ compiler is found, the native one (`server/kernels/`,
+loaded by the caller and passed in): int8 weights widened to fp32 in registers against fp32
+activations, AVX2, packed so a block of outputs is one sequential read; at one row it runs near
+memory speed, and it takes every row count (prefill included). Elsewhere torch's
+`_weight_int8pack_mm` (the op gpt-fast's int8 path and inductor's CPU int8 weight-only pattern
+lower to), measured against oneDNN fp32 and torchao's eager int8 weight-only in
+docs/performance.md. Its fast CPU path wants bf16 activations and bf16 scales (with fp32
+activations it is 8–28× slower), so the input is rounded to bf16 for the call and the output
+converted back; the scales are rounded to bf16 before the weights are divided by them, so
+`q · s` is the exact dequantised weight (for both kernels). It is a matrix-vector product at
+heart: above `max_rows` rows (prefill, prompt logprobs) it loses to a dense matmul, so those
+calls dequantise the weight and take the float path.
 
 LoRA factors and the mixture stay float: `MultiLoRAConv1D` adds its delta to this output
 as it does to the float base's. The float weights stay resident (the adapter fingerprint, the
@@ -85,12 +89,12 @@ class Int8Linear(nn.Module):
     neither its `state_dict` nor its fingerprint. `bias` is the float module's own tensor (the
     native kernel keeps an fp32 copy)."""
 
-    # above this many rows dequantising the weight for a dense matmul is faster than the kernel
-    # (torch's: measured per projection shape on a quiet 2-core AVX2 EPYC, the kernel wins up to
-    # ~100 rows for c_fc, ~150 for c_attn, past 256 for the mlp c_proj; the native kernel's
-    # crossover is lower: docs/performance.md)
+    # above this many rows dequantising the weight for a dense matmul is faster than torch's
+    # kernel (measured per projection shape on a quiet 2-core AVX2 EPYC: it wins up to ~100 rows
+    # for c_fc, ~150 for c_attn, past 256 for the mlp c_proj). The native kernel takes every row
+    # count: dequantising per call costs more than it saves at every size measured (16–128 rows,
+    # the LM head 49 ms against 355 at 64 rows: docs/performance.md)
     max_rows = 96
-    native_max_rows = 32
     qweight: torch.Tensor  # [out, in] int8 (the native kernel's packed layout when `native`)
     scales: torch.Tensor  # [out] bf16 (fp32 when `native`; the same values)
 
@@ -114,7 +118,7 @@ class Int8Linear(nn.Module):
         return (q.to(dtype) * self.scales.to(dtype)[:, None]).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, in] -> [N, out], x's dtype
-        if self.native is not None and x.shape[0] <= self.native_max_rows:
+        if self.native is not None:
             xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
             y = self.native.linear(xf, self.qweight, self.scales, self.bias32)
             return y if y.dtype == x.dtype else y.to(x.dtype)

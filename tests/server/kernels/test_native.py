@@ -101,11 +101,13 @@ def test_int8_linear_uses_the_native_kernel_and_matches_the_float_weights(dtype)
     assert lin.native is KERNEL and not lin.kernel  # torch's kernel is not used beside it
     q, scales = quantize_per_channel(w)
     assert torch.equal(lin.dequantized(torch.float32), q.float() * scales.float()[:, None])
-    for rows in (1, 8, Int8Linear.native_max_rows + 8):  # the last: the dense fallback
+    for rows in (1, 8, Int8Linear.max_rows + 8):  # past torch's kernel's limit the native one still runs
         x = torch.randn(rows, 64, generator=gen).to(dtype)
         with torch.inference_mode():
             got = lin(x)
+            direct = KERNEL.linear(x.float(), lin.qweight, lin.scales, lin.bias32)
         assert got.dtype == dtype and got.shape == (rows, 96)
+        assert torch.equal(got, direct.to(dtype))
         ref = x.float() @ w.t() + b.to(dtype).float()
         assert float((got.float() - ref).norm() / ref.norm()) < 0.02
     odd = Int8Linear(torch.randn(16, 12), None, KERNEL)  # in % 8 != 0: torch's kernel
