@@ -17,7 +17,7 @@ class ModelSettings(BaseSettings):
     base_model: str = Field("gpt2", description="hub id (from the local HF cache) or a local folder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = on CUDA bf16 on compute capability 8.0+ (Ampere, Hopper), fp16 below; on CPU bf16 where the CPU computes it natively (AVX-512 BF16/AMX), else fp32")
-    quant: Literal["auto", "none", "int8", "w8a8"] = Field("none", description="int8 = weight-only int8 base projections and LM head (per-channel scales; LoRA stays float; eager step only); w8a8 = the same int8 weights with each row's activations quantised to int8 too (fbgemm's int8 GEMM; CPU only; faster, looser numerics); auto = none (see docs/performance.md)")
+    quant: Literal["auto", "none", "int8", "w8a8"] = Field("none", description="int8 = weight-only int8 base projections and LM head (per-channel scales; LoRA stays float; eager step only; on CPU through a native AVX2 kernel built on first use with g++); w8a8 = the same int8 weights with each row's activations quantised to int8 too (the native kernel, else fbgemm; CPU only; looser numerics); auto = none (see docs/performance.md)")
 
 
 class StoreSettings(BaseSettings):
