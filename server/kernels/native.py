@@ -1,11 +1,11 @@
-"""Build and load the native int8 kernel (`int8_gemv.cpp`) once per machine, through ctypes.
+"""Build and load the native int8 kernels (`int8_gemv.cpp`) once per machine, through ctypes.
 
 Why native: at 1–8 rows a decode step streams every weight once, so its products should run at
 memory speed on one byte a weight. On CPUs without AVX-512 neither of torch's int8 paths does:
 `_weight_int8pack_mm` has no AVX2 fast path, and fbgemm's dynamic int8 linear at one row runs at
-about half the bandwidth (docs/performance.md, "The native int8 kernel"). The kernel is ~150
-lines of C++ with AVX2 intrinsics (and a scalar fallback), so it is compiled here rather than
-shipped as a wheel: `-O3 -march=native` for the CPU it runs on, with OpenMP.
+about half the bandwidth (docs/performance.md, "The native int8 kernels"). The kernels are one
+file of C++ with AVX2 intrinsics (and a scalar fallback), so they are compiled here rather than
+shipped as a wheel: `-O3 -march=native` for the CPU they run on, with OpenMP.
 
 Where the compiled library lives: `$SWITCHBOARD_KERNEL_DIR`, else `$XDG_CACHE_HOME/switchboard/
 kernels`, else `~/.cache/switchboard/kernels`, one file per (source, compiler, flags, CPU)
@@ -14,7 +14,7 @@ half-written file. A build takes ~2 s with g++.
 
 If anything fails — no compiler, a compile error, an unwritable cache, a library whose results
 disagree with a float reference — `load()` logs why once and returns None, and `--quant int8`
-falls back to torch's kernel. `SWITCHBOARD_NATIVE_KERNELS=0` turns it off (A/B runs, debugging).
+falls back to torch's kernel, `--quant w8a8` to fbgemm. `SWITCHBOARD_NATIVE_KERNELS=0` turns it off (A/B runs, debugging).
 
 OpenMP: the library links `libgomp.so.1`, the soname torch's CPU wheel loads (torch is imported
 first), so the dynamic loader hands it torch's own runtime: one thread pool, not two spinning

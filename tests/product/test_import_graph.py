@@ -69,7 +69,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "server": (),  # the package itself; every module of it belongs to a room below
     "router_core": (),
     "training": ("router_core",),
-    "server.engine": ("router_core",),
+    "server.engine": ("router_core", "server.kernels"),
+    "server.kernels": (),  # native kernels: torch and the C++ compiler only
     "server.settings": (),
     "server.metrics": ("server.engine",),
     "server.worker": ("server.engine",),
