@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,13 +65,7 @@ class NativeInt8:
     def linear(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] fp32 (unit column stride) -> [M, N] fp32: x (packed · scales)ᵀ + bias."""
-        n, k = packed.shape
-        m = x.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-        self.lib.sb_int8_linear(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
-                                None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k,
-                                torch.get_num_threads())
-        return y
+        return self._call(self.lib.sb_int8_linear, x, packed, scales, bias)
 
     def pack_w8a8(self, q: torch.Tensor) -> torch.Tensor:
         """q [N, K] int8 row-major (K % 32 == 0) -> the w8a8 layout: [N, K] uint8 (q + 128)."""
@@ -82,12 +77,16 @@ class NativeInt8:
     def linear_w8a8(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] fp32 (unit column stride) -> [M, N] fp32, each row quantised on its own scale."""
+        return self._call(self.lib.sb_w8a8_linear, x, packed, scales, bias)
+
+    @staticmethod
+    def _call(fn: Any, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
         n, k = packed.shape
         m = x.shape[0]
         y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-        self.lib.sb_w8a8_linear(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
-                                None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k,
-                                torch.get_num_threads())
+        fn(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
+           None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
         return y
 
     @staticmethod

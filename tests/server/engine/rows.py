@@ -18,6 +18,7 @@ from server.engine.registry import AdapterRegistry
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import RoutingSpec, Sequence
 from server.store.folder import read_adapter
+from tests.tiny import run_engine
 
 PROMPT = [5, 17, 42, 8, 99, 3, 250, 11, 64]
 
@@ -87,3 +88,20 @@ def assert_quantised_engine_close(e32: Engine, eq: Engine, tol: float) -> None:
     delta32, deltaq = mix32 - base32, mixq - baseq
     assert delta32.norm() > 10 * (baseq - base32).norm()  # the adapters' effect dwarfs the rounding
     assert rel(deltaq, delta32) < tol  # LoRA stays float: its delta is the float one
+
+
+def alone_and_batched(engine: Engine, specs: list[tuple[list[int], dict[str, float], int]]
+                      ) -> tuple[list[list[int]], list[torch.Tensor], list[list[int]], list[torch.Tensor]]:
+    """Each (prompt, mixture, max_tokens) row run alone, then all of them in one batch: the token
+    ids and chosen-token log-probs of each, alone and batched, in `specs`' order."""
+    alone, alone_lp = [], []
+    for prompt, weights, n in specs:
+        seq = hold(engine, row(prompt, weights, max_tokens=n))
+        events = run_engine(engine, [seq])[seq.id]
+        alone.append(token_ids(events))
+        alone_lp.append(torch.tensor([e.logprob for e in events]))
+    batch = [hold(engine, row(p, w, max_tokens=n)) for p, w, n in specs]
+    out = run_engine(engine, batch)
+    together = [token_ids(out[s.id]) for s in batch]
+    together_lp = [torch.tensor([e.logprob for e in out[s.id]]) for s in batch]
+    return alone, alone_lp, together, together_lp

@@ -13,7 +13,7 @@ from server.engine.base_model import load_base_model
 from server.engine.engine import Engine, EngineConfig
 from server.engine.registry import AdapterRegistry
 from server.store.folder import read_adapter
-from tests.server.engine.rows import PROMPT, hold, row, token_ids
+from tests.server.engine.rows import PROMPT, alone_and_batched, hold, row, token_ids
 from tests.tiny import make_adapter, run_engine
 
 
@@ -84,19 +84,10 @@ def test_mixed_batch_rows_equal_rows_run_alone(engine):
         (PROMPT[2:], {"alpha": 0.3, "gamma": 0.7}, 5),
         ([1, 2, 3], {"alpha": 0.5, "beta": 0.5}, 14),
     ]
-    alone, alone_lp = [], []
-    for prompt, weights, n in specs:
-        seq = hold(engine, row(prompt, weights, max_tokens=n))
-        events = run_engine(engine, [seq])[seq.id]
-        alone.append(token_ids(events))
-        alone_lp.append(torch.tensor([e.logprob for e in events]))
-    batch = [hold(engine, row(p, w, max_tokens=n)) for p, w, n in specs]
-    events = run_engine(engine, batch)
-    together = [token_ids(events[s.id]) for s in batch]
+    alone, alone_lp, together, together_lp = alone_and_batched(engine, specs)
     assert together == alone
     assert [len(t) for t in alone] == [n for _, _, n in specs]
-    for seq, ref in zip(batch, alone_lp, strict=True):  # the chosen tokens' log-probs, not just the argmax
-        got = torch.tensor([e.logprob for e in events[seq.id]])
+    for got, ref in zip(together_lp, alone_lp, strict=True):  # the chosen tokens' log-probs, not just the argmax
         assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert len({tuple(t) for t in alone}) > 1  # different adapters really generate differently
 

@@ -188,3 +188,20 @@ def test_w8a8_linear_uses_the_native_kernel(dtype):
     assert float((got.float() - ref).norm() / ref.norm()) < 0.04
     assert float((got.float() - theirs.float()).norm() / ref.norm()) < 0.04  # the same scheme as fbgemm's path
     assert W8A8Linear(torch.randn(16, 48), None, KERNEL).native is None  # in % 32 != 0: fbgemm
+
+
+@pytest.mark.parametrize("quant", ["int8", "w8a8"])
+def test_quantised_engine_rows_equal_rows_run_alone(store, tiny_model_dir, quant):
+    """The whole quantised step, not just its products: rows of different lengths, adapters and
+    mixtures give the same tokens and log-probs batched as alone (rows leave the batch mid-way)."""
+    from server.engine.quant import kernel_name
+    from tests.server.engine.rows import PROMPT, alone_and_batched, tiny_engine
+
+    engine = tiny_engine(store, tiny_model_dir, quant=quant)
+    assert kernel_name(engine.resident.model) == "native-avx2"
+    specs = [(PROMPT, {"alpha": 1.0}, 10), (PROMPT[:4], {"beta": 1.0}, 3), ([7, 7, 7, 7, 7], {}, 7),
+             ([1, 2, 3], {"alpha": 0.5, "beta": 0.5}, 12)]
+    alone, alone_lp, together, together_lp = alone_and_batched(engine, specs)
+    assert together == alone and [len(t) for t in alone] == [n for _, _, n in specs]
+    for got, ref in zip(together_lp, alone_lp, strict=True):
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
