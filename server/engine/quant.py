@@ -138,6 +138,9 @@ def quantize_model(model: nn.Module, layers: Iterable[nn.Module], kind: str = "i
     the tied LM head (`model.lm_head_int8`, read by `gpt2.lm_head`); returns how many were made.
     Idempotent: a projection or head that already has one keeps it."""
 
+    if kind not in ("int8", "w8a8"):
+        raise ValueError(f"unknown int8 kind {kind!r}")
+
     def make(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Kind:
         return Int8Linear(weight, bias, native) if kind == "int8" else W8A8Linear(weight, bias, native)
 
@@ -156,10 +159,10 @@ def quantize_model(model: nn.Module, layers: Iterable[nn.Module], kind: str = "i
 
 def kernel_name(model: nn.Module) -> str:
     """Which kernel reads the model's int8 weights (reported by `/version`): `native-avx2`,
-    `native-scalar`, `torch-int8pack`, `fbgemm`, `dequantised` (a float matmul per call), or ``."""
+    `torch-int8pack`, `fbgemm`, `dequantised` (a float matmul per call), or ``."""
     head = getattr(model, "lm_head_int8", None)
     if isinstance(head, (W8A8Linear, Int8Linear)) and head.native is not None:
-        return "native-avx2" if head.native.simd else "native-scalar"
+        return "native-avx2"
     if isinstance(head, W8A8Linear):
         return "fbgemm"
     if isinstance(head, Int8Linear):

@@ -4,7 +4,9 @@
 // Why our own: at 1-8 rows a decode step streams every weight once, so the product should run
 // at memory speed on one byte a weight. torch's `_weight_int8pack_mm` has no AVX2 fast path and
 // fbgemm quantises the activations too. This is a plain dot-product kernel: int8 weights are
-// widened to fp32 in registers and multiplied into fp32 accumulators, 8 lanes at a time.
+// widened to fp32 in registers and multiplied into fp32 accumulators, 8 lanes at a time. AVX2
+// and FMA only: without them the build fails and the engine keeps torch's kernels (a scalar
+// version would be slower than those).
 //
 // Layout (`sb_int8_pack`): outputs in blocks of 8; inside a block, for each group of 8 inputs,
 // the 8 outputs' 8 int8 weights side by side: 64 bytes, one cache line. A block is then one
@@ -21,14 +23,13 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define SB_AVX2 1
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "the native int8 kernels need AVX2 and FMA (-march=native on a CPU that has them)"
 #endif
+#include <immintrin.h>
 
 namespace {
 
-#ifdef SB_AVX2
 inline float hsum8(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
@@ -39,14 +40,6 @@ inline float hsum8(__m256 v) {
 inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 fp32
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-#else
-inline float hsum8(const float* v) {  // the AVX2 path's order: lanes (i, i+4), then pairs, then the two
-    float a[4];
-    for (int i = 0; i < 4; ++i) a[i] = v[i] + v[i + 4];
-    const float b0 = a[0] + a[2], b1 = a[1] + a[3];
-    return b0 + b1;
-}
-#endif
 
 // NR outputs x BR activation rows (NR * BR <= 8 accumulators). `w` points at the first output's
 // first 8 weights; consecutive groups of 8 inputs are `step` bytes apart (64 in a packed block,
@@ -55,7 +48,6 @@ template <int NR, int BR>
 void tile(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rstride, int64_t groups,
           const float* s, const float* bias, float* y, int64_t ldy) {
     float sum[NR][BR];
-#ifdef SB_AVX2
     __m256 acc[NR][BR];
     for (int r = 0; r < NR; ++r)
         for (int b = 0; b < BR; ++b) acc[r][b] = _mm256_setzero_ps();
@@ -70,16 +62,6 @@ void tile(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rs
     }
     for (int r = 0; r < NR; ++r)
         for (int b = 0; b < BR; ++b) sum[r][b] = hsum8(acc[r][b]);
-#else
-    for (int r = 0; r < NR; ++r)
-        for (int b = 0; b < BR; ++b) {
-            float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int64_t c = 0; c < groups; ++c)
-                for (int l = 0; l < 8; ++l)
-                    lanes[l] = __builtin_fmaf(x[b * ldx + c * 8 + l], static_cast<float>(w[c * step + r * rstride + l]), lanes[l]);
-            sum[r][b] = hsum8(lanes);
-        }
-#endif
     for (int r = 0; r < NR; ++r)
         for (int b = 0; b < BR; ++b) {
             const float v = sum[r][b] * s[r];
@@ -126,20 +108,17 @@ void block(const float* x, int64_t ldx, const int8_t* blk, int64_t groups, const
 // per group of 32 inputs, the 8 outputs' 32 bytes side by side (256 bytes); the last N % 8
 // outputs row-major. K % 32 == 0.
 
-#ifdef SB_AVX2
 inline int32_t hsum8i(__m256i v) {
     __m128i lo = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0x4e));
     lo = _mm_add_epi32(lo, _mm_shuffle_epi32(lo, 0xb1));
     return _mm_cvtsi128_si32(lo);
 }
-#endif
 
 template <int NR, int BR>
 void itile(const int8_t* xq, int64_t K, const uint8_t* w, int64_t step, int64_t rstride, int64_t groups,
            const int32_t* xsum, const float* sx, const float* s, const float* bias, float* y, int64_t ldy) {
     int32_t dot[NR][BR];
-#ifdef SB_AVX2
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[NR][BR];
     for (int r = 0; r < NR; ++r)
@@ -156,16 +135,6 @@ void itile(const int8_t* xq, int64_t K, const uint8_t* w, int64_t step, int64_t 
     }
     for (int r = 0; r < NR; ++r)
         for (int b = 0; b < BR; ++b) dot[r][b] = hsum8i(acc[r][b]);
-#else
-    for (int r = 0; r < NR; ++r)
-        for (int b = 0; b < BR; ++b) {
-            int32_t t = 0;
-            for (int64_t c = 0; c < groups; ++c)
-                for (int l = 0; l < 32; ++l)
-                    t += static_cast<int32_t>(w[c * step + r * rstride + l]) * xq[b * K + c * 32 + l];
-            dot[r][b] = t;
-        }
-#endif
     for (int r = 0; r < NR; ++r)
         for (int b = 0; b < BR; ++b) {
             const float v = static_cast<float>(dot[r][b] - 128 * xsum[b]) * (sx[b] * s[r]);
@@ -278,14 +247,6 @@ void sb_w8a8_linear(const float* x, int64_t ldx, const uint8_t* packed, const fl
     for (int64_t m = 0; m < M; ++m)
         if (bad[m])
             for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = NAN;
-}
-
-int sb_int8_simd(void) {
-#ifdef SB_AVX2
-    return 1;
-#else
-    return 0;
-#endif
 }
 
 }

@@ -4,7 +4,7 @@ Why native: at 1–8 rows a decode step streams every weight once, so its produc
 memory speed on one byte a weight. On CPUs without AVX-512 neither of torch's int8 paths does:
 `_weight_int8pack_mm` has no AVX2 fast path, and fbgemm's dynamic int8 linear at one row runs at
 about half the bandwidth (docs/performance.md, "The native int8 kernels"). The kernels are one
-file of C++ with AVX2 intrinsics (and a scalar fallback), so they are compiled here rather than
+file of C++ with AVX2 intrinsics (a CPU without AVX2 fails the build and keeps torch's kernels), so they are compiled here rather than
 shipped as a wheel: `-O3 -march=native` for the CPU they run on, with OpenMP.
 
 Where the compiled library lives: `$SWITCHBOARD_KERNEL_DIR`, else `$XDG_CACHE_HOME/switchboard/
@@ -53,7 +53,6 @@ class NativeInt8:
 
     lib: ctypes.CDLL
     path: Path
-    simd: bool  # AVX2 + FMA compiled in (else the scalar fallback)
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """q [N, K] int8 row-major (K % 8 == 0) -> the kernel's packed layout, same shape and dtype."""
@@ -180,13 +179,12 @@ def load() -> NativeInt8 | None:
         lib.sb_w8a8_pack.restype = None
         lib.sb_w8a8_linear.argtypes = lib.sb_int8_linear.argtypes
         lib.sb_w8a8_linear.restype = None
-        lib.sb_int8_simd.restype = ctypes.c_int
-        kernel = NativeInt8(lib, path, bool(lib.sb_int8_simd()))
+        kernel = NativeInt8(lib, path)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("native int8 kernel unavailable (%s); using torch's int8 kernel", exc)
         return None
     if not _agrees(kernel):
         log.warning("native int8 kernel %s disagrees with a float reference; using torch's int8 kernel", path)
         return None
-    log.info("native int8 kernel loaded from %s (%s)", path, "AVX2" if kernel.simd else "scalar")
+    log.info("native int8 kernel loaded from %s", path)
     return kernel
