@@ -171,21 +171,26 @@ void iblock(const int8_t* xq, int64_t K, const uint8_t* blk, int64_t groups, con
     }
 }
 
+// blocks of 8 outputs, each group of G inputs of the 8 outputs side by side; the last N % 8
+// outputs row-major; every byte q + offset (0 for int8, 128 for w8a8's unsigned weights)
+template <int G, typename T>
+void pack(const int8_t* q, T* packed, int64_t N, int64_t K, int offset) {
+    const int64_t n8 = N - N % 8, groups = K / G;
+    for (int64_t i = 0; i < n8 / 8; ++i)
+        for (int64_t c = 0; c < groups; ++c)
+            for (int r = 0; r < 8; ++r)
+                for (int l = 0; l < G; ++l)
+                    packed[((i * groups + c) * 8 + r) * G + l] = static_cast<T>(q[(i * 8 + r) * K + c * G + l] + offset);
+    for (int64_t i = n8 * K; i < N * K; ++i) packed[i] = static_cast<T>(q[i] + offset);
+}
+
 }  // namespace
 
 extern "C" {
 
 // q [N, K] int8 row-major -> packed [N, K]: the first N - N % 8 outputs in blocks of 8 (above),
 // the rest row-major after them. K % 8 == 0.
-void sb_int8_pack(const int8_t* q, int8_t* packed, int64_t N, int64_t K) {
-    const int64_t n8 = N - N % 8, groups = K / 8;
-    for (int64_t i = 0; i < n8 / 8; ++i)
-        for (int64_t c = 0; c < groups; ++c)
-            for (int r = 0; r < 8; ++r)
-                for (int l = 0; l < 8; ++l)
-                    packed[((i * groups + c) * 8 + r) * 8 + l] = q[(i * 8 + r) * K + c * 8 + l];
-    for (int64_t i = n8 * K; i < N * K; ++i) packed[i] = q[i];
-}
+void sb_int8_pack(const int8_t* q, int8_t* packed, int64_t N, int64_t K) { pack<8>(q, packed, N, K, 0); }
 
 // x [M, K] fp32 (row stride ldx), packed from sb_int8_pack, s [N] fp32, bias [N] fp32 or null,
 // y [M, N] fp32 (row stride ldy). The blocks of 8 outputs are split across `threads`.
@@ -199,15 +204,7 @@ void sb_int8_linear(const float* x, int64_t ldx, const int8_t* packed, const flo
 }
 
 // q [N, K] int8 row-major -> the w8a8 layout (above), as unsigned bytes q + 128. K % 32 == 0.
-void sb_w8a8_pack(const int8_t* q, uint8_t* packed, int64_t N, int64_t K) {
-    const int64_t n8 = N - N % 8, groups = K / 32;
-    for (int64_t i = 0; i < n8 / 8; ++i)
-        for (int64_t c = 0; c < groups; ++c)
-            for (int r = 0; r < 8; ++r)
-                for (int l = 0; l < 32; ++l)
-                    packed[((i * groups + c) * 8 + r) * 32 + l] = static_cast<uint8_t>(q[(i * 8 + r) * K + c * 32 + l] + 128);
-    for (int64_t i = n8 * K; i < N * K; ++i) packed[i] = static_cast<uint8_t>(q[i] + 128);
-}
+void sb_w8a8_pack(const int8_t* q, uint8_t* packed, int64_t N, int64_t K) { pack<32>(q, packed, N, K, 128); }
 
 // x [M, K] fp32 (row stride ldx) quantised per row to 7 bits here; packed from sb_w8a8_pack;
 // s [N] fp32; bias [N] fp32 or null; y [M, N] fp32 (row stride ldy). A row holding NaN or inf
