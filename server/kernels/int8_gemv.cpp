@@ -41,11 +41,15 @@ inline __m256 widen8(const int8_t* p) {  // 8 int8 -> 8 fp32
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+inline __m256 widen8(const float* p) {  // float weights (the LoRA factors, `sb_f32_linear`)
+    return _mm256_loadu_ps(p);
+}
+
 // NR outputs x BR activation rows (NR * BR <= 8 accumulators). `w` points at the first output's
 // first 8 weights; consecutive groups of 8 inputs are `step` bytes apart (64 in a packed block,
 // K in a row-major row). Writes y[b * ldy + r] for r < NR.
-template <int NR, int BR>
-void tile(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rstride, int64_t groups,
+template <int NR, int BR, typename W>
+void tile(const float* x, int64_t ldx, const W* w, int64_t step, int64_t rstride, int64_t groups,
           const float* s, const float* bias, float* y, int64_t ldy) {
     float sum[NR][BR];
     __m256 acc[NR][BR];
@@ -70,8 +74,8 @@ void tile(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rs
 }
 
 // NR outputs for all M rows, 4 rows at a time (then 3, 2, 1)
-template <int NR>
-void rows(const float* x, int64_t ldx, const int8_t* w, int64_t step, int64_t rstride, int64_t groups,
+template <int NR, typename W>
+void rows(const float* x, int64_t ldx, const W* w, int64_t step, int64_t rstride, int64_t groups,
           const float* s, const float* bias, float* y, int64_t ldy, int64_t M) {
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) tile<NR, 4>(x + m * ldx, ldx, w, step, rstride, groups, s, bias, y + m * ldy, ldy);
@@ -246,4 +250,46 @@ void sb_w8a8_linear(const float* x, int64_t ldx, const uint8_t* packed, const fl
             for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = NAN;
 }
 
+// ---- the LoRA products beside the int8 base (fp32 factors, `--quant` only) --------------------
+// h [M, R] = x [M, K] · a_tᵀ, a_t [R, K] fp32 row-major (the stacked A, transposed): the tiles
+// above over float weights, 8 rows of a_t read side by side; K % 8 == 0. Same fixed order per
+// (row, output) as the int8 products, so a row's h is its own.
+void sb_f32_linear(const float* x, int64_t ldx, const float* a_t, float* h, int64_t M, int64_t R, int64_t K,
+                   int threads) {
+    const int64_t nb = R / 8, groups = K / 8;
+    const std::vector<float> unit(static_cast<size_t>(R), 1.0f);  // no scale
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < nb; ++i)
+        rows<8>(x, ldx, a_t + i * 8 * K, 8, K, groups, unit.data() + i * 8, nullptr, h + i * 8, R, M);
+    for (int64_t n = nb * 8; n < R; ++n)
+        rows<1>(x, ldx, a_t + n * K, 8, 0, groups, unit.data() + n, nullptr, h + n, R, M);
 }
+
+// y [M, N] += h [M, R] · b [R, N], b row-major: per row, 64 output columns at a time held in 8
+// accumulators while r runs 0..R-1 in order, then added to y once (the order `y + h·b` has).
+// Column blocks split across threads; the last N % 64 columns one at a time in the same order.
+void sb_f32_addmm(const float* h, const float* b, float* y, int64_t ldy, int64_t M, int64_t R, int64_t N,
+                  int threads) {
+    const int64_t nc = N / 64;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t c = 0; c < nc; ++c)
+        for (int64_t m = 0; m < M; ++m) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t r = 0; r < R; ++r) {
+                const __m256 hv = _mm256_set1_ps(h[m * R + r]);
+                const float* br = b + r * N + c * 64;
+                for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(hv, _mm256_loadu_ps(br + 8 * j), acc[j]);
+            }
+            float* yr = y + m * ldy + c * 64;
+            for (int j = 0; j < 8; ++j) _mm256_storeu_ps(yr + 8 * j, _mm256_add_ps(_mm256_loadu_ps(yr + 8 * j), acc[j]));
+        }
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = nc * 64; j < N; ++j) {
+            float t = 0.0f;
+            for (int64_t r = 0; r < R; ++r) t = fmaf(h[m * R + r], b[r * N + j], t);
+            y[m * ldy + j] += t;
+        }
+}
+
+}  // extern "C"

@@ -48,8 +48,9 @@ _VOIDP, _I64 = ctypes.c_void_p, ctypes.c_int64
 @dataclass(frozen=True)
 class NativeInt8:
     """The loaded library's entry points (see int8_gemv.cpp for their contracts): weight-only
-    (`pack`/`linear`, fp32 activations) and w8a8 (`pack_w8a8`/`linear_w8a8`, activations
-    quantised per row to 7 bits inside the call)."""
+    (`pack`/`linear`, fp32 activations), w8a8 (`pack_w8a8`/`linear_w8a8`, activations quantised
+    per row to 7 bits inside the call), and the LoRA layer's two fp32 products beside them
+    (`lora_down`, `lora_up_`)."""
 
     lib: ctypes.CDLL
     path: Path
@@ -77,6 +78,22 @@ class NativeInt8:
                     bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] fp32 (unit column stride) -> [M, N] fp32, each row quantised on its own scale."""
         return self._call(self.lib.sb_w8a8_linear, x, packed, scales, bias)
+
+    def lora_down(self, x: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """h [M, R] = x [M, K] · a_tᵀ: fp32, x with unit column stride, a_t [R, K] contiguous, K % 8 == 0."""
+        m, (r, k) = x.shape[0], a_t.shape
+        x = x if x.stride(1) == 1 else x.contiguous()
+        h = torch.empty(m, r, dtype=torch.float32, device=x.device)
+        self.lib.sb_f32_linear(x.data_ptr(), x.stride(0), a_t.data_ptr(), h.data_ptr(), m, r, k,
+                               torch.get_num_threads())
+        return h
+
+    def lora_up_(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y [M, N] += h [M, R] · b [R, N], in place: fp32, h and b contiguous, y with unit column stride."""
+        m, (r, n) = h.shape[0], b.shape
+        self.lib.sb_f32_addmm(h.data_ptr(), b.data_ptr(), y.data_ptr(), y.stride(0), m, r, n,
+                              torch.get_num_threads())
+        return y
 
     @staticmethod
     def _call(fn: Any, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -154,6 +171,12 @@ def _agrees(kernel: NativeInt8) -> bool:
         got8 = kernel.linear_w8a8(x, packed8, s, b).double()
         if float((got8 - ref).norm() / ref.norm()) > 0.03:
             return False
+        a_t, up = torch.randn(11, 64, generator=gen), torch.randn(11, 70, generator=gen)
+        h = kernel.lora_down(x, a_t)
+        y = kernel.lora_up_(torch.ones(m, 70), h, up)
+        if not (torch.allclose(h.double(), x.double() @ a_t.double().t(), rtol=1e-4, atol=1e-4)
+                and torch.allclose(y.double(), 1 + h.double() @ up.double(), rtol=1e-4, atol=1e-4)):
+            return False
     return True
 
 
@@ -179,6 +202,10 @@ def load() -> NativeInt8 | None:
         lib.sb_w8a8_pack.restype = None
         lib.sb_w8a8_linear.argtypes = lib.sb_int8_linear.argtypes
         lib.sb_w8a8_linear.restype = None
+        lib.sb_f32_linear.argtypes = [_VOIDP, _I64, _VOIDP, _VOIDP, _I64, _I64, _I64, ctypes.c_int]
+        lib.sb_f32_linear.restype = None
+        lib.sb_f32_addmm.argtypes = [_VOIDP, _VOIDP, _VOIDP, _I64, _I64, _I64, _I64, ctypes.c_int]
+        lib.sb_f32_addmm.restype = None
         kernel = NativeInt8(lib, path)
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         log.warning("native int8 kernel unavailable (%s); using torch's int8 kernel", exc)

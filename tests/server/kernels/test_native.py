@@ -209,3 +209,42 @@ def test_quantised_engine_rows_equal_rows_run_alone(store, tiny_model_dir, quant
     assert together == alone and [len(t) for t in alone] == [n for _, _, n in specs]
     for got, ref in zip(together_lp, alone_lp, strict=True):
         assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("rank,out", [(64, 2304), (64, 768), (16, 70), (11, 64), (3, 130)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_lora_products_match_float64_and_keep_rows_their_own(rank, out, rows):
+    """The LoRA layer's two products under `--quant` (h = x Aᵀ, then y += h B) against float64,
+    with rank and width tails (R % 8, N % 64), and each row bitwise the same alone."""
+    gen = torch.Generator().manual_seed(rank + out + rows)
+    a_t, b = torch.randn(rank, 96, generator=gen) * 0.1, torch.randn(rank, out, generator=gen) * 0.1
+    x, y0 = torch.randn(rows, 96, generator=gen), torch.randn(rows, out, generator=gen)
+    h = KERNEL.lora_down(x, a_t)
+    y = KERNEL.lora_up_(y0.clone(), h, b)
+    ref_h = x.double() @ a_t.double().t()
+    assert float((h.double() - ref_h).norm() / ref_h.norm()) < 1e-5
+    ref_y = y0.double() + h.double() @ b.double()
+    assert float((y.double() - ref_y).norm() / ref_y.norm()) < 1e-5
+    for i in range(rows):
+        alone_h = KERNEL.lora_down(x[i:i + 1], a_t)
+        assert torch.equal(alone_h, h[i:i + 1])
+        assert torch.equal(KERNEL.lora_up_(y0[i:i + 1].clone(), alone_h, b), y[i:i + 1])
+
+
+def test_the_lora_layer_takes_the_native_products_only_under_quant(store, tiny_model_dir, monkeypatch):
+    """Under `--quant int8` a decode step's low-rank products run on the native kernels; the float
+    engine never calls them (its numerics stay PEFT's)."""
+    from tests.server.engine.rows import PROMPT, hold, row, tiny_engine
+    from tests.tiny import run_engine
+
+    calls: list[str] = []
+    for name in ("lora_down", "lora_up_"):
+        real = getattr(native.NativeInt8, name)
+        monkeypatch.setattr(native.NativeInt8, name,
+                            lambda self, *a, _real=real, _name=name: calls.append(_name) or _real(self, *a))
+    for quant, expect in (("none", False), ("int8", True)):
+        calls.clear()
+        engine = tiny_engine(store, tiny_model_dir, quant=quant)
+        seq = hold(engine, row(PROMPT, {"alpha": 0.5, "beta": 0.5}, max_tokens=3))
+        assert len(run_engine(engine, [seq])[seq.id]) >= 3
+        assert bool(calls) is expect and (not expect or {"lora_down", "lora_up_"} <= set(calls)), quant
