@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.errors import SwitchboardError
+from server.engine.errors import SwitchboardError, Unavailable, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ def install_error_handlers(app: FastAPI) -> None:
                             exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if out_of_memory(exc):  # the OS refused memory (a memory limit) on any route: retryable, not a 500
+            log.error("%s %s: out of memory (%s: %s)", request.method, request.url.path, type(exc).__name__,
+                      str(exc)[:200])
+            return error_response(Unavailable(f"the server ran out of memory for this request "
+                                              f"({type(exc).__name__}); retry it"))
         log.exception("unhandled error", exc_info=exc)
         return JSONResponse(error_body("internal server error", "api_error", None, "internal_error"), 500)

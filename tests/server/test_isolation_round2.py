@@ -179,3 +179,25 @@ def test_redoc_loads_nothing_from_a_cdn(app_client):
     js = app_client.get("/static-docs/redoc.standalone.js")
     assert js.status_code == 200 and b"cdn.redoc.ly" not in js.content and b"/static/favicon.svg" in js.content
     assert "https://" not in app_client.get("/redoc").text.replace("https://fastapi.tiangolo.com", "")
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("mmap: Cannot allocate memory")])
+def test_running_out_of_memory_on_any_route_is_a_retryable_503(app_client, monkeypatch, error):
+    """The OS refusing memory (a memory limit: tests/product/test_memory_limit.py once got a 500
+    listing 600 models) is a 503 the client may retry, in the OpenAI shape; the server goes on."""
+    registry = app_client.app.state.switchboard.services.registry
+
+    def refused():
+        raise error
+
+    from fastapi.testclient import TestClient
+
+    served = TestClient(app_client.app, raise_server_exceptions=False)  # as uvicorn: the response, then a log line
+    monkeypatch.setattr(registry, "snapshot", refused)
+    try:
+        r = served.get("/v1/models")
+    finally:
+        monkeypatch.undo()
+    assert r.status_code == 503 and "out of memory" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["type"] == "service_unavailable" and r.headers.get("retry-after")
+    assert served.get("/v1/models").status_code == 200
