@@ -57,26 +57,20 @@ class NativeInt8:
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """q [N, K] int8 row-major (K % 8 == 0) -> the kernel's packed layout, same shape and dtype."""
-        q = q.contiguous()
-        packed = torch.empty_like(q)
-        self.lib.sb_int8_pack(q.data_ptr(), packed.data_ptr(), q.shape[0], q.shape[1])
-        return packed
+        return self._pack(self.lib.sb_int8_pack, q, torch.int8)
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-        """x [M, K] fp32 (unit column stride) -> [M, N] fp32: x (packed · scales)ᵀ + bias."""
+        """x [M, K] (any float dtype) -> [M, N] in x's dtype: x (packed · scales)ᵀ + bias, in fp32."""
         return self._call(self.lib.sb_int8_linear, x, packed, scales, bias)
 
     def pack_w8a8(self, q: torch.Tensor) -> torch.Tensor:
         """q [N, K] int8 row-major (K % 32 == 0) -> the w8a8 layout: [N, K] uint8 (q + 128)."""
-        q = q.contiguous()
-        packed = torch.empty(q.shape, dtype=torch.uint8, device=q.device)
-        self.lib.sb_w8a8_pack(q.data_ptr(), packed.data_ptr(), q.shape[0], q.shape[1])
-        return packed
+        return self._pack(self.lib.sb_w8a8_pack, q, torch.uint8)
 
     def linear_w8a8(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
-        """x [M, K] fp32 (unit column stride) -> [M, N] fp32, each row quantised on its own scale."""
+        """x [M, K] (any float dtype) -> [M, N] in x's dtype, each row quantised on its own scale."""
         return self._call(self.lib.sb_w8a8_linear, x, packed, scales, bias)
 
     def lora_down(self, x: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
@@ -96,14 +90,24 @@ class NativeInt8:
         return y
 
     @staticmethod
+    def _pack(fn: Any, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        q = q.contiguous()
+        packed = torch.empty(q.shape, dtype=dtype, device=q.device)
+        fn(q.data_ptr(), packed.data_ptr(), q.shape[0], q.shape[1])
+        return packed
+
+    @staticmethod
     def _call(fn: Any, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
+        """One int8 product: the kernels read fp32 rows with unit column stride and write fp32, so
+        other dtypes and layouts are converted here, once, and the result goes back to x's dtype."""
+        xf = x if x.dtype == torch.float32 and x.stride(1) == 1 else x.float().contiguous()
         n, k = packed.shape
-        m = x.shape[0]
-        y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-        fn(x.data_ptr(), x.stride(0), packed.data_ptr(), scales.data_ptr(),
+        m = xf.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32, device=xf.device)
+        fn(xf.data_ptr(), xf.stride(0), packed.data_ptr(), scales.data_ptr(),
            None if bias is None else bias.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
-        return y
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def unpack(packed: torch.Tensor) -> torch.Tensor:
